@@ -1,0 +1,1 @@
+"""kiln's build stage: OCI image reference → reproducible, verified ext4 base volume."""

@@ -1,0 +1,103 @@
+"""The ``kiln`` command line: a thin click layer.
+
+Each command parses its options, loads what it needs and calls one typed core function;
+the result is printed with rich, or as JSON with ``--json``. One handler maps errors to
+exit codes: 2 for what the argument parser rejects (click's own), 1 for every other
+failure, printed as a one-line error plus a hint; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+
+from builder.root import Root, default_root
+from helper.errors import KilnError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Ctx:
+    """What every command receives: the root and the global flags."""
+
+    root: Root
+    debug: bool
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def fail(error: KilnError) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {error.message}", markup=True)
+    if error.hint:
+        err_console.print(f"[dim]hint:[/] {error.hint}", markup=True)
+    sys.exit(error.exit_code)
+
+
+class KilnGroup(click.Group):
+    """A click group whose commands report ``KilnError`` the kiln way."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KilnError as e:
+            debug = bool(ctx.find_root().params.get("debug"))
+            if debug:
+                err_console.print_exception()
+            fail(e)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            sys.exit(130)
+
+
+@click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", "root", type=click.Path(path_type=Path), envvar="KILN_ROOT",
+              default=None, help="kiln's state directory [default: /var/lib/kiln as root, "
+              "else $XDG_DATA_HOME/kiln; env KILN_ROOT]")
+@click.option("--debug", is_flag=True, help="log every command kiln runs; tracebacks on errors")
+@click.pass_context
+def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
+    """kiln turns OCI container images into VM root filesystems and boots them."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    r = Root((root or default_root()).absolute())
+    ctx.obj = Ctx(root=r, debug=debug)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def registry_options(f: F) -> F:
+    """``--tls-verify``, ``--no-tls-verify`` and ``--authfile``, as podman spells them."""
+    f = click.option("--authfile", type=click.Path(path_type=Path, dir_okay=False),
+                     default=None, help="registry credentials (containers auth.json format)")(f)
+    f = click.option("--no-tls-verify", "no_tls_verify", is_flag=True,
+                     help="same as --tls-verify=false")(f)
+    # is_flag=False + flag_value: both `--tls-verify` and podman's `--tls-verify=false` parse.
+    f = click.option("--tls-verify", "tls_verify", type=click.BOOL, default=True,
+                     is_flag=False, flag_value=True, show_default=True,
+                     help="require HTTPS and verify certificates")(f)
+    return f
+
+
+def main() -> None:
+    from runner import commands  # noqa: F401  (registers the commands on `cli`)
+
+    cli(prog_name="kiln")

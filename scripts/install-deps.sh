@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install everything kiln and its test suite need on a Debian 12 machine, as root.
+# Idempotent: a second run changes nothing and is fast.
+#   - Debian packages (e2fsprogs >= 1.47.1 from bookworm-backports: its `mke2fs -d`
+#     walks directories in sorted order, which reproducible images depend on)
+#   - kiln and its Python dependencies in .venv/ at the checkout root
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "install-deps: run as root (it installs Debian packages)" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+PKGS=(
+  skopeo umoci docker-registry
+  qemu-system-x86 qemu-utils linux-image-cloud-amd64
+  btrfs-progs xfsprogs libmagic1 file
+  busybox-static debootstrap lz4 zstd cpio kmod
+  dmsetup thin-provisioning-tools iproute2 sudo
+  python3 python3-venv python3-dev util-linux libarchive13 e2fsprogs
+)
+
+# bookworm-backports: add it to the Suites: line of the deb822 sources file once.
+SRC=/etc/apt/sources.list.d/debian.sources
+if [ -f "$SRC" ] && ! grep -q 'bookworm-backports' "$SRC"; then
+  log "enabling bookworm-backports in $SRC"
+  sed -i '0,/^Suites: bookworm bookworm-updates$/s//Suites: bookworm bookworm-updates bookworm-backports/' "$SRC"
+  grep -q 'bookworm-backports' "$SRC" || sed -i '0,/^Suites: bookworm\b/s//Suites: bookworm bookworm-backports/' "$SRC"
+  rm -f /var/lib/kiln-apt-stamp
+elif [ ! -f "$SRC" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/bookworm-backports.list
+  rm -f /var/lib/kiln-apt-stamp
+fi
+
+have_all() {
+  dpkg-query -W -f='${Status}\n' "${PKGS[@]}" 2>/dev/null | grep -vc 'install ok installed' | grep -qx 0 || return 1
+  # e2fsprogs must be >= 1.47.1
+  dpkg --compare-versions "$(dpkg-query -W -f='${Version}' e2fsprogs)" ge 1.47.1
+}
+
+if ! have_all; then
+  log "installing Debian packages"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
+fi
+have_all || { echo "install-deps: Debian packages still missing after apt-get" >&2; exit 1; }
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+# Re-install only when pyproject.toml changed since the last install.
+stamp=.venv/.kiln-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing kiln and its Python dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+log "dependencies ready"
