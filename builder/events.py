@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        _fault_point(name)
         self.emit(Event("start", name, detail))
         t0 = time.monotonic()
         try:
@@ -44,3 +48,22 @@ class Progress:
             dt = time.monotonic() - t0
             self.timings[name] = self.timings.get(name, 0.0) + dt
             self.emit(Event("end", name, detail, seconds=dt))
+
+
+def _fault_point(stage: str) -> None:
+    """Crash-test hook: ``KILN_FAULT_KILL_AT=STAGE[:SECONDS]`` SIGKILLs this process that
+    long after STAGE starts. The crash tests use it to kill a build at each named step
+    deterministically; it does nothing unless the variable is set."""
+    spec = os.environ.get("KILN_FAULT_KILL_AT", "")
+    name, _, delay = spec.partition(":")
+    if not spec or name != stage:
+        return
+
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if not delay or float(delay) <= 0:
+        kill()
+    timer = threading.Timer(float(delay), kill)
+    timer.daemon = True
+    timer.start()

@@ -17,18 +17,23 @@ one decides the order, what runs concurrently (the layer flattening runs beside
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
+import errno
 import functools
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from builder import proc
-from builder.events import Listener, Progress
+from builder import ext4, layers, mkfs, proc, tarball, unpack
+from builder import source as sources
+from builder import verify as verify_mod
+from builder.events import Event, Listener, Progress
+from builder.recipe import Recipe, key_material, load_recipe
 from builder.root import Root
 from builder.store import Store, Volume, hash_file
 from builder.tree import Entry, Kind, Tree, parent
@@ -166,10 +171,8 @@ def apply_files(tree: Tree, recipe: Any | None) -> tuple[Tree, dict[str, Path]]:
 def _load_source(source: str) -> tuple[Any | None, str]:
     """(recipe or None, image reference text) for a SOURCE argument."""
     if source.endswith(".toml"):
-        from builder.recipe import load_recipe
-
         recipe = load_recipe(Path(source))
-        return recipe, recipe.source
+        return recipe, recipe.image_ref
     if os.path.isdir(source) or (os.path.exists(source) and ":" not in source):
         raise UsageError(
             f"{source!r} is neither a recipe (*.toml) nor an image reference",
@@ -179,11 +182,25 @@ def _load_source(source: str) -> tuple[Any | None, str]:
     return None, source
 
 
-def build(root: Root, source: str, opts: Any, *, listener: Listener | None = None) -> BuildResult:
-    """Build (or find in the cache) the volume for ``source``: a recipe path or an image
-    reference. ``opts`` is a ``builder.source.RegistryOptions``."""
-    from builder import source as src
+@contextlib.contextmanager
+def _disk_errors(root: Root) -> Iterator[None]:
+    """A full disk or quota anywhere in the build is one clear error, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise BuildError(
+            f"no space left on the device holding {root.path}",
+            "free some space (`kiln gc` removes unused blobs and volumes) or use another --root",
+        ) from None
 
+
+def build(root: Root, source: str, opts: Any, *, listener: Listener | None = None,
+          verify: bool = True) -> BuildResult:
+    """Build (or find in the cache) the volume for ``source``: a recipe path or an image
+    reference. ``opts`` is a ``builder.source.RegistryOptions``. ``verify=False`` skips
+    the read-back comparison (the benchmark measures its cost; users always verify)."""
     root.ensure()
     root.recover()
     progress = Progress(listener)
@@ -191,13 +208,11 @@ def build(root: Root, source: str, opts: Any, *, listener: Listener | None = Non
     recipe, ref_text = _load_source(source)
     if recipe is not None and recipe.platform and opts.platform is None:
         opts = replace(opts, platform=recipe.platform)
-    ref = src.parse_ref(ref_text)
+    ref = sources.parse_ref(ref_text)
     with progress.stage("resolve", ref.skopeo()):
-        resolved = src.resolve(ref, opts)
+        resolved = sources.resolve(ref, opts)
     material = None
     if recipe is not None:
-        from builder.recipe import key_material
-
         material = key_material(recipe)
     key = build_key(resolved.digest, material, tool_versions())
     hit = store.lookup_key(key)
@@ -209,26 +224,29 @@ def build(root: Root, source: str, opts: Any, *, listener: Listener | None = Non
         if hit is not None:
             store.touch(hit.id)
             return BuildResult(hit, True, progress.timings)
-        with root.workdir("build") as wd:
-            vol = _build_fresh(root, store, wd, resolved, recipe, material, key, opts, progress)
+        with root.workdir("build") as wd, _disk_errors(root):
+            vol = _build_fresh(root, store, wd, resolved=resolved, recipe=recipe,
+                               material=material, key=key, opts=opts, progress=progress,
+                               verify=verify)
         store.set_key(key, vol.id)
     return BuildResult(vol, False, progress.timings)
 
 
-def _build_fresh(root: Root, store: Store, wd: Path, resolved: Any, recipe: Any | None,
+def _build_fresh(root: Root, store: Store, wd: Path, *, resolved: sources.Resolved,
+                 recipe: Recipe | None,
                  material: Mapping[str, Any] | None, key: str, opts: Any,
-                 progress: Progress) -> Volume:
-    from builder import ext4, layers, mkfs, source, tarball, unpack, verify
-    from builder.events import Event
-
-    def on_blob(p: source.BlobProgress) -> None:
+                 progress: Progress, verify: bool) -> Volume:
+    def on_blob(p: sources.BlobProgress) -> None:
         progress.emit(Event("bytes", "pull", p.digest, p.done, p.total))
 
     with progress.stage("pull"):
-        pulled = source.pull(resolved, opts, root, wd, on_progress=on_blob)
-    blob_files = [(source.blob_path(root, d.digest), d.media_type) for d in pulled.layers]
+        pulled = sources.pull(resolved, opts, root, wd, on_progress=on_blob)
+    # The layout's hard links, not the shared cache: gc may prune the cache once pull()
+    # has released its lock, but cannot take a link count to zero under us.
+    blob_files = [(pulled.layout / "blobs" / "sha256" / d.digest[7:], d.media_type)
+                  for d in pulled.layers]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        flat = pool.submit(layers.flatten, blob_files)
+        flat = pool.submit(layers.flatten, blob_files, scratch=wd)
         with progress.stage("unpack"):
             rootfs = unpack.unpack(pulled.layout, pulled.tag, wd / "bundle")
         tree = flat.result()
@@ -236,7 +254,11 @@ def _build_fresh(root: Root, store: Store, wd: Path, resolved: Any, recipe: Any 
     tree, overrides = apply_files(tree, recipe)
     size = recipe.size_bytes if recipe is not None else None
     headroom = recipe.headroom_value if recipe is not None else None
-    geometry = mkfs.plan(tree, size=size, headroom=headroom)
+    extra = 0
+    if recipe is not None and recipe.headroom_bytes is not None:
+        # Headroom in bytes: exactly that much on top of the content (plus mkfs's minimum).
+        headroom, extra = 0.0, recipe.headroom_bytes
+    geometry = mkfs.plan(tree, size=size, headroom=headroom, extra_bytes=extra)
     seed = content_seed(resolved.digest, material)
     stage = wd / "stage"
     stage.mkdir()
@@ -246,12 +268,14 @@ def _build_fresh(root: Root, store: Store, wd: Path, resolved: Any, recipe: Any 
         tarball.write_tar(tree, rootfs, tar, overrides=overrides)
         mkfs.make_ext4(tar, image, geometry, uuid=mkfs.uuid_from(seed),
                        hash_seed=mkfs.uuid_from(seed[32:] + seed[:32]), label="kiln",
-                       epoch=epoch_of(pulled.config))
+                       epoch=epoch_of(pulled.config), tree=tree)
         tar.unlink()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         hashed = pool.submit(hash_file, image)
-        with progress.stage("verify"):
-            verify.verify_trees(tree, ext4.read_tree(image))
+        if verify:
+            with progress.stage("verify"):
+                verify_mod.verify_trees(
+                    tree, ext4.read_tree(image, keep_lost_found="lost+found" in tree))
         with progress.stage("hash"):
             volume_id = hashed.result()
     meta = {

@@ -71,9 +71,25 @@ PACKAGES = {
     "busybox": "busybox-static",
     "debootstrap": "debootstrap",
     "ip": "iproute2",
+    "setpriv": "util-linux",
 }
 
 DEFAULT_TIMEOUT = 600.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel to SIGKILL us when kiln dies.
+
+    Tools run in their own session (so a timeout can kill the whole group); without this
+    they would outlive a SIGKILLed kiln and keep writing into work directories that the
+    next kiln command is about to remove.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def which(tool: str) -> str:
@@ -149,6 +165,7 @@ def run(
         "_timeout": timeout,
         "_timeout_signal": signal.SIGKILL,
         "_new_session": True,  # the timeout kill reaches the whole process group
+        "_preexec_fn": _die_with_parent,
         "_return_cmd": True,
         "_decode_errors": "replace",
     }

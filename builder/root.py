@@ -213,4 +213,26 @@ class Root:
                 removed.append(p)
             finally:
                 os.close(fd)
+        removed += self._sweep_blob_temps()
+        return removed
+
+    def _sweep_blob_temps(self) -> list[Path]:
+        """Temp files a killed skopeo left in the shared blob cache.
+
+        Only while nobody uses the cache (its lock is free): a live pull's temp files are
+        indistinguishable from dead ones by name.
+        """
+        removed: list[Path] = []
+        d = self.blobs / "sha256"
+        try:
+            with self.lock("blobs", blocking=False):
+                for entry in os.scandir(d):
+                    name = entry.name
+                    if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+                        continue
+                    p = Path(entry.path)
+                    rmtree(p)
+                    removed.append(p)
+        except (Conflict, FileNotFoundError):
+            pass
         return removed

@@ -13,6 +13,7 @@ committed, so a crash in between costs one rebuild at most, never a dangling vol
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.root import Root, atomic_write, fsync_dir, rmtree
+from builder.root import Root, atomic_write, fsync_dir
 from helper.errors import Conflict, IntegrityError, NotFound, UsageError
 
 VOLUME_FILE = "volume.ext4"
@@ -165,7 +166,7 @@ class Store:
         full = {**meta, "id": volume_id}
         atomic_write(staging / META_FILE, json.dumps(full, indent=2, sort_keys=True).encode(),
                      mode=0o444)
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # noqa: S103 - volumes are meant to be readable by all
         dest = self.root.volumes / hexid
         try:
             os.rename(staging, dest)
@@ -218,7 +219,7 @@ class Store:
                     if Path(entry.path).read_text().strip() == volume_id:
                         yield Path(entry.path)
 
-    def dangling_keys(self) -> list[Path]:
+    def dangling_keys(self) -> builtins.list[Path]:
         """Keys whose volume no longer exists."""
         out: list[Path] = []
         with contextlib.suppress(FileNotFoundError):

@@ -91,10 +91,9 @@ def registry_options(f: F) -> F:
     f = click.option("--no-tls-verify", "no_tls_verify", is_flag=True,
                      help="same as --tls-verify=false")(f)
     # is_flag=False + flag_value: both `--tls-verify` and podman's `--tls-verify=false` parse.
-    f = click.option("--tls-verify", "tls_verify", type=click.BOOL, default=True,
+    return click.option("--tls-verify", "tls_verify", type=click.BOOL, default=True,
                      is_flag=False, flag_value=True, show_default=True,
                      help="require HTTPS and verify certificates")(f)
-    return f
 
 
 def main() -> None:

@@ -189,3 +189,29 @@ def recipe_schema() -> None:
     from builder.recipe import recipe_schema as schema
 
     print_json(schema())
+
+
+@cli.command()
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="recipe to build [default: the checkout's recipes/demo.toml]")
+@click.option("--json", "as_json", is_flag=True, help="print the volume as JSON")
+@pass_ctx
+def demo(ctx: Ctx, recipe_path: Path | None, as_json: bool) -> None:
+    """Offline demo: local registry, busybox image, build recipes/demo.toml, show it."""
+    from runner.demo import DEMO_RECIPE, run_demo
+
+    with ProgressView(enabled=None if not as_json else False) as view:
+        res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view)
+    v = res.build.volume
+    if as_json:
+        print_json(res.build.as_json())
+        return
+    out_console.print(f"registry  {res.registry} (stopped)")
+    out_console.print(f"image     {res.image}")
+    state = "cached" if res.build.cached else "built"
+    out_console.print(f"volume    [bold]{v.id}[/] ({state}, {format_size(v.size)})")
+    out_console.print(f"path      {v.path}")
+    for stage, secs in res.build.timings.items():
+        out_console.print(f"  {stage:<8} {secs:6.2f} s")
+    out_console.print("next: `kiln volume ls`, `kiln volume verify "
+                      f"{v.id[7:19]}`, `sha256sum {v.path}`")

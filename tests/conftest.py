@@ -20,6 +20,7 @@ _PROBES: dict[str, Callable[[], probes.Probe]] = {
     "root": probes.can_mknod,
     "loop": probes.loop_devices,
     "dm": probes.dm_thin,
+    "kvm": probes.kvm,
 }
 
 

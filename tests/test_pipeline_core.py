@@ -36,7 +36,8 @@ def test_key_changes_with_tools_and_recipe_but_seed_ignores_tools() -> None:
     base = build_key(d, {"size": 1}, {"mke2fs": "1.47.2"})
     assert base != build_key(d, {"size": 2}, {"mke2fs": "1.47.2"})
     assert base != build_key(d, {"size": 1}, {"mke2fs": "1.47.3"})
-    assert base.startswith("sha256:") and len(base) == 71
+    assert base.startswith("sha256:")
+    assert len(base) == 71
     assert content_seed(d, {"size": 1}) != content_seed(d, {"size": 2})
 
 

@@ -70,7 +70,8 @@ def test_prefix_resolution_and_ambiguity(store: Store) -> None:
     with pytest.raises(Conflict) as e:
         store.get(prefix)
     assert e.value.message.startswith(f"volume id {prefix!r} is ambiguous: ")
-    assert ida[:19] in e.value.message and idb[:19] in e.value.message
+    assert ida[:19] in e.value.message
+    assert idb[:19] in e.value.message
 
 
 @pytest.mark.parametrize("bad", ["abc", "xyz123", "sha256:", "sha512:abcd", "../etc"])

@@ -1,0 +1,4 @@
+#!/bin/sh
+# Installed by recipes/demo.toml as /usr/local/bin/hello: the demo VM's entrypoint.
+cat /etc/motd
+echo "${GREETING:-hi} $*"
