@@ -19,6 +19,7 @@ from typing import Any
 from builder.root import Root
 from builder.store import Store, Volume
 from helper.errors import Conflict
+from helper.pool import snapshot_refs
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,19 @@ def collect(store: Store, referenced: Callable[[Volume], bool]) -> list[VolumeFa
 
 
 def run_gc(root: Root, *, keep_seconds: float, dry_run: bool,
-           referenced: Callable[[Volume], bool] = lambda _v: False,
+           referenced: Callable[[Volume], bool] | None = None,
            now: float | None = None) -> GcReport:
     """Remove crash leftovers, stale volumes and unneeded blobs (or report them)."""
     root.ensure()
     store = Store(root)
     report = GcReport(dry_run=dry_run)
+    if referenced is None:
+        # A volume with live snapshots is in use (VMs boot from snapshots, #4).
+        refs = snapshot_refs(root.path)
+
+        def referenced(v: Volume) -> bool:
+            return v.id in refs
+
     if not dry_run:
         report.removed_leftovers = [p.name for p in root.recover()]
         for key in store.dangling_keys():

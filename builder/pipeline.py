@@ -38,6 +38,7 @@ from builder.root import Root
 from builder.store import Store, Volume, hash_file
 from builder.tree import Entry, Kind, Tree, parent
 from helper.errors import BuildError, UsageError
+from helper.pool import open_pool
 
 # Bump when a change to kiln makes different bytes from the same inputs.
 FORMAT_VERSION = 1
@@ -293,4 +294,9 @@ def _build_fresh(root: Root, store: Store, wd: Path, *, resolved: sources.Resolv
         "entries": len(tree),
     }
     with progress.stage("commit"):
-        return store.commit(stage, volume_id, meta)
+        vol = store.commit(stage, volume_id, meta)
+    vol_pool = open_pool(root.path)
+    if vol_pool is not None:
+        with progress.stage("import"):
+            vol_pool.import_volume(vol.id, vol.path)
+    return vol

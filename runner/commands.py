@@ -133,11 +133,15 @@ def volume_rm(ctx: Ctx, volume_ids: tuple[str, ...]) -> None:
     """Remove base volumes. Snapshots made from a volume are independent copies and
     stay usable after their base is removed."""
     from builder.store import Store
+    from helper.pool import open_pool
 
     store = Store(ctx.root)
     ctx.root.ensure()
+    pool = open_pool(ctx.root.path)
     for vid in volume_ids:
         v = store.get(vid)
+        if pool is not None:
+            pool.remove_volume(v.id)
         store.remove(v)
         click.echo(v.id)
 
@@ -204,7 +208,7 @@ def demo(ctx: Ctx, recipe_path: Path | None, as_json: bool) -> None:
         res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view)
     v = res.build.volume
     if as_json:
-        print_json(res.build.as_json())
+        print_json({**res.build.as_json(), "pool": res.pool, "snapshot": res.snapshot})
         return
     out_console.print(f"registry  {res.registry} (stopped)")
     out_console.print(f"image     {res.image}")
@@ -213,5 +217,7 @@ def demo(ctx: Ctx, recipe_path: Path | None, as_json: bool) -> None:
     out_console.print(f"path      {v.path}")
     for stage, secs in res.build.timings.items():
         out_console.print(f"  {stage:<8} {secs:6.2f} s")
+    out_console.print(f"pool      {res.pool['backend']} (thin: {res.pool['thin']})")
+    out_console.print(f"snapshot  {res.snapshot['id']} -> {res.snapshot['path']}")
     out_console.print("next: `kiln volume ls`, `kiln volume verify "
                       f"{v.id[7:19]}`, `sha256sum {v.path}`")

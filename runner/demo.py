@@ -16,6 +16,7 @@ from builder.events import Listener
 from builder.pipeline import BuildResult, build
 from builder.root import Root
 from helper.errors import NotFound
+from helper.pool import init_pool
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
 
@@ -25,6 +26,8 @@ class DemoResult:
     build: BuildResult
     registry: str
     image: str
+    pool: dict[str, object]
+    snapshot: dict[str, object]
 
 
 def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *,
@@ -51,4 +54,11 @@ def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *,
                 os.environ.pop("KILN_DEMO_REGISTRY", None)
             else:
                 os.environ["KILN_DEMO_REGISTRY"] = previous
-    return DemoResult(build=result, registry=reg.address, image=image)
+    # The run stage boots snapshots: make the pool (auto backend; re-running keeps it) and
+    # take a copy-on-write snapshot of the new volume, as `kiln run` will.
+    pool = init_pool(root.path)
+    if not pool.has_volume(result.volume.id):
+        pool.import_volume(result.volume.id, result.volume.path)
+    snap = pool.create_snapshot(result.volume.id)
+    return DemoResult(build=result, registry=reg.address, image=image,
+                      pool=pool.status(), snapshot=snap.summary())

@@ -185,10 +185,19 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(reg: LocalRegistry,
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_demo_builds_the_demo_recipe(tmp_path: Path) -> None:
-    out = json.loads(kiln(tmp_path, "demo", "--json").stdout)
-    assert out["id"].startswith("sha256:")
-    assert "/demo/busybox:1" in out["source"]
-    ls = subprocess.run(["debugfs", "-R", "ls -p /bin", out["path"]], capture_output=True,
-                        text=True, check=True).stdout
-    assert "/busybox/" in ls
+@pytest.mark.root
+@pytest.mark.loop
+def test_demo_builds_the_demo_recipe_and_snapshots_it(tmp_path: Path) -> None:
+    try:
+        out = json.loads(kiln(tmp_path, "demo", "--json").stdout)
+        assert out["id"].startswith("sha256:")
+        assert "/demo/busybox:1" in out["source"]
+        ls = subprocess.run(["debugfs", "-R", "ls -p /usr/local/bin", out["path"]],
+                            capture_output=True, text=True, check=True).stdout
+        assert "/hello/" in ls
+        assert out["snapshot"]["volume"] == out["id"]
+        snap = Path(out["snapshot"]["path"])
+        assert snap.read_bytes() == Path(out["path"]).read_bytes()
+        assert out["pool"]["snapshots"] == 1
+    finally:
+        kiln(tmp_path, "pool", "destroy", "--force", check=False)

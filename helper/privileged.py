@@ -1,0 +1,336 @@
+"""Every privileged step of the pool, one function per operation, each validating its input.
+
+This is the narrow layer issue #5 puts behind ``kiln-helper``: each public function here
+becomes one op of the same name (``loop_attach`` → ``loop-attach``, ``dm_create`` →
+``dm-create``, ...). Rules every function enforces, whoever calls it:
+
+* paths are absolute, free of ``..`` and of components starting with ``-``, and resolve
+  beneath the given kiln ``root`` without crossing a symlink;
+* device-mapper names carry kiln's prefix and this root's key (``dmthin_core``); messages
+  are only ``create_thin``/``create_snap``/``delete`` with in-range ids;
+* a loop device is only detached when it is backed by a file under the root.
+
+Nothing here decides policy (which devices to keep, what size); the backends do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from helper import run
+from helper.errors import Conflict, KilnError, NotFound, UsageError
+from helper.pool import dmthin_core as core
+from helper.pool.fileops import materialise, sparse_copy
+
+_LOOP_RE = re.compile(r"^/dev/loop[0-9]{1,4}$")
+FILESYSTEMS = ("btrfs", "xfs")
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def confine(root: Path, path: Path | str, *, must_exist: bool = True) -> Path:
+    """``path`` checked to lie beneath ``root`` with no symlink on the way; returned as is.
+
+    Refuses relative paths, ``..``, components starting with ``-``, and any existing
+    component below the root that is a symlink (the last one included)."""
+    p = Path(path)
+    root = Path(root)
+    text = str(path)
+    if "\x00" in text or "\n" in text:
+        raise UsageError(f"invalid path {text!r}", "paths may not contain NUL or newlines")
+    if not p.is_absolute():
+        raise UsageError(f"path {text!r} is not absolute", "give an absolute path")
+    if any(part == ".." for part in p.parts):
+        raise UsageError(f"path {text!r} contains '..'", "give a path without '..'")
+    if any(part.startswith("-") for part in p.parts):
+        raise UsageError(f"path {text!r} has a component starting with '-'",
+                         "rename it: names starting with '-' are read as options by tools")
+    real_root = Path(os.path.realpath(root))
+    try:
+        rel = p.relative_to(root)
+    except ValueError:
+        try:
+            rel = p.relative_to(real_root)
+        except ValueError:
+            raise UsageError(f"path {text!r} is outside the kiln root {root}",
+                             "only files under the kiln root can be used") from None
+    cur = real_root
+    for i, part in enumerate(rel.parts):
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            if must_exist or i < len(rel.parts) - 1:
+                raise NotFound(f"{cur} does not exist", "") from None
+            break
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"{cur} is a symlink", "kiln refuses symlinks inside its pool; "
+                             "remove it and run the command again")
+    return real_root / rel
+
+
+def check_dm_name(root: Path, name: str) -> str:
+    """``name`` must be a kiln device name of this root."""
+    parsed = core.parse_name(name)
+    if parsed is None or parsed.rootkey != core.root_key(str(root)):
+        raise UsageError(f"refusing device-mapper name {name!r}",
+                         f"kiln only manages devices named {core.PREFIX}"
+                         f"{core.root_key(str(root))}-...")
+    return name
+
+
+# -- loop devices ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loop:
+    device: str
+    back_file: str
+
+
+def loop_list(root: Path) -> list[Loop]:
+    """Loop devices backed by files under ``root``."""
+    res = run.run("losetup", ["--list", "--json", "--output", "NAME,BACK-FILE"], timeout=30)
+    text = res.text.strip()
+    devs = json.loads(text)["loopdevices"] if text else []
+    real_root = os.path.realpath(root) + "/"
+    out: list[Loop] = []
+    for d in devs:
+        # losetup appends " (deleted)" when the backing file was unlinked.
+        back = (d.get("back-file") or "").removesuffix(" (deleted)")
+        if back.startswith(real_root):
+            out.append(Loop(d["name"], back))
+    return out
+
+
+def loop_attach(root: Path, image: Path) -> str:
+    """Attach ``image`` (a regular file under the root) to a loop device, or return the one
+    it is already attached to."""
+    img = confine(root, image)
+    if not stat.S_ISREG(os.lstat(img).st_mode):
+        raise UsageError(f"{img} is not a regular file", "")
+    for loop in loop_list(root):
+        if loop.back_file == str(img):
+            return loop.device
+    res = run.run("losetup", [
+        "--find",
+        "--show",  # print the device it chose
+        "--nooverlap",  # reuse an existing attachment of the same file instead of a second one
+        str(img),
+    ], timeout=60)
+    return res.text.strip()
+
+
+def loop_detach(root: Path, device: str) -> None:
+    """Detach ``device`` if, and only if, it is a loop device backed by a file under root."""
+    if not _LOOP_RE.fullmatch(device):
+        raise UsageError(f"{device!r} is not a loop device", "give /dev/loopN")
+    if not any(loop.device == device for loop in loop_list(root)):
+        raise NotFound(f"{device} is not backed by a file under {root}",
+                       "kiln only detaches its own loop devices")
+    run.run("losetup", ["--detach", device], timeout=60)
+
+
+def loop_in_use(device: str) -> bool:
+    """Whether a loop device is mounted or held by device-mapper."""
+    name = device.rsplit("/", 1)[-1]
+    with contextlib.suppress(FileNotFoundError):
+        if os.listdir(f"/sys/block/{name}/holders"):
+            return True
+    return any(m.source == device for m in mounts())
+
+
+# -- mounts and filesystems -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mount:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def mounts() -> list[Mount]:
+    """This process's mounts, from /proc/self/mountinfo (octal escapes decoded)."""
+    out: list[Mount] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) >= 5 and len(rfields) >= 2:
+                out.append(Mount(_unescape(fields[4]), rfields[0], _unescape(rfields[1])))
+    return out
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return any(m.mountpoint == str(mountpoint) for m in mounts())
+
+
+def pool_mkfs(root: Path, image: Path, fs: str) -> None:
+    """Make a reflink-capable filesystem on the pool image (a file under the root)."""
+    img = confine(root, image)
+    if fs not in FILESYSTEMS:
+        raise UsageError(f"unknown pool filesystem {fs!r}", "use --fs btrfs or --fs xfs")
+    if fs == "btrfs":
+        args = [
+            "--quiet",
+            "--label", "kiln-pool",
+            "--metadata", "single",  # one image file: duplicate metadata buys nothing
+            str(img),
+        ]
+        run.run("mkfs.btrfs", args, timeout=300)
+    else:
+        args = [
+            "-q",
+            "-L", "kiln-pool",
+            "-m", "reflink=1,crc=1",  # reflink needs the v5 (crc) format
+            str(img),
+        ]
+        run.run("mkfs.xfs", args, timeout=300)
+
+
+def pool_mount(root: Path, device: str, mountpoint: Path, fs: str) -> None:
+    """Mount the pool's loop device (backed by a file under the root) at a directory under
+    the root. Already mounted there → nothing to do."""
+    mp = confine(root, mountpoint)
+    if fs not in FILESYSTEMS:
+        raise UsageError(f"unknown pool filesystem {fs!r}", "use btrfs or xfs")
+    if not _LOOP_RE.fullmatch(device) or not any(lp.device == device for lp in loop_list(root)):
+        raise UsageError(f"{device!r} is not a loop device backed by a file under {root}", "")
+    if is_mounted(mp):
+        return
+    run.run("mount", [
+        "--types", fs,
+        "--options", "nodev,nosuid,noexec",  # the pool holds images, never programs
+        device,
+        str(mp),
+    ], timeout=120)
+
+
+def pool_umount(root: Path, mountpoint: Path) -> None:
+    mp = confine(root, mountpoint)
+    if not is_mounted(mp):
+        return
+    try:
+        run.run("umount", [str(mp)], timeout=120)
+    except KilnError as e:
+        raise Conflict(f"cannot unmount the pool at {mp}: {e.message}",
+                       "stop whatever uses it (a running VM?), then retry") from None
+
+
+def volume_import(root: Path, src: Path, dst: Path, *, allow_clone: bool = True) -> bool:
+    """Create ``dst`` under the root with ``src``'s bytes (clone when possible)."""
+    s = confine(root, src)
+    d = confine(root, dst, must_exist=False)
+    if d.exists():
+        raise Conflict(f"{d} already exists", "")
+    return materialise(s, d, allow_clone=allow_clone)
+
+
+def chown(root: Path, path: Path, uid: int, gid: int) -> None:
+    p = confine(root, path)
+    if uid < 0 or gid < 0:
+        raise UsageError("uid and gid must be non-negative", "")
+    os.chown(p, uid, gid, follow_symlinks=False)
+
+
+# -- device-mapper ------------------------------------------------------------------------
+
+
+def dm_targets() -> list[str]:
+    try:
+        res = run.run("dmsetup", ["targets"], timeout=30)
+    except KilnError:
+        return []
+    return [line.split()[0] for line in res.text.splitlines() if line.split()]
+
+
+def dm_create(root: Path, name: str, table: str) -> str:
+    """Create and activate a device; returns its /dev/mapper path."""
+    check_dm_name(root, name)
+    if "\n" in table or "\x00" in table or not table.strip():
+        raise UsageError("a table is one line", "")
+    run.run("dmsetup", ["create", name, "--table", table], timeout=120)
+    return f"/dev/mapper/{name}"
+
+
+def dm_message(root: Path, name: str, message: str) -> None:
+    """Send a thin-pool message (sector 0)."""
+    check_dm_name(root, name)
+    if not core.valid_message(message):
+        raise UsageError(f"refusing device-mapper message {message!r}", "")
+    run.run("dmsetup", ["message", name, "0", message], timeout=120)
+
+
+def dm_remove(root: Path, name: str) -> None:
+    check_dm_name(root, name)
+    run.run("dmsetup", ["remove", "--retry", name], timeout=120)  # --retry: udev races
+
+
+def dm_status(root: Path, name: str) -> str:
+    check_dm_name(root, name)
+    return run.run("dmsetup", ["status", name], timeout=30).text.strip()
+
+
+def dm_listing() -> list[core.DmDevice]:
+    """Every device-mapper device on the host, with its dependencies (read-only)."""
+    ls = run.run("dmsetup", ["ls"], timeout=30).text
+    if "No devices found" in ls:
+        return []
+    table = run.run("dmsetup", ["table"], timeout=30).text
+    return core.parse_listing(ls, table)
+
+
+def dm_write_volume(root: Path, name: str, src: Path) -> None:
+    """Write a volume file's data extents into a fresh thin device (reads zeros elsewhere)."""
+    check_dm_name(root, name)
+    s = confine(root, src)
+    fd = os.open(f"/dev/mapper/{name}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        sparse_copy(s, fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reclaim ------------------------------------------------------------------------------
+
+
+def reclaim(root: Path, keep: list[str]) -> list[str]:
+    """Remove this root's dm devices not in ``keep`` (leaf first, retrying while progress is
+    made), then detach loop devices backed by files under the root that nothing uses.
+    Returns what was removed or detached."""
+    for n in keep:
+        check_dm_name(root, n)
+    done: list[str] = []
+    if "thin" in dm_targets() or "thin-pool" in dm_targets():
+        rootkey = core.root_key(str(root))
+        pending = core.reclaim_plan(dm_listing(), rootkey, keep)
+        while pending:
+            failed: list[str] = []
+            for name in pending:
+                try:
+                    dm_remove(root, name)
+                    done.append(name)
+                except KilnError:
+                    failed.append(name)
+            if len(failed) == len(pending):
+                break  # no progress: leave the rest for the next command
+            pending = failed
+    for loop in loop_list(root):
+        if not loop_in_use(loop.device):
+            with contextlib.suppress(KilnError):
+                run.run("losetup", ["--detach", loop.device], timeout=60)
+                done.append(loop.device)
+    return done

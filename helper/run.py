@@ -1,0 +1,117 @@
+"""The helper's own tool runner: stdlib ``subprocess`` only (``helper/`` never imports ``sh``).
+
+Same rules as ``builder/proc.py``, so both layers fail the same way: a tool is resolved to an
+absolute path from a fixed search path (never the caller's ``PATH``), runs with an
+environment built from an allowlist, is logged shell-quoted at debug level, and is killed
+with its whole process group when its timeout passes. Failures raise ``ToolNotFound``,
+``ToolTimeout`` or ``ToolError(cmd, code, stderr_tail)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from helper.errors import ToolError, ToolNotFound, ToolTimeout
+
+log = logging.getLogger("kiln.helper.run")
+
+SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Only these variables reach a tool; LD_PRELOAD, PYTHONPATH and a user's PATH never do.
+ENV_ALLOW = ("HOME", "TMPDIR")
+
+PACKAGES = {
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "dmsetup": "dmsetup",
+    "mkfs.btrfs": "btrfs-progs",
+    "mkfs.xfs": "xfsprogs",
+    "resize2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "thin_check": "thin-provisioning-tools",
+}
+
+DEFAULT_TIMEOUT = 300.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Result:
+    cmd: list[str]
+    code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+
+def which(tool: str) -> str:
+    """Absolute path of ``tool`` on the fixed search path, or raise ``ToolNotFound``."""
+    if "/" in tool:
+        raise ToolNotFound(tool)  # callers name tools, never paths
+    found = shutil.which(tool, path=SEARCH_PATH)
+    if found is None:
+        raise ToolNotFound(tool, PACKAGES.get(tool, ""))
+    return found
+
+
+def tool_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
+    env["PATH"] = SEARCH_PATH
+    env["LC_ALL"] = "C.UTF-8"  # messages are parsed (resize2fs, losetup): keep them stable
+    env["LANG"] = "C.UTF-8"
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL us when the caller dies, so no tool outlives a killed kiln."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _tail(data: bytes, lines: int = 15) -> str:
+    return "\n".join(data.decode("utf-8", "replace").rstrip().splitlines()[-lines:])
+
+
+def run(tool: str, args: Iterable[str], *, timeout: float = DEFAULT_TIMEOUT,
+        stdin: bytes | None = None, ok_codes: tuple[int, ...] = (0,), hint: str = "",
+        extra_env: Mapping[str, str] | None = None) -> Result:
+    """Run ``tool args`` to completion and return its output."""
+    argv = [which(tool), *[str(a) for a in args]]
+    log.debug("run: %s", shlex.join(argv))
+    env = tool_env()
+    if extra_env:
+        env.update(extra_env)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,  # the timeout kill reaches the whole process group
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are started in the child
+    )
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ToolTimeout(argv, timeout, hint) from None
+    if proc.returncode not in ok_codes:
+        raise ToolError(argv, proc.returncode, _tail(err), hint)
+    return Result(argv, proc.returncode, out, err)

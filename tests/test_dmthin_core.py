@@ -1,0 +1,180 @@
+"""The dm-thin backend's pure parts: names, table lines, messages, ids, sizes, status and
+the reclaim order (hypothesis properties: reclaim never removes a non-kiln device or a
+kept one; a snapshot always goes before its origin; dependents before dependencies)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helper.pool import dmthin_core as core
+
+RK = core.root_key("/var/lib/kiln")
+OTHER = core.root_key("/srv/other-root")
+HEX = "ab" * 32
+
+
+def test_names_round_trip_and_validation() -> None:
+    assert core.root_key("/var/lib/kiln") == RK
+    assert len(RK) == 8
+    assert core.pool_name(RK) == f"kiln-{RK}-pool"
+    assert core.parse_name(core.volume_name(RK, HEX)) == core.DmName(RK, "vol", HEX)
+    assert core.parse_name(core.snapshot_name(RK, "abc234")) == core.DmName(RK, "snap", "abc234")
+    for bad in ["kiln-pool", f"kiln-{RK}-snap-../x", f"kiln-{RK}-snap-a/b", f"kiln-{RK}-snap-",
+                f"kiln-{RK}-snap-ABC", f"kiln-{RK}-snap-a1", f"kiln-{RK}-vol-{HEX[:-1]}",
+                f"-kiln-{RK}-pool", f"kiln-{RK}-pool\n", "docker-8:1-123-pool", "",
+                f"kiln-{RK}-snap-{'a' * 33}", f"kiln-{RK.upper()}-pool"]:
+        assert core.parse_name(bad) is None, bad
+    with pytest.raises(ValueError, match="not a valid kiln device name"):
+        core.snapshot_name(RK, "../etc")
+
+
+def test_table_lines_and_messages_exact() -> None:
+    assert core.thin_pool_table("/dev/loop1", "/dev/loop2", 41943040) == \
+        "0 41943040 thin-pool /dev/loop1 /dev/loop2 128 32768 0"
+    assert core.thin_table("/dev/mapper/kiln-x-pool", 7, 2048) == \
+        "0 2048 thin /dev/mapper/kiln-x-pool 7"
+    assert core.msg_create_thin(3) == "create_thin 3"
+    assert core.msg_create_snap(4, 3) == "create_snap 4 3"
+    assert core.msg_delete(4) == "delete 4"
+    with pytest.raises(ValueError, match="own id"):
+        core.msg_create_snap(3, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        core.msg_delete(1 << 24)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        core.thin_pool_table("/dev/loop1", "/dev/loop2", 1000)
+    assert core.valid_message("create_snap 4 3")
+    for bad in ["delete 1; rm", "create_thin -1", "set_transaction_id 0 1",
+                f"delete {1 << 24}", "delete 1\n", "create_snap 1"]:
+        assert not core.valid_message(bad), bad
+
+
+def test_sizes_and_status_parse() -> None:
+    sectors, meta = core.pool_sizes(20 << 30)
+    assert sectors == (20 << 30) // 512
+    assert sectors % 128 == 0
+    assert 16 << 20 <= meta <= 16 << 30
+    assert meta % 4096 == 0
+    assert core.sectors_of(1) == 1
+    assert core.sectors_of(1024) == 2
+    u = core.parse_pool_status(
+        "0 41943040 thin-pool 1 152/4096 2048/327680 - rw discard_passdown "
+        "queue_if_no_space - 1024")
+    assert (u.used_data_blocks, u.total_data_blocks, u.read_only) == (2048, 327680, False)
+    assert core.parse_pool_status("0 41943040 thin-pool Fail").needs_check
+    with pytest.raises(ValueError, match="not a thin-pool status line"):
+        core.parse_pool_status("0 2048 linear 8:0 0")
+
+
+@given(st.integers(min_value=0, max_value=core.THIN_ID_LIMIT * 2),
+       st.sets(st.integers(min_value=0, max_value=core.THIN_ID_LIMIT - 1), max_size=50))
+def test_allocated_id_is_never_in_use(counter: int, used: set[int]) -> None:
+    got, nxt = core.allocate_id(counter, used)
+    assert got not in used
+    assert 0 <= got < core.THIN_ID_LIMIT
+    assert nxt == got + 1
+
+
+@given(st.lists(st.one_of(st.just("alloc"), st.just("restart"), st.integers(0, 30)),
+                max_size=60))
+def test_ids_never_collide_across_restarts_and_frees(ops: list[object]) -> None:
+    """Model: the counter is persisted before use; a restart reloads it (and may lose the
+    in-memory copy); frees return ids. No live id is ever handed out twice."""
+    persisted = 0
+    counter = 0
+    live: set[int] = set()
+    for op in ops:
+        if op == "alloc":
+            got, counter = core.allocate_id(counter, live)
+            persisted = counter
+            assert got not in live
+            live.add(got)
+        elif op == "restart":
+            counter = persisted
+        else:
+            assert isinstance(op, int)
+            live.discard(sorted(live)[op % len(live)] if live else -1)
+
+
+_ls_names = st.sampled_from(["snap-aaaa", "snap-bbbb", "snap-cccc", f"vol-{HEX}",
+                             f"vol-{'cd' * 32}", "pool"])
+
+
+@st.composite
+def listings(draw: st.DrawFn) -> tuple[list[core.DmDevice], set[str]]:
+    """Random hosts: this root's pool/vol/snap devices (thin devices reference the pool),
+    another root's devices, foreign devices (some stacked on kiln ones), and a keep set."""
+    devs: list[core.DmDevice] = []
+    minor = 0
+
+    def add(name: str, deps: frozenset[str]) -> str:
+        nonlocal minor
+        devno = f"253:{minor}"
+        minor += 1
+        devs.append(core.DmDevice(name, devno, deps))
+        return devno
+
+    for key in (RK, OTHER):
+        if draw(st.booleans()):
+            pool = add(f"kiln-{key}-pool", frozenset({"7:1", "7:2"}))
+            for suffix in sorted(draw(st.sets(_ls_names.filter(lambda s: s != "pool")))):
+                add(f"kiln-{key}-{suffix}", frozenset({pool}))
+    for i in range(draw(st.integers(0, 3))):
+        target = draw(st.sampled_from([d.devno for d in devs] or ["8:0"]))
+        add(draw(st.sampled_from([f"foreign{i}", f"kiln-{RK}", f"kilnx-{RK}-pool"])),
+            frozenset({target}))
+    names = [d.name for d in devs]
+    keep = set(draw(st.lists(st.sampled_from(names), max_size=3))) if names else set()
+    return devs, keep
+
+
+@settings(max_examples=300)
+@given(listings())
+def test_reclaim_plan_properties(case: tuple[list[core.DmDevice], set[str]]) -> None:
+    devs, keep = case
+    plan = core.reclaim_plan(devs, RK, keep)
+    by_name = {d.name: d for d in devs}
+    assert len(plan) == len(set(plan))
+    for name in plan:
+        parsed = core.parse_name(name)
+        assert parsed is not None
+        assert parsed.rootkey == RK
+        assert name not in keep
+    pos = {n: i for i, n in enumerate(plan)}
+    # A snapshot is always removed before its origin (base volumes) and the pool.
+    for n in plan:
+        for m in plan:
+            pn, pm = core.parse_name(n), core.parse_name(m)
+            assert pn
+            assert pm
+            if pn.kind == "snap" and pm.kind in ("vol", "pool"):
+                assert pos[n] < pos[m]
+    # Dependents go before what they reference; nothing a survivor references is removed.
+    survivors = [d for d in devs if d.name not in pos]
+    for n in plan:
+        d = by_name[n]
+        for other in devs:
+            if d.devno in other.deps:
+                assert other.name in pos
+                assert pos[other.name] < pos[n]
+    for s in survivors:
+        for n in plan:
+            assert by_name[n].devno not in s.deps
+
+
+def test_reclaim_plan_example_and_listing_parse() -> None:
+    ls = (f"kiln-{RK}-snap-abcd\t(253:2)\nkiln-{RK}-pool\t(253:0)\n"
+          f"kiln-{RK}-vol-{HEX}\t(253, 1)\nvg0-root\t(253:3)\n")
+    table = (f"kiln-{RK}-snap-abcd: 0 2048 thin 253:0 2\n"
+             f"kiln-{RK}-pool: 0 41943040 thin-pool 7:1 7:2 128 32768 0\n"
+             f"kiln-{RK}-vol-{HEX}: 0 2048 thin 253:0 1\n"
+             "vg0-root: 0 100 linear 8:2 2048\n")
+    devs = core.parse_listing(ls, table)
+    assert {d.name: d.devno for d in devs}[f"kiln-{RK}-vol-{HEX}"] == "253:1"
+    assert core.reclaim_plan(devs, RK) == [f"kiln-{RK}-snap-abcd", f"kiln-{RK}-vol-{HEX}",
+                                           f"kiln-{RK}-pool"]
+    keep = {f"kiln-{RK}-pool", f"kiln-{RK}-snap-abcd"}
+    assert core.reclaim_plan(devs, RK, keep) == [f"kiln-{RK}-vol-{HEX}"]
+    assert core.reclaim_plan(devs, OTHER) == []
+    assert core.parse_listing("No devices found\n", "No devices found\n") == []
