@@ -8,11 +8,16 @@ the file and the key, plus a hint:
 2. ``${VAR}`` expansion in ``source`` only (``$$`` is a literal ``$``), then pydantic
    validation of shape and pure rules (``extra="forbid"``, frozen models);
 3. checks that touch the disk: each ``[[files]]`` src must be a regular file inside the
-   recipe's directory, and must be what it claims to be (see ``CLAIMS_DOC``; libmagic).
+   recipe's directory, and must be what it claims to be (``builder.claims``; libmagic).
 
 ``key_material`` is the canonical, JSON-able summary of everything in the recipe that
 changes the output, with file sources replaced by their content hashes: moving a recipe
 directory keeps it, editing a file changes it. The pipeline adds the image digest.
+
+Module layout (imports point one way: recipe_doc -> recipe -> claims -> recipe_rules):
+pure value rules and ``Bad`` live in ``builder.recipe_rules``, the file-claims checks in
+``builder.claims``, the generated reference in ``builder.recipe_doc``. recipe_doc imports
+this module, so ``recipe_reference_markdown`` is re-exported lazily at the bottom.
 """
 
 from __future__ import annotations
@@ -22,13 +27,11 @@ import json
 import os
 import posixpath
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import magic
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -39,8 +42,18 @@ from pydantic import (
     model_validator,
 )
 
+from builder.claims import check_claims, read_src
+from builder.recipe_rules import (
+    PATH_TRANSPORTS,
+    Bad,
+    abs_path,
+    check_source,
+    expand_vars,
+    normalize_mode,
+    size_or_none,
+)
 from builder.units import parse_size
-from helper.errors import KilnError, UsageError
+from helper.errors import UsageError
 
 SCHEMA_DOC = "docs/recipes.md"
 
@@ -49,94 +62,14 @@ class RecipeError(UsageError):
     """A recipe file is missing, malformed or refers to something unusable."""
 
 
-class _Bad(ValueError):
-    """A validation failure with its own hint (pydantic keeps the instance in ``ctx``)."""
+# --- field syntax (the other pure rules live in builder.recipe_rules) ---------------------
 
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-# --- pure rules ---------------------------------------------------------------------------
-
-_VAR_RE = re.compile(r"\$(?:\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<dollar>\$))")
 _MODE_RE = re.compile(r"^0?[0-7]{3,4}$")
 _OWNER_RE = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 _PLATFORM_RE = re.compile(r"^([a-z0-9]+)/([a-z0-9_]+)(?:/([a-z0-9]+))?$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _USER_RE = re.compile(r"^(?:\d+|[a-z_][a-z0-9_.-]*\$?)(?::(?:\d+|[a-z_][a-z0-9_.-]*))?$")
 _PERCENT_RE = re.compile(r"^(\d+(?:\.\d+)?)%$")
-# distribution/reference grammar (without IPv6 literals)
-_DOMAIN = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?"  # noqa: E501
-_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOCKER_REF_RE = re.compile(
-    rf"^(?:{_DOMAIN}/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?"
-    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
-)
-_PATH_TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
-_UNSUPPORTED = ("dir:", "containers-storage:", "docker-daemon:", "ostree:", "sif:", "tarball:")
-_SOURCE_HINT = ("use docker://REGISTRY/NAME:TAG, oci:DIR[:TAG], oci-archive:FILE, "
-                "docker-archive:FILE or a bare name like debian:bookworm")
-
-
-def expand_vars(text: str, environ: Mapping[str, str]) -> str:
-    """Expand ``${VAR}`` from ``environ``; ``$$`` is a literal ``$``; any other ``$`` is refused."""
-    out: list[str] = []
-    pos = 0
-    while (i := text.find("$", pos)) >= 0:
-        out.append(text[pos:i])
-        m = _VAR_RE.match(text, i)
-        if m is None:
-            raise _Bad(f"'$' at offset {i} must start ${{NAME}} or be doubled as $$",
-                       "write ${NAME} to use an environment variable, $$ for a literal $")
-        if m.group("dollar"):
-            out.append("$")
-        else:
-            name = m.group("name")
-            if name not in environ:
-                raise _Bad(f"environment variable {name} is not set",
-                           f"export {name}=... before running kiln, or write the value "
-                           "into the recipe")
-            out.append(environ[name])
-        pos = m.end()
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def check_source(ref: str) -> str:
-    """Validate an image reference string (transport syntax only; nothing is contacted)."""
-    if not ref or ref != ref.strip() or any(c.isspace() for c in ref):
-        raise _Bad(f"{ref!r} is not an image reference (empty or contains spaces)", _SOURCE_HINT)
-    if ref.startswith("docker://"):
-        if not _DOCKER_REF_RE.match(ref[len("docker://"):]):
-            raise _Bad(f"{ref!r} is not a valid docker:// reference", _SOURCE_HINT)
-        return ref
-    for prefix in _PATH_TRANSPORTS:
-        if ref.startswith(prefix):
-            if not ref[len(prefix):].split(":", 1)[0]:
-                raise _Bad(f"{ref!r} names no path after {prefix!r}", _SOURCE_HINT)
-            return ref
-    for prefix in _UNSUPPORTED:
-        if ref.startswith(prefix):
-            raise _Bad(f"transport {prefix!r} is not supported", _SOURCE_HINT)
-    if not _DOCKER_REF_RE.match(ref):
-        raise _Bad(f"{ref!r} is not a valid image reference", _SOURCE_HINT)
-    return ref
-
-
-def normalize_mode(mode: str) -> str:
-    """``"644"`` / ``"0644"`` → ``"0644"`` (four digits)."""
-    return f"{int(mode, 8):04o}"
-
-
-def _abs_path(value: str, what: str) -> str:
-    if "\0" in value:
-        raise _Bad(f"{value!r} contains a NUL byte")
-    if not value.startswith("/"):
-        raise _Bad(f"{value!r} is not an absolute path", f"write the full path, e.g. /{value}")
-    if ".." in value.split("/"):
-        raise _Bad(f"{value!r} contains '..'", f"write {what} without '..' components")
-    return "/" + posixpath.normpath(value).lstrip("/")
 
 
 # --- models -------------------------------------------------------------------------------
@@ -177,33 +110,33 @@ class FileSpec(BaseModel):
     @classmethod
     def _src(cls, v: str) -> str:
         if "\0" in v or not v:
-            raise _Bad(f"{v!r} is not a file name")
+            raise Bad(f"{v!r} is not a file name")
         if v.startswith("/"):
-            raise _Bad(f"{v!r} is absolute", "give a path relative to the recipe's directory")
+            raise Bad(f"{v!r} is absolute", "give a path relative to the recipe's directory")
         norm = posixpath.normpath(v)
         if norm == ".." or norm.startswith("../"):
-            raise _Bad(f"{v!r} leads out of the recipe's directory",
-                       "copy the file next to the recipe and name it relative to it")
+            raise Bad(f"{v!r} leads out of the recipe's directory",
+                      "copy the file next to the recipe and name it relative to it")
         return norm
 
     @field_validator("dst")
     @classmethod
     def _dst(cls, v: str) -> str:
         if v.endswith("/"):
-            raise _Bad(f"{v!r} ends in '/'", "name the file itself, e.g. /etc/motd")
-        norm = _abs_path(v, "dst")
+            raise Bad(f"{v!r} ends in '/'", "name the file itself, e.g. /etc/motd")
+        norm = abs_path(v, "dst")
         if norm == "/":
-            raise _Bad("'/' is not a file path", "name the file itself, e.g. /etc/motd")
+            raise Bad("'/' is not a file path", "name the file itself, e.g. /etc/motd")
         return norm
 
     @field_validator("mode", mode="before")
     @classmethod
     def _mode(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
-            raise _Bad(f"got the integer {v}; write the mode as a quoted octal string like "
-                       '"0644"', 'write e.g. mode = "0755"')
+            raise Bad(f"got the integer {v}; write the mode as a quoted octal string like "
+                      '"0644"', 'write e.g. mode = "0755"')
         if isinstance(v, str) and not _MODE_RE.match(v):
-            raise _Bad(f'{v!r} is not an octal mode like "0644"', 'write e.g. mode = "0755"')
+            raise Bad(f'{v!r} is not an octal mode like "0644"', 'write e.g. mode = "0755"')
         return v
 
     @field_validator("owner")
@@ -211,8 +144,8 @@ class FileSpec(BaseModel):
     def _owner(cls, v: str) -> str:
         m = _OWNER_RE.match(v)
         if not m or max(int(m.group(1)), int(m.group(2))) >= 2**32 - 1:
-            raise _Bad(f'{v!r} is not a numeric "UID:GID" like "0:0"',
-                       "names are not resolved here: look the numbers up in the image")
+            raise Bad(f'{v!r} is not a numeric "UID:GID" like "0:0"',
+                      "names are not resolved here: look the numbers up in the image")
         return v
 
 
@@ -276,7 +209,7 @@ class Recipe(BaseModel):
     @property
     def image_ref(self) -> str:
         """``source`` with a relative oci:/oci-archive:/docker-archive: path made absolute."""
-        for prefix in _PATH_TRANSPORTS:
+        for prefix in PATH_TRANSPORTS:
             if self.source.startswith(prefix):
                 rest = self.source[len(prefix):]
                 if not rest.startswith("/"):
@@ -316,18 +249,18 @@ class Recipe(BaseModel):
             return v
         m = _PLATFORM_RE.match(v)
         if not m:
-            raise _Bad(f'{v!r} is not os/arch[/variant] like "linux/amd64"',
-                       'write e.g. platform = "linux/amd64"')
+            raise Bad(f'{v!r} is not os/arch[/variant] like "linux/amd64"',
+                      'write e.g. platform = "linux/amd64"')
         if m.group(1) != "linux":
-            raise _Bad(f"{v!r}: only linux images can boot as kiln VMs",
-                       'write e.g. platform = "linux/amd64"')
+            raise Bad(f"{v!r}: only linux images can boot as kiln VMs",
+                      'write e.g. platform = "linux/amd64"')
         return v
 
     @field_validator("size")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
-        if v is not None and _size_or_none(v) is None:
-            raise _Bad(f'{v!r} is not a size like "2G"', 'write e.g. size = "2G"')
+        if v is not None and size_or_none(v) is None:
+            raise Bad(f'{v!r} is not a size like "2G"', 'write e.g. size = "2G"')
         return v
 
     @field_validator("headroom")
@@ -338,11 +271,11 @@ class Recipe(BaseModel):
         m = _PERCENT_RE.match(v)
         if m:
             if not 0 < float(m.group(1)) <= 1000:
-                raise _Bad(f"{v!r} is out of range (more than 0%, at most 1000%)")
+                raise Bad(f"{v!r} is out of range (more than 0%, at most 1000%)")
             return v
-        if _size_or_none(v) is None:
-            raise _Bad(f'{v!r} is not a percentage like "25%" or a size like "512M"',
-                       'write e.g. headroom = "25%"')
+        if size_or_none(v) is None:
+            raise Bad(f'{v!r} is not a percentage like "25%" or a size like "512M"',
+                      'write e.g. headroom = "25%"')
         return v
 
     @field_validator("env")
@@ -350,10 +283,10 @@ class Recipe(BaseModel):
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for k, val in v.items():
             if not _ENV_NAME_RE.match(k):
-                raise _Bad(f"{k!r} is not a valid variable name",
-                           "use letters, digits and _, not starting with a digit")
+                raise Bad(f"{k!r} is not a valid variable name",
+                          "use letters, digits and _, not starting with a digit")
             if "\0" in val:
-                raise _Bad(f"{k}: value contains a NUL byte")
+                raise Bad(f"{k}: value contains a NUL byte")
         return v
 
     @field_validator("labels")
@@ -361,50 +294,42 @@ class Recipe(BaseModel):
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         for k in v:
             if not k or "\0" in k:
-                raise _Bad(f"{k!r} is not a label name")
+                raise Bad(f"{k!r} is not a label name")
         return v
 
     @field_validator("entrypoint", "cmd")
     @classmethod
     def _argv(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if v is not None and any("\0" in a for a in v):
-            raise _Bad("an argument contains a NUL byte")
+            raise Bad("an argument contains a NUL byte")
         return v
 
     @field_validator("workdir")
     @classmethod
     def _workdir(cls, v: str | None) -> str | None:
-        return None if v is None else _abs_path(v, "workdir")
+        return None if v is None else abs_path(v, "workdir")
 
     @field_validator("user")
     @classmethod
     def _user(cls, v: str | None) -> str | None:
         if v is not None and not _USER_RE.match(v):
-            raise _Bad(f'{v!r} is not "uid[:gid]" or "name[:group]"',
-                       'write e.g. user = "1000:1000" or user = "nobody"')
+            raise Bad(f'{v!r} is not "uid[:gid]" or "name[:group]"',
+                      'write e.g. user = "1000:1000" or user = "nobody"')
         return v
 
     @model_validator(mode="after")
     def _whole(self) -> Recipe:
         if self.size is not None and self.headroom is not None:
-            raise _Bad("size and headroom are mutually exclusive",
-                       "keep size for a fixed volume size, or headroom for free space on "
-                       "top of the content")
+            raise Bad("size and headroom are mutually exclusive",
+                      "keep size for a fixed volume size, or headroom for free space on "
+                      "top of the content")
         seen: dict[str, int] = {}
         for i, f in enumerate(self.files):
             if f.dst in seen:
-                raise _Bad(f"files[{i}].dst: {f.dst!r} is also the dst of files[{seen[f.dst]}]",
-                           "write each destination once")
+                raise Bad(f"files[{i}].dst: {f.dst!r} is also the dst of files[{seen[f.dst]}]",
+                          "write each destination once")
             seen[f.dst] = i
         return self
-
-
-def _size_or_none(text: str) -> int | None:
-    try:
-        n = parse_size(text)
-    except KilnError:
-        return None
-    return n if n > 0 else None
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -454,7 +379,7 @@ def _one_line(path: Path, err: ValidationError) -> RecipeError:
         parent = _loc(loc[:-1])
         msg = f"{parent + ': ' if parent else ''}missing required key {loc[-1]!r}"
         hint = f"add {loc[-1]} = ..."
-    elif kind == "value_error" and isinstance(e.get("ctx", {}).get("error"), _Bad):
+    elif kind == "value_error" and isinstance(e.get("ctx", {}).get("error"), Bad):
         bad = e["ctx"]["error"]
         msg = f"{where}: {bad}" if where else str(bad)
         hint = bad.hint or hint
@@ -467,130 +392,7 @@ def _one_line(path: Path, err: ValidationError) -> RecipeError:
     return RecipeError(f"{path}: {msg}", hint)
 
 
-# --- files: on-disk checks and claims -------------------------------------------------------
-
-CLAIMS_DOC = """\
-Every `[[files]]` src is untrusted input. Besides staying inside the recipe's directory and
-being a regular file, it must be what its name and destination claim (libmagic decides):
-
-- **Executable claim**: a `dst` whose parent directory is named `bin` or `sbin`, or a `mode`
-  with any execute bit, claims an executable. The content must be an ELF executable or
-  shared object, or a script starting with `#!`. When `platform` is given, an ELF must be
-  built for that architecture.
-- **Name claims**: the extension of `src` or of `dst` claims a type:
-  `.gz`/`.tgz` gzip, `.xz` xz, `.bz2` bzip2, `.zst` zstd, `.zip` zip, `.tar` tar archive,
-  `.so` ELF shared object, `.json` valid JSON, `.toml` valid TOML; and `.sh`, `.bash`,
-  `.py`, `.conf`, `.cfg`, `.ini`, `.txt`, `.service`, `.socket`, `.timer`, `.list`,
-  `.sources`, `.pem`, `.crt`, `.yaml`, `.yml`, `.md`, `.rules`, `.network`, `.env` claim
-  text (UTF-8 without NUL bytes).
-"""
-
-_MIME_CLAIMS: dict[str, tuple[str, frozenset[str]]] = {
-    ".gz": ("gzip data", frozenset({"application/gzip", "application/x-gzip"})),
-    ".tgz": ("gzip data", frozenset({"application/gzip", "application/x-gzip"})),
-    ".xz": ("xz data", frozenset({"application/x-xz"})),
-    ".bz2": ("bzip2 data", frozenset({"application/x-bzip2"})),
-    ".zst": ("zstd data", frozenset({"application/zstd"})),
-    ".zip": ("a zip archive", frozenset({"application/zip"})),
-    ".tar": ("a tar archive", frozenset({"application/x-tar"})),
-    ".so": ("an ELF shared object", frozenset({"application/x-sharedlib"})),
-}
-_TEXT_EXTS = frozenset({".sh", ".bash", ".py", ".conf", ".cfg", ".ini", ".txt", ".service",
-                        ".socket", ".timer", ".list", ".sources", ".pem", ".crt", ".yaml",
-                        ".yml", ".md", ".rules", ".network", ".env"})
-_ELF_MIMES = frozenset({"application/x-executable", "application/x-pie-executable",
-                        "application/x-sharedlib"})
-# GOARCH -> ELF e_machine
-_ELF_MACHINE = {"amd64": 62, "arm64": 183, "386": 3, "arm": 40, "riscv64": 243,
-                "ppc64le": 21, "s390x": 22, "mips64le": 8, "loong64": 258}
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
-          (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _is_text(data: bytes) -> bool:
-    if b"\0" in data:
-        return False
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def check_claims(data: bytes, src: str, dst: str, mode: str, platform: str | None) -> None:
-    """Raise ``_Bad`` when ``data`` is not what ``src``/``dst``/``mode`` claim (pure)."""
-    mime = str(magic.from_buffer(data, mime=True))
-
-    def what() -> str:
-        return str(magic.from_buffer(data)).split(",")[0]
-
-    parent = posixpath.basename(posixpath.dirname(dst))
-    exec_bits = int(mode, 8) & 0o111
-    in_bin = parent in ("bin", "sbin")
-    if (in_bin or exec_bits) and not (mime in _ELF_MIMES or data.startswith(b"#!")):
-        why = f"dst is in a {parent} directory" if in_bin \
-            else f"mode {normalize_mode(mode)} is executable"
-        raise _Bad(f"{src!r} is {what()}, not an ELF executable or a '#!' script ({why})",
-                   "add a '#!' line to scripts, or drop the execute bits and choose a dst "
-                   "outside bin/sbin for data")
-    if mime in _ELF_MIMES and platform and len(data) >= 20:
-        arch = platform.split("/")[1]
-        machine = int.from_bytes(data[18:20], "little" if data[5] == 1 else "big")
-        if arch in _ELF_MACHINE and machine != _ELF_MACHINE[arch]:
-            raise _Bad(f"{src!r} is {what()}: not built for the recipe's platform {platform}",
-                       "copy a binary built for that architecture")
-    for name in (src, dst):
-        ext = posixpath.splitext(name)[1].lower()
-        if ext in _MIME_CLAIMS:
-            label, mimes = _MIME_CLAIMS[ext]
-            if mime not in mimes:
-                raise _Bad(f"{src!r} is named like {label} ({name!r}) but is {what()}",
-                           "rename the file or fix its content")
-        elif ext == ".json":
-            try:
-                json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise _Bad(f"{src!r} is named like JSON ({name!r}) but does not parse: {e}",
-                           "fix the JSON or rename the file") from None
-        elif ext == ".toml":
-            try:
-                tomllib.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise _Bad(f"{src!r} is named like TOML ({name!r}) but does not parse: {e}",
-                           "fix the TOML or rename the file") from None
-        elif ext in _TEXT_EXTS and not _is_text(data):
-            raise _Bad(f"{src!r} is named like a text file ({name!r}) but is {what()}",
-                       "rename the file or fix its content")
-
-
-def read_src(directory: Path, src: str) -> bytes:
-    """The bytes of a ``[[files]]`` src, refusing escapes, symlinks and non-regular files."""
-    full = directory / src
-    try:
-        st = full.lstat()
-    except FileNotFoundError:
-        raise _Bad(f"{src!r} does not exist in {directory}",
-                   "create the file or fix the path (relative to the recipe)") from None
-    except OSError as e:
-        raise _Bad(f"{src!r} cannot be read: {e.strerror}", "fix the path or its permissions") \
-            from None
-    if not full.resolve().is_relative_to(directory.resolve()):
-        raise _Bad(f"{src!r} leads out of the recipe's directory through a symlink",
-                   "copy the file into the recipe's directory")
-    kind = next((name for test, name in _KINDS if test(st.st_mode)), None)
-    if kind is not None:
-        raise _Bad(f"{src!r} is {kind}; only regular files can be copied",
-                   "point src at a regular file")
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise _Bad(f"{src!r} cannot be read: {e.strerror}", "fix the file's permissions") \
-            from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced since the lstat
-            raise _Bad(f"{src!r} is not a regular file", "point src at a regular file")
-        return f.read()
+# --- files: on-disk checks (the rules live in builder.claims) -----------------------------
 
 
 def _check_files(recipe: Recipe) -> None:
@@ -599,7 +401,7 @@ def _check_files(recipe: Recipe) -> None:
             data = read_src(recipe.directory, spec.src)
             spec._source_path = (recipe.directory / spec.src).resolve()
             check_claims(data, spec.src, spec.dst, spec.mode, recipe.platform)
-        except _Bad as e:
+        except Bad as e:
             raise RecipeError(f"{recipe.path}: files[{i}].src: {e}", e.hint) from None
 
 
@@ -627,7 +429,7 @@ def load_recipe(path: Path, environ: Mapping[str, str] | None = None) -> Recipe:
     if isinstance(data.get("source"), str):
         try:
             data["source"] = expand_vars(data["source"], environ)
-        except _Bad as e:
+        except Bad as e:
             raise RecipeError(f"{path}: source: {e}", e.hint) from None
     try:
         recipe = Recipe.model_validate(data)
@@ -683,88 +485,24 @@ def recipe_schema() -> dict[str, Any]:
     return schema
 
 
-def _type_of(prop: dict[str, Any]) -> str:
-    if "anyOf" in prop:
-        return " or ".join(_type_of(p) for p in prop["anyOf"] if p.get("type") != "null")
-    if "$ref" in prop:
-        return "table"
-    t = prop.get("type", "any")
-    if t == "array":
-        item = prop.get("items", {})
-        return "array of tables" if "$ref" in item else f"array of {_type_of(item)}s"
-    if t == "object":
-        return f"table of {_type_of(prop.get('additionalProperties', {}))}s"
-    return str(t)
+# --- the generated reference lives in builder.recipe_doc ----------------------------------
+
+if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below resolves it
+    # "X as X" marks an explicit re-export for strict mypy
+    from builder.recipe_doc import recipe_reference_markdown as recipe_reference_markdown  # noqa: PLC0414
 
 
-def _table(schema: dict[str, Any]) -> list[str]:
-    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-    required = set(schema.get("required", []))
-    for name, prop in schema["properties"].items():
-        default = "*required*" if name in required else \
-            f"`{json.dumps(prop.get('default', {}))}`"  # default_factory: an empty table
-        desc = prop["description"].replace("|", "\\|")
-        rows.append(f"| `{name}` | {_type_of(prop)} | {default} | {desc} |")
-    return rows
+def __getattr__(name: str) -> Any:
+    """Re-export ``recipe_reference_markdown`` lazily: recipe_doc imports this module, so a
+    top-level import of it here would be a cycle."""
+    if name == "recipe_reference_markdown":
+        from builder import recipe_doc  # lazy on purpose, see above
+
+        return recipe_doc.recipe_reference_markdown
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_EXAMPLE = """\
-source = "docker://${KILN_DEMO_REGISTRY}/demo/busybox:1"
-platform = "linux/amd64"
-headroom = "25%"
-cmd = ["/bin/sh", "-c", "cat /etc/motd; exec sh"]
-env = { LANG = "C.UTF-8" }
+if __name__ == "__main__":  # .venv/bin/python -m builder.recipe > docs/recipes.md
+    from builder.recipe_doc import main
 
-[[files]]
-src = "demo/motd"
-dst = "/etc/motd"
-mode = "0644"
-owner = "0:0"
-"""
-
-
-def recipe_reference_markdown() -> str:
-    """The recipe reference (docs/recipes.md), generated from the schema."""
-    schema = recipe_schema()
-    spec = schema["$defs"]["FileSpec"]
-    lines = [
-        "# Recipe reference",
-        "",
-        "<!-- generated by builder.recipe.recipe_reference_markdown(); regenerate with",
-        "     .venv/bin/python -m builder.recipe > docs/recipes.md -->",
-        "",
-        schema["description"],
-        "",
-        "## Example",
-        "",
-        "```toml",
-        _EXAMPLE.rstrip(),
-        "```",
-        "",
-        "## Top-level keys",
-        "",
-        *_table(schema),
-        "",
-        "## `[[files]]`",
-        "",
-        spec["description"],
-        "",
-        *_table(spec),
-        "",
-        "## What files must be",
-        "",
-        CLAIMS_DOC.rstrip(),
-        "",
-        "## Errors",
-        "",
-        "Every mistake is reported on one line naming the file and the key, with a hint, e.g.",
-        "`recipes/x.toml: files[0].mode: '644x' is not an octal mode like \"0644\"`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.stdout.write(recipe_reference_markdown())
+    main()

@@ -1,41 +1,37 @@
-"""Image references, resolving them to a digest, and pulling them into the blob cache.
+"""Image references, resolving them to a digest, and the skopeo calls behind both.
 
 Flow: ``parse_ref`` (text -> ``ImageRef``) -> ``resolve`` (``skopeo inspect --raw``; kiln
 hashes the raw bytes itself and, for an index, picks the platform with the pure
-``choose_platform``) -> ``pull`` (``skopeo copy`` of the pinned digest into a per-build OCI
-layout whose blobs live in the ONE shared cache ``ROOT/blobs``; kiln then verifies every
-blob and hard-links the ones this image needs into the layout, so umoci can read it).
+``choose_platform``) -> ``builder.blobcache.pull`` (``skopeo copy`` of the pinned digest
+into a per-build OCI layout whose blobs live in the ONE shared cache ``ROOT/blobs``).
 
 Debian's skopeo 1.9.3 predates the CVE-2024-3727 fixes (digests used as paths unchecked),
-so kiln re-reads the source manifest by digest and rejects any digest that is not
-``sha256:<64 hex>`` before skopeo can build a path from it, and checks every blob's sha256,
-size and (for layers) real file type itself.
+so kiln rejects any digest that is not ``sha256:<64 hex>`` (``check_digest``,
+``manifest_digests``) before skopeo can build a path from it.
 
 Registry failures are classified from skopeo's stderr (``classify``, pure): 429, 5xx,
-resets and timeouts are retried with exponential backoff inside a time budget; 401, 404
-and refused connections fail fast with a message that says which.
+resets and timeouts are retried with exponential backoff inside a time budget
+(``run_skopeo``); 401, 404 and refused connections fail fast with a message that says which.
+
+Dependency direction: ``builder.blobcache`` imports this module, never the reverse at
+import time. The pull-side names (``pull``, ``Pulled``, ``BlobProgress``, ``blob_path``,
+``check_layer_type``, ``layer_kind``) are still reachable here through the lazy module
+``__getattr__`` at the bottom, for the pipeline and older callers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform as _platform
 import re
-import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import magic
+from typing import TYPE_CHECKING, Any
 
 from builder import proc
-from builder.root import Root, rmtree
 from helper.errors import (
     IntegrityError,
     KilnError,
@@ -63,12 +59,6 @@ _OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
 
 INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
                          "application/vnd.docker.distribution.manifest.list.v2+json"})
-# layer media type suffix -> MIME types libmagic reports for such content
-LAYER_MAGIC = {
-    "gzip": frozenset({"application/gzip", "application/x-gzip"}),
-    "zstd": frozenset({"application/zstd", "application/x-zstd"}),
-    "tar": frozenset({"application/x-tar"}),
-}
 
 
 # -- references -------------------------------------------------------------------------
@@ -152,7 +142,7 @@ def registry_host(ref: ImageRef) -> str:
     return "docker.io"
 
 
-# -- digests and blobs --------------------------------------------------------------------
+# -- digests ----------------------------------------------------------------------------
 
 
 def check_digest(digest: object, where: str = "") -> str:
@@ -162,21 +152,6 @@ def check_digest(digest: object, where: str = "") -> str:
         raise IntegrityError(f"malformed digest {str(digest)[:100]!r}{at}",
                              "kiln accepts sha256 digests only; the source is broken or hostile")
     return digest
-
-
-def blob_path(root: Root, digest: str) -> Path:
-    """Where the cache keeps ``digest`` (validated first: never a path from raw input)."""
-    return root.blobs / "sha256" / check_digest(digest)[len("sha256:"):]
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
 
 
 def manifest_digests(doc: Any) -> list[str]:
@@ -378,7 +353,7 @@ def skopeo_message(stderr: str) -> str:
     return m[1].replace('\\"', '"') if m else last
 
 
-def _skopeo(args: list[str], ref: ImageRef, budget: float, attempt_timeout: float, *,
+def run_skopeo(args: list[str], ref: ImageRef, budget: float, attempt_timeout: float, *,
             bounded: bool = True, **kwargs: Any) -> proc.Result:
     """Run skopeo, retrying transient failures with backoff inside ``budget`` seconds.
 
@@ -416,10 +391,10 @@ ATTEMPT_TIMEOUT = 20.0  # one inspect; a stalled registry costs at most this per
 
 def inspect_raw(ref: ImageRef, opts: RegistryOptions, budget: float) -> bytes:
     args = inspect_argv(ref, opts, 0)[2:]  # the timeout flag is set per attempt
-    return _skopeo(args, ref, budget, ATTEMPT_TIMEOUT).stdout
+    return run_skopeo(args, ref, budget, ATTEMPT_TIMEOUT).stdout
 
 
-def _json(raw: bytes, ref: ImageRef) -> dict[str, Any]:
+def manifest_json(raw: bytes, ref: ImageRef) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except ValueError:
@@ -447,7 +422,7 @@ def resolve(ref: ImageRef, opts: RegistryOptions, *, budget: float = 60.0) -> Re
     parse_platform(plat)
     raw = inspect_raw(ref, opts, budget)
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    doc = _json(raw, ref)
+    doc = manifest_json(raw, ref)
     manifest_digests(doc)
     if is_index(doc):
         digest = check_digest(choose_platform(doc, plat).digest, f"the index of {ref}")
@@ -458,228 +433,29 @@ def resolve(ref: ImageRef, opts: RegistryOptions, *, budget: float = 60.0) -> Re
     return Resolved(ref, digest, pinned, plat)
 
 
-# -- pull ------------------------------------------------------------------------------------
+# -- names that live in builder.blobcache ----------------------------------------------------
+
+if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below resolves them
+    # "X as X" marks each name an explicit re-export for strict mypy
+    from builder.blobcache import LAYER_MAGIC as LAYER_MAGIC  # noqa: PLC0414
+    from builder.blobcache import PULL_TIMEOUT as PULL_TIMEOUT  # noqa: PLC0414
+    from builder.blobcache import BlobProgress as BlobProgress  # noqa: PLC0414
+    from builder.blobcache import Pulled as Pulled  # noqa: PLC0414
+    from builder.blobcache import blob_path as blob_path  # noqa: PLC0414
+    from builder.blobcache import check_layer_type as check_layer_type  # noqa: PLC0414
+    from builder.blobcache import layer_kind as layer_kind  # noqa: PLC0414
+    from builder.blobcache import pull as pull  # noqa: PLC0414
+    from builder.blobcache import sha256_file as sha256_file  # noqa: PLC0414
+
+_IN_BLOBCACHE = frozenset({"LAYER_MAGIC", "PULL_TIMEOUT", "BlobProgress", "Pulled", "blob_path",
+                           "check_layer_type", "layer_kind", "pull", "sha256_file"})
 
 
-@dataclass(frozen=True)
-class Pulled:
-    layout: Path
-    tag: str
-    manifest_digest: str
-    manifest: dict[str, Any]
-    config_digest: str
-    config: dict[str, Any]
-    layers: tuple[Descriptor, ...]
-    blobs: tuple[str, ...]
+def __getattr__(name: str) -> Any:
+    """Re-export the pull side lazily: blobcache imports this module, so a top-level import
+    of blobcache here would be a cycle that breaks whichever module is imported first."""
+    if name in _IN_BLOBCACHE:
+        from builder import blobcache  # lazy on purpose, see above
 
-
-@dataclass(frozen=True)
-class BlobProgress:
-    digest: str
-    done: int
-    total: int
-
-
-PULL_TIMEOUT = 3600.0  # one whole skopeo copy (big images over slow links)
-
-
-def layer_kind(media_type: str) -> str:
-    """``gzip``, ``zstd`` or ``tar`` for a layer media type; IntegrityError otherwise."""
-    if media_type.endswith(("+gzip", ".tar.gzip")):
-        return "gzip"
-    if media_type.endswith(("+zstd", ".tar.zstd")):
-        return "zstd"
-    if media_type.endswith((".tar", "layer.v1.tar", ".diff.tar")):
-        return "tar"
-    raise IntegrityError(f"unsupported layer media type {media_type!r}",
-                         "kiln reads tar, tar+gzip and tar+zstd layers")
-
-
-def check_layer_type(path: Path, media_type: str, digest: str, image: str) -> None:
-    """The blob's real content type (libmagic) is what its media type claims."""
-    kind = layer_kind(media_type)
-    with open(path, "rb") as f:
-        head = f.read(8192)
-    found = magic.from_buffer(head, mime=True)
-    if kind == "tar" and found == "application/octet-stream" and not head.strip(b"\0"):
-        return  # an empty tar: only end-of-archive zero blocks, nothing for magic to see
-    if found not in LAYER_MAGIC[kind]:
-        raise IntegrityError(f"layer {digest} of {image} is {found}, not {kind} as its "
-                             f"media type {media_type} says", "the image is broken; rebuild it")
-
-
-def _verify(path: Path, desc: Descriptor) -> bool:
-    try:
-        digest, size = sha256_file(path)
-    except FileNotFoundError:
-        return False
-    return digest == desc.digest and size == desc.size
-
-
-def _descriptor(doc: Any, where: str) -> Descriptor:
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"malformed descriptor in {where}", "the image is broken")
-    size = doc.get("size")
-    if not isinstance(size, int) or size < 0:
-        raise IntegrityError(f"descriptor without a valid size in {where}", "the image is broken")
-    return Descriptor(str(doc.get("mediaType", "")), check_digest(doc.get("digest"), where),
-                      size)
-
-
-def _read_layout(root: Root, layout: Path, image: str) -> tuple[list[Descriptor], list[str]]:
-    """Descriptors of what the copied image needs (manifest, config, layers) + bad digests.
-
-    Each JSON blob is verified before it is parsed, so nothing unverified is trusted.
-    """
-    index = json.loads((layout / "index.json").read_bytes())
-    entries = [m for m in index.get("manifests", [])
-               if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG]
-    if len(entries) != 1:
-        raise IntegrityError(f"skopeo wrote an unexpected index for {image}", "report a bug")
-    mdesc = _descriptor(entries[0], "the layout index")
-    if not _verify(blob_path(root, mdesc.digest), mdesc):
-        return [mdesc], [mdesc.digest]
-    manifest = json.loads(blob_path(root, mdesc.digest).read_bytes())
-    cdesc = _descriptor(manifest.get("config"), "the manifest")
-    layers = [_descriptor(d, "the manifest") for d in manifest.get("layers") or []]
-    need = [mdesc, cdesc, *layers]
-    bad = [d.digest for d in need[1:] if not _verify(blob_path(root, d.digest), d)]
-    return need, bad
-
-
-class _Progress:
-    """Polls the cache and skopeo's temp files; reports per-blob bytes without slowing skopeo.
-
-    skopeo prints ``Copying blob sha256:…`` when it starts a blob and writes it to
-    ``LAYOUT/oci-put-blob*`` before renaming it into the cache. Bytes are attributed while
-    exactly one blob is in flight; otherwise only start and finish are reported.
-    """
-
-    def __init__(self, root: Root, layout: Path, sizes: dict[str, int],
-                 cb: Callable[[BlobProgress], None]) -> None:
-        self.root, self.layout, self.sizes, self.cb = root, layout, sizes, cb
-        self.started: list[str] = []
-        self.finished: set[str] = set()
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="kiln-pull-progress",
-                                       daemon=True)
-
-    def on_line(self, line: str) -> None:
-        m = re.match(r"Copying (?:blob|config) (sha256:[0-9a-f]{64})", line)
-        if m:
-            with self.lock:
-                self.started.append(m[1])
-
-    def _loop(self) -> None:
-        seen: set[str] = set()
-        while not self.stop.wait(0.25):
-            with self.lock:
-                started = list(self.started)
-            flying = []
-            for d in started:
-                total = self.sizes.get(d, 0)
-                if d not in seen:
-                    seen.add(d)
-                    self.cb(BlobProgress(d, 0, total))
-                if d in self.finished:
-                    continue
-                if blob_path(self.root, d).exists():
-                    self.finished.add(d)
-                    self.cb(BlobProgress(d, total, total))
-                else:
-                    flying.append(d)
-            if len(flying) == 1:
-                written = 0
-                with contextlib.suppress(OSError):
-                    for e in os.scandir(self.layout):
-                        if e.name.startswith("oci-put-blob"):
-                            written += e.stat().st_size
-                if written:
-                    total = self.sizes.get(flying[0], 0)
-                    self.cb(BlobProgress(flying[0], min(written, total or written), total))
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
-        self.thread.start()
-        try:
-            yield
-        finally:
-            self.stop.set()
-            self.thread.join()
-
-
-def _link(src: Path, dest: Path) -> None:
-    if dest.exists():
-        return
-    try:
-        os.link(src, dest)
-    except OSError:  # another filesystem: copy (rare; workdirs live under the root)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-
-
-def _pinned_ref(resolved: Resolved) -> ImageRef:
-    if resolved.pinned.startswith("docker://"):
-        return ImageRef("docker", resolved.pinned[len("docker://"):])
-    return resolved.ref
-
-
-def pull(resolved: Resolved, opts: RegistryOptions, root: Root, workdir: Path, *,
-         on_progress: Callable[[BlobProgress], None] | None = None,
-         budget: float = 60.0) -> Pulled:
-    """Copy the resolved image into the blob cache and a verified layout under ``workdir``."""
-    ref, image = resolved.ref, resolved.ref.skopeo()
-    root.ensure()
-    layout, tmpdir = workdir / "layout", workdir / "skopeo-tmp"
-    with root.lock("blobs", shared=True, what="the blob cache"):
-        # Re-read the source by digest: skopeo 1.9 would use its digests as paths unchecked,
-        # and for transports that cannot be pinned this catches a source changed since resolve.
-        raw = inspect_raw(_pinned_ref(resolved), opts, budget)
-        doc = _json(raw, ref)
-        manifest_digests(doc)
-        got = "sha256:" + hashlib.sha256(raw).hexdigest()
-        if is_index(doc):
-            got = choose_platform(doc, resolved.platform).digest
-        if got != resolved.digest:
-            raise IntegrityError(f"{image} changed since it was resolved ({resolved.digest} "
-                                 f"is now {got})", "build again to use the new image")
-        sizes = {str(d.get("digest")): int(d.get("size", 0))
-                 for d in [doc.get("config"), *(doc.get("layers") or [])] if isinstance(d, dict)}
-        for attempt in range(2):
-            rmtree(layout)
-            tmpdir.mkdir(parents=True, exist_ok=True)
-            # [2:] drops the timeout flag: _skopeo sets it per attempt
-            argv = copy_argv(resolved.pinned, ref, opts, platform=resolved.platform,
-                             blobs=root.blobs, layout=layout, tmpdir=tmpdir, timeout=0)[2:]
-            if on_progress is None:
-                _skopeo(argv, ref, budget, PULL_TIMEOUT, bounded=False)
-            else:
-                prog = _Progress(root, layout, sizes, on_progress)
-                with prog.running():
-                    _skopeo(argv, ref, budget, PULL_TIMEOUT, bounded=False,
-                            on_line=prog.on_line)
-            need, bad = _read_layout(root, layout, image)
-            if not bad:
-                break
-            for digest in bad:  # re-fetched by the next copy: skopeo skips present blobs
-                blob_path(root, digest).unlink(missing_ok=True)
-            if attempt == 1:
-                raise IntegrityError(f"blob {bad[0]} of {image} does not match its digest or "
-                                     "size, also after pulling it again",
-                                     "the source serves corrupt data; report it to its owner")
-        mdesc, cdesc, *layers = need
-        for d in layers:
-            check_layer_type(blob_path(root, d.digest), d.media_type, d.digest, image)
-        (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        for d in need:
-            _link(blob_path(root, d.digest), layout / "blobs" / "sha256" / d.digest[7:])
-        manifest = json.loads(blob_path(root, mdesc.digest).read_bytes())
-        config = json.loads(blob_path(root, cdesc.digest).read_bytes())
-    rmtree(tmpdir)
-    if on_progress is not None:
-        for d in need:
-            on_progress(BlobProgress(d.digest, d.size, d.size))
-    return Pulled(layout, TAG, mdesc.digest, manifest, cdesc.digest, config, tuple(layers),
-                  tuple(d.digest for d in need))
+        return getattr(blobcache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,8 +29,8 @@ def test_version_lists_kiln_and_tools(tmp_path: Path) -> None:
     info = json.loads(kiln(tmp_path, "version", "--json").stdout)
     assert info["kiln"] == "0.1.0"
     assert info["mke2fs"].startswith("1.47.")
-    assert "skopeo" in info["skopeo"]
-    assert "umoci" in info["umoci"]
+    assert info["skopeo"].startswith("1.")
+    assert info["umoci"].startswith("0.4")
 
 
 def test_doctor_reports_each_probe_with_hints(registry: LocalRegistry, tmp_path: Path) -> None:
