@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from builder import ext4, layers, mkfs, proc, tarball, unpack
+from builder import blobcache, ext4, layers, mkfs, proc, tarball, unpack
 from builder import source as sources
 from builder import verify as verify_mod
 from builder.events import Event, Listener, Progress
@@ -237,11 +237,11 @@ def _build_fresh(root: Root, store: Store, wd: Path, *, resolved: sources.Resolv
                  recipe: Recipe | None,
                  material: Mapping[str, Any] | None, key: str, opts: Any,
                  progress: Progress, verify: bool) -> Volume:
-    def on_blob(p: sources.BlobProgress) -> None:
+    def on_blob(p: blobcache.BlobProgress) -> None:
         progress.emit(Event("bytes", "pull", p.digest, p.done, p.total))
 
     with progress.stage("pull"):
-        pulled = sources.pull(resolved, opts, root, wd, on_progress=on_blob)
+        pulled = blobcache.pull(resolved, opts, root, wd, on_progress=on_blob)
     # The layout's hard links, not the shared cache: gc may prune the cache once pull()
     # has released its lock, but cannot take a link count to zero under us.
     blob_files = [(pulled.layout / "blobs" / "sha256" / d.digest[7:], d.media_type)
