@@ -11,10 +11,12 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     SpinnerColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
 from builder.events import Event
 
@@ -27,6 +29,13 @@ STAGE_LABELS = {
     "hash": "hash",
     "commit": "commit",
 }
+
+
+class _BytesColumn(DownloadColumn):
+    """Byte counts for blob rows only; stage rows have nothing to count."""
+
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.fields.get("blob") else Text("")
 
 
 class ProgressView:
@@ -44,7 +53,7 @@ class ProgressView:
                 SpinnerColumn(),
                 TextColumn("{task.description:<24}"),
                 BarColumn(),
-                DownloadColumn(),
+                _BytesColumn(),
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
                 transient=False,
@@ -64,7 +73,8 @@ class ProgressView:
         if event.kind == "bytes":
             tid = self._blobs.get(event.detail)
             if tid is None:
-                tid = p.add_task(f"  blob {event.detail[7:19]}", total=event.total or None)
+                tid = p.add_task(f"  blob {event.detail[7:19]}", total=event.total or None,
+                                 blob=True)
                 self._blobs[event.detail] = tid
             p.update(tid, completed=event.done, total=event.total or None)
             return
