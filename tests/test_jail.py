@@ -1,0 +1,273 @@
+"""helper/jail.py without the real binaries: staging (hard link, copy, chown rules),
+API-socket hand-over, removal, and hostile inputs refused with the host unchanged."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helper import jail
+from helper.cgroup import CgroupConfig
+from helper.errors import Conflict, NotFound, UsageError
+
+UID = 900_123
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> jail.JailConfig:
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    for name in ("jailer", "firecracker"):
+        shutil.copy("/bin/true", bins / name)
+        os.chmod(bins / name, 0o755)
+    for d in ("pool", "kernels", "jails"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "kernels/vmlinux").write_bytes(b"\x7fELF kernel")
+    (tmp_path / "kernels/vmlinux").chmod(0o644)
+    (tmp_path / "pool/snap.ext4").write_bytes(b"rootfs" * 100)
+    (tmp_path / "pool/snap.ext4").chmod(0o600)
+    return jail.JailConfig(jailer=bins / "jailer", firecracker=bins / "firecracker",
+                           chroot_base=tmp_path / "jails", uid_first=900_000, uid_count=1000,
+                           sources=(tmp_path / "pool", tmp_path / "kernels"),
+                           cgroup=CgroupConfig(parent="kilntest"))
+
+
+def items(cfg: jail.JailConfig) -> list[jail.StageItem]:
+    pool, kernels = cfg.sources
+    return [jail.StageItem("vmlinux", kernels / "vmlinux"),
+            jail.StageItem("rootfs.ext4", pool / "snap.ext4", writable=True)]
+
+
+def snapshot(base: Path) -> list[tuple[str, int, int, int]]:
+    out = []
+    for p in base.rglob("*"):
+        st = os.lstat(p)
+        out.append((str(p), st.st_mode, st.st_uid, st.st_nlink))
+    return sorted(out)
+
+
+@pytest.mark.root
+def test_stage_hard_links_and_owners(cfg: jail.JailConfig) -> None:
+    staged = jail.jail_stage(cfg, "abc", UID, UID, items(cfg), caller_uid=0,
+                             logs=["firecracker.log"])
+    root = cfg.chroot_base / "firecracker/abc/root"
+    assert staged == jail.Staged(root, [])
+    k, r = os.stat(root / "vmlinux"), os.stat(root / "rootfs.ext4")
+    assert k.st_ino == os.stat(cfg.sources[1] / "vmlinux").st_ino  # a hard link, not a copy
+    assert (k.st_uid, stat.S_IMODE(k.st_mode)) == (0, 0o644)  # shared: never chowned
+    assert r.st_ino == os.stat(cfg.sources[0] / "snap.ext4").st_ino
+    assert (r.st_uid, r.st_gid, stat.S_IMODE(r.st_mode)) == (UID, UID, 0o600)
+    log = os.stat(root / "firecracker.log")
+    assert (log.st_uid, log.st_size, stat.S_IMODE(log.st_mode)) == (UID, 0, 0o600)
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert (root.parent / "console.log").is_file()
+    with pytest.raises(Conflict) as e:
+        jail.jail_stage(cfg, "abc", UID, UID, [], caller_uid=0)
+    assert e.value.message == f"jail {root.parent} already exists"
+    jail.jail_remove(cfg, "abc")
+    assert not root.parent.exists()
+    assert os.stat(cfg.sources[0] / "snap.ext4").st_nlink == 1  # the source survives
+    with pytest.raises(NotFound) as e2:
+        jail.jail_remove(cfg, "abc")
+    assert e2.value.message == "jail abc does not exist"
+
+
+@pytest.mark.root
+def test_stage_copies_across_filesystems_and_private_files(cfg: jail.JailConfig) -> None:
+    shm = Path(f"/dev/shm/kiln-fctest-{secrets.token_hex(4)}")
+    shm.mkdir()
+    try:
+        (shm / "initrd").write_bytes(b"initrd")
+        (shm / "initrd").chmod(0o644)
+        (cfg.sources[1] / "secret").write_bytes(b"s")
+        (cfg.sources[1] / "secret").chmod(0o600)
+        c2 = jail.JailConfig(**{**cfg.__dict__, "sources": (*cfg.sources, shm)})
+        staged = jail.jail_stage(c2, "abd", UID, UID, [
+            jail.StageItem("initrd.img", shm / "initrd"),
+            jail.StageItem("secret", cfg.sources[1] / "secret")], caller_uid=0)
+        assert staged.warnings == [
+            f"{shm}/initrd is on another filesystem than {cfg.chroot_base}: copied it "
+            "(slow, uses space); put the jail base on the pool's filesystem",
+            f"{cfg.sources[1]}/secret is not world-readable: staged a private copy"]
+        for name, data in (("initrd.img", b"initrd"), ("secret", b"s")):
+            st = os.stat(staged.root / name)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_nlink) == (UID, 0o400, 1)
+            assert (staged.root / name).read_bytes() == data
+        jail.jail_remove(c2, "abd")
+    finally:
+        shutil.rmtree(shm)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: (p / "x/../snap.ext4", None), "refusing source path '{p}/x/../snap.ext4'"),
+    (lambda p: (p / "-snap", None), "refusing source path '{p}/-snap'"),
+    (lambda p: (Path("/etc/shadow"), None),
+     "/etc/shadow is outside kiln's pool and kernel directories"),
+    (lambda p: (p / "link", (p / "link").symlink_to("/etc/shadow")),
+     "{p}/link is or passes through a symlink"),
+    (lambda p: (p / "dir/snap.ext4", (p / "dir").symlink_to(p)),
+     "{p}/dir/snap.ext4 is or passes through a symlink"),
+    (lambda p: (Path("/dev/sda"), None), "refusing block device /dev/sda"),
+    (lambda p: (Path("/dev/mapper/control"), None), "refusing block device /dev/mapper/control"),
+    (lambda p: (Path("/dev/mapper/kiln../x"), None),
+     "refusing block device /dev/mapper/kiln../x"),
+])
+def test_hostile_sources_refused(cfg: jail.JailConfig, make: object, message: str) -> None:
+    pool = cfg.sources[0]
+    src, _ = make(pool)  # type: ignore[operator]
+    before = snapshot(cfg.chroot_base)
+    with pytest.raises(UsageError) as e:
+        jail.jail_stage(cfg, "abe", UID, UID, [jail.StageItem("rootfs", src, writable=True)],
+                        caller_uid=0)
+    assert e.value.message == message.format(p=pool)
+    assert snapshot(cfg.chroot_base) == before == []
+
+
+@pytest.mark.root
+def test_hard_link_planted_as_writable_disk_is_refused(cfg: jail.JailConfig) -> None:
+    pool = cfg.sources[0]
+    os.link(pool / "snap.ext4", pool / "planted")
+    with pytest.raises(Conflict) as e:
+        jail.jail_stage(cfg, "abf", UID, UID, [jail.StageItem("r", pool / "planted", True)],
+                        caller_uid=0)
+    assert e.value.message == (f"{pool}/planted has 2 links; a VM's writable disk must have "
+                               "exactly one")
+    assert os.stat(pool / "snap.ext4").st_uid == 0  # never chowned
+    assert list(cfg.chroot_base.iterdir()) == [cfg.chroot_base / "firecracker"]
+    assert list((cfg.chroot_base / "firecracker").iterdir()) == []
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"uid": 0}, "uid 0 is outside the VM range 900000-900999"),
+    ({"gid": 0}, "gid 0 is outside the VM range 900000-900999"),
+    ({"uid": 900_500, "caller_uid": 900_500}, "uid 900500 is the caller's own"),
+    ({"jail_id": "a" * 33}, f"invalid VM id '{'a' * 33}'"),
+    ({"jail_id": ".."}, "invalid VM id '..'"),
+    ({"items": [jail.StageItem("../x", Path("/x"))]}, "invalid file name '../x'"),
+    ({"items": [jail.StageItem("-x", Path("/x"))]}, "invalid file name '-x'"),
+    ({"items": [jail.StageItem(".x", Path("/x"))]}, "invalid file name '.x'"),
+    ({"logs": ["dev"]}, "staged names must be unique and not firecracker, dev or run"),
+])
+def test_hostile_stage_arguments(cfg: jail.JailConfig, kw: dict[str, object],
+                                 message: str) -> None:
+    args: dict[str, object] = {"jail_id": "abg", "uid": UID, "gid": UID, "items": [],
+                               "caller_uid": 0}
+    args.update(kw)
+    with pytest.raises(UsageError) as e:
+        jail.jail_stage(cfg, args.pop("jail_id"), args.pop("uid"), args.pop("gid"),  # type: ignore[arg-type]
+                        args.pop("items"), **args)  # type: ignore[arg-type]
+    assert e.value.message == message
+    assert list(cfg.chroot_base.iterdir()) == []
+
+
+@pytest.mark.root
+def test_untrusted_tools_refused(cfg: jail.JailConfig, tmp_path: Path) -> None:
+    os.chmod(cfg.jailer, 0o775)
+    with pytest.raises(UsageError) as e:
+        jail.check_config(cfg)
+    assert e.value.message == (f"refusing tool {cfg.jailer}: not a root-owned regular file "
+                               "writable only by root")
+    os.chmod(cfg.jailer, 0o755)
+    os.chown(cfg.firecracker, 1000, 1000)
+    with pytest.raises(UsageError):
+        jail.check_config(cfg)
+    os.chown(cfg.firecracker, 0, 0)
+    (tmp_path / "bin/fc").symlink_to(cfg.firecracker)
+    with pytest.raises(UsageError) as e:
+        jail.check_tool(tmp_path / "bin/fc")
+    assert e.value.message.startswith(f"refusing tool {tmp_path}/bin/fc: not a root-owned")
+    shutil.copy(cfg.firecracker, tmp_path / "bin/vmm")
+    with pytest.raises(UsageError) as e:
+        jail.check_tool(tmp_path / "bin/vmm", "firecracker")
+    assert e.value.message == (f"refusing tool {tmp_path}/bin/vmm: its name must contain "
+                               "'firecracker'")
+
+
+@pytest.mark.root
+def test_symlinked_chroot_base_refused(cfg: jail.JailConfig, tmp_path: Path) -> None:
+    (tmp_path / "jlink").symlink_to(cfg.chroot_base)
+    c2 = jail.JailConfig(**{**cfg.__dict__, "chroot_base": tmp_path / "jlink"})
+    with pytest.raises(UsageError) as e:
+        jail.jail_stage(c2, "abh", UID, UID, [], caller_uid=0)
+    assert e.value.message == (f"{tmp_path}/jlink has a symlink or non-directory component")
+
+
+@pytest.mark.root
+def test_grant_api_links_socket_for_the_caller(cfg: jail.JailConfig) -> None:
+    staged = jail.jail_stage(cfg, "abi", UID, UID, [], caller_uid=0)
+    os.chown(staged.root, UID, UID)  # what the jailer does
+    (staged.root / "run").mkdir()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(staged.root / "run/api.sock"))
+    os.chown(staged.root / "run/api.sock", UID, UID)
+    try:
+        path = jail.jail_grant_api(cfg, "abi", 900_999, 900_998, timeout=1)
+        assert path == staged.root.parent / "api.sock"
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (900_999, 900_998, 0o660)
+        d = os.stat(path.parent)
+        assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (0, 900_998, 0o710)
+        assert stat.S_IMODE(os.stat(staged.root).st_mode) == 0o700  # chroot stays private
+        assert jail.jail_grant_api(cfg, "abi", 900_999, 900_998) == path  # idempotent
+        with pytest.raises(UsageError) as e:
+            jail.jail_grant_api(cfg, "abi", UID, UID)
+        assert e.value.message == "the caller is the VM's own uid"
+    finally:
+        s.close()
+    jail.jail_remove(cfg, "abi")
+
+
+@pytest.mark.root
+def test_grant_api_refuses_a_non_socket(cfg: jail.JailConfig) -> None:
+    staged = jail.jail_stage(cfg, "abj", UID, UID, [], caller_uid=0)
+    os.chown(staged.root, UID, UID)
+    (staged.root / "run").mkdir()
+    (staged.root / "run/api.sock").symlink_to("/etc/shadow")
+    with pytest.raises(Conflict) as e:
+        jail.jail_grant_api(cfg, "abj", 1000, 1000, timeout=0.2)
+    assert e.value.message == "the API socket of jail abj is not the VM's socket"
+    assert not (staged.root.parent / "api.sock").exists()
+    jail.jail_remove(cfg, "abj")
+
+
+@pytest.fixture
+def tmpfs_in_jail(cfg: jail.JailConfig) -> Iterator[Path]:
+    staged = jail.jail_stage(cfg, "abk", UID, UID, [], caller_uid=0)
+    mnt = staged.root / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kilnfctest", str(mnt)],
+                   check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.root
+def test_remove_refuses_a_jail_with_mounts(cfg: jail.JailConfig, tmpfs_in_jail: Path) -> None:
+    (tmpfs_in_jail / "keep").write_text("x")
+    with pytest.raises(Conflict) as e:
+        jail.jail_remove(cfg, "abk")
+    assert e.value.message == f"jail abk still has mounts: {tmpfs_in_jail}"
+    assert (tmpfs_in_jail / "keep").read_text() == "x"
+    subprocess.run(["umount", str(tmpfs_in_jail)], check=True)
+    jail.jail_remove(cfg, "abk")
+    assert not tmpfs_in_jail.parent.parent.exists()
+
+
+def test_pick_uid() -> None:
+    c = jail.JailConfig(jailer=Path("/j"), firecracker=Path("/firecracker"),
+                        chroot_base=Path("/b"), uid_first=10, uid_count=3)
+    assert jail.pick_uid(c, set()) == 10
+    assert jail.pick_uid(c, {10, 11}) == 12
+    with pytest.raises(Conflict) as e:
+        jail.pick_uid(c, {10, 11, 12})
+    assert e.value.message == "every VM uid in the range is in use"
