@@ -1,0 +1,1 @@
+"""kiln benchmark scripts (not product code, not tests); see docs/benchmarks.md."""
