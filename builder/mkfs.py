@@ -29,10 +29,12 @@ import math
 import os
 import re
 import tempfile
+import threading
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from builder import ext4, proc
 from builder.tree import Kind, Tree
@@ -284,14 +286,15 @@ def tool_env(epoch: int) -> dict[str, str]:
     }
 
 
-def make_ext4(source: Path, image: Path, geometry: Geometry, *, uuid: str,
-              hash_seed: str, label: str, epoch: int, tree: Tree | None = None) -> None:
-    """Create ``image`` from the tar file ``source``.
+def make_ext4(source: Path | Callable[[BinaryIO], None], image: Path, geometry: Geometry, *,
+              uuid: str, hash_seed: str, label: str, epoch: int,
+              tree: Tree | None = None) -> None:
+    """Create ``image`` from a tar: the file ``source``, or what the callable ``source``
+    writes into a pipe that mke2fs reads as ``-d -`` (the tar never touches the disk;
+    same bytes, measured).
 
     With ``tree``, the xattrs mke2fs does not import from a tar are applied afterwards
-    (without it, only ``security.capability`` reaches the volume). mke2fs can also read
-    the tar from a pipe (``-d -``); ``proc.run`` feeds stdin only from bytes, which is far
-    slower than a file, so a file it is until ``proc.run`` can take a file descriptor.
+    (without it, only ``security.capability`` reaches the volume).
     """
     check_version()
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -299,10 +302,14 @@ def make_ext4(source: Path, image: Path, geometry: Geometry, *, uuid: str,
         os.ftruncate(fd, geometry.size)
     finally:
         os.close(fd)
-    argv = mke2fs_argv(image, geometry, source=str(source), uuid=uuid, hash_seed=hash_seed,
-                       label=label)
+    streamed = callable(source)
+    argv = mke2fs_argv(image, geometry, source="-" if streamed else str(source), uuid=uuid,
+                       hash_seed=hash_seed, label=label)
     try:
-        proc.run("mke2fs", argv, env=tool_env(epoch), timeout=3600)
+        if callable(source):
+            _run_streamed(argv, source, env=tool_env(epoch))
+        else:
+            proc.run("mke2fs", argv, env=tool_env(epoch), timeout=3600)
     except ToolError as e:
         if re.search(r"No space left|Could not allocate block|Could not allocate inode|"
                      r"No free space|Could not allocate", e.stderr_tail):
@@ -315,6 +322,41 @@ def make_ext4(source: Path, image: Path, geometry: Geometry, *, uuid: str,
         raise
     if tree is not None:
         apply_xattrs(image, tree, epoch=epoch)
+
+
+def _run_streamed(argv: list[str], writer: Callable[[BinaryIO], None],
+                  env: dict[str, str]) -> None:
+    """mke2fs reading stdin from a pipe that ``writer`` fills in a thread.
+
+    The writer's own error (an unreadable file in the image, a full disk) wins over the
+    truncated-tar error it causes in mke2fs; a broken pipe in the writer is only the echo
+    of mke2fs failing, so mke2fs's error wins then.
+    """
+    r, w = os.pipe()
+    failure: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            with os.fdopen(w, "wb") as out:
+                writer(out)
+        except BrokenPipeError:
+            pass
+        except BaseException as e:  # re-raised in the caller's thread below
+            failure.append(e)
+
+    t = threading.Thread(target=feed, name="tar-writer", daemon=True)
+    t.start()
+    try:
+        with os.fdopen(r, "rb") as inp:
+            proc.run("mke2fs", argv, env=env, stdin=inp, timeout=3600)
+    except ToolError:
+        t.join()
+        if failure:
+            raise failure[0] from None
+        raise
+    t.join()
+    if failure:
+        raise failure[0]
 
 
 def _xattr_jobs(tree: Tree) -> list[tuple[str, str, bytes]]:

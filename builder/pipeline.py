@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from builder import blobcache, ext4, layers, mkfs, proc, tarball, unpack
 from builder import source as sources
@@ -265,12 +265,13 @@ def _build_fresh(root: Root, store: Store, wd: Path, *, resolved: sources.Resolv
     stage.mkdir()
     image = stage / "volume.ext4"
     with progress.stage("mkfs"):
-        tar = wd / "rootfs.tar"
-        tarball.write_tar(tree, rootfs, tar, overrides=overrides)
+        # The tar streams through a pipe into `mke2fs -d -`: it never touches the disk.
+        def tar(out: BinaryIO) -> None:
+            tarball.write_tar(tree, rootfs, out, overrides=overrides)
+
         mkfs.make_ext4(tar, image, geometry, uuid=mkfs.uuid_from(seed),
                        hash_seed=mkfs.uuid_from(seed[32:] + seed[:32]), label="kiln",
                        epoch=epoch_of(pulled.config), tree=tree)
-        tar.unlink()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         hashed = pool.submit(hash_file, image)
         if verify:
