@@ -24,19 +24,17 @@ from typing import Any, BinaryIO
 
 import sh
 
+from helper import run as helper_run
 from helper.errors import ToolError, ToolNotFound, ToolTimeout
+from helper.run import SEARCH_PATH
 
 log = logging.getLogger("kiln.proc")
 
-# Where tools are looked up: the system's directories only, so a user's PATH cannot
-# substitute a binary kiln runs.
-SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Environment variables passed through to tools. Anything else (LD_PRELOAD, PYTHONPATH, a
 # user's PATH, ...) is dropped.
 ENV_ALLOW = (
-    "HOME",
-    "TMPDIR",
+    *helper_run.ENV_ALLOW,
     "XDG_RUNTIME_DIR",
     "XDG_CONFIG_HOME",
     "REGISTRY_AUTH_FILE",
@@ -77,22 +75,6 @@ PACKAGES = {
 
 DEFAULT_TIMEOUT = 600.0
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask the kernel to SIGKILL us when kiln dies.
-
-    Tools run in their own session (so a timeout can kill the whole group); without this
-    they would outlive a SIGKILLed kiln and keep writing into work directories that the
-    next kiln command is about to remove.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def which(tool: str) -> str:
     """Absolute path of ``tool`` on kiln's fixed search path, or raise ``ToolNotFound``."""
     if "/" in tool:
@@ -107,11 +89,7 @@ def which(tool: str) -> str:
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a tool runs with: the allowlist, a fixed PATH and C locale."""
-    env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
-    env["PATH"] = SEARCH_PATH
-    # Tools' messages are parsed in a few places and shown to users: keep them stable.
-    env["LC_ALL"] = "C.UTF-8"
-    env["LANG"] = "C.UTF-8"
+    env = helper_run.tool_env(ENV_ALLOW)
     if extra:
         env.update(extra)
     return env
@@ -168,7 +146,9 @@ def run(
         "_bg": True,
         "_bg_exc": False,
         "_new_session": True,  # the timeout kill reaches the whole process group
-        "_preexec_fn": _die_with_parent,
+        # In the child: SIGKILL it when kiln dies, so no tool outlives a killed kiln and
+        # keeps writing into work directories the next kiln command is about to remove.
+        "_preexec_fn": helper_run.die_with_parent,
         "_return_cmd": True,
         "_decode_errors": "replace",
     }

@@ -67,15 +67,16 @@ def which(tool: str) -> str:
     return found
 
 
-def tool_env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
+def tool_env(allow: tuple[str, ...] = ENV_ALLOW) -> dict[str, str]:
+    """A tool's environment: the ``allow``-listed variables, a fixed PATH and C locale."""
+    env = {k: os.environ[k] for k in allow if k in os.environ}
     env["PATH"] = SEARCH_PATH
     env["LC_ALL"] = "C.UTF-8"  # messages are parsed (resize2fs, losetup): keep them stable
     env["LANG"] = "C.UTF-8"
     return env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: SIGKILL us when the caller dies, so no tool outlives a killed kiln."""
     import ctypes
 
@@ -103,7 +104,7 @@ def run(tool: str, args: Iterable[str], *, timeout: float = DEFAULT_TIMEOUT,
         stderr=subprocess.PIPE,
         env=env,
         start_new_session=True,  # the timeout kill reaches the whole process group
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are started in the child
+        preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads are started in the child
     )
     try:
         out, err = proc.communicate(stdin, timeout=timeout)

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,17 +16,7 @@ import pytest
 
 from builder.demoimage import make_busybox_image, push
 from builder.localregistry import LocalRegistry
-
-KILN = [sys.executable, "-m", "runner"]
-
-
-def kiln(root: Path, *args: str, env: dict[str, str] | None = None,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*KILN, "--root", str(root), *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=300, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"kiln {' '.join(args)} exited {res.returncode}: {res.stderr}")
-    return res
+from tests.support.cli import KILN, kiln
 
 
 @pytest.fixture(scope="module")

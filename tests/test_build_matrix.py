@@ -17,21 +17,12 @@ import pytest
 from builder.demoimage import push
 from builder.localregistry import LocalRegistry
 from tests.support import oci
+from tests.support.cli import KILN, kiln
 from tests.support.images import push_busybox
 from tests.support.oci import User, give_to, run_as
 from tests.support.registry import AuthRegistry, FaultProxy
 
-KILN = [sys.executable, "-m", "runner"]
-
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
-
-
-def kiln(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*KILN, "--root", str(root), *args], capture_output=True, text=True,
-                         timeout=300, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"kiln {' '.join(args)} exited {res.returncode}: {res.stderr}")
-    return res
 
 
 def special_layers() -> list[list[oci.Member]]:

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from builder.localregistry import LocalRegistry
+from tests.support.cli import kiln
 from tests.support.images import push_busybox
-
-KILN = [sys.executable, "-m", "runner"]
-
-
-def kiln(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*KILN, "--root", str(root), *args], capture_output=True, text=True,
-                         timeout=300, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"kiln {' '.join(args)} exited {res.returncode}: {res.stderr}")
-    return res
 
 
 def test_version_lists_kiln_and_tools(tmp_path: Path) -> None:
