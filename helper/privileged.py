@@ -101,11 +101,14 @@ def loop_list(root: Path) -> list[Loop]:
     text = res.text.strip()
     devs = json.loads(text)["loopdevices"] if text else []
     real_root = os.path.realpath(root) + "/"
+    # ROOT/users/<uid>/ are sudo callers' helper areas (when ROOT is /var/lib/kiln): each is
+    # a root of its own, never swept as part of this one.
+    users = real_root + "users/"
     out: list[Loop] = []
     for d in devs:
         # losetup appends " (deleted)" when the backing file was unlinked.
         back = (d.get("back-file") or "").removesuffix(" (deleted)")
-        if back.startswith(real_root):
+        if back.startswith(real_root) and not back.startswith(users):
             out.append(Loop(d["name"], back))
     return out
 

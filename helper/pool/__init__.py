@@ -10,11 +10,12 @@ is recorded and shown by ``kiln pool status``.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from helper import privileged
-from helper.errors import Conflict, KilnError, UsageError
+from helper import client, privileged
+from helper.errors import Conflict, KilnError, NotFound, UsageError
 from helper.pool.base import (
     Pool,
     PoolConfig,
@@ -175,15 +176,17 @@ def _create(root_dir: Path, config: PoolConfig) -> Pool:
 def _clear_leftovers(root_dir: Path) -> None:
     """What a pool init killed before writing config.json left: mounts, devices, files."""
     d = pool_dir(root_dir)
-    fs_dir = d / "fs"
-    if privileged.is_mounted(fs_dir):
-        privileged.pool_umount(root_dir, fs_dir)
-    if "thin-pool" in privileged.dm_targets():
+    area = client.area(root_dir)  # the root itself, or a sudo caller's helper area
+    image, fs_dir = area / "pool" / "pool.img", area / "pool" / "fs"
+    if os.path.lexists(image) or privileged.is_mounted(fs_dir):
+        with contextlib.suppress(NotFound):
+            client.pool_remove(area, image, fs_dir)
+    if client.privileged() and "thin-pool" in privileged.dm_targets():
         privileged.reclaim(root_dir, [])
-    for loop in privileged.loop_list(root_dir):
-        if loop.back_file.startswith(str(d.resolve()) + "/") \
-                and not privileged.loop_in_use(loop.device):
-            privileged.loop_detach(root_dir, loop.device)
+    prefix = str((area / "pool").resolve()) + "/"
+    for loop in privileged.loop_list(area):
+        if loop.back_file.startswith(prefix) and not privileged.loop_in_use(loop.device):
+            client.loop_detach(area, loop.device)
     remove_tree(d)
 
 

@@ -12,7 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from helper import privileged
+from helper import client, privileged
+from helper.errors import NotFound
 from helper.pool import fileops
 from helper.pool.base import SNAP_ID_RE, Pool, Snapshot
 
@@ -58,12 +59,27 @@ class FilePool(Pool):
     def _volume_size(self, volume_id: str) -> int:
         return os.stat(self._volume_path(volume_id)).st_size
 
+    def _helper_dir(self) -> bool:
+        """Whether volumes live in a root-owned helper area (a sudo caller's loop pool)."""
+        return not client.privileged() and os.stat(self.vol_dir).st_uid != os.getuid()
+
     def _import(self, volume_id: str, src: Path) -> Path:
         dst = self._volume_path(volume_id)
-        privileged.volume_import(self.root_dir, src, dst, allow_clone=self.clone_ok)
+        if self._helper_dir():
+            # Through the helper: it copies from our open fd and re-hashes against the id.
+            client.volume_import(client.area(self.root_dir), volume_id, src, self.vol_dir,
+                                 clone=self.clone_ok)
+        elif client.privileged():
+            privileged.volume_import(self.root_dir, src, dst, allow_clone=self.clone_ok)
+        else:  # the caller's own directory (host reflink / copy): plain file work
+            fileops.materialise(src, dst, allow_clone=self.clone_ok)
         return dst
 
     def _remove_volume(self, volume_id: str) -> None:
+        if self._helper_dir():
+            with contextlib.suppress(NotFound):
+                client.volume_remove(client.area(self.root_dir), volume_id, self.vol_dir)
+            return
         with contextlib.suppress(FileNotFoundError):
             self._volume_path(volume_id).unlink()
         fileops.fsync_dir(self.vol_dir)
@@ -89,7 +105,9 @@ class FilePool(Pool):
             os.unlink(snap.path)
 
     def _sweep(self, recorded: set[str]) -> None:
-        for d in (self.vol_dir, self.snap_dir):
+        # A helper-owned volumes/ is the helper's to clean (its temp files never outlive it).
+        dirs = (self.snap_dir,) if self._helper_dir() else (self.vol_dir, self.snap_dir)
+        for d in dirs:
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(d):
                     p = d / name

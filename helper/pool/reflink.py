@@ -6,6 +6,13 @@ plain directory ``ROOT/pool/fs``. Elsewhere ``kiln pool init`` makes a sparse im
 after a reboot ``ensure_mounted`` (run by every pool operation) attaches and mounts it
 again. Loop devices backed by files under the root that nothing mounts are detached by
 reclaim.
+
+Privileged steps (image + mkfs, loop attach, mount, teardown) go through
+``helper.client``: in-process as root, ``kiln-helper`` via sudo otherwise. For a sudo
+caller the image and its mount point live in the helper-made area
+(``/var/lib/kiln/users/<uid>/pool/``): root-owned, with ``fs/volumes`` root-owned (volumes
+enter by ``volume-import``, re-hashed) and ``fs/snapshots`` owned by the caller, who
+clones snapshots there unprivileged.
 """
 
 from __future__ import annotations
@@ -14,10 +21,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from helper import privileged
-from helper.errors import KilnError
-from helper.pool import fileops
-from helper.pool.base import PoolConfig, pool_dir, remove_tree
+from helper import client, privileged
+from helper.errors import KilnError, NotFound
+from helper.pool.base import PoolConfig, pool_dir
 from helper.pool.files import FilePool
 
 
@@ -27,22 +33,30 @@ class ReflinkPool(FilePool):
     clone_ok = True
 
     @property
+    def area(self) -> Path:
+        """Where the privileged files live: the root itself, or the caller's helper area."""
+        return client.area(self.root_dir)
+
+    @property
     def image(self) -> Path:
-        return self.dir / "pool.img"
+        return self.area / "pool" / "pool.img"
 
     @property
     def loop_backed(self) -> bool:
         return self.config.fs in ("btrfs", "xfs")
 
+    @property
+    def fs_dir(self) -> Path:
+        return self.area / "pool" / "fs" if self.loop_backed else self.dir / "fs"
+
     def ensure_mounted(self) -> None:
         """Mount the pool image at fs/ unless it already is (after a reboot it is not)."""
         if not self.loop_backed:
             return
-        self.fs_dir.mkdir(parents=True, exist_ok=True)
         if privileged.is_mounted(self.fs_dir):
             return
-        dev = privileged.loop_attach(self.root_dir, self.image)
-        privileged.pool_mount(self.root_dir, dev, self.fs_dir, self.config.fs)
+        dev = client.loop_attach(self.area, self.image)
+        client.pool_mount(self.area, dev, self.fs_dir, self.config.fs)
 
     def _activate(self) -> None:
         self.ensure_mounted()
@@ -52,10 +66,10 @@ class ReflinkPool(FilePool):
         super()._sweep(recorded)
         if self.loop_backed:
             # A command killed between attach and mount leaves a loop device nobody uses.
-            for loop in privileged.loop_list(self.root_dir):
+            for loop in privileged.loop_list(self.area):
                 if not privileged.loop_in_use(loop.device):
                     with contextlib.suppress(KilnError):
-                        privileged.loop_detach(self.root_dir, loop.device)
+                        client.loop_detach(self.area, loop.device)
 
     def _usage(self) -> tuple[int, int]:
         if not self.loop_backed:
@@ -66,10 +80,8 @@ class ReflinkPool(FilePool):
     def _teardown(self) -> None:
         if not self.loop_backed:
             return
-        privileged.pool_umount(self.root_dir, self.fs_dir)
-        for loop in privileged.loop_list(self.root_dir):
-            if loop.back_file == str(self.image.resolve()):
-                privileged.loop_detach(self.root_dir, loop.device)
+        with contextlib.suppress(NotFound):  # no image: nothing left to tear down
+            client.pool_remove(self.area, self.image, self.fs_dir)
 
 
 def create(root_dir: Path, config: PoolConfig) -> ReflinkPool:
@@ -78,15 +90,7 @@ def create(root_dir: Path, config: PoolConfig) -> ReflinkPool:
     d.mkdir(parents=True, exist_ok=True)
     pool = ReflinkPool(root_dir, config)
     if pool.loop_backed:
-        tmp = d / ".pool.img.tmp"
-        remove_tree(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.ftruncate(fd, config.size)  # sparse: costs nothing until written
-        finally:
-            os.close(fd)
-        privileged.pool_mkfs(root_dir, tmp, config.fs)
-        os.rename(tmp, pool.image)
-        fileops.fsync_dir(d)
+        # Sparse image + mkfs under a temp name, renamed when whole (the helper does it).
+        client.pool_image(pool.area, pool.image, config.size, config.fs)
     pool._activate()
     return pool

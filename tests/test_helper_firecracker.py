@@ -1,0 +1,119 @@
+"""Firecracker through kiln-helper: an unprivileged user drives the real v1.12.1 jailer.
+
+The user runs ``runner.firecracker.FirecrackerVM`` with ``helper.client.HelperOps``: every
+privileged step (cgroup-create, jail-stage, jail-launch, jail-grant-api, cgroup-kill,
+jail-remove) goes through ``sudo kiln-helper``; the API round-trip happens as the user, on
+the socket the helper granted. Guests do not boot here (no usable KVM), so this stops
+after the configuration round-trip, like tests/test_firecracker_real.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helper import cgroup as cg
+from runner.kernel_elf import ensure_vmlinux
+from tests.support.oci import User, run_as
+from tests.test_helper_sudo import (
+    BASE,
+    GOOD_CONFIG,
+    REPO,
+    _audit_len,
+    _ops_ran,
+    _write_config,
+    installed,  # noqa: F401  (fixture)
+    sudo_user,  # noqa: F401  (fixture)
+)
+
+BIN_DIR = Path("/opt/kiln-test/firecracker")
+pytestmark = [pytest.mark.firecracker, pytest.mark.root]
+
+
+@pytest.fixture
+def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:  # noqa: F811
+    res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
+                         capture_output=True, text=True, check=False, timeout=300)
+    if res.returncode != 0:
+        pytest.skip(f"firecracker: fetch-firecracker.sh failed: {res.stderr.strip()[-200:]}")
+    bz = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
+    if not bz:
+        pytest.skip("no /boot/vmlinuz-*-cloud-amd64")
+    src = BASE / "src"
+    src.mkdir(mode=0o755, parents=True, exist_ok=True)
+    vmlinux = ensure_vmlinux(Path(bz[-1]), src)
+    vmlinux.chmod(0o644)
+    snap = src / f"snap-{secrets.token_hex(4)}.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "fchelper", str(snap), "32M"], check=True)
+    parent = f"kilnhtest{secrets.token_hex(4)}"
+    _write_config(GOOD_CONFIG + f"""sources = ["{src}"]
+cgroup_parent = "{parent}"
+
+[tools]
+firecracker = "{BIN_DIR}/firecracker"
+jailer = "{BIN_DIR}/jailer"
+""")
+    try:
+        yield {"kernel": str(vmlinux), "rootfs": str(snap), "parent": parent,
+               "base": str(BASE / "jails")}
+    finally:
+        _write_config(GOOD_CONFIG)
+        lay = cg.layout(cg.CgroupConfig(parent=parent))
+        for h in [lay.v2, *lay.v1.values()]:
+            if h is not None and (h / parent).is_dir():
+                for vm in (h / parent).iterdir():
+                    if vm.is_dir():
+                        cg.cgroup_kill(cg.CgroupConfig(parent=parent), vm.name,
+                                       2 if h == lay.v2 else 1)
+                os.rmdir(h / parent)
+        snap.unlink(missing_ok=True)
+
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from helper import cgroup as cg, client, jail
+from runner import firecracker as fc
+a = json.loads(sys.argv[1])
+cfg = jail.JailConfig(jailer=Path(a["bin"]) / "jailer",
+                      firecracker=Path(a["bin"]) / "firecracker",
+                      chroot_base=Path(a["base"]), sources=(Path(a["rootfs"]).parent,),
+                      cgroup=cg.CgroupConfig(parent=a["parent"]))
+plan = fc.launch_plan(cfg, vm_id=a["vm"], uid=900321, kernel=Path(a["kernel"]),
+                      rootfs=Path(a["rootfs"]))
+vm = fc.FirecrackerVM(cfg, client.HelperOps(), plan)
+try:
+    info = vm.launch()
+    got = vm.configure()
+    sock = vm.sock
+    pid = vm.pid
+finally:
+    vm.destroy()
+print(json.dumps({"info": info, "config": got, "sock": str(sock), "pid": pid}))
+"""
+
+
+def test_jail_ops_through_the_helper_with_the_real_binaries(
+        sudo_user: User, fc_config: dict[str, str]) -> None:  # noqa: F811
+    vm_id = "h" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz234567") for _ in range(9))
+    start = _audit_len()
+    res = run_as(sudo_user, [sys.executable, "-c", SCRIPT, json.dumps(
+        {**fc_config, "bin": str(BIN_DIR), "vm": vm_id})], cwd=Path("/"))
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["info"]["state"] == "Not started"
+    assert out["config"]["machine-config"]["vcpu_count"] == 1
+    assert out["config"]["drives"][0]["path_on_host"] == "/rootfs.ext4"
+    assert out["sock"] == f"{fc_config['base']}/firecracker/{vm_id}/api.sock"
+    assert not Path(f"/proc/{out['pid']}/exe").exists()
+    assert not (BASE / "jails" / "firecracker" / vm_id).exists()
+    ran = [op for op, outcome in _ops_ran(sudo_user.uid, start) if outcome == "ok"]
+    assert ran == ["cgroup-create", "jail-stage", "jail-launch", "jail-grant-api",
+                   "cgroup-kill", "jail-remove"]
