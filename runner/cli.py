@@ -97,6 +97,6 @@ def registry_options(f: F) -> F:
 
 
 def main() -> None:
-    from runner import commands, commands_pool  # noqa: F401  (register the commands on `cli`)
+    from runner import commands, commands_pool, commands_run  # noqa: F401  (register commands)
 
     cli(prog_name="kiln")

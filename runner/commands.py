@@ -168,7 +168,9 @@ def volume_verify(ctx: Ctx, volume_id: str) -> None:
 def gc(ctx: Ctx, dry_run: bool, keep: str, as_json: bool) -> None:
     """Remove unneeded cache blobs, crash leftovers and volumes unused for longer than --keep."""
     from builder.gc import run_gc
+    from runner import reaper
 
+    reaper.reconcile(ctx.root)
     report = run_gc(ctx.root, keep_seconds=parse_duration(keep, "--keep"), dry_run=dry_run)
     if as_json:
         print_json(report.as_json())

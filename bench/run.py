@@ -1,0 +1,207 @@
+"""`kiln run` against the bare QEMU command, in one run (medians).
+
+Measured, each ``--repeat`` times, on the busybox demo image in a copy pool under a
+temporary root:
+
+* ``kiln``: the whole ``kiln run --rm VOLUME -- echo KILN-MARKER`` process, from its start
+  to the marker on its stdout;
+* ``bare``: ``qemu-system-x86_64 -M microvm`` by hand (../shared/qemu.md's command line)
+  with the same kernel, the same (minimal) initrd and a copy of a kiln snapshot (kiln's
+  init in it, so the same workload prints the same marker on the serial console);
+* ``to-exec``: kiln's own time from process start to the VMM's fork+exec (from the two
+  processes' start times in /proc: 10 ms resolution) — target < 500 ms;
+* ``in-process``: from the CLI entry (``cli.main``, modules already imported) to the VMM
+  spawn, in this process — target < 100 ms.
+
+Target for the ratio kiln/bare: ≤ 1.10. Usage::
+
+    .venv/bin/python bench/run.py [--repeat 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import contextlib
+
+from bench.common import Suite, Target, loadavg, machine, ratio, table
+
+MARKER = "KILN-MARKER"
+KILN = [sys.executable, "-c", "import runner.commands, runner.commands_pool, "
+        "runner.commands_run; from runner.cli import cli; cli(prog_name='kiln')"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def until_marker(argv: list[str], marker: str, timeout: float = 120) -> tuple[float, int]:
+    """(seconds from spawn to ``marker`` on stdout, pid); the process is then waited for."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         stdin=subprocess.DEVNULL)
+    assert p.stdout is not None
+    buf = b""
+    seen: float | None = None
+    fd = p.stdout.fileno()
+    while seen is None and time.perf_counter() - t0 < timeout:
+        if select.select([fd], [], [], 1.0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            if marker.encode() in buf:
+                seen = time.perf_counter() - t0
+    try:
+        p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:  # never leave a VMM behind
+            p.kill()
+            p.wait()
+    if seen is None:
+        raise RuntimeError(f"no {marker} from {argv[:3]}…: {buf[-500:]!r}")
+    return seen, p.pid
+
+
+def start_ticks(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+
+
+def kiln_to_exec(root: Path, volume: str) -> float:
+    """Seconds from the kiln process's start to its VMM's start (both from /proc)."""
+    from runner.reaper import scan_vmms
+
+    p = subprocess.Popen([*KILN, "--root", str(root), "run", "--rm", volume, "--", "true"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         stdin=subprocess.DEVNULL)
+    kiln_start = start_ticks(p.pid)
+    vmm_start = None
+    while vmm_start is None and p.poll() is None:
+        for pid in scan_vmms().values():
+            try:
+                if int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1]
+                       .split()[1]) == p.pid:
+                    vmm_start = start_ticks(pid)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.005)
+    p.wait()
+    if vmm_start is None:
+        raise RuntimeError("did not see kiln's VMM")
+    return (vmm_start - kiln_start) / TICK
+
+
+def in_process(root: Path, volume: str) -> float:
+    """Seconds from ``cli.main``'s entry to ``supervise.spawn``, in this process."""
+    import runner.commands
+    import runner.commands_pool
+    import runner.commands_run  # noqa: F401
+    from runner import supervise
+    from runner.cli import cli
+
+    marks: list[float] = []
+    real = supervise.spawn
+
+    def spawn(*a: object, **kw: object) -> int:
+        marks.append(time.perf_counter())
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    supervise.spawn = spawn
+    try:
+        t0 = time.perf_counter()
+        with contextlib.suppress(SystemExit):
+            cli.main(["--root", str(root), "run", "--rm", volume, "--", "true"],
+                     prog_name="kiln", standalone_mode=False)
+    finally:
+        supervise.spawn = real
+    return marks[0] - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from builder.demoimage import make_busybox_image
+    from builder.pipeline import build
+    from builder.root import Root
+    from builder.source import RegistryOptions
+    from helper.pool import init_pool
+    from runner import guest_init, kernel, qemu
+
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-run-"))
+    try:
+        root = work / "root"
+        make_busybox_image(work / "layout", "1")
+        init_pool(Root(root).ensure().path, backend="copy")
+        vol = build(Root(root), f"oci:{work / 'layout'}:1", RegistryOptions()).volume
+        volume = vol.id[7:19]
+        boot = kernel.boot_files(root / "kernels")
+        # The bare run's disk: a copy of the volume with kiln's init and the same workload.
+        disk = work / "bare.ext4"
+        shutil.copyfile(vol.path, disk)
+        disk.chmod(0o644)
+        w = guest_init.workload(vol.meta["config"], command=["echo", MARKER], hostname="bare")
+        guest_init.inject(disk, w, scratch=work)
+        tsc = qemu.host_tsc_khz()
+        # The same guest channels as kiln's: the workload's stdout on a virtio-serial
+        # port (here: QEMU's stdout), its status on another; the console to a file.
+        bare = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "512",
+                "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+                "-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
+                "-chardev", f"file,id=con,path={work / 'console.log'}",
+                "-serial", "chardev:con",
+                "-drive", f"id=r,file={disk},format=raw,if=none",
+                "-device", "virtio-blk-device,drive=r",
+                "-device", "virtio-serial-device",
+                "-chardev", "file,id=out,path=/dev/stdout",
+                "-device", "virtserialport,chardev=out,name=kiln.stdout",
+                "-chardev", f"file,id=st,path={work / 'status'}",
+                "-device", "virtserialport,chardev=st,name=kiln.status",
+                "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet "
+                f"init=/.kiln/init tsc_early_khz={tsc}"]
+        kiln = [*KILN, "--root", str(root), "run", "--rm", volume, "--", "echo", MARKER]
+        suite = Suite()
+        until_marker(kiln, MARKER)  # warm: initrd built, accelerator verdict cached
+        for _ in range(args.repeat):
+            suite["bare"].add(until_marker(bare, MARKER)[0])
+            suite["kiln"].add(until_marker(kiln, MARKER)[0])
+            suite["to-exec"].add(kiln_to_exec(root, volume))
+            suite["in-process"].add(in_process(root, volume))
+        med = suite.medians()
+        targets = [
+            Target("kiln/bare", ratio(med["kiln"], med["bare"]), 1.10, "x"),
+            Target("to-exec", med["to-exec"] * 1e3, 500, "ms", strict=True),
+            Target("in-process", med["in-process"] * 1e3, 100, "ms", strict=True),
+        ]
+        rows = [(n, f"{s.median:.3f}", f"{s.spread[0]:.3f}", f"{s.spread[1]:.3f}")
+                for n in suite.names() for s in [suite[n]]]
+        print(table(["series (s)", "median", "min", "max"], rows))
+        print()
+        print(table(["target", "value", "limit", "met"],
+                    [(t.name, f"{t.value:.2f} {t.unit}", f"{t.limit:g} {t.unit}",
+                      "yes" if t.met else "NO") for t in targets]))
+        print(f"\nload average {loadavg()}; accel tcg; kernel {boot.kernel.name}")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "machine": machine(), "series": suite.as_json(),
+                "targets": {t.name: {"value": t.value, "limit": t.limit, "met": t.met}
+                            for t in targets}}, indent=2))
+    finally:
+        from helper.pool import destroy_pool
+
+        destroy_pool(work / "root", force=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""What kiln puts into a VM's snapshot so any image runs its workload.
+
+Most images have no init, many have no shell. kiln injects into the VM's **snapshot**
+(never the base volume, and never by mounting the untrusted filesystem on the host: the
+writes go through ``debugfs -w`` on the snapshot file) three files under ``/.kiln/``:
+
+* ``busybox`` — a copy of the host's busybox-static: the init's only dependency;
+* ``init`` — ``init.sh`` beside this module, booted as PID 1 (``init=/.kiln/init``);
+* ``config`` — the workload as shell assignments, every value ``shlex``-quoted.
+
+``workload()`` is the pure merge of the image's runtime config (``meta["config"]``, written
+by ``builder.pipeline.merge_config``) with the CLI's overrides, docker's way: ``--entrypoint``
+is not offered, a CLI command replaces ``Cmd``, ``-e`` overrides ``Env`` by key, PATH
+defaults to docker's. ``render_config()`` is its text; ``inject()`` the debugfs run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder import proc
+from helper.errors import KilnError, UsageError
+
+INIT_PATH = "/.kiln/init"
+BUSYBOX = Path("/bin/busybox")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*(?::[A-Za-z0-9_.][A-Za-z0-9_.-]*)?$")
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def init_script() -> bytes:
+    return (Path(__file__).parent / "init.sh").read_bytes()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the guest init runs."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    workdir: str
+    user: str
+    hostname: str
+
+    @property
+    def path(self) -> str:
+        return dict(self.env).get("PATH", DEFAULT_PATH)
+
+
+def parse_env(items: Sequence[str], what: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep and what == "-e":
+            # docker: `-e NAME` passes the caller's value (or nothing if unset)
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        if not _ENV_KEY.fullmatch(key) or "\0" in value:
+            raise UsageError(f"invalid environment entry {item!r} in {what}",
+                             "write NAME=VALUE with NAME of letters, digits and _")
+        out.append((key, value))
+    return out
+
+
+def workload(config: Mapping[str, Any], *, command: Sequence[str] = (),
+             env: Sequence[str] = (), workdir: str | None = None, user: str | None = None,
+             hostname: str) -> Workload:
+    """Merge the image's runtime config with the CLI's overrides (pure)."""
+    merged: dict[str, str] = {}
+    for k, v in parse_env(list(config.get("Env") or []), "the image's Env"):
+        merged[k] = v
+    for k, v in parse_env(env, "-e"):
+        merged[k] = v
+    merged.setdefault("PATH", DEFAULT_PATH)
+    merged.setdefault("HOSTNAME", hostname)
+    entry = list(config.get("Entrypoint") or [])
+    argv = entry + (list(command) if command else list(config.get("Cmd") or []))
+    if not argv:
+        raise UsageError("nothing to run: the image has no Entrypoint or Cmd",
+                         "give a command after the source: kiln run SOURCE -- CMD ARG…")
+    if any("\0" in a for a in argv):
+        raise UsageError("a command argument contains a NUL byte", "remove it")
+    wd = workdir if workdir is not None else str(config.get("WorkingDir") or "")
+    if wd and not wd.startswith("/"):
+        raise UsageError(f"working directory {wd!r} is not absolute", "give an absolute path")
+    usr = user if user is not None else str(config.get("User") or "")
+    if usr and not _USER.fullmatch(usr):
+        raise UsageError(f"invalid user {usr!r}", "give NAME, UID, NAME:GROUP or UID:GID")
+    if not _HOSTNAME.fullmatch(hostname):
+        raise UsageError(f"invalid hostname {hostname!r}", "use lowercase letters, digits, -")
+    return Workload(argv=tuple(argv), env=tuple(merged.items()), workdir=wd, user=usr,
+                    hostname=hostname)
+
+
+def render_config(w: Workload) -> str:
+    """``/.kiln/config``: sourced by init.sh (every value shell-quoted)."""
+    q = shlex.quote
+    has_home = any(k == "HOME" for k, _ in w.env)
+    lines = [
+        "# written by kiln: the workload of this VM",
+        f"KILN_HOSTNAME={q(w.hostname)}",
+        f"KILN_WORKDIR={q(w.workdir)}",
+        f"KILN_USER={q(w.user)}",
+        f"KILN_PATH={q(w.path)}",
+        f"KILN_HAS_HOME={1 if has_home else 0}",
+        "set -- " + " ".join([*(q(f"{k}={v}") for k, v in w.env), "--",
+                              *(q(a) for a in w.argv)]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def debugfs_script(files: Mapping[str, Path]) -> str:
+    """debugfs commands that create ``/.kiln`` and the mount points init.sh needs (an
+    existing one makes a harmless "already exists" complaint) and write ``files`` (name
+    in /.kiln → host file) owned by root (pure)."""
+    cmds = [f"mkdir /{d}" for d in ("proc", "sys", "dev", ".kiln")]
+    for name, src in files.items():
+        # debugfs splits its arguments on blanks: kiln's own temp paths never have any
+        if any(c in str(src) for c in ' "\t\n'):
+            raise KilnError(f"unsafe temp path {src}", "set TMPDIR to a plain path")
+        cmds += [f"write {src} /.kiln/{name}",
+                 f"sif /.kiln/{name} uid 0",
+                 f"sif /.kiln/{name} gid 0"]
+    return "\n".join(cmds) + "\n"
+
+
+def debugfs_errors(stderr: str) -> list[str]:
+    """The complaints in debugfs's stderr that mean the injection failed (pure).
+
+    debugfs exits 0 whatever its commands did, so its stderr is the result. Expected:
+    its banner, and "already exists" from the ``mkdir`` of a mount point the image has.
+    """
+    out: list[str] = []
+    for raw in stderr.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("debugfs ") or "directory already exists" in line:
+            continue
+        out.append(line)
+    return out
+
+
+def inject(image: Path, w: Workload | None, *, busybox: Path = BUSYBOX,
+           scratch: Path | None = None) -> None:
+    """Write kiln's init, busybox and the workload config into the snapshot ``image``
+    (one debugfs run). ``w=None`` (``--init image``) writes nothing."""
+    if w is None:
+        return
+    if not busybox.is_file():
+        raise KilnError(f"{busybox} not found", "apt-get install busybox-static")
+    with tempfile.TemporaryDirectory(prefix="kiln-init-", dir=scratch) as tmp:
+        t = Path(tmp)
+        (t / "init").write_bytes(init_script())
+        (t / "config").write_text(render_config(w))
+        os.chmod(t / "init", 0o755)  # noqa: S103 - executable in the guest
+        os.chmod(t / "config", 0o644)
+        files = {"busybox": busybox, "init": t / "init", "config": t / "config"}
+        res = proc.run("debugfs", ["-w", "-f", "-", str(image)],
+                       stdin=debugfs_script(files).encode(), timeout=120)
+    errors = debugfs_errors(res.stderr.decode("utf-8", "replace"))
+    if errors:
+        raise KilnError(f"cannot write kiln's init into the VM's snapshot: {errors[0]}",
+                        "an image with its own /.kiln cannot use kiln's init (boot it with "
+                        "--init image); else the snapshot is full: give a larger --disk-size")

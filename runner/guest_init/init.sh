@@ -1,0 +1,172 @@
+#!/.kiln/busybox sh
+# kiln guest init: PID 1 of every VM booted with `--init kiln` (the default).
+#
+# Mounts /proc, /sys, /dev; applies /.kiln/config (written by the host: hostname, workdir,
+# user, PATH, the environment and the argv); runs the workload with its stdout/stderr on
+# virtio-serial ports; reports "exit N" on the kiln.status port; powers off. Everything
+# runs through kiln's own busybox, so images without a shell work. The workload itself is
+# always exec'd by absolute path: this busybox prefers its applets to files of the same
+# name, and the image's `echo` must win over busybox's.
+bb=/.kiln/busybox
+say() { echo "kiln-init: $*" >/dev/console; }
+status=""
+finish() {
+  [ -n "$status" ] && echo "exit $1" >"$status"
+  $bb kill -TERM -1 2>/dev/null
+  $bb kill -KILL -1 2>/dev/null
+  $bb sync
+  $bb mount -o remount,ro / 2>/dev/null
+  echo o >/proc/sysrq-trigger
+  $bb sleep 10
+}
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sysfs /sys
+[ -e /dev/null ] || $bb mount -t devtmpfs devtmpfs /dev
+[ -d /dev/pts ] || $bb mkdir -p /dev/pts /dev/shm
+$bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null
+$bb mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
+
+# The host's channels: virtio-serial ports by name (shell builtins only: every fork
+# costs milliseconds under emulation).
+status="" out="" err="" in="" ctl=""
+i=0
+while [ -z "$status" ] && [ "$i" -lt 400 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ -e "$p/name" ] || continue
+    read -r n <"$p/name"
+    case "$n" in
+      kiln.status) status=/dev/${p##*/} ;;
+      kiln.stdout) out=/dev/${p##*/} ;;
+      kiln.stderr) err=/dev/${p##*/} ;;
+      kiln.stdin) in=/dev/${p##*/} ;;
+      kiln.control) ctl=/dev/${p##*/} ;;
+    esac
+  done
+  [ -n "$status" ] && break
+  i=$((i + 1))
+  $bb usleep 5000
+done
+[ -n "$status" ] || say "no kiln.status port: the exit status cannot be reported"
+[ -n "$out" ] || out=/dev/console
+[ -n "$err" ] || err=$out
+[ -n "$in" ] || in=/dev/null
+
+. /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
+$bb hostname "$KILN_HOSTNAME"
+$bb ip link set lo up 2>/dev/null
+if [ -e /sys/class/net/eth0 ]; then
+  # --net user: QEMU's slirp network (guest 10.0.2.15, gateway .2, DNS .3)
+  $bb ip addr add 10.0.2.15/24 dev eth0
+  $bb ip link set eth0 up
+  $bb ip route add default via 10.0.2.2
+  [ -w /etc/resolv.conf ] || [ ! -e /etc/resolv.conf ] && echo "nameserver 10.0.2.3" >/etc/resolv.conf 2>/dev/null
+fi
+
+# The user: NAME|UID[:GROUP|GID], resolved in the image's own /etc/passwd and /etc/group
+# (read with builtins: no awk, no fork).
+lookup() { # FILE KEY -> sets f1 f3 f4 f6 from the first line whose name or id is KEY
+  f1="" f3="" f4="" f6=""
+  [ -r "$1" ] || return 1
+  while IFS=: read -r a _ c d _ e _; do
+    if [ "$a" = "$2" ] || [ "$c" = "$2" ]; then
+      f1=$a f3=$c f4=$d f6=$e
+      return 0
+    fi
+  done <"$1"
+  return 1
+}
+isnum() { case "$1" in '' | *[!0-9]*) return 1 ;; *) return 0 ;; esac; }
+u=${KILN_USER%%:*}
+g=""
+case "$KILN_USER" in *:*) g=${KILN_USER#*:} ;; esac
+[ -n "$u" ] || u=0
+if lookup /etc/passwd "$u"; then
+  uid=$f3 gid=$f4 home=$f6
+elif isnum "$u"; then
+  uid=$u gid=0 home=/
+else
+  echo "kiln: unable to find user $u: no matching entries in passwd file" >"$err"
+  finish 126
+fi
+if [ -n "$g" ]; then
+  if lookup /etc/group "$g"; then
+    gid=$f3
+  elif isnum "$g"; then
+    gid=$g
+  else
+    echo "kiln: unable to find group $g: no matching entries in group file" >"$err"
+    finish 126
+  fi
+fi
+[ -n "$home" ] || home=/
+
+# "$@" is: ENV... -- ARGV... (env entries always contain "=", so "--" is unambiguous).
+[ "$KILN_HAS_HOME" = 1 ] || set -- "HOME=$home" "$@"
+n=0
+for a in "$@"; do
+  [ "$a" = "--" ] && break
+  n=$((n + 1))
+done
+m=$(($# - n - 2))
+if [ "$m" -lt 0 ]; then
+  echo "kiln: no command to run" >"$err"
+  finish 126
+fi
+# Rotate ENV... to the end, dropping "--" and keeping argv[0] aside: ARGS... ENV...
+i=0
+while [ "$i" -lt "$n" ]; do set -- "$@" "$1"; shift; i=$((i + 1)); done
+shift
+cmd=$1
+shift
+
+if [ -n "$KILN_WORKDIR" ]; then
+  $bb mkdir -p "$KILN_WORKDIR" 2>/dev/null
+  cd "$KILN_WORKDIR" || { echo "kiln: cannot enter working directory $KILN_WORKDIR" >"$err"; finish 126; }
+fi
+case "$cmd" in
+  */*) prog=$cmd ;;
+  *)
+    prog=""
+    IFS=:
+    for d in $KILN_PATH; do
+      if [ -f "$d/$cmd" ] && [ -x "$d/$cmd" ]; then
+        prog="$d/$cmd"
+        break
+      fi
+    done
+    unset IFS
+    ;;
+esac
+if [ -z "$prog" ]; then
+  echo "kiln: $cmd: executable file not found in \$PATH" >"$err"
+  finish 127
+fi
+# ARGS... ENV... [nsenter -S UID -G GID] PROG, then ARGS rotated behind: ENV... PROG ARGS...
+if [ "$uid" = 0 ] && [ "$gid" = 0 ]; then
+  set -- "$@" "$prog"
+else
+  set -- "$@" "$bb" nsenter -S "$uid" -G "$gid" "$prog"
+fi
+i=0
+while [ "$i" -lt "$m" ]; do set -- "$@" "$1"; shift; i=$((i + 1)); done
+
+say "starting $prog"
+if [ "$err" = "$out" ]; then
+  $bb env -i "$@" <"$in" >"$out" 2>&1 &
+else
+  $bb env -i "$@" <"$in" >"$out" 2>"$err" &
+fi
+child=$!
+if [ -n "$ctl" ]; then
+  (
+    read -r req grace <"$ctl"
+    say "stop requested ($req)"
+    $bb kill -TERM "$child" 2>/dev/null
+    $bb sleep "${grace:-10}"
+    $bb kill -KILL -1 2>/dev/null
+  ) &
+fi
+wait "$child"
+rc=$?
+say "workload exited $rc"
+finish "$rc"

@@ -1,0 +1,224 @@
+"""Reconcile VM records with what exists on the host: a pure plan and a thin executor.
+
+``plan()`` decides from an ``Observed`` snapshot of the world:
+
+* a live VM (creating/running) whose owner (the ``kiln run`` process, by pid + start time)
+  is dead becomes ``failed`` with the reason; its VMM is killed and its cgroups removed;
+  with ``--rm`` its snapshot, files and record go too. A VM whose owner lives is never
+  touched — in particular a VM being born;
+* a finished VM still holding a VMM process or cgroups loses them;
+* resources carrying kiln's names but no record — a VMM started with ``-name kiln-<id>``,
+  a cgroup ``kiln/<id>``, a directory ``ROOT/vms/<id>``, a pool snapshot ``vm<id>`` — are
+  orphans, removed only when the previous reconcile saw them too (records are written
+  before resources, so an orphan seen twice is not a VM being born). Anything without
+  kiln's names is never considered.
+
+``reconcile()`` gathers the observation (records, /proc, cgroup trees, the VM directory,
+pool records), runs the plan, executes it, and stores this round's orphans for the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.root import Root, rmtree
+from helper.errors import KilnError
+from runner.state import LIVE, State, VMRecord, alive, proc_start_time
+
+log = logging.getLogger("kiln.reaper")
+
+VM_ID = re.compile(r"^[a-z2-7]{12}$")
+SNAP_PREFIX = "vm"
+
+
+def snapshot_id(vm_id: str) -> str:
+    """The pool snapshot of a VM: kiln's prefix + the VM id."""
+    return SNAP_PREFIX + vm_id
+
+
+def vm_of_snapshot(snap_id: str) -> str | None:
+    rest = snap_id.removeprefix(SNAP_PREFIX)
+    return rest if snap_id.startswith(SNAP_PREFIX) and VM_ID.fullmatch(rest) else None
+
+
+@dataclass(frozen=True)
+class VMView:
+    id: str
+    state: str
+    auto_remove: bool
+    owner_alive: bool
+
+
+@dataclass(frozen=True)
+class Observed:
+    vms: tuple[VMView, ...]
+    vmm_pids: dict[str, int] = field(default_factory=dict)  # VM id → pid of "kiln-<id>"
+    cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # VM id → dirs
+    vm_dirs: frozenset[str] = frozenset()  # names under ROOT/vms
+    snapshots: frozenset[str] = frozenset()  # pool snapshot ids
+    seen_before: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # fail | kill | rmcgroup | rmdir | rmsnapshot | rmvm
+    target: str  # VM id, pid, path or snapshot id
+    vm: str  # the VM id it concerns
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    seen: frozenset[tuple[str, str]]  # orphans seen this round (for the next)
+
+
+def plan(obs: Observed) -> Plan:
+    """What to do (pure). See the module docstring for the rules."""
+    actions: list[Action] = []
+    known = {v.id for v in obs.vms}
+    for v in obs.vms:
+        if not VM_ID.fullmatch(v.id):
+            continue
+        if v.state in LIVE:
+            if v.owner_alive:
+                continue  # its owner is in charge (this covers every VM being born)
+            why = ("kiln was killed while creating the VM" if v.state == "creating"
+                   else "kiln run (the VM's owner) died")
+            actions.append(Action("fail", v.id, v.id, why))
+        elif v.owner_alive:
+            continue  # the owner is finishing up (cgroups, --rm)
+        if v.id in obs.vmm_pids:
+            actions.append(Action("kill", str(obs.vmm_pids[v.id]), v.id))
+        actions += [Action("rmcgroup", d, v.id) for d in obs.cgroups.get(v.id, ())]
+        if v.auto_remove:
+            actions.append(Action("rmvm", v.id, v.id))
+    candidates: list[tuple[str, str, str]] = []  # (kind, name, vm id)
+    for vm_id, pid in obs.vmm_pids.items():
+        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+            candidates.append(("process", f"{vm_id}:{pid}", vm_id))
+    for vm_id, dirs in obs.cgroups.items():
+        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+            candidates += [("cgroup", d, vm_id) for d in dirs]
+    for name in obs.vm_dirs:
+        if VM_ID.fullmatch(name) and name not in known:
+            candidates.append(("dir", name, name))
+    for snap in obs.snapshots:
+        owner = vm_of_snapshot(snap)
+        if owner is not None and owner not in known:
+            candidates.append(("snapshot", snap, owner))
+    seen: set[tuple[str, str]] = set()
+    kinds = {"process": "kill", "cgroup": "rmcgroup", "dir": "rmdir", "snapshot": "rmsnapshot"}
+    for kind, name, vm_id in sorted(candidates):
+        if (kind, name) in obs.seen_before:
+            target = name.split(":", 1)[1] if kind == "process" else name
+            actions.append(Action(kinds[kind], target, vm_id, "orphan"))
+        else:
+            seen.add((kind, name))
+    return Plan(tuple(actions), frozenset(seen))
+
+
+# -- observation -----------------------------------------------------------------------------
+
+def scan_vmms() -> dict[str, int]:
+    """VM id → pid of every process started with ``-name kiln-<id>,…`` (kiln's VMMs)."""
+    out: dict[str, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            i = argv.index(b"-name")
+            m = re.match(rb"^kiln-([a-z2-7]{12}),", argv[i + 1])
+            if m and b"qemu-system" in argv[0]:
+                out[m.group(1).decode()] = int(entry.name)
+    return out
+
+
+def scan_cgroups() -> dict[str, tuple[str, ...]]:
+    from runner.supervise import host_cgroup_plan
+
+    found: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for parent in host_cgroup_plan("x" * 12, 1, 1).parents:
+            with contextlib.suppress(OSError):
+                for e in os.scandir(parent):
+                    if e.is_dir() and VM_ID.fullmatch(e.name):
+                        found.setdefault(e.name, []).append(e.path)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
+    from helper.pool.base import load_records, pool_dir
+
+    recs = st.all()
+    views = tuple(VMView(r.id, r.state, bool(r.auto_remove), alive(r.owner_pid, r.owner_start))
+                  for r in recs)
+    vm_dirs: frozenset[str] = frozenset()
+    with contextlib.suppress(OSError):
+        vm_dirs = frozenset(os.listdir(st.vms_dir))
+    snaps = frozenset(s.id for s in load_records(pool_dir(root.path) / "snapshots"))
+    # Snapshots of known VMs are theirs, whatever their id.
+    mine = {r.snapshot for r in recs}
+    obs = Observed(vms=views, vmm_pids=scan_vmms(), cgroups=scan_cgroups(), vm_dirs=vm_dirs,
+                   snapshots=snaps - mine, seen_before=frozenset(st.seen_orphans()))
+    return obs, recs
+
+
+def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
+    from runner import supervise, vm
+
+    for a in actions:
+        try:
+            if a.kind == "fail":
+                st.finish(a.target, "failed", None, a.reason)
+            elif a.kind == "kill":
+                pid = int(a.target)
+                if _is_vmm_of(pid, a.vm):
+                    os.kill(pid, signal.SIGKILL)
+            elif a.kind == "rmcgroup":
+                supervise.remove_cgroups([a.target])
+            elif a.kind == "rmdir":
+                rmtree(st.vms_dir / a.target)
+            elif a.kind == "rmsnapshot":
+                from helper.pool import open_pool
+
+                pool = open_pool(root.path)
+                if pool is not None:
+                    pool.remove_snapshot(a.target)
+            elif a.kind == "rmvm":
+                vm.remove(root, a.target, st=st)
+        except (KilnError, OSError) as e:
+            log.warning("reaper: %s %s: %s", a.kind, a.target, e)
+
+
+def _is_vmm_of(pid: int, vm_id: str) -> bool:
+    """Re-check just before the kill: the pid is still kiln's VMM of that VM."""
+    if proc_start_time(pid) is None:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        i = argv.index(b"-name")
+        return argv[i + 1].startswith(f"kiln-{vm_id},".encode())
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def reconcile(root: Root, st: State | None = None) -> Plan:
+    """Observe, plan, execute; remember this round's orphans."""
+    st = st or State(root.path)
+    obs, _ = observe(root, st)
+    p = plan(obs)
+    execute(root, st, p.actions)
+    st.set_orphans(set(p.seen))
+    return p

@@ -1,0 +1,258 @@
+"""VM records: one SQLite database under the root (``ROOT/vms.db``).
+
+Every host resource a VM uses is written into its record **before** it is created: the
+snapshot id, the VM directory, the cgroup paths and the uid come with the first INSERT
+(state ``creating``), the VMM pid right after the fork (and the VMM carries ``-name
+kiln-<id>`` so a crash between fork and that UPDATE is still attributable). A record
+names its owner (the ``kiln run`` process, by pid and start time, so pid reuse cannot
+fool the reaper); the reaper fails VMs whose owner died and reclaims their resources.
+
+States: creating → running → exited | failed. ``exit_code`` and ``reason`` are set when a
+VM leaves ``running``. WAL mode and a busy timeout let concurrent kiln commands share it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from helper.errors import Conflict, NotFound, UsageError
+
+STATES = ("creating", "running", "exited", "failed")
+LIVE = ("creating", "running")
+UID_BASE = 820000  # per-VM uids for the QEMU process (as root): [UID_BASE, +UID_COUNT)
+UID_COUNT = 65536
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    vmm TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    cgroups TEXT NOT NULL DEFAULT '[]',
+    uid INTEGER,
+    pid INTEGER,
+    pid_start INTEGER,
+    owner_pid INTEGER,
+    owner_start INTEGER,
+    auto_remove INTEGER NOT NULL DEFAULT 0,
+    spec TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS orphans (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    id: str
+    name: str | None
+    state: str
+    exit_code: int | None
+    reason: str
+    vmm: str
+    volume: str
+    snapshot: str
+    dir: str
+    cgroups: str  # JSON array of cgroup directories
+    uid: int | None
+    pid: int | None
+    pid_start: int | None
+    owner_pid: int | None
+    owner_start: int | None
+    auto_remove: int
+    spec: str  # JSON
+    created: float
+    started: float | None
+    finished: float | None
+
+    @property
+    def cgroup_dirs(self) -> list[str]:
+        return list(json.loads(self.cgroups))
+
+    def summary(self) -> dict[str, Any]:
+        """The object ``kiln ps --json`` prints."""
+        return {"id": self.id, "name": self.name, "state": self.state,
+                "exit_code": self.exit_code, "reason": self.reason, "vmm": self.vmm,
+                "volume": self.volume, "snapshot": self.snapshot, "pid": self.pid,
+                "created": self.created}
+
+
+_COLS = [f.name for f in fields(VMRecord)]
+
+
+def new_vm_id() -> str:
+    """12 characters of lowercase base32 ([a-z2-7]): 60 random bits."""
+    return base64.b32encode(secrets.token_bytes(10)).decode().lower()[:12]
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks), None if no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    try:
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int | None, start: int | None) -> bool:
+    """The process ``pid`` exists and is the one that started at ``start`` (no pid reuse)."""
+    if not pid:
+        return False
+    st = proc_start_time(pid)
+    if st is None:
+        return False
+    if start is not None and st != start:
+        return False
+    # a zombie (exited, not yet reaped) counts as dead
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+class State:
+    """The VM database of one root."""
+
+    def __init__(self, root_dir: Path) -> None:
+        self.path = root_dir / "vms.db"
+        self.vms_dir = root_dir / "vms"
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _row(self, row: sqlite3.Row) -> VMRecord:
+        return VMRecord(**{c: row[c] for c in _COLS})
+
+    def all(self) -> list[VMRecord]:
+        rows = self._db.execute("SELECT * FROM vms ORDER BY created").fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, vm_id: str) -> VMRecord | None:
+        row = self._db.execute("SELECT * FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        return self._row(row) if row else None
+
+    def find(self, ref: str) -> VMRecord:
+        """A VM by id, unique id prefix, or name."""
+        ref = ref.strip()
+        if not ref:
+            raise UsageError("empty VM id", "give a VM id or name (see `kiln ps --all`)")
+        row = self._db.execute("SELECT * FROM vms WHERE id = ? OR name = ?",
+                               (ref, ref)).fetchone()
+        if row:
+            return self._row(row)
+        rows = self._db.execute("SELECT * FROM vms WHERE id LIKE ? ESCAPE '\\'",
+                                (_like_prefix(ref),)).fetchall()
+        if len(rows) == 1:
+            return self._row(rows[0])
+        if len(rows) > 1:
+            raise Conflict(f"VM id {ref!r} is ambiguous", "give more characters of the id")
+        raise NotFound(f"no VM {ref!r}", "list VMs with `kiln ps --all`")
+
+    # -- writing ----------------------------------------------------------------------
+
+    def create(self, *, vm_id: str, name: str | None, vmm: str, volume: str, snapshot: str,
+               vm_dir: Path, cgroups: list[str], want_uid: bool, auto_remove: bool,
+               spec: dict[str, Any]) -> VMRecord:
+        """Insert a ``creating`` record naming every resource the VM will use."""
+        owner = os.getpid()
+        with self.tx() as db:
+            if name is not None and db.execute("SELECT 1 FROM vms WHERE name = ?",
+                                               (name,)).fetchone():
+                raise Conflict(f"a VM named {name!r} already exists",
+                               f"remove it (`kiln rm {name}`) or choose another --name")
+            uid = self._free_uid(db) if want_uid else None
+            db.execute(
+                "INSERT INTO vms (id, name, state, vmm, volume, snapshot, dir, cgroups, uid,"
+                " owner_pid, owner_start, auto_remove, spec, created)"
+                " VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (vm_id, name, vmm, volume, snapshot, str(vm_dir), json.dumps(cgroups), uid,
+                 owner, proc_start_time(owner), int(auto_remove), json.dumps(spec),
+                 time.time()))
+        rec = self.get(vm_id)
+        assert rec is not None
+        return rec
+
+    def _free_uid(self, db: sqlite3.Connection) -> int:
+        used = {r[0] for r in db.execute(
+            "SELECT uid FROM vms WHERE uid IS NOT NULL AND state IN ('creating', 'running')")}
+        for uid in range(UID_BASE, UID_BASE + UID_COUNT):
+            if uid not in used:
+                return uid
+        raise Conflict("no free VM uid", "stop some VMs first")
+
+    def update(self, vm_id: str, **values: Any) -> None:
+        bad = set(values) - set(_COLS)
+        if bad:
+            raise ValueError(f"unknown VM columns {sorted(bad)}")
+        cols = ", ".join(f"{k} = ?" for k in values)
+        self._db.execute(f"UPDATE vms SET {cols} WHERE id = ?",  # noqa: S608 - names checked
+                         (*values.values(), vm_id))
+
+    def finish(self, vm_id: str, state: str, exit_code: int | None, reason: str) -> None:
+        """Move a live VM to exited/failed (a VM already finished keeps its first end)."""
+        self._db.execute(
+            "UPDATE vms SET state = ?, exit_code = ?, reason = ?, finished = ?"
+            " WHERE id = ? AND state IN ('creating', 'running')",
+            (state, exit_code, reason, time.time(), vm_id))
+
+    def delete(self, vm_id: str) -> None:
+        self._db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    # -- the reaper's memory ------------------------------------------------------------
+
+    def seen_orphans(self) -> set[tuple[str, str]]:
+        return {(r[0], r[1]) for r in self._db.execute("SELECT kind, name FROM orphans")}
+
+    def set_orphans(self, seen: set[tuple[str, str]]) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM orphans")
+            db.executemany("INSERT INTO orphans (kind, name, first_seen) VALUES (?, ?, ?)",
+                           [(k, n, time.time()) for k, n in sorted(seen)])
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

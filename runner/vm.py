@@ -1,0 +1,494 @@
+"""The VM lifecycle: run (foreground or detached), stop, rm, logs, ps.
+
+``run`` in order, each host resource recorded before it exists (runner/state.py):
+
+1. reconcile (runner/reaper.py); resolve SOURCE to a volume (building it, cache
+   permitting); open the pool ("no pool: run `kiln pool init`"); kernel + initrd;
+2. INSERT the record (state ``creating``: snapshot id = VM id, VM directory, cgroups, uid);
+3. the VM directory, the snapshot, kiln's init injected into it, the cgroups;
+4. ``--detach``: fork the owner (setsid) which does the rest; the parent prints the id;
+5. spawn QEMU (pid recorded, state ``running``), relay the workload's output files to
+   kiln's stdout/stderr, honour ``--timeout`` and Ctrl-C/SIGTERM (graceful stop through the
+   guest's control port, then SIGTERM/SIGKILL of the VMM);
+6. the outcome (``outcome()``, pure) → ``exited``/``failed``; cgroups removed; with
+   ``--rm`` the snapshot, the directory and the record go too.
+
+Exit codes: the workload's; 124 when --timeout fired; 125 when kiln or the VMM failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.root import Root, atomic_write, rmtree
+from helper.errors import KilnError, NotFound, UsageError
+from runner import qemu, supervise
+from runner.state import LIVE, State, VMRecord, alive, new_vm_id, proc_start_time
+
+log = logging.getLogger("kiln.vm")
+
+EXIT_TIMEOUT = 124
+EXIT_KILN = 125
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_VOLUME_REF = re.compile(r"^(?:sha256:)?[0-9a-f]{4,64}$")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    vmm: str = "auto"
+    cpus: int = 1
+    memory: int = 512 << 20
+    disk_size: int | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    name: str | None = None
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    init: str = "kiln"  # kiln | image
+    net: str = "none"
+    publish: tuple[str, ...] = ()
+    rm: bool = False
+    interactive: bool = False
+    detach: bool = False
+    timeout: float | None = None
+    command: tuple[str, ...] = ()
+    stop_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # exited | failed
+    exit_code: int | None
+    reason: str
+    kiln_exit: int
+
+
+def outcome(status_text: str, vmm_code: int | None, *, timed_out: bool, stopped: bool,
+            own_init: bool, console_tail: str = "", vmm_tail: str = "") -> Outcome:
+    """What a finished VM's record says and what ``kiln run`` exits with (pure)."""
+    m = re.search(r"^exit (\d+)\s*$", status_text, re.M)
+    if m:
+        code = int(m.group(1))
+        if timed_out:
+            return Outcome("exited", code, "timed out (--timeout)", EXIT_TIMEOUT)
+        return Outcome("exited", code, "stopped" if stopped else "", code)
+    if timed_out:
+        return Outcome("exited", None, "timed out (--timeout)", EXIT_TIMEOUT)
+    if stopped:
+        return Outcome("exited", 137, "stopped (forced)", 137)
+    if vmm_code == 0 and own_init:
+        return Outcome("exited", 0, "the guest powered off", 0)
+    if vmm_code == 0:
+        why = console_tail.strip().splitlines()[-1] if console_tail.strip() else "no output"
+        return Outcome("failed", None,
+                       f"the guest stopped without reporting an exit status: {why}", EXIT_KILN)
+    why = vmm_tail.strip().splitlines()[-1] if vmm_tail.strip() else "no message"
+    what = f"signal {-vmm_code}" if vmm_code is not None and vmm_code < 0 else \
+        f"exit {vmm_code}"
+    return Outcome("failed", None, f"the VMM ended ({what}): {why}", EXIT_KILN)
+
+
+def choose_vmm(requested: str, firecracker_ready: bool) -> str:
+    """qemu | firecracker (pure)."""
+    if requested not in ("auto", "qemu", "firecracker"):
+        raise UsageError(f"unknown --vmm {requested!r}", "use auto, qemu or firecracker")
+    if requested == "auto":
+        return "firecracker" if firecracker_ready else "qemu"
+    return requested
+
+
+def firecracker_ready() -> bool:
+    """Firecracker is configured and KVM boots a guest. The lead wires the real check."""
+    return False
+
+
+def _tail(path: Path, size: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class VMFiles:
+    dir: Path
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def stdout(self) -> Path:
+        return self.dir / "stdout"
+
+    @property
+    def stderr(self) -> Path:
+        return self.dir / "stderr"
+
+    @property
+    def status(self) -> Path:
+        return self.dir / "status"
+
+    @property
+    def control(self) -> Path:
+        return self.dir / "ctl"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.dir / "vmm.log"
+
+    @property
+    def chroot(self) -> Path:
+        return self.dir / "empty"
+
+
+def resolve_volume(root: Root, source: str, registry_opts: Any) -> Any:
+    """A volume id/prefix names a stored volume; anything else is built (cache permitting)."""
+    from builder.store import Store
+
+    if _VOLUME_REF.fullmatch(source.strip().lower()):
+        try:
+            return Store(root).get(source)
+        except NotFound:
+            if source.startswith("sha256:"):
+                raise
+    from builder.pipeline import build
+
+    return build(root, source, registry_opts).volume
+
+
+def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
+        *, on_ready: Callable[[str], None] | None = None) -> int:
+    """``kiln run``: returns the exit code kiln should exit with."""
+    from helper.pool import open_pool
+    from runner import guest_init, kernel, reaper
+
+    t_entry = time.monotonic()
+    root.ensure()
+    if opts.net == "tap":
+        raise UsageError("--net tap is not available yet: it arrives with #7",
+                         "use --net none or --net user")
+    if opts.name is not None and not _NAME.fullmatch(opts.name):
+        raise UsageError(f"invalid VM name {opts.name!r}",
+                         "use letters, digits, _ . - (up to 63), starting with a letter/digit")
+    if opts.cpus < 1 or opts.memory < (64 << 20):
+        raise UsageError("a VM needs at least 1 cpu and 64M of memory",
+                         "raise --cpus / --memory")
+    vmm = choose_vmm(opts.vmm, firecracker_ready())
+    if vmm == "firecracker":
+        raise KilnError("firecracker driver not wired yet", "use --vmm qemu")
+    forwards = qemu.forwards_of(opts.publish)
+    if forwards and opts.net != "user":
+        raise UsageError("-p needs --net user", "add --net user")
+    st = State(root.path)
+    reaper.reconcile(root, st)
+    volume = resolve_volume(root, source, registry_opts)
+    pool = open_pool(root.path)
+    if pool is None:
+        raise NotFound("no pool: run `kiln pool init`",
+                       "`kiln pool init` picks a backend for this host")
+    boot = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
+    vm_id = new_vm_id()
+    work = None
+    if opts.init == "kiln":
+        work = guest_init.workload(volume.meta.get("config") or {}, command=opts.command,
+                                   env=opts.env, workdir=opts.workdir, user=opts.user,
+                                   hostname=opts.name.lower().replace("_", "-").replace(
+                                       ".", "-") if opts.name else vm_id)
+    elif opts.command:
+        raise UsageError("a command cannot be given with --init image",
+                         "the image's /sbin/init decides what runs")
+    files = VMFiles(st.vms_dir / vm_id)
+    as_root = os.geteuid() == 0
+    cg = supervise.host_cgroup_plan(vm_id, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD) \
+        if as_root else supervise.CgroupPlan(0, (), ())
+    spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory,
+                "kernel": str(boot.kernel), "initrd": str(boot.initrd), "init": opts.init,
+                "net": opts.net, "argv": list(work.argv) if work else []}
+    rec = st.create(vm_id=vm_id, name=opts.name, vmm=vmm, volume=volume.id,
+                    snapshot=reaper.snapshot_id(vm_id),
+                    vm_dir=files.dir, cgroups=list(cg.dirs), want_uid=as_root,
+                    auto_remove=opts.rm, spec=spec_doc)
+    try:
+        files.dir.parent.mkdir(exist_ok=True)
+        files.dir.mkdir(mode=0o700)
+        files.chroot.mkdir(mode=0o500)
+        for p in (files.console, files.stdout, files.stderr, files.status):
+            p.touch(mode=0o600)
+        os.mkfifo(f"{files.control}.in", 0o600)
+        os.mkfifo(f"{files.control}.out", 0o600)
+        if not pool.has_volume(volume.id):
+            pool.import_volume(volume.id, volume.path)
+        snap = pool.create_snapshot(volume.id, snap_id=rec.snapshot, size=opts.disk_size)
+        guest_init.inject(Path(snap.path), work, scratch=root.tmp)
+        for w in supervise.apply_cgroups(cg):
+            log.warning("%s (limits not applied)", w)
+        tsc = qemu.host_tsc_khz()
+        accel = _accel(root)
+        spec = qemu.QemuSpec(
+            name=f"kiln-{vm_id}", kernel=boot.kernel, initrd=boot.initrd,
+            disk=Path(snap.path), cpus=opts.cpus, memory_mib=opts.memory >> 20, accel=accel,
+            tsc_khz=tsc, console_log=files.console, stdout=files.stdout, stderr=files.stderr,
+            status=files.status, control=files.control,
+            init=guest_init.INIT_PATH if work else "/sbin/init", net=opts.net,
+            forwards=forwards, interactive=opts.interactive,
+            runas=f"{rec.uid}:{rec.uid}" if as_root and rec.uid is not None else None,
+            chroot=files.chroot if as_root else None)
+        argv = qemu.argv(spec)
+        log.debug("kiln overhead before the VMM: %.0f ms", (time.monotonic() - t_entry) * 1e3)
+    except BaseException as e:
+        _abandon(root, st, rec, f"setup failed: {e}")
+        raise
+    if opts.detach:
+        return _detach(root, st, rec, files, argv, opts, on_ready)
+    return _own(root, st, rec, files, argv, opts, relay=True)
+
+
+def _accel(root: Root) -> str:
+    """kvm when the KVM probe runs a guest, else tcg. The probe costs ~0.7 s when KVM is
+    emulated, so its verdict is cached for the current boot (keyed by the boot id)."""
+    from builder import probes
+
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    cache = root.path / "kernels" / f"accel-{boot_id}"
+    if boot_id:
+        with contextlib.suppress(OSError):
+            cached = cache.read_text().strip()
+            if cached in ("kvm", "tcg"):
+                return cached
+    accel = "kvm" if probes.kvm().ok else "tcg"
+    if boot_id:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache, accel.encode())
+    return accel
+
+
+def _abandon(root: Root, st: State, rec: VMRecord, reason: str) -> None:
+    """Setup failed: the record says why; resources go (all of them with --rm)."""
+    st.finish(rec.id, "failed", None, reason)
+    supervise.remove_cgroups(rec.cgroup_dirs)
+    if rec.auto_remove:
+        with contextlib.suppress(KilnError, OSError):
+            remove(root, rec.id, st=st)
+
+
+def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
+            opts: RunOptions, on_ready: Callable[[str], None] | None) -> int:
+    # SQLite state must not cross a fork (its locks and WAL index are per process): the
+    # owner opens its own connection, the parent reopens one if it needs it.
+    st.close()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the owner: supervises the VMM after `kiln run` has returned
+        os.close(r)
+        code = 1
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            own = State(root.path)
+            own.update(rec.id, owner_pid=os.getpid(), owner_start=proc_start_time(os.getpid()))
+            _own(root, own, rec, files, argv, opts, relay=False, ready_fd=w)
+            code = 0
+        except BaseException:  # the owner must always reach os._exit
+            import traceback
+
+            with contextlib.suppress(OSError):
+                (files.dir / "owner.log").write_text(traceback.format_exc())
+            with contextlib.suppress(OSError):
+                os.write(w, b"error")
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    while chunk := os.read(r, 256):
+        msg += chunk
+        if msg.startswith(b"ok"):
+            break
+    os.close(r)
+    if not msg.startswith(b"ok"):
+        cur = State(root.path).get(rec.id)
+        raise KilnError(f"VM {rec.id} failed to start: "
+                        f"{cur.reason if cur else 'no record'}", f"see `kiln logs {rec.id}`")
+    if on_ready is not None:
+        on_ready(rec.id)
+    return 0
+
+
+def _own(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
+         opts: RunOptions, *, relay: bool, ready_fd: int | None = None) -> int:
+    """Spawn the VMM and supervise it to the end; record the outcome."""
+    with supervise.StopSignals() as sigs:
+        try:
+            pid = supervise.spawn(argv, log_path=files.vmm_log, cgroup_dirs=rec.cgroup_dirs,
+                                  stdin=0 if opts.interactive else None)
+        except BaseException as e:
+            _abandon(root, st, rec, f"the VMM did not start: {e}")
+            raise
+        st.update(rec.id, pid=pid, pid_start=proc_start_time(pid), state="running",
+                  started=time.time())
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
+        relays = ([supervise.Relay(files.stdout, 1), supervise.Relay(files.stderr, 2)]
+                  if relay else [])
+        started = time.monotonic()
+        timed_out = stopped = False
+        stop_sent = False
+        force_at: float | None = None
+        code: int | None = None
+        handled = 0
+        while True:
+            got, wstatus = os.waitpid(pid, os.WNOHANG)
+            for rl in relays:
+                rl.pump()
+            if got:
+                code = os.waitstatus_to_exitcode(wstatus)
+                break
+            now = time.monotonic()
+            want_stop = False
+            if opts.timeout is not None and not timed_out and now - started >= opts.timeout:
+                timed_out = want_stop = True
+            if sigs.count > handled:
+                handled = sigs.count
+                if stopped:  # a second Ctrl-C: no more grace
+                    force_at = now
+                stopped = want_stop = True
+            if want_stop and not stop_sent:
+                grace = 1.0 if timed_out else opts.stop_grace
+                stop_sent = _request_stop(files.control, grace)
+                force_at = now + grace + 3.0
+            if force_at is not None and now >= force_at:
+                supervise.kill_vmm(pid, signal.SIGTERM if now - force_at < 2 else
+                                   signal.SIGKILL)
+            time.sleep(0.02)
+        for rl in relays:
+            rl.pump()
+    out = outcome(_tail(files.status, 256), code, timed_out=timed_out, stopped=stopped,
+                  own_init=opts.init == "image", console_tail=_tail(files.console),
+                  vmm_tail=_tail(files.vmm_log))
+    st.finish(rec.id, out.state, out.exit_code, out.reason)
+    supervise.remove_cgroups(rec.cgroup_dirs)
+    if opts.rm:
+        remove(root, rec.id, st=st)
+    return out.kiln_exit
+
+
+def _request_stop(control: Path, grace: float) -> bool:
+    """Ask the guest init to stop the workload: SIGTERM, SIGKILL after ``grace`` s."""
+    try:
+        fd = os.open(f"{control}.in", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # no VMM holds the FIFO: nothing to stop gracefully
+    try:
+        os.write(fd, f"stop {max(0, round(grace))}\n".encode())
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+# -- the other commands --------------------------------------------------------------------
+
+def ps(root: Root, all_vms: bool) -> list[dict[str, Any]]:
+    from runner import reaper
+
+    st = State(root.path)
+    reaper.reconcile(root, st)
+    return [r.summary() for r in st.all() if all_vms or r.state in LIVE]
+
+
+def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
+    """Graceful stop (the guest's control port), then SIGKILL of the VMM and its cgroup."""
+    from runner import reaper
+
+    st = State(root.path)
+    reaper.reconcile(root, st)
+    rec = st.find(ref)
+    if rec.state not in LIVE:
+        return rec
+    files = VMFiles(Path(rec.dir))
+    _request_stop(files.control, timeout)
+    deadline = time.monotonic() + timeout + 3.0
+    while time.monotonic() < deadline and _vmm_alive(rec):
+        time.sleep(0.05)
+    if _vmm_alive(rec):
+        assert rec.pid is not None
+        supervise.kill_vmm(rec.pid, signal.SIGKILL)
+        supervise.remove_cgroups(rec.cgroup_dirs)
+    # the owner records the outcome; give it a moment, else record it here
+    for _ in range(100):
+        cur = st.get(rec.id)
+        if cur is None or cur.state not in LIVE:
+            break
+        if not alive(cur.owner_pid, cur.owner_start):
+            reaper.reconcile(root, st)
+        time.sleep(0.05)
+    cur = st.get(rec.id)
+    if cur is not None and cur.state in LIVE:
+        st.finish(rec.id, "exited", 137, "stopped (forced)")
+        supervise.remove_cgroups(rec.cgroup_dirs)
+        cur = st.get(rec.id)
+    return cur or rec
+
+
+def _vmm_alive(rec: VMRecord) -> bool:
+    return alive(rec.pid, rec.pid_start)
+
+
+def remove(root: Root, ref: str, *, st: State | None = None, force: bool = False) -> str:
+    """Remove a finished VM: its snapshot, its files, then its record (leaf first)."""
+    from helper.pool import open_pool
+
+    st = st or State(root.path)
+    rec = st.find(ref)
+    if rec.state in LIVE and alive(rec.owner_pid, rec.owner_start) and \
+            rec.owner_pid != os.getpid():
+        if not force:
+            raise KilnError(f"VM {rec.id} is {rec.state}", f"stop it first: kiln stop {rec.id}")
+        stop(root, rec.id, timeout=0)
+    pool = open_pool(root.path)
+    if pool is not None:
+        with contextlib.suppress(NotFound):
+            pool.remove_snapshot(rec.snapshot)
+    supervise.remove_cgroups(rec.cgroup_dirs)
+    rmtree(Path(rec.dir))
+    st.delete(rec.id)
+    return rec.id
+
+
+def logs(root: Root, ref: str, *, follow: bool) -> None:
+    """The console (kernel + init messages), then the workload's stdout and stderr."""
+    st = State(root.path)
+    rec = st.find(ref)
+    files = VMFiles(Path(rec.dir))
+    relays = [supervise.Relay(files.console, 1), supervise.Relay(files.stdout, 1),
+              supervise.Relay(files.stderr, 2)]
+    while True:
+        for rl in relays:
+            rl.pump()
+        cur = st.get(rec.id)
+        if not follow or cur is None or cur.state not in LIVE:
+            break
+        time.sleep(0.1)
+    for rl in relays:
+        rl.pump()

@@ -1,0 +1,121 @@
+"""The minimal initrd: module planning (properties), the cpio writer (read back with the
+real cpio), and a real build from this host's kernel modules (content-hash cache)."""
+
+from __future__ import annotations
+
+import lzma
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helper.errors import NotFound
+from runner import initrd
+
+V = "kernel/drivers/virtio"
+DEP = f"""{V}/virtio_ring.ko:
+{V}/virtio.ko: {V}/virtio_ring.ko
+{V}/virtio_mmio.ko: {V}/virtio.ko {V}/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko.xz: {V}/virtio.ko {V}/virtio_ring.ko
+kernel/drivers/char/virtio_console.ko.zst: {V}/virtio.ko {V}/virtio_ring.ko
+"""
+
+
+def test_plan_orders_dependencies_first_and_skips_builtins() -> None:
+    mods = initrd.parse_modules_dep(DEP)
+    assert set(mods) == {"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console"}
+    plan = initrd.plan_modules(mods, {"ext4"}, initrd.WANTED, initrd.OPTIONAL)
+    assert plan == [
+        "kernel/drivers/virtio/virtio_ring.ko",
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_mmio.ko",
+        "kernel/drivers/block/virtio_blk.ko.xz",
+        "kernel/drivers/char/virtio_console.ko.zst",
+    ]
+
+
+def test_plan_missing_module_is_an_error() -> None:
+    mods = initrd.parse_modules_dep(DEP)
+    with pytest.raises(NotFound) as e:
+        initrd.plan_modules(mods, set(), initrd.WANTED, initrd.OPTIONAL)
+    assert e.value.message == "kernel module ext4 is neither built in nor in modules.dep"
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> str:
+    """A random modules.dep: module i may depend only on modules < i (a DAG)."""
+    n = draw(st.integers(1, 12))
+    lines = []
+    for i in range(n):
+        deps = draw(st.lists(st.integers(0, max(0, i - 1)), max_size=4, unique=True)) if i else []
+        lines.append(f"k/m{i}.ko: " + " ".join(f"k/m{d}.ko" for d in deps))
+    return "\n".join(lines) + "\n"
+
+
+@given(dags(), st.data())
+def test_plan_property_every_dependency_before_its_dependent(dep: str, data: st.DataObject) -> None:
+    mods = initrd.parse_modules_dep(dep)
+    wanted = data.draw(st.lists(st.sampled_from(sorted(mods)), min_size=1, unique=True))
+    builtin = set(data.draw(st.lists(st.sampled_from(sorted(mods)), unique=True)))
+    plan = initrd.plan_modules(mods, builtin, wanted)
+    pos = {p: i for i, p in enumerate(plan)}
+    assert len(pos) == len(plan)  # no duplicates
+    for p in plan:
+        for d in next(m for m in mods.values() if m.path == p).deps:
+            assert d in pos
+            assert pos[d] < pos[p]
+    for w in wanted:
+        assert w in builtin or mods[w].path in pos
+
+
+def test_cpio_is_read_back_by_cpio(tmp_path: Path) -> None:
+    data = initrd.cpio_newc(initrd.initrd_entries(b"BB", [("k/virtio.ko", b"ELF")]))
+    assert len(data) % 512 == 0
+    assert data == initrd.cpio_newc(initrd.initrd_entries(b"BB", [("k/virtio.ko", b"ELF")]))
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=data, capture_output=True,
+                             check=True).stdout.decode()
+    names = [line.split()[8] for line in listing.splitlines()]
+    assert names[:7] == ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"]
+    assert {"bin/busybox", "bin/sh", "init", "lib/modules/virtio.ko",
+            "lib/modules/load.order"} <= set(names)
+    assert "bin/sh -> busybox" in listing
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], input=data, cwd=out, check=True)
+    assert (out / "lib/modules/load.order").read_text() == "lib/modules/virtio.ko\n"
+    assert (out / "init").read_text() == initrd.INIT_SCRIPT
+    assert os.access(out / "init", os.X_OK)
+
+
+def test_read_module_decompresses_xz(tmp_path: Path) -> None:
+    p = tmp_path / "a.ko.xz"
+    p.write_bytes(lzma.compress(b"\x7fELF module"))
+    assert initrd.read_module(p) == b"\x7fELF module"
+
+
+def _host_modules() -> Path:
+    found = sorted(Path("/lib/modules").glob("*/modules.dep"))
+    if not found:
+        pytest.skip("no kernel modules on this host")
+    return found[-1].parent
+
+
+def test_real_build_is_cached_by_content(tmp_path: Path) -> None:
+    mods = _host_modules()
+    first = initrd.ensure_initrd(tmp_path, mods)
+    assert first.name.startswith("initrd-")
+    assert first.suffix == ".cpio"
+    assert initrd.ensure_initrd(tmp_path, mods) == first  # the stat index
+    for index in tmp_path.glob("index-*"):
+        index.unlink()
+    mtime = first.stat().st_mtime_ns
+    assert initrd.ensure_initrd(tmp_path, mods) == first  # same content, same file
+    assert first.stat().st_mtime_ns == mtime
+    listing = subprocess.run(["cpio", "-it", "--quiet"], stdin=first.open("rb"),
+                             capture_output=True, check=True).stdout.decode().split()
+    assert "lib/modules/virtio_blk.ko" in listing
+    assert "lib/modules/virtio_mmio.ko" in listing
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

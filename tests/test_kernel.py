@@ -1,0 +1,66 @@
+"""Kernel choice: libmagic tells bzImage from ELF; the default kernel and its minimal
+initrd; exact errors for what is not a kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.doctor import find_kernel
+from helper.errors import NotFound, UsageError
+from runner import kernel
+
+
+def test_kind_of_descriptions() -> None:
+    assert kernel.kind_of("Linux kernel x86 boot executable bzImage, version 6.1.0 (x)") == \
+        "bzImage"
+    assert kernel.kind_of("ELF 64-bit LSB executable, x86-64, version 1 (SYSV), "
+                          "statically linked") == "elf"
+    assert kernel.kind_of("ELF 64-bit LSB shared object, x86-64") is None
+    assert kernel.kind_of("ASCII text") is None
+
+
+def test_not_a_kernel(tmp_path: Path) -> None:
+    p = tmp_path / "notes.txt"
+    p.write_text("hello\n")
+    with pytest.raises(UsageError) as e:
+        kernel.kernel_kind(p)
+    assert e.value.message == f"{p} is not a Linux kernel (ASCII text)"
+    with pytest.raises(NotFound) as nf:
+        kernel.boot_files(tmp_path, tmp_path / "missing")
+    assert nf.value.message == f"kernel {tmp_path / 'missing'} not found"
+
+
+def test_elf_version_from_banner(tmp_path: Path) -> None:
+    import shutil
+
+    elf = tmp_path / "vmlinux"
+    shutil.copyfile("/bin/true", elf)  # an ELF executable: libmagic says so
+    with open(elf, "ab") as f:
+        f.write(b"\0Linux version 9.9.9-test (x@y) #1 SMP\0")
+    assert kernel.kernel_kind(elf) == "elf"
+    assert kernel.kernel_version(elf) == "9.9.9-test"
+
+
+def test_default_kernel_and_minimal_initrd(tmp_path: Path) -> None:
+    found = find_kernel()
+    if found is None:
+        pytest.skip("no Debian cloud kernel in /boot")
+    boot = kernel.boot_files(tmp_path)
+    assert boot.kernel == found[0]
+    assert boot.kind == "bzImage"
+    assert boot.version == found[0].name.removeprefix("vmlinuz-")
+    assert boot.minimal_initrd
+    assert boot.initrd.parent == tmp_path
+    given = kernel.boot_files(tmp_path, initrd=found[1])
+    assert (given.initrd, given.minimal_initrd) == (found[1], False)
+
+
+def test_kernel_without_modules_needs_initrd(tmp_path: Path) -> None:
+    found = find_kernel()
+    if found is None:
+        pytest.skip("no Debian cloud kernel in /boot")
+    with pytest.raises(NotFound) as e:
+        kernel.boot_files(tmp_path, found[0], modules_root=tmp_path / "none")
+    assert e.value.hint == "install the kernel's modules, or pass --initrd"

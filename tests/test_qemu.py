@@ -1,0 +1,125 @@
+"""The QEMU driver's pure parts: the exact argv, the kernel command line, the host TSC
+frequency, port forwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helper.errors import UsageError
+from runner import qemu
+
+
+def spec(**kw: object) -> qemu.QemuSpec:
+    d = Path("/r/vms/abc")
+    base: dict[str, object] = dict(
+        name="kiln-abcdefghijkl", kernel=Path("/boot/vmlinuz"), initrd=Path("/k/initrd.cpio"),
+        disk=Path("/p/snap.ext4"), cpus=2, memory_mib=512, accel="tcg", tsc_khz=2600000,
+        console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
+        status=d / "status", control=d / "ctl", init="/.kiln/init")
+    base.update(kw)
+    return qemu.QemuSpec(**base)  # type: ignore[arg-type]
+
+
+APPEND_TCG = ("console=ttyS0 root=/dev/vda rootfstype=ext4 rw init=/.kiln/init panic=-1 "
+              "reboot=t quiet pci=off random.trust_cpu=on tsc_early_khz=2600000")
+
+
+def test_argv_exact_unprivileged_tcg() -> None:
+    assert qemu.argv(spec()) == [
+        "qemu-system-x86_64",
+        "-name", "kiln-abcdefghijkl,process=kiln-abcdefghijkl",
+        "-machine", "microvm",
+        "-accel", "tcg,tb-size=128",
+        "-smp", "2",
+        "-m", "512M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-kernel", "/boot/vmlinuz",
+        "-initrd", "/k/initrd.cpio",
+        "-append", APPEND_TCG,
+        "-chardev", "file,id=console,path=/r/vms/abc/console.log",
+        "-serial", "chardev:console",
+        "-drive", "id=root,file=/p/snap.ext4,format=raw,if=none,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device",
+        "-chardev", "file,id=stdout,path=/r/vms/abc/stdout",
+        "-device", "virtserialport,chardev=stdout,name=kiln.stdout",
+        "-chardev", "file,id=stderr,path=/r/vms/abc/stderr",
+        "-device", "virtserialport,chardev=stderr,name=kiln.stderr",
+        "-chardev", "file,id=status,path=/r/vms/abc/status",
+        "-device", "virtserialport,chardev=status,name=kiln.status",
+        "-chardev", "pipe,id=control,path=/r/vms/abc/ctl",
+        "-device", "virtserialport,chardev=control,name=kiln.control",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]
+
+
+def test_argv_root_kvm_net_user_interactive() -> None:
+    a = qemu.argv(spec(accel="kvm", runas="820000:820000", chroot=Path("/r/vms/abc/empty"),
+                       net="user", forwards=(qemu.Forward(8080, 80), qemu.Forward(2222, 22)),
+                       interactive=True))
+    assert a[a.index("-accel") + 1] == "kvm"
+    assert a[a.index("-cpu") + 1] == "host"
+    assert "tsc_early_khz" not in a[a.index("-append") + 1]  # KVM needs no TSC hint
+    tail = a[a.index("virtserialport,chardev=control,name=kiln.control") + 1:]
+    assert tail == [
+        "-chardev", "stdio,id=stdin,signal=off",
+        "-device", "virtserialport,chardev=stdin,name=kiln.stdin",
+        "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22",
+        "-device", "virtio-net-device,netdev=net0",
+        "-runas", "820000:820000",
+        "-chroot", "/r/vms/abc/empty",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+    ]
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    a = qemu.argv(spec(disk=Path("/p/a,b.ext4")))
+    assert a[a.index("-drive") + 1] == "id=root,file=/p/a,,b.ext4,format=raw,if=none,discard=unmap"
+
+
+def test_argv_refusals() -> None:
+    with pytest.raises(UsageError, match=r"^--net tap is not supported by the QEMU driver$"):
+        qemu.argv(spec(net="tap"))
+    with pytest.raises(UsageError, match=r"^-p needs --net user$"):
+        qemu.argv(spec(forwards=(qemu.Forward(1, 2),)))
+
+
+@pytest.mark.parametrize(("text", "want"), [("8080:80", (8080, 80)), ("1:65535/tcp", (1, 65535))])
+def test_parse_forward(text: str, want: tuple[int, int]) -> None:
+    assert qemu.parse_forward(text) == qemu.Forward(*want)
+
+
+@pytest.mark.parametrize("text", ["80", "0:80", "70000:1", "a:b", "1:2/udp", ""])
+def test_parse_forward_rejects(text: str) -> None:
+    with pytest.raises(UsageError) as e:
+        qemu.parse_forward(text)
+    assert e.value.message == f"invalid port forward {text!r}"
+
+
+CPUINFO = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Processor
+cpu MHz\t\t: 2600.000
+flags\t\t: fpu tsc constant_tsc nonstop_tsc tsc_known_freq
+"""
+
+
+def test_tsc_khz_sources() -> None:
+    assert qemu.parse_tsc_khz(CPUINFO) == 2600000
+    assert qemu.parse_tsc_khz(CPUINFO, "2899999\n") == 2899999  # sysfs wins
+    assert qemu.parse_tsc_khz(CPUINFO.replace("constant_tsc ", "")) is None  # not invariant
+    assert qemu.parse_tsc_khz("flags : constant_tsc\n") is None
+
+
+def test_tsc_khz_on_this_host() -> None:
+    """The value booted with here: what the host's own kernel calibrated (cpu MHz)."""
+    khz = qemu.host_tsc_khz()
+    if khz is None:
+        pytest.skip("this host's TSC is not invariant")
+    mhz = float(next(line.split(":")[1] for line in Path("/proc/cpuinfo").read_text()
+                     .splitlines() if line.startswith("cpu MHz")))
+    assert khz == round(mhz * 1000)

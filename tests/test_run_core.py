@@ -1,0 +1,112 @@
+"""Run-stage cores: the cgroup plan (v1 and v2), a VM's outcome, the VMM choice, and
+the VMM spawner's exec-failure path; real cgroups where this host has them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helper.errors import KilnError, UsageError
+from runner import supervise, vm
+from runner.vm import Outcome, outcome
+
+V1 = """cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+"""
+V2 = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n"
+
+
+def test_cgroup_plan_v1_when_unified_has_no_controllers() -> None:
+    p = supervise.cgroup_plan(V1, "", "abcdefghijkl", 2, 1 << 30)
+    assert p == supervise.CgroupPlan(
+        1, ("/sys/fs/cgroup/cpu/kiln/abcdefghijkl", "/sys/fs/cgroup/memory/kiln/abcdefghijkl"),
+        (("/sys/fs/cgroup/cpu/kiln/abcdefghijkl/cpu.cfs_period_us", "100000"),
+         ("/sys/fs/cgroup/cpu/kiln/abcdefghijkl/cpu.cfs_quota_us", "250000"),
+         ("/sys/fs/cgroup/memory/kiln/abcdefghijkl/memory.limit_in_bytes", str(1 << 30))),
+        parents=("/sys/fs/cgroup/cpu/kiln", "/sys/fs/cgroup/memory/kiln"))
+
+
+def test_cgroup_plan_v2() -> None:
+    p = supervise.cgroup_plan(V2, "cpuset cpu io memory pids\n", "abcdefghijkl", 1, 512)
+    assert p == supervise.CgroupPlan(
+        2, ("/sys/fs/cgroup/kiln/abcdefghijkl",),
+        (("/sys/fs/cgroup/kiln/abcdefghijkl/cpu.max", "150000 100000"),
+         ("/sys/fs/cgroup/kiln/abcdefghijkl/memory.max", "512"),
+         ("/sys/fs/cgroup/kiln/abcdefghijkl/memory.swap.max", "0")),
+        parents=("/sys/fs/cgroup/kiln",))
+
+
+def test_cgroup_plan_none() -> None:
+    assert supervise.cgroup_plan(V2, "io pids", "x", 1, 1).version == 0
+    assert supervise.cgroup_plan("", "", "x", 1, 1) == supervise.CgroupPlan(0, (), ())
+
+
+@pytest.mark.root
+def test_real_cgroup_limits_and_removal() -> None:
+    plan = supervise.host_cgroup_plan("testtesttest", 1, 300 << 20)
+    if plan.version == 0:
+        pytest.skip("no usable cgroup controllers here")
+    try:
+        assert supervise.apply_cgroups(plan) == []
+        for path, value in plan.writes:
+            got = Path(path).read_text().strip()
+            assert got == value or (path.endswith("cpu.max") and got.startswith(
+                value.split()[0]))
+    finally:
+        supervise.remove_cgroups(plan.dirs)
+    assert not any(Path(d).exists() for d in plan.dirs)
+
+
+def test_spawn_reports_exec_failure(tmp_path: Path) -> None:
+    bad = tmp_path / "vmm"
+    bad.write_bytes(b"\0\0\0\0not an executable")
+    bad.chmod(0o755)
+    with pytest.raises(KilnError) as e:
+        supervise.spawn([str(bad)], log_path=tmp_path / "log")
+    assert e.value.message == "cannot start vmm: Exec format error"
+
+
+def test_spawn_runs_in_its_own_session(tmp_path: Path) -> None:
+    pid = supervise.spawn(["sh", "-c", "ps -o sid= -p $$ > " + str(tmp_path / "sid")],
+                          log_path=tmp_path / "log")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert int((tmp_path / "sid").read_text()) == pid
+
+
+@pytest.mark.parametrize(("args", "want"), [
+    (("exit 7\n", 0), Outcome("exited", 7, "", 7)),
+    (("exit 143\n", 0, True, False), Outcome("exited", 143, "timed out (--timeout)", 124)),
+    (("", None, True, False), Outcome("exited", None, "timed out (--timeout)", 124)),
+    (("exit 143\n", 0, False, True), Outcome("exited", 143, "stopped", 143)),
+    (("", -9, False, True), Outcome("exited", 137, "stopped (forced)", 137)),
+    (("", 0, False, False, True), Outcome("exited", 0, "the guest powered off", 0)),
+])
+def test_outcome(args: tuple[object, ...], want: Outcome) -> None:
+    status, code, *rest = args
+    flags = dict(zip(("timed_out", "stopped", "own_init"), rest, strict=False))
+    kw = {"timed_out": False, "stopped": False, "own_init": False, **flags}
+    assert outcome(str(status), code, **kw) == want  # type: ignore[arg-type]
+
+
+def test_outcome_failures_say_why() -> None:
+    got = outcome("", 0, timed_out=False, stopped=False, own_init=False,
+                  console_tail="[ 1.0] x\nkiln-initrd: no root device /dev/vda\n")
+    assert got == Outcome("failed", None, "the guest stopped without reporting an exit status: "
+                          "kiln-initrd: no root device /dev/vda", 125)
+    got = outcome("", 1, timed_out=False, stopped=False, own_init=False,
+                  vmm_tail="qemu-system-x86_64: -drive x: Could not open 'y'\n")
+    assert got.reason == "the VMM ended (exit 1): qemu-system-x86_64: -drive x: Could not open 'y'"
+    assert got.kiln_exit == 125
+
+
+def test_choose_vmm() -> None:
+    assert vm.choose_vmm("auto", False) == "qemu"
+    assert vm.choose_vmm("auto", True) == "firecracker"
+    assert vm.choose_vmm("qemu", True) == "qemu"
+    with pytest.raises(UsageError):
+        vm.choose_vmm("xen", False)

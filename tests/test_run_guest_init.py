@@ -1,0 +1,107 @@
+"""Guest init: the config merge (docker's rules), the config text read back by a real
+shell, the debugfs injection checked with debugfs, init.sh's syntax."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helper.errors import KilnError, UsageError
+from runner import guest_init
+from runner.guest_init import DEFAULT_PATH, Workload, workload
+
+IMAGE = {"Env": ["PATH=/usr/bin:/bin", "A=1"], "Entrypoint": ["/app"], "Cmd": ["--serve"],
+         "WorkingDir": "/srv", "User": "app"}
+
+
+def test_merge_image_config_and_overrides() -> None:
+    w = workload(IMAGE, hostname="vm1")
+    assert w == Workload(argv=("/app", "--serve"),
+                         env=(("PATH", "/usr/bin:/bin"), ("A", "1"), ("HOSTNAME", "vm1")),
+                         workdir="/srv", user="app", hostname="vm1")
+    o = workload(IMAGE, command=["--once"], env=["A=2", "B=x=y"], workdir="/tmp",
+                 user="0:0", hostname="vm1")
+    assert o.argv == ("/app", "--once")  # a command replaces Cmd, keeps Entrypoint
+    assert dict(o.env) == {"PATH": "/usr/bin:/bin", "A": "2", "B": "x=y", "HOSTNAME": "vm1"}
+    assert (o.workdir, o.user) == ("/tmp", "0:0")
+    assert workload({"Cmd": ["sh"]}, hostname="h").path == DEFAULT_PATH
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({}, "nothing to run: the image has no Entrypoint or Cmd"),
+    ({"command": ["x"], "env": ["1A=b"]}, "invalid environment entry '1A=b' in -e"),
+    ({"command": ["x"], "workdir": "rel"}, "working directory 'rel' is not absolute"),
+    ({"command": ["x"], "user": "a b"}, "invalid user 'a b'"),
+    ({"command": ["x"], "hostname": "Bad_Host"}, "invalid hostname 'Bad_Host'"),
+])
+def test_merge_errors(kw: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"hostname": "h", **kw}
+    with pytest.raises(UsageError) as e:
+        workload({}, **args)  # type: ignore[arg-type]
+    assert e.value.message == message
+
+
+def test_config_reads_back_in_a_real_shell(tmp_path: Path) -> None:
+    tricky = ["it's", 'a "b"', "$(rm -rf /)", "back\\slash", "new\nline", "", "--"]
+    w = workload({"Cmd": ["x"]}, command=tricky, env=["Q=$HOME 'x'"], hostname="h")
+    cfg = tmp_path / "config"
+    cfg.write_text(guest_init.render_config(w))
+    out = subprocess.run(["/bin/busybox", "sh", "-c",
+                          '. "$1"; printf "%s\\0" "$KILN_PATH" "$@"', "sh", str(cfg)],
+                         capture_output=True, check=True).stdout.decode()
+    assert out.split("\0")[:-1] == [DEFAULT_PATH, "Q=$HOME 'x'", f"PATH={DEFAULT_PATH}",
+                                    "HOSTNAME=h", "--", *tricky]
+
+
+def test_init_script_parses() -> None:
+    subprocess.run(["/bin/busybox", "sh", "-n", str(Path(guest_init.__file__).parent /
+                                                     "init.sh")], check=True)
+
+
+def _debugfs(image: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def _ext4(tmp_path: Path, files: dict[str, str]) -> Path:
+    src = tmp_path / "tree"
+    src.mkdir()
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    img = tmp_path / "snap.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(src), str(img), "16M"], check=True)
+    return img
+
+
+def test_inject_writes_root_owned_files(tmp_path: Path) -> None:
+    img = _ext4(tmp_path, {"proc/.keep": ""})
+    w = workload({"Cmd": ["sh"]}, hostname="h")
+    guest_init.inject(img, w, scratch=tmp_path)
+    listing = _debugfs(img, "ls -p /.kiln")
+    rows = {r.split("/")[5]: r.split("/") for r in listing.splitlines() if r.count("/") >= 6}
+    assert rows["busybox"][2:5] == ["100755", "0", "0"]
+    assert rows["init"][2:5] == ["100755", "0", "0"]
+    assert rows["config"][2:5] == ["100644", "0", "0"]
+    assert _debugfs(img, "cat /.kiln/config") == guest_init.render_config(w)
+    assert _debugfs(img, "cat /.kiln/init").encode() == guest_init.init_script()
+    root = _debugfs(img, "ls -p /")
+    assert {"/proc/", "/sys/", "/dev/"} <= {"/" + r.split("/")[5] + "/"
+                                            for r in root.splitlines() if r.count("/") >= 6}
+
+
+def test_inject_refuses_an_image_with_its_own_kiln_files(tmp_path: Path) -> None:
+    img = _ext4(tmp_path, {".kiln/init": "#!/bin/sh\n"})
+    with pytest.raises(KilnError) as e:
+        guest_init.inject(img, workload({"Cmd": ["sh"]}, hostname="h"), scratch=tmp_path)
+    assert e.value.message == ("cannot write kiln's init into the VM's snapshot: "
+                               "write: Ext2 file already exists")
+
+
+def test_inject_nothing_for_the_images_own_init(tmp_path: Path) -> None:
+    img = _ext4(tmp_path, {"etc/hostname": "x\n"})
+    before = img.read_bytes()
+    guest_init.inject(img, None)
+    assert img.read_bytes() == before

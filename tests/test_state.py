@@ -1,0 +1,96 @@
+"""VM records in SQLite: ids, lookup by id/prefix/name, the resources named up front,
+uid allocation, the one-way end of a VM, liveness by pid + start time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helper.errors import Conflict, NotFound
+from runner import state
+
+
+def make(st: state.State, vm_id: str, name: str | None = None, uid: bool = True) -> state.VMRecord:
+    return st.create(vm_id=vm_id, name=name, vmm="qemu", volume="sha256:" + "0" * 64,
+                     snapshot="vm" + vm_id, vm_dir=st.vms_dir / vm_id,
+                     cgroups=["/sys/fs/cgroup/cpu/kiln/" + vm_id], want_uid=uid,
+                     auto_remove=False, spec={"argv": ["echo"]})
+
+
+def test_ids_are_base32_lowercase() -> None:
+    ids = {state.new_vm_id() for _ in range(200)}
+    assert len(ids) == 200
+    assert all(re.fullmatch(r"[a-z2-7]{12}", i) for i in ids)
+
+
+def test_record_names_every_resource_before_it_exists(tmp_path: Path) -> None:
+    st = state.State(tmp_path)
+    rec = make(st, "aaaaaaaaaaaa", "web")
+    assert (rec.state, rec.snapshot, rec.dir) == ("creating", "vmaaaaaaaaaaaa",
+                                                  str(tmp_path / "vms" / "aaaaaaaaaaaa"))
+    assert rec.cgroup_dirs == ["/sys/fs/cgroup/cpu/kiln/aaaaaaaaaaaa"]
+    assert rec.owner_pid == os.getpid()
+    assert state.alive(rec.owner_pid, rec.owner_start)
+    assert json.loads(rec.spec) == {"argv": ["echo"]}
+    assert rec.uid == state.UID_BASE
+    assert make(st, "bbbbbbbbbbbb").uid == state.UID_BASE + 1
+    st.finish("aaaaaaaaaaaa", "exited", 0, "")
+    assert make(st, "cccccccccccc").uid == state.UID_BASE  # a finished VM's uid is free
+
+
+def test_find_by_id_prefix_name(tmp_path: Path) -> None:
+    st = state.State(tmp_path)
+    make(st, "abcdefghijkl", "web")
+    make(st, "abcdzzzzzzzz")
+    assert st.find("web").id == "abcdefghijkl"
+    assert st.find("abcde").id == "abcdefghijkl"
+    with pytest.raises(Conflict) as c:
+        st.find("abcd")
+    assert c.value.message == "VM id 'abcd' is ambiguous"
+    with pytest.raises(NotFound) as n:
+        st.find("x%")
+    assert (n.value.message, n.value.hint) == ("no VM 'x%'", "list VMs with `kiln ps --all`")
+    with pytest.raises(Conflict) as dup:
+        make(st, "qqqqqqqqqqqq", "web")
+    assert dup.value.message == "a VM named 'web' already exists"
+
+
+def test_finish_is_one_way(tmp_path: Path) -> None:
+    st = state.State(tmp_path)
+    make(st, "aaaaaaaaaaaa")
+    st.finish("aaaaaaaaaaaa", "failed", None, "kiln run (the VM's owner) died")
+    st.finish("aaaaaaaaaaaa", "exited", 0, "")  # too late: the first end stays
+    rec = st.get("aaaaaaaaaaaa")
+    assert rec is not None
+    assert (rec.state, rec.exit_code, rec.reason) == ("failed", None,
+                                                      "kiln run (the VM's owner) died")
+    assert rec.summary()["state"] == "failed"
+
+
+def test_alive_checks_start_time_and_zombies() -> None:
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        start = state.proc_start_time(p.pid)
+        assert start is not None
+        assert state.alive(p.pid, start)
+        assert not state.alive(p.pid, start + 1)  # a reused pid is not the same process
+    finally:
+        p.kill()
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # now a zombie, not yet reaped
+    assert not state.alive(p.pid, start)
+    p.wait()
+    assert not state.alive(p.pid, start)
+    assert not state.alive(None, None)
+
+
+def test_orphan_memory(tmp_path: Path) -> None:
+    st = state.State(tmp_path)
+    st.set_orphans({("dir", "abcdefghijkl")})
+    assert state.State(tmp_path).seen_orphans() == {("dir", "abcdefghijkl")}
+    st.set_orphans(set())
+    assert st.seen_orphans() == set()
