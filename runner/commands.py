@@ -7,6 +7,7 @@ of the core could not reach.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -14,6 +15,9 @@ from rich.table import Table
 from builder.units import format_size, parse_duration
 from runner.cli import Ctx, cli, out_console, pass_ctx, print_json, registry_options
 from runner.progress import ProgressView
+
+if TYPE_CHECKING:
+    from builder.pipeline import BuildResult
 
 
 def _registry_opts(tls_verify: bool, no_tls_verify: bool, authfile: Path | None,
@@ -200,26 +204,31 @@ def recipe_schema() -> None:
 @cli.command()
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path, dir_okay=False),
               default=None, help="recipe to build [default: the checkout's recipes/demo.toml]")
-@click.option("--json", "as_json", is_flag=True, help="print the volume as JSON")
+@click.option("--no-boot", is_flag=True, help="build and make the pool, but boot nothing")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the volume and pool as JSON (implies --no-boot: stdout stays JSON)")
 @pass_ctx
-def demo(ctx: Ctx, recipe_path: Path | None, as_json: bool) -> None:
-    """Offline demo: local registry, busybox image, build recipes/demo.toml, show it."""
+def demo(ctx: Ctx, recipe_path: Path | None, no_boot: bool, as_json: bool) -> None:
+    """Offline demo: local registry, busybox image, build recipes/demo.toml, boot it."""
     from runner.demo import DEMO_RECIPE, run_demo
 
+    def announce(res: BuildResult) -> None:
+        v = res.volume
+        state = "cached" if res.cached else "built"
+        out_console.print(f"volume    [bold]{v.id}[/] ({state}, {format_size(v.size)})")
+        out_console.print(f"path      {v.path}")
+        out_console.print(f"booting   kiln run --rm {v.id[7:19]}  (the guest's output follows)")
+
     with ProgressView(enabled=None if not as_json else False) as view:
-        res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view)
-    v = res.build.volume
+        res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view,
+                       boot=not (no_boot or as_json), before_boot=announce)
     if as_json:
-        print_json({**res.build.as_json(), "pool": res.pool, "snapshot": res.snapshot})
+        print_json({**res.build.as_json(), "pool": res.pool})
         return
-    out_console.print(f"registry  {res.registry} (stopped)")
-    out_console.print(f"image     {res.image}")
-    state = "cached" if res.build.cached else "built"
-    out_console.print(f"volume    [bold]{v.id}[/] ({state}, {format_size(v.size)})")
-    out_console.print(f"path      {v.path}")
-    for stage, secs in res.build.timings.items():
-        out_console.print(f"  {stage:<8} {secs:6.2f} s")
+    if res.exit_code is None:
+        announce(res.build)
     out_console.print(f"pool      {res.pool['backend']} (thin: {res.pool['thin']})")
-    out_console.print(f"snapshot  {res.snapshot['id']} -> {res.snapshot['path']}")
-    out_console.print("next: `kiln volume ls`, `kiln volume verify "
-                      f"{v.id[7:19]}`, `sha256sum {v.path}`")
+    if res.exit_code is not None:
+        out_console.print(f"the VM exited with {res.exit_code}")
+        if res.exit_code != 0:
+            raise SystemExit(res.exit_code)

@@ -2,13 +2,16 @@
 
 Starts a throw-away registry on loopback, pushes a busybox image made with umoci from
 Debian's busybox-static, builds ``recipes/demo.toml`` against it (the recipe names its
-registry as ``${KILN_DEMO_REGISTRY}``) and returns the volume. The registry and its data
-live in a kiln work directory and are gone when the demo returns.
+registry as ``${KILN_DEMO_REGISTRY}``), makes the pool (``kiln pool init``, auto backend)
+and boots the volume as a microVM (``kiln run --rm``), whose workload prints the recipe's
+motd and greeting. The registry and its data live in a kiln work directory and are gone
+when the demo returns.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from builder.pipeline import BuildResult, build
 from builder.root import Root
 from helper.errors import NotFound
 from helper.pool import init_pool
+from runner import vm
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
 
@@ -27,11 +31,12 @@ class DemoResult:
     registry: str
     image: str
     pool: dict[str, object]
-    snapshot: dict[str, object]
+    exit_code: int | None
 
 
-def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *,
-             listener: Listener | None = None) -> DemoResult:
+def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *, listener: Listener | None = None,
+             boot: bool = True, before_boot: Callable[[BuildResult], None] | None = None,
+             ) -> DemoResult:
     from builder.demoimage import make_busybox_image, push
     from builder.localregistry import LocalRegistry
     from builder.source import RegistryOptions
@@ -54,11 +59,14 @@ def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *,
                 os.environ.pop("KILN_DEMO_REGISTRY", None)
             else:
                 os.environ["KILN_DEMO_REGISTRY"] = previous
-    # The run stage boots snapshots: make the pool (auto backend; re-running keeps it) and
-    # take a copy-on-write snapshot of the new volume, as `kiln run` will.
+    # VMs boot copy-on-write snapshots: make the pool (auto backend; re-running keeps it),
+    # then boot the volume as `kiln run --rm` does; its workload writes to our stdout.
     pool = init_pool(root.path)
-    if not pool.has_volume(result.volume.id):
-        pool.import_volume(result.volume.id, result.volume.path)
-    snap = pool.create_snapshot(result.volume.id)
-    return DemoResult(build=result, registry=reg.address, image=image,
-                      pool=pool.status(), snapshot=snap.summary())
+    code = None
+    if boot:
+        if before_boot is not None:
+            before_boot(result)
+        code = vm.run(root, result.volume.id, vm.RunOptions(rm=True, timeout=120),
+                      RegistryOptions(tls_verify=False))
+    return DemoResult(build=result, registry=reg.address, image=image, pool=pool.status(),
+                      exit_code=code)
