@@ -7,11 +7,15 @@
   with ``--rm`` its snapshot, files and record go too. A VM whose owner lives is never
   touched — in particular a VM being born;
 * a finished VM still holding a VMM process or cgroups loses them;
-* resources carrying kiln's names but no record — a VMM started with ``-name kiln-<id>``,
-  a cgroup ``kiln/<id>``, a directory ``ROOT/vms/<id>``, a pool snapshot ``vm<id>`` — are
-  orphans, removed only when the previous reconcile saw them too (records are written
-  before resources, so an orphan seen twice is not a VM being born). Anything without
-  kiln's names is never considered.
+* resources carrying kiln's names but no record — a VMM started with ``-name kiln-<id>``
+  (QEMU) or a Firecracker started by the jailer with ``--id <id>``, a cgroup
+  ``kiln/<id>`` (every hierarchy, v1 and v2, and the configured jails' parent), a
+  Firecracker jail ``<chroot base>/firecracker/<id>``, a directory ``ROOT/vms/<id>``, a
+  pool snapshot ``vm<id>`` — are orphans, removed only when the previous reconcile saw
+  them too (records are written before resources, so an orphan seen twice is not a VM
+  being born). Anything without kiln's names is never considered. Per VM, processes go
+  first, then cgroups, then the jail (``helper.jail`` refuses to remove one with a live
+  Firecracker or mounts inside).
 
 ``reconcile()`` gathers the observation (records, /proc, cgroup trees, the VM directory,
 pool records), runs the plan, executes it, and stores this round's orphans for the next.
@@ -63,12 +67,13 @@ class Observed:
     cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # VM id → dirs
     vm_dirs: frozenset[str] = frozenset()  # names under ROOT/vms
     snapshots: frozenset[str] = frozenset()  # pool snapshot ids
+    jails: dict[str, str] = field(default_factory=dict)  # VM id → Firecracker jail dir
     seen_before: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # fail | kill | rmcgroup | rmdir | rmsnapshot | rmvm
+    kind: str  # fail | kill | rmcgroup | rmjail | rmdir | rmsnapshot | rmvm
     target: str  # VM id, pid, path or snapshot id
     vm: str  # the VM id it concerns
     reason: str = ""
@@ -98,6 +103,8 @@ def plan(obs: Observed) -> Plan:
         if v.id in obs.vmm_pids:
             actions.append(Action("kill", str(obs.vmm_pids[v.id]), v.id))
         actions += [Action("rmcgroup", d, v.id) for d in obs.cgroups.get(v.id, ())]
+        if v.id in obs.jails:
+            actions.append(Action("rmjail", obs.jails[v.id], v.id))
         if v.auto_remove:
             actions.append(Action("rmvm", v.id, v.id))
     candidates: list[tuple[str, str, str]] = []  # (kind, name, vm id)
@@ -107,6 +114,9 @@ def plan(obs: Observed) -> Plan:
     for vm_id, dirs in obs.cgroups.items():
         if VM_ID.fullmatch(vm_id) and vm_id not in known:
             candidates += [("cgroup", d, vm_id) for d in dirs]
+    for vm_id, path in obs.jails.items():
+        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+            candidates.append(("jail", path, vm_id))
     for name in obs.vm_dirs:
         if VM_ID.fullmatch(name) and name not in known:
             candidates.append(("dir", name, name))
@@ -115,8 +125,10 @@ def plan(obs: Observed) -> Plan:
         if owner is not None and owner not in known:
             candidates.append(("snapshot", snap, owner))
     seen: set[tuple[str, str]] = set()
-    kinds = {"process": "kill", "cgroup": "rmcgroup", "dir": "rmdir", "snapshot": "rmsnapshot"}
-    for kind, name, vm_id in sorted(candidates):
+    kinds = {"process": "kill", "cgroup": "rmcgroup", "jail": "rmjail", "dir": "rmdir",
+             "snapshot": "rmsnapshot"}
+    order = list(kinds)  # processes, then cgroups, then the jail (no live VMM inside)
+    for kind, name, vm_id in sorted(candidates, key=lambda c: (order.index(c[0]), c[1])):
         if (kind, name) in obs.seen_before:
             target = name.split(":", 1)[1] if kind == "process" else name
             actions.append(Action(kinds[kind], target, vm_id, "orphan"))
@@ -127,8 +139,21 @@ def plan(obs: Observed) -> Plan:
 
 # -- observation -----------------------------------------------------------------------------
 
+def vmm_of(argv: list[bytes]) -> str | None:
+    """The VM id of a kiln VMM's argv (pure): QEMU's ``-name kiln-<id>,…``, or the
+    ``/firecracker --id <id>`` the jailer execs (jail ids are VM ids)."""
+    if argv and b"qemu-system" in argv[0] and b"-name" in argv:
+        i = argv.index(b"-name")
+        m = re.match(rb"^kiln-([a-z2-7]{12}),", argv[i + 1] if i + 1 < len(argv) else b"")
+        return m.group(1).decode() if m else None
+    if len(argv) > 2 and b"firecracker" in argv[0].rsplit(b"/", 1)[-1] and argv[1] == b"--id":
+        m = re.fullmatch(rb"[a-z2-7]{12}", argv[2])  # the jailer execs "/firecracker --id ID"
+        return m.group(0).decode() if m else None
+    return None
+
+
 def scan_vmms() -> dict[str, int]:
-    """VM id → pid of every process started with ``-name kiln-<id>,…`` (kiln's VMMs)."""
+    """VM id → pid of every kiln VMM (``vmm_of``)."""
     out: dict[str, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -137,24 +162,27 @@ def scan_vmms() -> dict[str, int]:
             argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        with contextlib.suppress(ValueError, IndexError):
-            i = argv.index(b"-name")
-            m = re.match(rb"^kiln-([a-z2-7]{12}),", argv[i + 1])
-            if m and b"qemu-system" in argv[0]:
-                out[m.group(1).decode()] = int(entry.name)
+        vm_id = vmm_of(argv)
+        if vm_id is not None:
+            out[vm_id] = int(entry.name)
     return out
 
 
-def scan_cgroups() -> dict[str, tuple[str, ...]]:
-    from runner.supervise import host_cgroup_plan
+def scan_cgroups(parents: Iterable[str] = ("kiln",)) -> dict[str, tuple[str, ...]]:
+    """VM id → its cgroup directories: ``<hierarchy>/<parent>/<id>`` in every mounted v1
+    hierarchy and the v2 one, for kiln's parent(s) only."""
+    from helper.cgroup import CgroupConfig, layout
 
     found: dict[str, list[str]] = {}
     with contextlib.suppress(OSError):
-        for parent in host_cgroup_plan("x" * 12, 1, 1).parents:
-            with contextlib.suppress(OSError):
-                for e in os.scandir(parent):
-                    if e.is_dir() and VM_ID.fullmatch(e.name):
-                        found.setdefault(e.name, []).append(e.path)
+        lay = layout(CgroupConfig())
+        mounts = sorted({str(m) for m in [lay.v2, *lay.v1.values()] if m is not None})
+        for mnt in mounts:
+            for parent in dict.fromkeys(parents):
+                with contextlib.suppress(OSError):
+                    for e in os.scandir(Path(mnt, parent)):
+                        if e.is_dir(follow_symlinks=False) and VM_ID.fullmatch(e.name):
+                            found.setdefault(e.name, []).append(e.path)
     return {k: tuple(v) for k, v in found.items()}
 
 
@@ -170,8 +198,14 @@ def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
     snaps = frozenset(s.id for s in load_records(pool_dir(root.path) / "snapshots"))
     # Snapshots of known VMs are theirs, whatever their id.
     mine = {r.snapshot for r in recs}
-    obs = Observed(vms=views, vmm_pids=scan_vmms(), cgroups=scan_cgroups(), vm_dirs=vm_dirs,
-                   snapshots=snaps - mine, seen_before=frozenset(st.seen_orphans()))
+    from runner import fcdriver
+
+    cfg, _ = fcdriver.config_problem(root.path)
+    parents = ("kiln", *((cfg.cgroup.parent,) if cfg is not None else ()))
+    obs = Observed(vms=views, vmm_pids=scan_vmms(), cgroups=scan_cgroups(parents),
+                   vm_dirs=vm_dirs, snapshots=snaps - mine,
+                   jails=fcdriver.scan_jails(root.path),
+                   seen_before=frozenset(st.seen_orphans()))
     return obs, recs
 
 
@@ -188,6 +222,10 @@ def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
                     os.kill(pid, signal.SIGKILL)
             elif a.kind == "rmcgroup":
                 supervise.remove_cgroups([a.target])
+            elif a.kind == "rmjail":
+                from runner import fcdriver
+
+                fcdriver.teardown(root.path, a.vm, None, a.target)
             elif a.kind == "rmdir":
                 rmtree(st.vms_dir / a.target)
             elif a.kind == "rmsnapshot":
@@ -208,10 +246,9 @@ def _is_vmm_of(pid: int, vm_id: str) -> bool:
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        i = argv.index(b"-name")
-        return argv[i + 1].startswith(f"kiln-{vm_id},".encode())
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return False
+    return vmm_of(argv) == vm_id
 
 
 def reconcile(root: Root, st: State | None = None) -> Plan:

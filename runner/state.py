@@ -3,7 +3,9 @@
 Every host resource a VM uses is written into its record **before** it is created: the
 snapshot id, the VM directory, the cgroup paths and the uid come with the first INSERT
 (state ``creating``), the VMM pid right after the fork (and the VMM carries ``-name
-kiln-<id>`` so a crash between fork and that UPDATE is still attributable). A record
+kiln-<id>`` so a crash between fork and that UPDATE is still attributable). Firecracker
+VMs also name their jail, API socket and cgroup version in ``fc`` (a JSON document whose
+``step`` is the driver step about to run), and take their uid from the jails' range. A record
 names its owner (the ``kiln run`` process, by pid and start time, so pid reuse cannot
 fool the reaper); the reaper fails VMs whose owner died and reclaims their resources.
 
@@ -51,6 +53,7 @@ CREATE TABLE IF NOT EXISTS vms (
     owner_start INTEGER,
     auto_remove INTEGER NOT NULL DEFAULT 0,
     spec TEXT NOT NULL DEFAULT '{}',
+    fc TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL,
     started REAL,
     finished REAL
@@ -83,6 +86,7 @@ class VMRecord:
     owner_start: int | None
     auto_remove: int
     spec: str  # JSON
+    fc: str  # JSON: the Firecracker jail, API socket, cgroup version, last step ({} for QEMU)
     created: float
     started: float | None
     finished: float | None
@@ -91,12 +95,18 @@ class VMRecord:
     def cgroup_dirs(self) -> list[str]:
         return list(json.loads(self.cgroups))
 
+    @property
+    def fc_doc(self) -> dict[str, Any]:
+        doc = json.loads(self.fc or "{}")
+        return doc if isinstance(doc, dict) else {}
+
     def summary(self) -> dict[str, Any]:
         """The object ``kiln ps --json`` prints."""
         return {"id": self.id, "name": self.name, "state": self.state,
                 "exit_code": self.exit_code, "reason": self.reason, "vmm": self.vmm,
                 "volume": self.volume, "snapshot": self.snapshot, "pid": self.pid,
-                "created": self.created}
+                "created": self.created,
+                "vmm_reason": str(json.loads(self.spec or "{}").get("vmm_reason", ""))}
 
 
 _COLS = [f.name for f in fields(VMRecord)]
@@ -148,6 +158,10 @@ class State:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(vms)")}
+        if "fc" not in cols:  # a database from before the Firecracker driver
+            with contextlib.suppress(sqlite3.OperationalError):  # a racing kiln added it
+                self._db.execute("ALTER TABLE vms ADD COLUMN fc TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -196,30 +210,35 @@ class State:
 
     def create(self, *, vm_id: str, name: str | None, vmm: str, volume: str, snapshot: str,
                vm_dir: Path, cgroups: list[str], want_uid: bool, auto_remove: bool,
-               spec: dict[str, Any]) -> VMRecord:
-        """Insert a ``creating`` record naming every resource the VM will use."""
+               spec: dict[str, Any], uid_range: tuple[int, int] = (UID_BASE, UID_COUNT),
+               fc: dict[str, Any] | None = None) -> VMRecord:
+        """Insert a ``creating`` record naming every resource the VM will use.
+
+        ``uid_range`` (first, count): where the VM's uid comes from (Firecracker: the jails'
+        configured range); ``fc``: the Firecracker jail, socket and cgroup version."""
         owner = os.getpid()
         with self.tx() as db:
             if name is not None and db.execute("SELECT 1 FROM vms WHERE name = ?",
                                                (name,)).fetchone():
                 raise Conflict(f"a VM named {name!r} already exists",
                                f"remove it (`kiln rm {name}`) or choose another --name")
-            uid = self._free_uid(db) if want_uid else None
+            uid = self._free_uid(db, *uid_range) if want_uid else None
             db.execute(
                 "INSERT INTO vms (id, name, state, vmm, volume, snapshot, dir, cgroups, uid,"
-                " owner_pid, owner_start, auto_remove, spec, created)"
-                " VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " owner_pid, owner_start, auto_remove, spec, fc, created)"
+                " VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (vm_id, name, vmm, volume, snapshot, str(vm_dir), json.dumps(cgroups), uid,
                  owner, proc_start_time(owner), int(auto_remove), json.dumps(spec),
-                 time.time()))
+                 json.dumps(fc or {}), time.time()))
         rec = self.get(vm_id)
         assert rec is not None
         return rec
 
-    def _free_uid(self, db: sqlite3.Connection) -> int:
+    def _free_uid(self, db: sqlite3.Connection, first: int = UID_BASE,
+                  count: int = UID_COUNT) -> int:
         used = {r[0] for r in db.execute(
             "SELECT uid FROM vms WHERE uid IS NOT NULL AND state IN ('creating', 'running')")}
-        for uid in range(UID_BASE, UID_BASE + UID_COUNT):
+        for uid in range(first, first + count):
             if uid not in used:
                 return uid
         raise Conflict("no free VM uid", "stop some VMs first")

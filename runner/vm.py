@@ -13,6 +13,11 @@
 6. the outcome (``outcome()``, pure) → ``exited``/``failed``; cgroups removed; with
    ``--rm`` the snapshot, the directory and the record go too.
 
+Firecracker (``--vmm firecracker``, or ``auto`` when configured and KVM runs a guest):
+steps 1-4 are the same except that the record also names the jail, the API socket and the
+jail's cgroups (no QEMU cgroups); step 5 is ``runner.fcdriver.own`` (jailer launch, API
+configuration checked against ``GET /vm/config``, InstanceStart, supervision by cgroup).
+
 Exit codes: the workload's; 124 when --timeout fired; 125 when kiln or the VMM failed.
 """
 
@@ -29,10 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.root import Root, atomic_write, rmtree
+from builder.root import Root, rmtree
 from helper.errors import KilnError, NotFound, UsageError
 from runner import qemu, supervise
-from runner.state import LIVE, State, VMRecord, alive, new_vm_id, proc_start_time
+from runner.state import (
+    LIVE,
+    UID_BASE,
+    UID_COUNT,
+    State,
+    VMRecord,
+    alive,
+    new_vm_id,
+    proc_start_time,
+)
 
 log = logging.getLogger("kiln.vm")
 
@@ -99,17 +113,12 @@ def outcome(status_text: str, vmm_code: int | None, *, timed_out: bool, stopped:
 
 
 def choose_vmm(requested: str, firecracker_ready: bool) -> str:
-    """qemu | firecracker (pure)."""
+    """qemu | firecracker (pure; ``runner.fcdriver.choose`` also says why)."""
     if requested not in ("auto", "qemu", "firecracker"):
         raise UsageError(f"unknown --vmm {requested!r}", "use auto, qemu or firecracker")
     if requested == "auto":
         return "firecracker" if firecracker_ready else "qemu"
     return requested
-
-
-def firecracker_ready() -> bool:
-    """Firecracker is configured and KVM boots a guest. The lead wires the real check."""
-    return False
 
 
 def _tail(path: Path, size: int = 4096) -> str:
@@ -174,7 +183,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         *, on_ready: Callable[[str], None] | None = None) -> int:
     """``kiln run``: returns the exit code kiln should exit with."""
     from helper.pool import open_pool
-    from runner import guest_init, kernel, reaper
+    from runner import fcdriver, guest_init, kernel, reaper
 
     t_entry = time.monotonic()
     root.ensure()
@@ -187,9 +196,11 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     if opts.cpus < 1 or opts.memory < (64 << 20):
         raise UsageError("a VM needs at least 1 cpu and 64M of memory",
                          "raise --cpus / --memory")
-    vmm = choose_vmm(opts.vmm, firecracker_ready())
-    if vmm == "firecracker":
-        raise KilnError("firecracker driver not wired yet", "use --vmm qemu")
+    vmm, vmm_reason, fc_cfg = fcdriver.pick(root, opts.vmm)
+    is_fc = fc_cfg is not None and vmm == "firecracker"
+    if is_fc and (opts.net != "none" or opts.interactive):
+        raise UsageError("Firecracker VMs have no --net user and no -i (stdin) yet",
+                         "use --vmm qemu for those")
     forwards = qemu.forwards_of(opts.publish)
     if forwards and opts.net != "user":
         raise UsageError("-p needs --net user", "add --net user")
@@ -214,26 +225,52 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     files = VMFiles(st.vms_dir / vm_id)
     as_root = os.geteuid() == 0
     cg = supervise.host_cgroup_plan(vm_id, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD) \
-        if as_root else supervise.CgroupPlan(0, (), ())
+        if as_root and not is_fc else supervise.CgroupPlan(0, (), ())
+    cg_dirs, fc_doc, uids = list(cg.dirs), None, (UID_BASE, UID_COUNT)
+    if is_fc:
+        version, limits = fcdriver.host_cgroup_choice(fc_cfg, opts.cpus, opts.memory)
+        fc_doc, cg_dirs = fcdriver.resources(fc_cfg, vm_id, version, limits)
+        uids = (fc_cfg.uid_first, fc_cfg.uid_count)
     spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory,
                 "kernel": str(boot.kernel), "initrd": str(boot.initrd), "init": opts.init,
-                "net": opts.net, "argv": list(work.argv) if work else []}
+                "net": opts.net, "argv": list(work.argv) if work else [],
+                "vmm_reason": vmm_reason}
     rec = st.create(vm_id=vm_id, name=opts.name, vmm=vmm, volume=volume.id,
-                    snapshot=reaper.snapshot_id(vm_id),
-                    vm_dir=files.dir, cgroups=list(cg.dirs), want_uid=as_root,
-                    auto_remove=opts.rm, spec=spec_doc)
+                    snapshot=reaper.snapshot_id(vm_id), vm_dir=files.dir, cgroups=cg_dirs,
+                    want_uid=as_root or is_fc, auto_remove=opts.rm,
+                    spec=spec_doc, uid_range=uids, fc=fc_doc)
+    st.update(rec.id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
     try:
         files.dir.parent.mkdir(exist_ok=True)
         files.dir.mkdir(mode=0o700)
         files.chroot.mkdir(mode=0o500)
         for p in (files.console, files.stdout, files.stderr, files.status):
             p.touch(mode=0o600)
-        os.mkfifo(f"{files.control}.in", 0o600)
-        os.mkfifo(f"{files.control}.out", 0o600)
+        if not is_fc:
+            os.mkfifo(f"{files.control}.in", 0o600)
+            os.mkfifo(f"{files.control}.out", 0o600)
         if not pool.has_volume(volume.id):
             pool.import_volume(volume.id, volume.path)
         snap = pool.create_snapshot(volume.id, snap_id=rec.snapshot, size=opts.disk_size)
         guest_init.inject(Path(snap.path), work, scratch=root.tmp)
+        if is_fc:
+            vmlinux, initrd = fcdriver.boot_kernel(boot.kernel, boot.initrd,
+                                                   root.path / "kernels")
+            fvm = fcdriver.make_vm(
+                fc_cfg, fcdriver.ops_for(fc_cfg, root.path), rec, vmlinux=vmlinux,
+                initrd=initrd, rootfs=Path(snap.path), cpus=opts.cpus, memory=opts.memory,
+                init=guest_init.INIT_PATH if work else "/sbin/init")
+            log.debug("kiln overhead before the VMM: %.0f ms",
+                      (time.monotonic() - t_entry) * 1e3)
+    except BaseException as e:
+        _abandon(root, st, rec, f"setup failed: {e}")
+        raise
+    if is_fc:
+        def body(own_st: State, ready_fd: int | None) -> int:
+            return _own_fc(root, own_st, rec, files, fvm, opts, ready_fd=ready_fd)
+
+        return _detach(root, st, rec, files, body, on_ready) if opts.detach else body(st, None)
+    try:
         for w in supervise.apply_cgroups(cg):
             log.warning("%s (limits not applied)", w)
         tsc = qemu.host_tsc_khz()
@@ -253,44 +290,66 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         _abandon(root, st, rec, f"setup failed: {e}")
         raise
     if opts.detach:
-        return _detach(root, st, rec, files, argv, opts, on_ready)
+        def qbody(own_st: State, ready_fd: int | None) -> int:
+            return _own(root, own_st, rec, files, argv, opts, relay=False, ready_fd=ready_fd)
+
+        return _detach(root, st, rec, files, qbody, on_ready)
     return _own(root, st, rec, files, argv, opts, relay=True)
 
 
 def _accel(root: Root) -> str:
-    """kvm when the KVM probe runs a guest, else tcg. The probe costs ~0.7 s when KVM is
-    emulated, so its verdict is cached for the current boot (keyed by the boot id)."""
-    from builder import probes
+    """kvm when the KVM probe runs a guest (cached per boot), else tcg."""
+    from runner import fcdriver
+
+    return "kvm" if fcdriver.kvm_verdict(root)[0] else "tcg"
+
+
+def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
+            opts: RunOptions, *, ready_fd: int | None) -> int:
+    """Run a Firecracker VM to its end (runner.fcdriver) and record the outcome."""
+    from runner import fcdriver
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
 
     try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = ""
-    cache = root.path / "kernels" / f"accel-{boot_id}"
-    if boot_id:
-        with contextlib.suppress(OSError):
-            cached = cache.read_text().strip()
-            if cached in ("kvm", "tcg"):
-                return cached
-    accel = "kvm" if probes.kvm().ok else "tcg"
-    if boot_id:
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, accel.encode())
-    return accel
+        end = fcdriver.own(st, rec, files, fvm, timeout=opts.timeout,
+                           stop_grace=opts.stop_grace, relay=ready_fd is None, ready=ready)
+    except BaseException as e:
+        _abandon(root, st, rec, f"the VMM did not start: {e}")
+        raise
+    out = outcome(end.status_text, end.vmm_code, timed_out=end.timed_out,
+                  stopped=end.stopped, own_init=opts.init == "image",
+                  console_tail=end.console_tail, vmm_tail=end.vmm_tail)
+    st.finish(rec.id, out.state, out.exit_code, out.reason)
+    if opts.rm:
+        remove(root, rec.id, st=st)
+    return out.kiln_exit
 
 
 def _abandon(root: Root, st: State, rec: VMRecord, reason: str) -> None:
     """Setup failed: the record says why; resources go (all of them with --rm)."""
     st.finish(rec.id, "failed", None, reason)
     supervise.remove_cgroups(rec.cgroup_dirs)
+    if rec.vmm == "firecracker":
+        from runner import fcdriver
+
+        try:
+            fcdriver.teardown_record(root.path, rec)
+        except (KilnError, OSError) as e:
+            log.warning("VM %s: %s", rec.id, e)
     if rec.auto_remove:
         with contextlib.suppress(KilnError, OSError):
             remove(root, rec.id, st=st)
 
 
-def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
-            opts: RunOptions, on_ready: Callable[[str], None] | None) -> int:
+def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles,
+            body: Callable[[State, int | None], int],
+            on_ready: Callable[[str], None] | None) -> int:
+    """Fork the owner, which runs ``body(its own State, ready fd)``; print the id once it
+    wrote "ok" to the ready fd."""
     # SQLite state must not cross a fork (its locks and WAL index are per process): the
     # owner opens its own connection, the parent reopens one if it needs it.
     st.close()
@@ -306,7 +365,7 @@ def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str
                 os.dup2(null, fd)
             own = State(root.path)
             own.update(rec.id, owner_pid=os.getpid(), owner_start=proc_start_time(os.getpid()))
-            _own(root, own, rec, files, argv, opts, relay=False, ready_fd=w)
+            body(own, w)
             code = 0
         except BaseException:  # the owner must always reach os._exit
             import traceback
@@ -426,6 +485,10 @@ def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
     rec = st.find(ref)
     if rec.state not in LIVE:
         return rec
+    if rec.vmm == "firecracker":
+        from runner import fcdriver
+
+        return fcdriver.stop(root, st, rec, timeout)
     files = VMFiles(Path(rec.dir))
     _request_stop(files.control, timeout)
     deadline = time.monotonic() + timeout + 3.0
@@ -466,6 +529,10 @@ def remove(root: Root, ref: str, *, st: State | None = None, force: bool = False
         if not force:
             raise KilnError(f"VM {rec.id} is {rec.state}", f"stop it first: kiln stop {rec.id}")
         stop(root, rec.id, timeout=0)
+    if rec.vmm == "firecracker":
+        from runner import fcdriver
+
+        fcdriver.teardown_record(root.path, rec)  # the jail holds a link to the snapshot
     pool = open_pool(root.path)
     if pool is not None:
         with contextlib.suppress(NotFound):

@@ -176,7 +176,7 @@ def test_errors(world: tuple[Path, str, str], tmp_path: Path) -> None:
     assert "error: --net tap is not available yet: it arrives with #7" in res.stderr
     res = kiln(root, "run", "--vmm", "firecracker", busybox)
     assert res.returncode == 125
-    assert "error: firecracker driver not wired yet" in res.stderr
+    assert "error: firecracker is not configured: firecracker not found at " in res.stderr
     res = kiln(root, "run", "-p", "80", "--net", "user", busybox)
     assert res.returncode == 125
     assert "error: invalid port forward '80'" in res.stderr
