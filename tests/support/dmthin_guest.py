@@ -1,0 +1,181 @@
+"""Test support: a guest image in which the dm-thin backend runs for real.
+
+This host's kernel has no device-mapper; the Debian cloud kernel that ``kiln run`` boots
+under QEMU has it as modules. The guest image is built by kiln itself from an OCI layout
+made here:
+
+* base layer: Debian bookworm minbase with python3, dmsetup, thin-provisioning-tools,
+  kmod, e2fsprogs and util-linux (debootstrap + umoci), cached under
+  ``/var/cache/kiln-tests`` like ``tests/support/images.py``'s plain minbase (slow the
+  first time: ~1-2 minutes of debootstrap);
+* test layer (rebuilt each session, it holds the code under test): the device-mapper,
+  block, crypto and lib modules of the kernel ``kiln run`` boots plus its ``modules.*``
+  indexes (the guest has no network and no modules of its own), the project's ``helper``
+  package, the pydantic packages from the venv (Debian 12's python3 is 3.11: the venv's
+  cp311 wheels load) and the in-guest program ``tests/dmthin_guest/run_dmthin.py``, all
+  under ``/kiln-tests`` except the modules.
+
+``guest_layout(workdir)`` → (layout, tag): a layout in ``workdir`` whose blobs are hard
+links to the cached base (no copy) plus the test layer. ``parse_summary`` reads the JSON
+line the in-guest program prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from builder import proc
+from builder.demoimage import add_layer, write_layer_tar
+
+CACHE = Path(os.environ.get("KILN_TEST_CACHE", "/var/cache/kiln-tests"))
+DEBIAN = ("bookworm", "minbase", "http://deb.debian.org/debian")
+PACKAGES = ("python3", "dmsetup", "thin-provisioning-tools", "kmod", "e2fsprogs",
+            "util-linux")
+TAG = "dmthin"
+PROJECT = Path(__file__).resolve().parents[2]
+GUEST_PROGRAM = PROJECT / "tests" / "dmthin_guest" / "run_dmthin.py"
+GUEST_DIR = "kiln-tests"  # /kiln-tests in the guest
+# Enough of /lib/modules/VERSION for loop + dm-thin-pool and their dependency closure
+# (dm-mod, dm-bufio, dm-persistent-data, dm-bio-prison, libcrc32c, crc32c): the whole
+# tree is ~90 MB, these are ~11 MB. modprobe reads the indexes of the full tree.
+MODULE_DIRS = ("kernel/drivers/md", "kernel/drivers/block", "kernel/lib", "kernel/crypto",
+               "kernel/arch/x86/crypto")
+PY_PACKAGES = ("pydantic", "pydantic_core", "typing_extensions.py", "annotated_types",
+               "typing_inspection")
+SUMMARY_MARK = "KILN-DMTHIN-SUMMARY "
+
+
+def base_layout() -> Path:
+    """The cached Debian minbase + dm tools layout (tag ``dmthin``), built on first use."""
+    material = [DEBIAN, PACKAGES, proc.version_of("umoci"), "tar-v2"]
+    key = hashlib.sha256(json.dumps(material).encode()).hexdigest()
+    final = CACHE / f"debian-{DEBIAN[0]}-dmthin-{key[:16]}"
+    if (final / "index.json").exists():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
+    try:
+        rootfs = work / "rootfs"
+        proc.run("debootstrap", [
+            f"--variant={DEBIAN[1]}",
+            "--include=" + ",".join(PACKAGES),
+            DEBIAN[0],
+            str(rootfs),
+            DEBIAN[2],
+        ], timeout=1200)
+        for p in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+            p.unlink()
+        # debootstrap leaves static nodes in /dev; an empty /dev makes kiln's guest init
+        # mount devtmpfs, which is where the loop and device-mapper nodes appear.
+        for p in (rootfs / "dev").iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        layout = work / "layout"
+        proc.run("umoci", ["init", "--layout", str(layout)], timeout=60)
+        proc.run("umoci", ["new", "--image", f"{layout}:{TAG}"], timeout=60)
+        tar = work / "rootfs.tar"
+        proc.run("tar", [
+            "--create",
+            "--file", str(tar),
+            "--format=pax",
+            "--sort=name",
+            "--numeric-owner",
+            "--xattrs", "--xattrs-include=*",  # keep file capabilities and the like
+            "--directory", str(rootfs),
+            *sorted(os.listdir(rootfs)),  # names without a "./" prefix or a root entry
+        ], timeout=600)
+        add_layer(f"{layout}:{TAG}", tar, "debootstrap --variant=minbase bookworm + dm tools")
+        proc.run("umoci", ["config", "--image", f"{layout}:{TAG}", "--no-history",
+                           "--config.cmd", "/bin/bash", "--config.env",
+                           "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                 timeout=60)
+        proc.run("umoci", ["gc", "--layout", str(layout)], timeout=60)
+        with contextlib.suppress(OSError):  # a parallel run won the race: keep theirs
+            os.rename(layout, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def kernel_version() -> str:
+    """The release of the kernel ``kiln run`` boots by default (its modules go in)."""
+    from builder.doctor import find_kernel
+    from runner.kernel import kernel_version as version_of
+
+    found = find_kernel()
+    if found is None:
+        raise FileNotFoundError("no Debian cloud kernel in /boot")
+    version = version_of(found[0])
+    if version is None or not (Path("/lib/modules") / version).is_dir():
+        raise FileNotFoundError(f"no /lib/modules for {found[0]}")
+    return version
+
+
+def stage_test_layer(staged: Path, version: str) -> None:
+    """The test layer's tree: modules, helper, pydantic, the in-guest program."""
+    src_mods = Path("/lib/modules") / version
+    # usr/lib: bookworm is merged-/usr, and a "lib" directory entry in a layer would
+    # replace the /lib -> usr/lib symlink (and with it the dynamic loader's path).
+    dst_mods = staged / "usr" / "lib" / "modules" / version
+    dst_mods.mkdir(parents=True)
+    for f in src_mods.glob("modules.*"):
+        shutil.copy2(f, dst_mods / f.name)
+    for sub in MODULE_DIRS:
+        if (src_mods / sub).is_dir():
+            shutil.copytree(src_mods / sub, dst_mods / sub)
+    guest = staged / GUEST_DIR
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(PROJECT / "helper", guest / "helper", ignore=ignore)
+    site = Path(next(p for p in sys.path if p.endswith("site-packages")
+                     and (Path(p) / "pydantic").is_dir()))
+    for name in PY_PACKAGES:
+        if (site / name).is_dir():
+            shutil.copytree(site / name, guest / "site-packages" / name, ignore=ignore)
+        elif (site / name).is_file():
+            shutil.copy2(site / name, guest / "site-packages" / name)
+    shutil.copy2(GUEST_PROGRAM, guest / GUEST_PROGRAM.name)
+
+
+def guest_layout(workdir: Path) -> tuple[Path, str]:
+    """An OCI layout in ``workdir`` (tag ``dmthin``): the cached base plus the test layer.
+
+    The base's blobs are hard-linked (content-addressed, never rewritten); index.json is
+    copied since umoci rewrites it."""
+    base = base_layout()
+    layout = workdir / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    for name in ("index.json", "oci-layout"):
+        shutil.copy2(base / name, layout / name)
+    for blob in (base / "blobs" / "sha256").iterdir():
+        try:
+            os.link(blob, layout / "blobs" / "sha256" / blob.name)
+        except OSError:  # another filesystem
+            shutil.copy2(blob, layout / "blobs" / "sha256" / blob.name)
+    staged = workdir / "staged"
+    stage_test_layer(staged, kernel_version())
+    tar = workdir / "test-layer.tar"
+    write_layer_tar(staged, tar)
+    add_layer(f"{layout}:{TAG}", tar, "kiln dm-thin guest tests")
+    tar.unlink()
+    shutil.rmtree(staged)
+    return layout, TAG
+
+
+def parse_summary(stdout: str) -> dict[str, Any]:
+    """The in-guest program's summary (the last marked line of its stdout)."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(SUMMARY_MARK)]
+    if not lines:
+        raise ValueError("no summary line in the guest's output")
+    doc = json.loads(lines[-1][len(SUMMARY_MARK):])
+    assert isinstance(doc, dict)
+    return doc
