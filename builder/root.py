@@ -5,6 +5,11 @@ Layout (all on one filesystem, so commits are renames)::
     ROOT/blobs/sha256/<hex>      shared OCI blob cache (skopeo --dest-shared-blob-dir)
     ROOT/volumes/<hex>/          committed base volumes: volume.ext4 (0444) + meta.json
     ROOT/keys/<hex>              build key -> volume id index (one small file each)
+    ROOT/used/<hex>              a volume's last use (mtime), for gc --keep
+    ROOT/dist/<hex>.json         a volume's compressed blob digest, so a re-push skips zstd
+    ROOT/pool/                   the volume pool and snapshots (helper/pool)
+    ROOT/vms.db, ROOT/vms/<id>/  VM records (SQLite) and each VM's files (runner/)
+    ROOT/kernels/                vmlinux and minimal initrds, cached by content hash
     ROOT/tmp/<name>/             work in progress, each held by an flock while in use
     ROOT/locks/<name>.lock       named locks (per build key, the blob cache, gc)
 

@@ -209,8 +209,9 @@ class Store:
             except FileNotFoundError:
                 raise NotFound(f"volume {vol.id[:19]} is already gone", "") from None
             fsync_dir(self.root.volumes)
-        with contextlib.suppress(FileNotFoundError):
-            (self.used_dir / hexid).unlink()
+        for record in (self.used_dir / hexid, self.root.path / "dist" / f"{hexid}.json"):
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()
 
     def _keys_pointing_to(self, volume_id: str) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):

@@ -97,6 +97,11 @@ def registry_options(f: F) -> F:
 
 
 def main() -> None:
-    from runner import commands, commands_pool, commands_run  # noqa: F401  (register commands)
+    from runner import (  # noqa: F401  (register the commands on `cli`)
+        commands,
+        commands_dist,
+        commands_pool,
+        commands_run,
+    )
 
     cli(prog_name="kiln")

@@ -18,10 +18,11 @@ from runner.progress import ProgressView
 
 if TYPE_CHECKING:
     from builder.pipeline import BuildResult
+    from builder.source import RegistryOptions
 
 
 def _registry_opts(tls_verify: bool, no_tls_verify: bool, authfile: Path | None,
-                   platform: str | None = None) -> object:
+                   platform: str | None = None) -> RegistryOptions:
     from builder.source import RegistryOptions
 
     return RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
@@ -74,24 +75,41 @@ def doctor(ctx: Ctx, registry: str | None, as_json: bool) -> None:
 @registry_options
 @click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
               help="platform to pick from a multi-platform image [default: this host's]")
+@click.option("--push", "push_ref", default=None, metavar="REF",
+              help="also publish the volume to HOST[:PORT]/REPO[:TAG] (see `kiln push`)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @pass_ctx
 def build(ctx: Ctx, source: str, tls_verify: bool, no_tls_verify: bool,
-          authfile: Path | None, platform: str | None, as_json: bool) -> None:
+          authfile: Path | None, platform: str | None, push_ref: str | None,
+          as_json: bool) -> None:
     """Build a base volume from SOURCE: a recipe (*.toml) or an image reference
     (docker://…, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, or NAME[:TAG])."""
     from builder.pipeline import build as do_build
 
     opts = _registry_opts(tls_verify, no_tls_verify, authfile, platform)
+    pushed = None
     with ProgressView(enabled=None if not as_json else False) as view:
+        if push_ref is not None:
+            from builder.publish import parse_target
+
+            parse_target(push_ref)  # a bad REF fails before the build, not after it
         result = do_build(ctx.root, source, opts, listener=view)
+        if push_ref is not None:
+            from builder.publish import push_volume
+
+            pushed = push_volume(ctx.root, result.volume, push_ref, opts, listener=view)
     if as_json:
-        print_json(result.as_json())
+        out = result.as_json()
+        if pushed is not None:
+            out["pushed"] = {"ref": pushed["ref"], "digest": pushed["digest"]}
+        print_json(out)
         return
     v = result.volume
     state = "cached" if result.cached else "built"
     out_console.print(f"{state} [bold]{v.id}[/] ({format_size(v.size)}) from {v.meta['source']}")
     out_console.print(f"  path: {v.path}")
+    if pushed is not None:
+        out_console.print(f"  pushed: {pushed['ref']}@{pushed['digest']}")
 
 
 @cli.group()
