@@ -8,7 +8,9 @@ wires it into the run core (``runner.vm``):
   ``JailConfig`` *and* ``builder.probes.kvm()`` runs a guest (verdict cached per boot:
   ``kvm_verdict``); otherwise QEMU, and the record's ``vmm_reason`` says why;
 * **resources**: the record names the jail directory, the API socket, the cgroup version
-  and directories before any exists (``resources``); the driver's ``on_step`` then stores
+  and directories before any exists (``resources``), all under the VM's host name
+  (``runner.state.host_name``: the root's key + the VM id, so the jail id and cgroup leaf
+  say which root a VM belongs to); the driver's ``on_step`` then stores
   the step about to run, and the pid is stored as soon as the jailer returns it. A crash
   at any step leaves only recorded things, which ``teardown`` (owner, ``kiln stop``/``rm``,
   the reaper) removes: kill the whole cgroup, then remove the jail (``helper.jail`` refuses
@@ -21,8 +23,11 @@ wires it into the run core (``runner.vm``):
   stderr, everything else to ``console.log`` (``kiln logs``). The exit status is the
   ``workload exited N`` marker; the tty's ``\\r\\n`` becomes ``\\n``. There is no stdin
   (``-i``) and no separate stderr: the workload's stderr is mixed into stdout;
-* **stop**: ``SendCtrlAltDel`` (kiln's init leaves the kernel's ctrl-alt-del on "reboot
-  now"; a systemd image shuts down), wait up to the grace, then kill the cgroup. ``kiln
+* **stop**: ``SendCtrlAltDel`` (kiln's init sets ``kernel.ctrl-alt-del=0`` once the
+  workload runs, so the kernel sends it SIGINT and it SIGTERMs the workload, reports the
+  exit and powers off; before that the kernel reboots, which ends the VM; a systemd image
+  shuts down), wait up to the grace — or until the guest reported its exit and had
+  ``AFTER_MARK`` s to power off — then kill the cgroup. ``kiln
   stop`` asks the owner through a ``stop`` file in the VM directory; if the owner is gone it
   tears down itself.
 """
@@ -57,7 +62,8 @@ PIDS_MAX = 128
 BOOT_ARGS = ("console=ttyS0 reboot=k panic=1 pci=off quiet random.trust_cpu=on "
              "rootfstype=ext4")  # Firecracker appends root=/dev/vda rw and the mmio devices
 START_MARK = "kiln-init: starting "
-# "workload exited N" today; "exit N" if the init ever reports its own failures on the console
+# "workload exited N" after the workload; "exit N" from kiln-init's finish (without a status
+# port it reports there every exit, its own failures 125-127 included)
 EXIT_MARK = re.compile(r"^kiln-init: (?:workload exited|exit) (\d+)$")
 # kiln-init's own failures (runner/guest_init/init.sh) and the exit status it gives them.
 INIT_FAILURES = (
@@ -191,13 +197,14 @@ def host_cgroup_choice(cfg: jail.JailConfig, cpus: int, memory: int) -> tuple[in
     return cgroup_choice(lay, ctrls, cpus, memory)
 
 
-def resources(cfg: jail.JailConfig, vm_id: str, version: int, limits: cg.Limits
+def resources(cfg: jail.JailConfig, host: str, version: int, limits: cg.Limits
               ) -> tuple[dict[str, Any], list[str]]:
-    """What the record names before anything exists: (the ``fc`` document, cgroup dirs)."""
-    jd = jail.jail_dir(cfg, vm_id)
+    """What the record names before anything exists: (the ``fc`` document, cgroup dirs).
+    ``host``: the VM's host name, its jail id and cgroup leaf."""
+    jd = jail.jail_dir(cfg, host)
     only = cg.v1_controllers(limits) if version == 1 else None
-    dirs = [str(d) for d in cg.vm_dirs(cfg.cgroup, vm_id, version, only)]
-    return {"jail": str(jd), "api_sock": str(jd / "api.sock"),
+    dirs = [str(d) for d in cg.vm_dirs(cfg.cgroup, host, version, only)]
+    return {"host": host, "jail": str(jd), "api_sock": str(jd / "api.sock"),
             "console": str(jd / "console.log"), "cgroup_version": version,
             "limits": {"cpus": limits.cpus, "memory_bytes": limits.memory_bytes,
                        "pids": limits.pids}, "step": "recorded"}, dirs
@@ -288,7 +295,7 @@ def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Pa
     limits = cg.Limits(**doc["limits"])
     if rec.uid is None:
         raise KilnError(f"VM {rec.id} has no uid", "internal error: create it with want_uid")
-    plan = fc.launch_plan(cfg, vm_id=rec.id, uid=rec.uid, kernel=vmlinux, initrd=initrd,
+    plan = fc.launch_plan(cfg, vm_id=host_of(rec), uid=rec.uid, kernel=vmlinux, initrd=initrd,
                           rootfs=rootfs, boot_args=f"{BOOT_ARGS} init={init}", cpus=cpus,
                           mem_mib=memory >> 20, cgroup_version=version, limits=limits)
     return fc.FirecrackerVM(cfg, ops, plan)
@@ -355,8 +362,13 @@ def _stop(vm: fc.FirecrackerVM, grace: float, ch: Channels, sigs: supervise.Stop
     with contextlib.suppress(KilnError):
         vm.client(timeout=2.0).action("SendCtrlAltDel")
     deadline, n = time.monotonic() + grace, sigs.count
+    marked: float | None = None
     while vm.running() and time.monotonic() < deadline and sigs.count == n:
         ch.pump()
+        if ch.split.exit_code is not None:  # reported; a poweroff may not end the VMM
+            marked = marked or time.monotonic()
+            if time.monotonic() - marked > AFTER_MARK:
+                break
         time.sleep(0.05)
     vm.ops.cgroup_kill(vm.plan.vm_id, vm.plan.spec.cgroup_version)
 
@@ -406,7 +418,7 @@ def own(st: State, rec: VMRecord, files: Any, vm: fc.FirecrackerVM, *, timeout: 
             if ch.split.exit_code is not None:
                 marked = marked or now
                 if now - marked > AFTER_MARK:  # reported; a poweroff may not end the VMM
-                    vm.ops.cgroup_kill(rec.id, vm.plan.spec.cgroup_version)
+                    vm.ops.cgroup_kill(vm.plan.vm_id, vm.plan.spec.cgroup_version)
                     break
             grace: float | None = None
             if timeout is not None and now - started >= timeout:
@@ -445,19 +457,26 @@ def _save_log(vm: fc.FirecrackerVM, dest: Path) -> str:
 
 # -- teardown from anywhere (stop, rm, the reaper) ------------------------------------------
 
-def teardown(root_dir: Path, vm_id: str, version: int | None, jail_path: str | None) -> None:
-    """Kill the VM's cgroup(s) and remove its jail (idempotent). ``version`` None: both."""
+def host_of(rec: VMRecord) -> str:
+    """The VM's host name (jail id, cgroup leaf) as its record names it (records from before
+    root keys used the bare VM id)."""
+    return str(rec.fc_doc.get("host") or rec.id)
+
+
+def teardown(root_dir: Path, host: str, version: int | None, jail_path: str | None) -> None:
+    """Kill the cgroup(s) of the VM with host name ``host`` and remove its jail
+    (idempotent). ``version`` None: both."""
     cfg = jail_config(root_dir)
     ops = ops_for(cfg, root_dir)
     for v in (1, 2) if version is None else (version,):
         with contextlib.suppress(NotFound):
-            ops.cgroup_kill(vm_id, v)
-    jd = jail.jail_dir(cfg, vm_id)
+            ops.cgroup_kill(host, v)
+    jd = jail.jail_dir(cfg, host)
     if jail_path is not None and str(jd) != jail_path:
-        raise KilnError(f"jail {jail_path} of VM {vm_id} is not under the configured base "
+        raise KilnError(f"jail {jail_path} of VM {host} is not under the configured base "
                         f"{cfg.chroot_base}", "remove it by hand after checking for mounts")
     with contextlib.suppress(NotFound):
-        ops.jail_remove(vm_id)
+        ops.jail_remove(host)
 
 
 def stop(root: Root, st: State, rec: VMRecord, timeout: float) -> VMRecord:
@@ -483,14 +502,15 @@ def teardown_record(root_dir: Path, rec: VMRecord) -> None:
     if rec.vmm != "firecracker" or not doc:
         return
     try:
-        teardown(root_dir, rec.id, int(doc["cgroup_version"]), str(doc["jail"]))
+        teardown(root_dir, host_of(rec), int(doc["cgroup_version"]), str(doc["jail"]))
     except KilnError:
         supervise.remove_cgroups(rec.cgroup_dirs)  # at least nothing keeps running
         raise
 
 
 def scan_jails(root_dir: Path) -> dict[str, str]:
-    """VM id → jail directory of every jail under the configured base (kiln's ids only)."""
+    """Host name → jail directory of every jail under the configured base with a name of
+    kiln's shape, whatever its root (the reaper keeps its own root's)."""
     cfg, _ = config_problem(root_dir)
     if cfg is None:
         return {}
@@ -499,4 +519,4 @@ def scan_jails(root_dir: Path) -> dict[str, str]:
         names = os.listdir(base)
     except OSError:
         return {}
-    return {n: str(base / n) for n in names if re.fullmatch(r"[a-z2-7]{12}", n)}
+    return {n: str(base / n) for n in names if re.fullmatch(r"[a-z2-7]{1,32}", n)}

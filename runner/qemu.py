@@ -42,7 +42,7 @@ class Forward:
 class QemuSpec:
     """Everything one QEMU process is started with."""
 
-    name: str  # "kiln-<vm id>": how the reaper recognises kiln's VMMs
+    name: str  # "kiln-<host name>": how the reaper recognises its root's VMMs
     kernel: Path
     initrd: Path
     disk: Path

@@ -1,5 +1,11 @@
 """Reconcile VM records with what exists on the host: a pure plan and a thin executor.
 
+Scope: one root. Its VM directories and pool snapshots are its own; cgroups, Firecracker
+jails and VMM processes are host-wide, so there kiln names a VM ``<root key><VM id>``
+(``runner.state.host_name``) and this root considers only names carrying its key
+(``runner.state.vm_of_host``). Another root's VMs (another user, a CI job, a test), names
+from before root keys existed, and anything else are never touched.
+
 ``plan()`` decides from an ``Observed`` snapshot of the world:
 
 * a live VM (creating/running) whose owner (the ``kiln run`` process, by pid + start time)
@@ -7,15 +13,15 @@
   with ``--rm`` its snapshot, files and record go too. A VM whose owner lives is never
   touched — in particular a VM being born;
 * a finished VM still holding a VMM process or cgroups loses them;
-* resources carrying kiln's names but no record — a VMM started with ``-name kiln-<id>``
-  (QEMU) or a Firecracker started by the jailer with ``--id <id>``, a cgroup
-  ``kiln/<id>`` (every hierarchy, v1 and v2, and the configured jails' parent), a
-  Firecracker jail ``<chroot base>/firecracker/<id>``, a directory ``ROOT/vms/<id>``, a
-  pool snapshot ``vm<id>`` — are orphans, removed only when the previous reconcile saw
-  them too (records are written before resources, so an orphan seen twice is not a VM
-  being born). Anything without kiln's names is never considered. Per VM, processes go
-  first, then cgroups, then the jail (``helper.jail`` refuses to remove one with a live
-  Firecracker or mounts inside).
+* resources carrying this root's names but no record — a VMM started with ``-name
+  kiln-<host name>`` (QEMU) or a Firecracker started by the jailer with ``--id <host
+  name>``, a cgroup ``kiln/<host name>`` (every hierarchy, v1 and v2, and the configured
+  jails' parent), a Firecracker jail ``<chroot base>/firecracker/<host name>``, a directory
+  ``ROOT/vms/<id>``, a pool snapshot ``vm<id>`` — are orphans, removed only when the
+  previous reconcile saw them too (records are written before resources, so an orphan
+  seen twice is not a VM being born). Anything without kiln's names is never considered.
+  Per VM, processes go first, then cgroups, then the jail (``helper.jail`` refuses to
+  remove one with a live Firecracker or mounts inside).
 
 ``reconcile()`` gathers the observation (records, /proc, cgroup trees, the VM directory,
 pool records), runs the plan, executes it, and stores this round's orphans for the next.
@@ -31,15 +37,27 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from builder.root import Root, rmtree
 from helper.errors import KilnError
-from runner.state import LIVE, State, VMRecord, alive, proc_start_time
+from runner.state import (
+    LIVE,
+    State,
+    VMRecord,
+    alive,
+    host_name,
+    proc_start_time,
+    root_key,
+    vm_of_host,
+)
 
 log = logging.getLogger("kiln.reaper")
 
 VM_ID = re.compile(r"^[a-z2-7]{12}$")
+HOST_NAME = re.compile(r"^[a-z2-7]{1,32}$")  # kiln's shape of host-wide names (any root)
 SNAP_PREFIX = "vm"
+_T = TypeVar("_T")
 
 
 def snapshot_id(vm_id: str) -> str:
@@ -62,12 +80,16 @@ class VMView:
 
 @dataclass(frozen=True)
 class Observed:
+    """The world as seen: this root's records, directories and snapshots; the host-wide
+    kiln resources of *every* root, by host name (``plan`` keeps this root's)."""
+
     vms: tuple[VMView, ...]
-    vmm_pids: dict[str, int] = field(default_factory=dict)  # VM id → pid of "kiln-<id>"
-    cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # VM id → dirs
+    root_key: str  # this root's tag in host names (runner.state.root_key)
+    vmm_pids: dict[str, int] = field(default_factory=dict)  # host name → VMM pid
+    cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # host name → dirs
     vm_dirs: frozenset[str] = frozenset()  # names under ROOT/vms
     snapshots: frozenset[str] = frozenset()  # pool snapshot ids
-    jails: dict[str, str] = field(default_factory=dict)  # VM id → Firecracker jail dir
+    jails: dict[str, str] = field(default_factory=dict)  # host name → Firecracker jail dir
     seen_before: frozenset[tuple[str, str]] = frozenset()
 
 
@@ -85,10 +107,30 @@ class Plan:
     seen: frozenset[tuple[str, str]]  # orphans seen this round (for the next)
 
 
+def _mine(by_host: dict[str, _T], key: str) -> dict[str, _T]:
+    """VM id → value for the host names of the root of ``key`` (others dropped)."""
+    out: dict[str, _T] = {}
+    for name, value in by_host.items():
+        vm_id = vm_of_host(name, key)
+        if vm_id is not None:
+            out[vm_id] = value
+    return out
+
+
+def _leaf(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def plan(obs: Observed) -> Plan:
     """What to do (pure). See the module docstring for the rules."""
     actions: list[Action] = []
     known = {v.id for v in obs.vms}
+    key = obs.root_key
+    vmm_pids = _mine(obs.vmm_pids, key)
+    # a cgroup or jail path counts only when its last component is the host name itself
+    cgroups = _mine({n: tuple(d for d in ds if _leaf(d) == n) for n, ds in obs.cgroups.items()},
+                    key)
+    jails = _mine({n: p for n, p in obs.jails.items() if _leaf(p) == n}, key)
     for v in obs.vms:
         if not VM_ID.fullmatch(v.id):
             continue
@@ -100,22 +142,22 @@ def plan(obs: Observed) -> Plan:
             actions.append(Action("fail", v.id, v.id, why))
         elif v.owner_alive:
             continue  # the owner is finishing up (cgroups, --rm)
-        if v.id in obs.vmm_pids:
-            actions.append(Action("kill", str(obs.vmm_pids[v.id]), v.id))
-        actions += [Action("rmcgroup", d, v.id) for d in obs.cgroups.get(v.id, ())]
-        if v.id in obs.jails:
-            actions.append(Action("rmjail", obs.jails[v.id], v.id))
+        if v.id in vmm_pids:
+            actions.append(Action("kill", str(vmm_pids[v.id]), v.id))
+        actions += [Action("rmcgroup", d, v.id) for d in cgroups.get(v.id, ())]
+        if v.id in jails:
+            actions.append(Action("rmjail", jails[v.id], v.id))
         if v.auto_remove:
             actions.append(Action("rmvm", v.id, v.id))
     candidates: list[tuple[str, str, str]] = []  # (kind, name, vm id)
-    for vm_id, pid in obs.vmm_pids.items():
-        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+    for vm_id, pid in vmm_pids.items():
+        if vm_id not in known:
             candidates.append(("process", f"{vm_id}:{pid}", vm_id))
-    for vm_id, dirs in obs.cgroups.items():
-        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+    for vm_id, dirs in cgroups.items():
+        if vm_id not in known:
             candidates += [("cgroup", d, vm_id) for d in dirs]
-    for vm_id, path in obs.jails.items():
-        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+    for vm_id, path in jails.items():
+        if vm_id not in known:
             candidates.append(("jail", path, vm_id))
     for name in obs.vm_dirs:
         if VM_ID.fullmatch(name) and name not in known:
@@ -140,20 +182,21 @@ def plan(obs: Observed) -> Plan:
 # -- observation -----------------------------------------------------------------------------
 
 def vmm_of(argv: list[bytes]) -> str | None:
-    """The VM id of a kiln VMM's argv (pure): QEMU's ``-name kiln-<id>,…``, or the
-    ``/firecracker --id <id>`` the jailer execs (jail ids are VM ids)."""
+    """The host name of a kiln VMM's argv, whatever its root (pure): QEMU's ``-name
+    kiln-<host name>,…``, or the ``/firecracker --id <host name>`` the jailer execs (jail
+    ids are host names)."""
     if argv and b"qemu-system" in argv[0] and b"-name" in argv:
         i = argv.index(b"-name")
-        m = re.match(rb"^kiln-([a-z2-7]{12}),", argv[i + 1] if i + 1 < len(argv) else b"")
+        m = re.match(rb"^kiln-([a-z2-7]{1,32}),", argv[i + 1] if i + 1 < len(argv) else b"")
         return m.group(1).decode() if m else None
     if len(argv) > 2 and b"firecracker" in argv[0].rsplit(b"/", 1)[-1] and argv[1] == b"--id":
-        m = re.fullmatch(rb"[a-z2-7]{12}", argv[2])  # the jailer execs "/firecracker --id ID"
+        m = re.fullmatch(rb"[a-z2-7]{1,32}", argv[2])  # the jailer execs "/firecracker --id ID"
         return m.group(0).decode() if m else None
     return None
 
 
 def scan_vmms() -> dict[str, int]:
-    """VM id → pid of every kiln VMM (``vmm_of``)."""
+    """Host name → pid of every kiln VMM on the host, of every root (``vmm_of``)."""
     out: dict[str, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -162,15 +205,15 @@ def scan_vmms() -> dict[str, int]:
             argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        vm_id = vmm_of(argv)
-        if vm_id is not None:
-            out[vm_id] = int(entry.name)
+        name = vmm_of(argv)
+        if name is not None:
+            out[name] = int(entry.name)
     return out
 
 
 def scan_cgroups(parents: Iterable[str] = ("kiln",)) -> dict[str, tuple[str, ...]]:
-    """VM id → its cgroup directories: ``<hierarchy>/<parent>/<id>`` in every mounted v1
-    hierarchy and the v2 one, for kiln's parent(s) only."""
+    """Host name → its cgroup directories: ``<hierarchy>/<parent>/<name>`` in every mounted
+    v1 hierarchy and the v2 one, for kiln's parent(s) only, of every root."""
     from helper.cgroup import CgroupConfig, layout
 
     found: dict[str, list[str]] = {}
@@ -181,7 +224,7 @@ def scan_cgroups(parents: Iterable[str] = ("kiln",)) -> dict[str, tuple[str, ...
             for parent in dict.fromkeys(parents):
                 with contextlib.suppress(OSError):
                     for e in os.scandir(Path(mnt, parent)):
-                        if e.is_dir(follow_symlinks=False) and VM_ID.fullmatch(e.name):
+                        if e.is_dir(follow_symlinks=False) and HOST_NAME.fullmatch(e.name):
                             found.setdefault(e.name, []).append(e.path)
     return {k: tuple(v) for k, v in found.items()}
 
@@ -202,7 +245,8 @@ def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
 
     cfg, _ = fcdriver.config_problem(root.path)
     parents = ("kiln", *((cfg.cgroup.parent,) if cfg is not None else ()))
-    obs = Observed(vms=views, vmm_pids=scan_vmms(), cgroups=scan_cgroups(parents),
+    obs = Observed(vms=views, root_key=root_key(root.path), vmm_pids=scan_vmms(),
+                   cgroups=scan_cgroups(parents),
                    vm_dirs=vm_dirs, snapshots=snaps - mine,
                    jails=fcdriver.scan_jails(root.path),
                    seen_before=frozenset(st.seen_orphans()))
@@ -212,20 +256,21 @@ def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
 def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
     from runner import supervise, vm
 
+    key = root_key(root.path)
     for a in actions:
         try:
             if a.kind == "fail":
                 st.finish(a.target, "failed", None, a.reason)
             elif a.kind == "kill":
                 pid = int(a.target)
-                if _is_vmm_of(pid, a.vm):
+                if _is_vmm_of(pid, host_name(key, a.vm)):
                     os.kill(pid, signal.SIGKILL)
             elif a.kind == "rmcgroup":
                 supervise.remove_cgroups([a.target])
             elif a.kind == "rmjail":
                 from runner import fcdriver
 
-                fcdriver.teardown(root.path, a.vm, None, a.target)
+                fcdriver.teardown(root.path, host_name(key, a.vm), None, a.target)
             elif a.kind == "rmdir":
                 rmtree(st.vms_dir / a.target)
             elif a.kind == "rmsnapshot":
@@ -240,15 +285,15 @@ def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
             log.warning("reaper: %s %s: %s", a.kind, a.target, e)
 
 
-def _is_vmm_of(pid: int, vm_id: str) -> bool:
-    """Re-check just before the kill: the pid is still kiln's VMM of that VM."""
+def _is_vmm_of(pid: int, name: str) -> bool:
+    """Re-check just before the kill: the pid is still the VMM of that host name."""
     if proc_start_time(pid) is None:
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return vmm_of(argv) == vm_id
+    return vmm_of(argv) == name
 
 
 def reconcile(root: Root, st: State | None = None) -> Plan:

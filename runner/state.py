@@ -3,11 +3,17 @@
 Every host resource a VM uses is written into its record **before** it is created: the
 snapshot id, the VM directory, the cgroup paths and the uid come with the first INSERT
 (state ``creating``), the VMM pid right after the fork (and the VMM carries ``-name
-kiln-<id>`` so a crash between fork and that UPDATE is still attributable). Firecracker
+kiln-<host name>`` so a crash between fork and that UPDATE is still attributable). Firecracker
 VMs also name their jail, API socket and cgroup version in ``fc`` (a JSON document whose
 ``step`` is the driver step about to run), and take their uid from the jails' range. A record
 names its owner (the ``kiln run`` process, by pid and start time, so pid reuse cannot
 fool the reaper); the reaper fails VMs whose owner died and reclaims their resources.
+
+Host names. cgroups, Firecracker jails and VMM processes are host-wide, so the name kiln gives
+a VM there is ``host_name(root_key(ROOT), vm_id)``: 8 characters of lowercase base32 of the
+sha256 of the root's real path, then the 12-character VM id (20 characters of [a-z2-7]: a
+valid jail id and kiln-helper VM id). A root's reaper acts only on names carrying its own
+key (``vm_of_host``), so two roots on one host never reap each other's VMs.
 
 States: creating → running → exited | failed. ``exit_code`` and ``reason`` are set when a
 VM leaves ``running``. WAL mode and a busy timeout let concurrent kiln commands share it.
@@ -17,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -33,6 +41,7 @@ STATES = ("creating", "running", "exited", "failed")
 LIVE = ("creating", "running")
 UID_BASE = 820000  # per-VM uids for the QEMU process (as root): [UID_BASE, +UID_COUNT)
 UID_COUNT = 65536
+_VM_ID = re.compile(r"^[a-z2-7]{12}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -115,6 +124,31 @@ _COLS = [f.name for f in fields(VMRecord)]
 def new_vm_id() -> str:
     """12 characters of lowercase base32 ([a-z2-7]): 60 random bits."""
     return base64.b32encode(secrets.token_bytes(10)).decode().lower()[:12]
+
+
+ROOT_KEY_LEN = 8
+_HOST_NAME_LEN = ROOT_KEY_LEN + 12
+
+
+def root_key(root_dir: Path | str) -> str:
+    """The root's tag in host-wide names (pure but for resolving symlinks): 8 characters of
+    lowercase base32 of the sha256 of its real absolute path (40 bits)."""
+    path = os.path.realpath(root_dir).encode()
+    return base64.b32encode(hashlib.sha256(path).digest()).decode().lower()[:ROOT_KEY_LEN]
+
+
+def host_name(key: str, vm_id: str) -> str:
+    """A VM's name in host-wide places: its cgroup leaf, jail id, ``-name kiln-…``."""
+    return key + vm_id
+
+
+def vm_of_host(name: str, key: str) -> str | None:
+    """The VM id a host-wide name gives for the root of ``key``; None when the name is
+    not one of that root's (another root's, or not kiln's)."""
+    if len(name) != _HOST_NAME_LEN or not name.startswith(key) or len(key) != ROOT_KEY_LEN:
+        return None
+    vm_id = name[ROOT_KEY_LEN:]
+    return vm_id if _VM_ID.fullmatch(vm_id) else None
 
 
 def proc_start_time(pid: int) -> int | None:

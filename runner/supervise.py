@@ -62,23 +62,24 @@ def parse_cgroup_mounts(mounts: str) -> tuple[dict[str, str], str | None]:
     return v1, v2
 
 
-def cgroup_plan(mounts: str, v2_controllers: str, vm_id: str, cpus: int,
+def cgroup_plan(mounts: str, v2_controllers: str, leaf: str, cpus: int,
                 memory: int) -> CgroupPlan:
-    """The cgroup directories and limits of one VM (pure)."""
+    """The cgroup directories and limits of one VM (pure): ``kiln/<leaf>`` in each
+    hierarchy, ``leaf`` being the VM's host name (``runner.state.host_name``)."""
     v1, v2 = parse_cgroup_mounts(mounts)
     ctrls = set(v2_controllers.split())
     quota = cpus * 100_000 + 50_000  # the VMM's own threads (I/O, TCG) beside the vCPUs
     if v2 is not None and {"cpu", "memory"} <= ctrls:
         parent = f"{v2}/{CGROUP_PARENT}"
-        d = f"{parent}/{vm_id}"
+        d = f"{parent}/{leaf}"
         return CgroupPlan(2, (d,), (
             (f"{d}/cpu.max", f"{quota} 100000"),
             (f"{d}/memory.max", str(memory)),
             (f"{d}/memory.swap.max", "0"),
         ), parents=(parent,))
     if "cpu" in v1 and "memory" in v1:
-        cpu_dir = f"{v1['cpu']}/{CGROUP_PARENT}/{vm_id}"
-        mem_dir = f"{v1['memory']}/{CGROUP_PARENT}/{vm_id}"
+        cpu_dir = f"{v1['cpu']}/{CGROUP_PARENT}/{leaf}"
+        mem_dir = f"{v1['memory']}/{CGROUP_PARENT}/{leaf}"
         dirs = [cpu_dir] if v1["cpu"] == v1["memory"] else [cpu_dir, mem_dir]
         parents = tuple(sorted({f"{v1[c]}/{CGROUP_PARENT}" for c in ("cpu", "memory")}))
         return CgroupPlan(1, tuple(dirs), (
@@ -89,14 +90,14 @@ def cgroup_plan(mounts: str, v2_controllers: str, vm_id: str, cpus: int,
     return CgroupPlan(0, (), ())
 
 
-def host_cgroup_plan(vm_id: str, cpus: int, memory: int) -> CgroupPlan:
+def host_cgroup_plan(leaf: str, cpus: int, memory: int) -> CgroupPlan:
     mounts = Path("/proc/self/mounts").read_text()
     _, v2 = parse_cgroup_mounts(mounts)
     ctrls = ""
     if v2 is not None:
         with contextlib.suppress(OSError):
             ctrls = Path(v2, "cgroup.subtree_control").read_text()
-    return cgroup_plan(mounts, ctrls, vm_id, cpus, memory)
+    return cgroup_plan(mounts, ctrls, leaf, cpus, memory)
 
 
 def apply_cgroups(plan: CgroupPlan) -> list[str]:

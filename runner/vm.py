@@ -44,8 +44,10 @@ from runner.state import (
     State,
     VMRecord,
     alive,
+    host_name,
     new_vm_id,
     proc_start_time,
+    root_key,
 )
 
 log = logging.getLogger("kiln.vm")
@@ -213,6 +215,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                        "`kiln pool init` picks a backend for this host")
     boot = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
     vm_id = new_vm_id()
+    host = host_name(root_key(root.path), vm_id)  # its name in host-wide places
     work = None
     if opts.init == "kiln":
         work = guest_init.workload(volume.meta.get("config") or {}, command=opts.command,
@@ -224,12 +227,12 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                          "the image's /sbin/init decides what runs")
     files = VMFiles(st.vms_dir / vm_id)
     as_root = os.geteuid() == 0
-    cg = supervise.host_cgroup_plan(vm_id, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD) \
+    cg = supervise.host_cgroup_plan(host, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD) \
         if as_root and not is_fc else supervise.CgroupPlan(0, (), ())
     cg_dirs, fc_doc, uids = list(cg.dirs), None, (UID_BASE, UID_COUNT)
     if is_fc:
         version, limits = fcdriver.host_cgroup_choice(fc_cfg, opts.cpus, opts.memory)
-        fc_doc, cg_dirs = fcdriver.resources(fc_cfg, vm_id, version, limits)
+        fc_doc, cg_dirs = fcdriver.resources(fc_cfg, host, version, limits)
         uids = (fc_cfg.uid_first, fc_cfg.uid_count)
     spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory,
                 "kernel": str(boot.kernel), "initrd": str(boot.initrd), "init": opts.init,
@@ -276,7 +279,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         tsc = qemu.host_tsc_khz()
         accel = _accel(root)
         spec = qemu.QemuSpec(
-            name=f"kiln-{vm_id}", kernel=boot.kernel, initrd=boot.initrd,
+            name=f"kiln-{host}", kernel=boot.kernel, initrd=boot.initrd,
             disk=Path(snap.path), cpus=opts.cpus, memory_mib=opts.memory >> 20, accel=accel,
             tsc_khz=tsc, console_log=files.console, stdout=files.stdout, stderr=files.stderr,
             status=files.status, control=files.control,
@@ -471,6 +474,7 @@ def _request_stop(control: Path, grace: float) -> bool:
 def ps(root: Root, all_vms: bool) -> list[dict[str, Any]]:
     from runner import reaper
 
+    root.ensure()  # a root with no VMs yet (or none at all) lists nothing, not a traceback
     st = State(root.path)
     reaper.reconcile(root, st)
     return [r.summary() for r in st.all() if all_vms or r.state in LIVE]

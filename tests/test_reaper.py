@@ -3,42 +3,56 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from builder.root import Root
-from runner import reaper
+from runner import reaper, state
 from runner.state import State
 
-ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=12, max_size=12)
+ALPHA = "abcdefghijklmnopqrstuvwxyz234567"
+ids = st.text(alphabet=ALPHA, min_size=12, max_size=12)
+keys = st.text(alphabet=ALPHA, min_size=8, max_size=8)
 foreign = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0189-_.ABC", min_size=1, max_size=14)
 names = st.one_of(ids, foreign)
 states = st.sampled_from(["creating", "running", "exited", "failed"])
+KEY = "rootaaaa"  # the root being reconciled
+OTHER = "rootbbbb"  # another root on the same host
 
 
 @st.composite
 def worlds(draw: st.DrawFn) -> reaper.Observed:
+    """This root's records and directories; host-wide resources of this root, another
+    root, kiln before root keys (bare ids) and foreign names, over overlapping VM ids."""
     vms = tuple({v.id: v for v in draw(st.lists(st.builds(
         reaper.VMView, id=ids, state=states, auto_remove=st.booleans(),
         owner_alive=st.booleans()), max_size=6))}.values())
     pool = [v.id for v in vms] + draw(st.lists(names, min_size=1, max_size=6))
-    vmm = draw(st.dictionaries(st.sampled_from(pool), st.integers(2, 99999), max_size=4))
-    cg = draw(st.dictionaries(st.sampled_from(pool),
+    tag = st.sampled_from([KEY, OTHER, ""])  # "": a name from before root keys
+    hosts = st.builds(lambda k, i: k + i, tag, st.sampled_from(pool))
+    vmm_names = draw(st.lists(hosts, max_size=4, unique=True))
+    pids = draw(st.lists(st.integers(2, 99999), min_size=len(vmm_names),
+                         max_size=len(vmm_names), unique=True))
+    vmm = dict(zip(vmm_names, pids, strict=True))
+    cg = draw(st.dictionaries(hosts,
                               st.lists(st.sampled_from(["/c/cpu/kiln/", "/c/memory/kiln/"]),
                                        min_size=1, max_size=2, unique=True), max_size=4))
     cgroups = {k: tuple(p + k for p in v) for k, v in cg.items()}
+    jails = {k: "/j/firecracker/" + k for k in draw(st.lists(hosts, max_size=4))}
     dirs = frozenset(draw(st.lists(st.sampled_from(pool), max_size=4)))
     snaps = frozenset(draw(st.lists(st.one_of(st.sampled_from(pool).map(lambda i: "vm" + i),
                                               foreign), max_size=4)))
-    cands = [("process", f"{k}:{p}") for k, p in vmm.items()] + \
+    cands = [("process", f"{k[-12:]}:{p}") for k, p in vmm.items()] + \
         [("cgroup", d) for ds in cgroups.values() for d in ds] + \
+        [("jail", p) for p in jails.values()] + \
         [("dir", d) for d in dirs] + [("snapshot", s) for s in snaps]
     seen = frozenset(draw(st.lists(st.sampled_from(cands), max_size=len(cands)))
                      if cands else [])
-    return reaper.Observed(vms=vms, vmm_pids=vmm, cgroups=cgroups, vm_dirs=dirs,
-                           snapshots=snaps, seen_before=seen)
+    return reaper.Observed(vms=vms, root_key=KEY, vmm_pids=vmm, cgroups=cgroups,
+                           vm_dirs=dirs, snapshots=snaps, jails=jails, seen_before=seen)
 
 
 @given(worlds())
@@ -55,7 +69,7 @@ def test_orphans_only_when_seen_twice(obs: reaper.Observed) -> None:
     for a in p.actions:
         if a.vm not in known:
             assert a.reason == "orphan"
-            kind = {"kill": "process", "rmcgroup": "cgroup", "rmdir": "dir",
+            kind = {"kill": "process", "rmcgroup": "cgroup", "rmjail": "jail", "rmdir": "dir",
                     "rmsnapshot": "snapshot"}[a.kind]
             name = f"{a.vm}:{a.target}" if kind == "process" else a.target
             assert (kind, name) in obs.seen_before
@@ -66,6 +80,33 @@ def test_orphans_only_when_seen_twice(obs: reaper.Observed) -> None:
         assert all(t != name for _, t in acted)
 
 
+def _tagged(obs: reaper.Observed, key: str) -> set[str]:
+    """Every host-wide resource (pid, cgroup dir, jail dir) carrying ``key``'s tag."""
+    return ({str(p) for n, p in obs.vmm_pids.items() if state.vm_of_host(n, key)} |
+            {d for n, ds in obs.cgroups.items() if state.vm_of_host(n, key) for d in ds} |
+            {p for n, p in obs.jails.items() if state.vm_of_host(n, key)})
+
+
+def _host_wide(obs: reaper.Observed) -> set[str]:
+    return ({str(p) for p in obs.vmm_pids.values()} |
+            {d for ds in obs.cgroups.values() for d in ds} | set(obs.jails.values()))
+
+
+@given(worlds())
+def test_plan_for_a_root_never_touches_another_roots_resources(obs: reaper.Observed) -> None:
+    """Only resources tagged with this root's key: never another root's, never a bare
+    12-character name from before root keys (whose root cannot be proven), even when
+    another root's VM has the id of one of this root's records."""
+    for o in (obs, replace(obs, root_key=OTHER)):
+        p = reaper.plan(o)
+        theirs = _host_wide(o) - _tagged(o, o.root_key)
+        hit = {a.target for a in p.actions if a.kind in ("kill", "rmcgroup", "rmjail")}
+        assert not hit & theirs
+        assert hit <= _tagged(o, o.root_key)
+        remembered = {n.split(":", 1)[1] if k == "process" else n for k, n in p.seen}
+        assert not remembered & theirs
+
+
 @given(worlds())
 def test_never_anything_without_kilns_names(obs: reaper.Observed) -> None:
     for a in reaper.plan(obs).actions:
@@ -73,11 +114,13 @@ def test_never_anything_without_kilns_names(obs: reaper.Observed) -> None:
         if a.kind == "rmsnapshot":
             assert a.target == "vm" + a.vm
         if a.kind == "rmcgroup":
-            assert a.target.endswith("/kiln/" + a.vm)
+            assert a.target.endswith("/kiln/" + KEY + a.vm)
+        if a.kind == "rmjail":
+            assert a.target == "/j/firecracker/" + KEY + a.vm
         if a.kind == "rmdir":
             assert a.target == a.vm
         if a.kind == "kill":
-            assert obs.vmm_pids[a.vm] == int(a.target)
+            assert obs.vmm_pids[KEY + a.vm] == int(a.target)
 
 
 @given(worlds())
@@ -89,25 +132,38 @@ def test_dead_owner_fails_live_vm_and_cleans_up(obs: reaper.Observed) -> None:
             continue
         kinds = [a.kind for a in mine]
         assert ("fail" in kinds) == (v.state in ("creating", "running"))
-        assert ("kill" in kinds) == (v.id in obs.vmm_pids)
+        assert ("kill" in kinds) == (KEY + v.id in obs.vmm_pids)
         assert ("rmvm" in kinds) == v.auto_remove
 
 
 def test_plan_examples() -> None:
     vm = "abcdefghijkl"
-    obs = reaper.Observed(vms=(reaper.VMView(vm, "running", False, False),),
-                          vmm_pids={vm: 42}, cgroups={vm: ("/c/cpu/kiln/" + vm,)})
-    assert reaper.plan(obs).actions == (
+    mine, theirs = KEY + vm, OTHER + vm  # root B runs a VM with the same id
+    obs = reaper.Observed(vms=(reaper.VMView(vm, "running", False, False),), root_key=KEY,
+                          vmm_pids={mine: 42, theirs: 43, vm: 44},
+                          cgroups={mine: ("/c/cpu/kiln/" + mine,),
+                                   theirs: ("/c/cpu/kiln/" + theirs,),
+                                   vm: ("/c/cpu/kiln/" + vm,)})
+    assert reaper.plan(obs) == reaper.Plan((
         reaper.Action("fail", vm, vm, "kiln run (the VM's owner) died"),
         reaper.Action("kill", "42", vm),
-        reaper.Action("rmcgroup", "/c/cpu/kiln/" + vm, vm),
-    )
-    orphan = reaper.Observed(vms=(), vm_dirs=frozenset({vm, "not-kiln"}))
+        reaper.Action("rmcgroup", "/c/cpu/kiln/" + mine, vm),
+    ), frozenset())
+    orphan = reaper.Observed(vms=(), root_key=KEY, vm_dirs=frozenset({vm, "not-kiln"}),
+                             vmm_pids={mine: 42, theirs: 43}, jails={
+                                 mine: "/j/firecracker/" + mine,
+                                 theirs: "/j/firecracker/" + theirs,
+                                 KEY + "bbbbbbbbbbbb": "/j/firecracker/elsewhere"})
     first = reaper.plan(orphan)
-    assert (first.actions, first.seen) == ((), frozenset({("dir", vm)}))
-    second = reaper.plan(reaper.Observed(vms=(), vm_dirs=frozenset({vm}),
-                                         seen_before=first.seen))
-    assert second.actions == (reaper.Action("rmdir", vm, vm, "orphan"),)
+    assert (first.actions, first.seen) == ((), frozenset({
+        ("dir", vm), ("process", f"{vm}:42"), ("jail", "/j/firecracker/" + mine)}))
+    second = reaper.plan(replace(orphan, seen_before=first.seen))
+    assert second.actions == (reaper.Action("kill", "42", vm, "orphan"),
+                              reaper.Action("rmjail", "/j/firecracker/" + mine, vm, "orphan"),
+                              reaper.Action("rmdir", vm, vm, "orphan"))
+    # no key (or a malformed one): nothing host-wide is ever this root's
+    assert reaper.plan(replace(orphan, root_key="", seen_before=first.seen)).actions == (
+        reaper.Action("rmdir", vm, vm, "orphan"),)
 
 
 def test_reconcile_on_a_real_root(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from builder.root import Root
 from builder.source import RegistryOptions
-from runner.state import State
+from runner.state import State, host_name, root_key, vm_of_host
 from tests.support.images import busybox_layout
 from tests.support.oci import make_layout, mkdir, reg
 
@@ -33,10 +33,13 @@ def kiln(root: Path, *args: str, timeout: float = 120,
                           text=True, check=False, timeout=timeout, stdin=stdin)
 
 
-def vmm_pids() -> dict[str, int]:
+def vmm_pids(root: Path) -> dict[str, int]:
+    """VM id → pid of the VMMs of ``root``'s VMs (those tagged with its root key)."""
     from runner.reaper import scan_vmms
 
-    return scan_vmms()
+    key = root_key(root)
+    return {vm: pid for name, pid in scan_vmms().items()
+            if (vm := vm_of_host(name, key)) is not None}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str,
     distroless = build(Root(root), f"oci:{layout.path}:1", RegistryOptions()).volume
     yield root, busybox.id[7:19], distroless.id[7:19]
     ids = {r.id for r in State(root).all()}
-    for vm_id, pid in vmm_pids().items():
+    for vm_id, pid in vmm_pids(root).items():
         if vm_id in ids:
             os.kill(pid, 9)
 
@@ -103,11 +106,10 @@ def test_timeout_exits_124_and_rm_leaves_nothing(world: tuple[Path, str, str]) -
     assert set(os.listdir(root / "pool" / "fs" / "snapshots")) == before_snaps
     ps = json.loads(kiln(root, "ps", "--all", "--json").stdout)
     assert all(r["state"] != "running" for r in ps)
-    assert not set(vmm_pids()) & {r["id"] for r in ps}
-    assert not any(p.name.startswith("kiln-") for p in
-                   [*Path("/sys/fs/cgroup/cpu/kiln").glob("*"),
-                    *Path("/sys/fs/cgroup/memory/kiln").glob("*")]
-                   if p.is_dir())
+    assert not set(vmm_pids(root)) & {r["id"] for r in ps}
+    assert not [p for p in [*Path("/sys/fs/cgroup/cpu/kiln").glob(root_key(root) + "*"),
+                            *Path("/sys/fs/cgroup/memory/kiln").glob(root_key(root) + "*")]
+                if p.is_dir()]  # no cgroup of this root's VMs is left
 
 
 def _debugfs_cat(image: str, path: str) -> str:
@@ -158,13 +160,13 @@ def test_detach_logs_stop(world: tuple[Path, str, str]) -> None:
     ps = json.loads(kiln(root, "ps", "--json").stdout)
     assert [(r["id"], r["state"], r["vmm"]) for r in ps if r["name"] == "bg"] == \
         [(vm_id, "running", "qemu")]
-    assert vm_id in vmm_pids()
+    assert vm_id in vmm_pids(root)
     res = kiln(root, "stop", "bg")
     assert (res.returncode, res.stdout) == (0, vm_id + "\n"), res.stderr
     rec = next(r for r in json.loads(kiln(root, "ps", "--all", "--json").stdout)
                if r["id"] == vm_id)
     assert (rec["state"], rec["exit_code"]) == ("exited", 143)  # SIGTERM to the workload
-    assert vm_id not in vmm_pids()
+    assert vm_id not in vmm_pids(root)
     assert kiln(root, "rm", vm_id).returncode == 0
     assert not (root / "vms" / vm_id).exists()
 
@@ -248,7 +250,19 @@ def test_sigterm_stops_the_vm_gracefully(world: tuple[Path, str, str]) -> None:
     p.terminate()
     out, err = p.communicate(timeout=60)
     assert (p.returncode, out) == (3, "bye\n"), err
-    assert str(rec["id"]) not in vmm_pids()
+    assert str(rec["id"]) not in vmm_pids(root)
+
+
+def test_sigint_to_init_stops_the_workload_gracefully(world: tuple[Path, str, str]) -> None:
+    """Firecracker's stop is Ctrl-Alt-Del, which the kernel turns into SIGINT for PID 1 once
+    kiln-init set kernel.ctrl-alt-del=0. QEMU's microvm has no keyboard to press it on,
+    so the workload sends that SIGINT itself: init must SIGTERM the workload and report
+    the status the workload exits with (not the 130 of its own interrupted wait)."""
+    root, busybox, _ = world
+    res = kiln(root, "run", "--rm", "--timeout", "60", busybox, "--", "sh", "-c",
+               "trap 'echo bye; exit 3' TERM; cat /proc/sys/kernel/ctrl-alt-del; "
+               "kill -INT 1; while :; do sleep 1; done")
+    assert (res.returncode, res.stdout) == (3, "0\nbye\n"), res.stderr
 
 
 def test_sigkill_of_kiln_run_is_reconciled(world: tuple[Path, str, str]) -> None:
@@ -257,15 +271,48 @@ def test_sigkill_of_kiln_run_is_reconciled(world: tuple[Path, str, str]) -> None
                           "--", "sleep", "1000"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     rec = _wait_running(root, "killed")
-    assert str(rec["id"]) in vmm_pids()
+    assert str(rec["id"]) in vmm_pids(root)
     p.kill()
     p.wait()
     after = next(r for r in json.loads(kiln(root, "ps", "--all", "--json").stdout)
                  if r["id"] == rec["id"])
     assert (after["state"], after["reason"]) == ("failed", "kiln run (the VM's owner) died")
     deadline = time.monotonic() + 10
-    while str(rec["id"]) in vmm_pids() and time.monotonic() < deadline:
+    while str(rec["id"]) in vmm_pids(root) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert str(rec["id"]) not in vmm_pids()  # the reaper killed the orphaned VMM
+    assert str(rec["id"]) not in vmm_pids(root)  # the reaper killed the orphaned VMM
     assert kiln(root, "rm", "killed").returncode == 0
     assert not (root / "vms" / str(rec["id"])).exists()
+
+
+def test_another_roots_reaper_leaves_a_live_vm_alone(world: tuple[Path, str, str],
+                                                    tmp_path: Path) -> None:
+    """Root B runs a detached VM; `kiln ps` twice in root A (its reaper's orphans are
+    those seen twice) must not touch it; B then stops and removes it normally."""
+    root, busybox, _ = world
+    other = tmp_path / "root-a"
+    res = kiln(root, "run", "--detach", "--name", "other-root", busybox, "--", "sh", "-c",
+               "echo up; exec sleep 1000")
+    assert res.returncode == 0, res.stderr
+    vm_id = res.stdout.strip()
+    rec = State(root).get(vm_id)
+    assert rec is not None
+    name = host_name(root_key(root), vm_id)
+    assert rec.pid is not None
+    argv = Path(f"/proc/{rec.pid}/cmdline").read_bytes().split(b"\0")
+    assert f"kiln-{name},process=kiln-{name}".encode() in argv  # tagged with B's key
+    assert bool(rec.cgroup_dirs) == (os.geteuid() == 0)  # as root: per-VM cgroups
+    assert all(Path(d).name == name and Path(d).is_dir() for d in rec.cgroup_dirs)
+    for _ in range(2):
+        ps = kiln(other, "ps", "--all", "--json")
+        assert (ps.returncode, json.loads(ps.stdout)) == (0, []), ps.stderr
+    assert vmm_pids(root).get(vm_id) == rec.pid  # the same VMM, still there
+    assert all(Path(d).is_dir() for d in rec.cgroup_dirs)
+    row = next(r for r in json.loads(kiln(root, "ps", "--json").stdout) if r["id"] == vm_id)
+    assert row["state"] == "running"
+    res = kiln(root, "stop", vm_id)
+    assert (res.returncode, res.stdout) == (0, vm_id + "\n"), res.stderr
+    assert vm_id not in vmm_pids(root)
+    assert not [d for d in rec.cgroup_dirs if Path(d).exists()]
+    assert kiln(root, "rm", vm_id).returncode == 0
+    assert not (root / "vms" / vm_id).exists()

@@ -136,6 +136,25 @@ def test_console_init_failures_and_partial_lines() -> None:
     assert sp.exit_code is None
 
 
+def test_console_exit_reports_of_kiln_init() -> None:
+    """Without a status port kiln-init's finish says "kiln-init: exit N" on the console:
+    after the workload (agreeing with its marker), after its own failures (125 for a
+    config it cannot read, which no failure message gives), and after a stop request."""
+    sp = fcdriver.ConsoleSplit()
+    assert sp.feed(b"kiln-init: cannot read /.kiln/config\r\nkiln-init: exit 125\r\n") == \
+        (b"kiln-init: cannot read /.kiln/config\nkiln-init: exit 125\n", b"", b"")
+    assert sp.exit_code == 125
+    sp = fcdriver.ConsoleSplit()
+    sp.feed(b"kiln: nope: executable file not found in $PATH\r\nkiln-init: exit 127\r\n")
+    assert sp.exit_code == 127
+    sp = fcdriver.ConsoleSplit()
+    con, out, err = sp.feed(b"kiln-init: starting /bin/sh\r\nup\r\n"
+                            b"kiln-init: stop requested (ctrl-alt-del)\r\nbye\r\n"
+                            b"kiln-init: workload exited 3\r\nkiln-init: exit 3\r\n")
+    assert (out, err, sp.exit_code) == (b"up\nbye\n", b"", 3)
+    assert b"kiln-init: stop requested (ctrl-alt-del)\n" in con
+
+
 def test_vmm_exit_code() -> None:
     assert fcdriver.vmm_exit_code("x\n[anonymous-instance:main] Firecracker exiting "
                                   "successfully. exit_code=0\n") == 0
@@ -145,10 +164,16 @@ def test_vmm_exit_code() -> None:
 # -- the reaper and the record ---------------------------------------------------------------
 
 def test_vmm_of() -> None:
-    assert reaper.vmm_of([b"/firecracker", b"--id", b"abcdefghijkl", b"--api-sock",
-                          b"/run/api.sock", b""]) == "abcdefghijkl"
+    """The host name (root key + VM id) of a kiln VMM of any root; the plan keeps its own."""
+    host = b"rootaaaaabcdefghijkl"
+    assert reaper.vmm_of([b"/firecracker", b"--id", host, b"--api-sock",
+                          b"/run/api.sock", b""]) == host.decode()
+    assert reaper.vmm_of([b"qemu-system-x86_64", b"-name",
+                          b"kiln-" + host + b",process=kiln-" + host]) == host.decode()
     assert reaper.vmm_of([b"qemu-system-x86_64", b"-name",
                           b"kiln-abcdefghijkl,process=kiln-abcdefghijkl"]) == "abcdefghijkl"
+    assert reaper.vmm_of([b"qemu-system-x86_64", b"-name", b"kiln-" + b"a" * 33 + b","]) is None
+    assert reaper.vmm_of([b"qemu-system-x86_64", b"-name", b"other-" + host + b","]) is None
     assert reaper.vmm_of([b"/firecracker", b"--id", b"notkiln-vm"]) is None
     assert reaper.vmm_of([b"/usr/bin/sleep", b"--id", b"abcdefghijkl"]) is None
     assert reaper.vmm_of([b""]) is None
@@ -163,15 +188,17 @@ ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=12, max_size
        st.lists(ids, max_size=4, unique=True), st.data())
 def test_jails_reaped_like_every_resource(vms: list[reaper.VMView], extra: list[str],
                                           data: st.DataObject) -> None:
-    jails = {i: f"/j/firecracker/{i}" for i in [*(v.id for v in vms), *extra]}
-    cgroups: dict[str, tuple[str, ...]] = {i: (f"/c/pids/kiln/{i}",) for i in jails}
+    key = "rootaaaa"
+    jails = {key + i: f"/j/firecracker/{key}{i}" for i in [*(v.id for v in vms), *extra]}
+    cgroups: dict[str, tuple[str, ...]] = {n: (f"/c/pids/kiln/{n}",) for n in jails}
     cands = [("jail", p) for p in jails.values()] + [("cgroup", c[0]) for c in cgroups.values()]
     seen = frozenset(data.draw(st.lists(st.sampled_from(cands), max_size=8))) if cands \
         else frozenset()
-    obs = reaper.Observed(vms=tuple(vms), cgroups=cgroups, jails=jails, seen_before=seen)
+    obs = reaper.Observed(vms=tuple(vms), root_key=key, cgroups=cgroups, jails=jails,
+                          seen_before=seen)
     acts = reaper.plan(obs).actions
     known = {v.id: v for v in vms}
-    for vm_id, path in jails.items():
+    for vm_id, path in ((n[len(key):], p) for n, p in jails.items()):
         mine = [a for a in acts if a.vm == vm_id]
         v = known.get(vm_id)
         if v is not None and v.owner_alive:
@@ -280,15 +307,21 @@ cgroup_parent = "{parent}"
         shutil.rmtree(base, ignore_errors=True)
 
 
+def host(w: dict[str, Any], vm_id: str) -> str:
+    """The VM's host name: its jail id and cgroup leaf."""
+    return state.host_name(state.root_key(w["root"]), vm_id)
+
+
 def leftovers(w: dict[str, Any], vm_id: str) -> list[str]:
     """Every host resource of the VM that still exists (process, cgroups, jail)."""
-    out = [f"process {p}" for i, p in reaper.scan_vmms().items() if i == vm_id]
+    name = host(w, vm_id)
+    out = [f"process {p}" for i, p in reaper.scan_vmms().items() if i == name]
     lay = cg.layout(cg.CgroupConfig())
     for h in [lay.v2, *lay.v1.values()]:
-        if h is not None and (h / w["parent"] / vm_id).exists():
-            out.append(f"cgroup {h / w['parent'] / vm_id}")
-    if (w["jails"] / vm_id).exists():
-        out.append(f"jail {w['jails'] / vm_id}")
+        if h is not None and (h / w["parent"] / name).exists():
+            out.append(f"cgroup {h / w['parent'] / name}")
+    if (w["jails"] / name).exists():
+        out.append(f"jail {w['jails'] / name}")
     return out
 
 
@@ -343,7 +376,9 @@ def test_detach_config_roundtrip_stop_rm(world: dict[str, Any]) -> None:
     assert rec is not None
     doc = rec.fc_doc
     assert doc["step"] == "start"
-    assert doc["jail"] == str(world["jails"] / vm_id)
+    assert doc["jail"] == str(world["jails"] / host(world, vm_id))
+    assert doc["host"] == host(world, vm_id)
+    assert all(Path(d).name == host(world, vm_id) for d in rec.cgroup_dirs)
     assert rec.cgroup_dirs  # named in the record before they existed
     assert all(Path(d).is_dir() for d in rec.cgroup_dirs)
     status = Path(f"/proc/{rec.pid}/status").read_text()

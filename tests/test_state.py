@@ -94,3 +94,22 @@ def test_orphan_memory(tmp_path: Path) -> None:
     assert state.State(tmp_path).seen_orphans() == {("dir", "abcdefghijkl")}
     st.set_orphans(set())
     assert st.seen_orphans() == set()
+
+
+def test_root_key_and_host_names(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (tmp_path / "link").symlink_to(a)
+    key = state.root_key(a)
+    assert re.fullmatch(r"[a-z2-7]{8}", key)
+    assert state.root_key(str(a)) == key == state.root_key(tmp_path / "link")  # real path
+    assert state.root_key(b) != key
+    name = state.host_name(key, "abcdefghijkl")
+    assert name == key + "abcdefghijkl"
+    assert re.fullmatch(r"[a-z2-7]{1,32}", name)  # a valid jail id / kiln-helper VM id
+    assert state.vm_of_host(name, key) == "abcdefghijkl"
+    for other in [state.host_name(state.root_key(b), "abcdefghijkl"),  # another root's
+                  "abcdefghijkl",  # from before root keys: its root is unknown
+                  name + "a", name[:-1], key + "abcdefghijk1", key + "ABCDEFGHIJKL"]:
+        assert state.vm_of_host(other, key) is None
+    assert state.vm_of_host(name, "") is None

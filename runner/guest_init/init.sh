@@ -3,7 +3,11 @@
 #
 # Mounts /proc, /sys, /dev; applies /.kiln/config (written by the host: hostname, workdir,
 # user, PATH, the environment and the argv); runs the workload with its stdout/stderr on
-# virtio-serial ports; reports "exit N" on the kiln.status port; powers off. Everything
+# virtio-serial ports; reports "exit N" on the kiln.status port (without one, as under
+# Firecracker: "kiln-init: exit N" on the console); powers off. A stop request is
+# "stop GRACE" on the kiln.control port (QEMU) or Ctrl-Alt-Del (Firecracker's only one,
+# which the kernel turns into SIGINT for PID 1 once kernel.ctrl-alt-del is 0): either
+# way the workload gets SIGTERM. Everything
 # runs through kiln's own busybox, so images without a shell work. The workload itself is
 # always exec'd by absolute path: this busybox prefers its applets to files of the same
 # name, and the image's `echo` must win over busybox's.
@@ -11,7 +15,7 @@ bb=/.kiln/busybox
 say() { echo "kiln-init: $*" >/dev/console; }
 status=""
 finish() {
-  [ -n "$status" ] && echo "exit $1" >"$status"
+  if [ -n "$status" ]; then echo "exit $1" >"$status"; else say "exit $1"; fi
   $bb kill -TERM -1 2>/dev/null
   $bb kill -KILL -1 2>/dev/null
   $bb sync
@@ -46,7 +50,7 @@ while [ -z "$status" ] && [ "$i" -lt 400 ]; do
   i=$((i + 1))
   $bb usleep 5000
 done
-[ -n "$status" ] || say "no kiln.status port: the exit status cannot be reported"
+[ -n "$status" ] || say "no kiln.status port: the exit status goes to the console"
 [ -n "$out" ] || out=/dev/console
 [ -n "$err" ] || err=$out
 [ -n "$in" ] || in=/dev/null
@@ -150,6 +154,11 @@ fi
 i=0
 while [ "$i" -lt "$m" ]; do set -- "$@" "$1"; shift; i=$((i + 1)); done
 
+# Ctrl-Alt-Del now means "stop the workload": SIGINT to this shell, counted by the trap
+# (until here it reboots, which ends the VM: nothing runs yet that needs a graceful stop).
+stop=0 termed=0
+trap 'stop=$((stop + 1))' INT
+echo 0 2>/dev/null >/proc/sys/kernel/ctrl-alt-del
 say "starting $prog"
 if [ "$err" = "$out" ]; then
   $bb env -i "$@" <"$in" >"$out" 2>&1 &
@@ -166,7 +175,17 @@ if [ -n "$ctl" ]; then
     $bb kill -KILL -1 2>/dev/null
   ) &
 fi
-wait "$child"
-rc=$?
+while :; do
+  if [ "$stop" -gt "$termed" ]; then
+    termed=$stop
+    say "stop requested (ctrl-alt-del)"
+    $bb kill -TERM "$child" 2>/dev/null
+  fi
+  wait "$child"
+  rc=$?
+  # A trapped signal cuts `wait` short with 128+2 while the workload runs on: SIGTERM
+  # it (above) and wait again for its own status.
+  [ "$rc" = 130 ] && [ "$stop" -gt "$termed" ] || break
+done
 say "workload exited $rc"
 finish "$rc"
