@@ -18,7 +18,6 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,7 +25,10 @@ import sh
 
 from helper import run as helper_run
 from helper.errors import ToolError, ToolNotFound, ToolTimeout
-from helper.run import SEARCH_PATH
+from helper.run import SEARCH_PATH, Result
+
+# Result is re-exported: callers type against proc.Result.
+__all__ = ["Result", "run", "tool_env", "version_of", "which"]
 
 log = logging.getLogger("kiln.proc")
 
@@ -93,20 +95,6 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a finished tool run produced."""
-
-    cmd: list[str]
-    code: int
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode("utf-8", "replace")
 
 
 def _tail(data: bytes, lines: int = 15) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 from builder import proc
 from builder.demoimage import add_layer, write_layer_tar
+from tests.support.images import layout_from_tree
 
 CACHE = Path(os.environ.get("KILN_TEST_CACHE", "/var/cache/kiln-tests"))
 DEBIAN = ("bookworm", "minbase", "http://deb.debian.org/debian")
@@ -81,25 +82,7 @@ def base_layout() -> Path:
             else:
                 p.unlink()
         layout = work / "layout"
-        proc.run("umoci", ["init", "--layout", str(layout)], timeout=60)
-        proc.run("umoci", ["new", "--image", f"{layout}:{TAG}"], timeout=60)
-        tar = work / "rootfs.tar"
-        proc.run("tar", [
-            "--create",
-            "--file", str(tar),
-            "--format=pax",
-            "--sort=name",
-            "--numeric-owner",
-            "--xattrs", "--xattrs-include=*",  # keep file capabilities and the like
-            "--directory", str(rootfs),
-            *sorted(os.listdir(rootfs)),  # names without a "./" prefix or a root entry
-        ], timeout=600)
-        add_layer(f"{layout}:{TAG}", tar, "debootstrap --variant=minbase bookworm + dm tools")
-        proc.run("umoci", ["config", "--image", f"{layout}:{TAG}", "--no-history",
-                           "--config.cmd", "/bin/bash", "--config.env",
-                           "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                 timeout=60)
-        proc.run("umoci", ["gc", "--layout", str(layout)], timeout=60)
+        layout_from_tree(rootfs, layout, TAG, "debootstrap --variant=minbase bookworm + dm tools")
         with contextlib.suppress(OSError):  # a parallel run won the race: keep theirs
             os.rename(layout, final)
     finally:

@@ -123,6 +123,30 @@ def push_multiarch(address: str, repo: str = "demo/multi") -> tuple[str, dict[st
     return ref, plats
 
 
+def layout_from_tree(rootfs: Path, layout: Path, tag: str, comment: str) -> None:
+    """A one-layer OCI image ``layout:tag`` holding ``rootfs`` exactly (owners, xattrs)."""
+    proc.run("umoci", ["init", "--layout", str(layout)], timeout=60)
+    proc.run("umoci", ["new", "--image", f"{layout}:{tag}"], timeout=60)
+    tar = layout.parent / f"{tag}-rootfs.tar"
+    proc.run("tar", [
+        "--create",
+        "--file", str(tar),
+        "--format=pax",
+        "--sort=name",
+        "--numeric-owner",
+        "--xattrs", "--xattrs-include=*",  # keep file capabilities and the like
+        "--directory", str(rootfs),
+        *sorted(os.listdir(rootfs)),  # names without a "./" prefix or a root entry
+    ], timeout=600)
+    add_layer(f"{layout}:{tag}", tar, comment)
+    tar.unlink()
+    proc.run("umoci", ["config", "--image", f"{layout}:{tag}", "--no-history",
+                       "--config.cmd", "/bin/bash", "--config.env",
+                       "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+             timeout=60)
+    proc.run("umoci", ["gc", "--layout", str(layout)], timeout=60)
+
+
 def debian_layout() -> Path:
     """The cached Debian minbase layout (tag ``bookworm``), built on first use."""
     material = [DEBIAN, proc.version_of("umoci"), "tar-v2"]
@@ -139,25 +163,7 @@ def debian_layout() -> Path:
         for p in (rootfs / "var/cache/apt/archives").glob("*.deb"):
             p.unlink()
         layout = work / "layout"
-        proc.run("umoci", ["init", "--layout", str(layout)], timeout=60)
-        proc.run("umoci", ["new", "--image", f"{layout}:bookworm"], timeout=60)
-        tar = work / "rootfs.tar"
-        proc.run("tar", [
-            "--create",
-            "--file", str(tar),
-            "--format=pax",
-            "--sort=name",
-            "--numeric-owner",
-            "--xattrs", "--xattrs-include=*",  # keep file capabilities and the like
-            "--directory", str(rootfs),
-            *sorted(os.listdir(rootfs)),  # names without a "./" prefix or a root entry
-        ], timeout=600)
-        add_layer(f"{layout}:bookworm", tar, "debootstrap --variant=minbase bookworm")
-        proc.run("umoci", ["config", "--image", f"{layout}:bookworm", "--no-history",
-                           "--config.cmd", "/bin/bash", "--config.env",
-                           "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                 timeout=60)
-        proc.run("umoci", ["gc", "--layout", str(layout)], timeout=60)
+        layout_from_tree(rootfs, layout, "bookworm", "debootstrap --variant=minbase bookworm")
         with contextlib.suppress(OSError):  # a parallel run won the race: keep theirs
             os.rename(layout, final)
     finally:
