@@ -6,13 +6,17 @@ rules, privileged steps) lives in ``helper/pool``; see docs/pool.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.table import Table
 
 from builder.units import format_size, parse_size
 from helper.errors import KilnError, NotFound
-from helper.pool.base import Pool
 from runner.cli import Ctx, cli, out_console, pass_ctx, print_json
+
+if TYPE_CHECKING:  # helper.pool is imported by the commands that use it: start-up time
+    from helper.pool.base import Pool
 
 
 def _no_pool() -> NotFound:

@@ -103,6 +103,12 @@ def outcome(status_text: str, vmm_code: int | None, *, timed_out: bool, stopped:
     if stopped:
         return Outcome("exited", 137, "stopped (forced)", 137)
     if vmm_code == 0 and own_init:
+        if "Kernel panic" in console_tail:
+            # With panic=-1 and -no-reboot a panic ends QEMU with status 0 too: an image's
+            # own init that exits is a failure, not a power-off.
+            panic = next(line for line in console_tail.splitlines() if "Kernel panic" in line)
+            return Outcome("failed", None, f"the guest kernel panicked: {panic.strip()}",
+                           EXIT_KILN)
         return Outcome("exited", 0, "the guest powered off", 0)
     if vmm_code == 0:
         why = console_tail.strip().splitlines()[-1] if console_tail.strip() else "no output"

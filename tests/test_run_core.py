@@ -110,3 +110,14 @@ def test_choose_vmm() -> None:
     assert vm.choose_vmm("qemu", True) == "qemu"
     with pytest.raises(UsageError):
         vm.choose_vmm("xen", False)
+
+
+def test_outcome_image_init_panic_is_a_failure() -> None:
+    """panic=-1 + -no-reboot: QEMU exits 0 on a panic; an image's init exiting is a failure."""
+    tail = "[    1.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300\n"
+    got = outcome("", 0, timed_out=False, stopped=False, own_init=True, console_tail=tail)
+    assert got.state == "failed"
+    assert got.kiln_exit == vm.EXIT_KILN
+    assert got.reason.startswith("the guest kernel panicked: ")
+    clean = outcome("", 0, timed_out=False, stopped=False, own_init=True, console_tail="bye\n")
+    assert clean == Outcome("exited", 0, "the guest powered off", 0)
