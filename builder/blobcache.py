@@ -47,6 +47,7 @@ from builder.source import (
     manifest_json,
     run_skopeo,
 )
+from builder.store import hash_file
 from helper.errors import IntegrityError
 
 # layer media type suffix -> MIME types libmagic reports for such content
@@ -66,13 +67,8 @@ def blob_path(root: Root, digest: str) -> Path:
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
+    """(``sha256:…``, size) of a blob file."""
+    return hash_file(path), path.stat().st_size
 
 
 # -- pull ------------------------------------------------------------------------------------

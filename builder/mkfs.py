@@ -38,7 +38,7 @@ from typing import BinaryIO
 
 from builder import ext4, proc
 from builder.tree import Kind, Tree
-from helper.errors import BuildError, ToolError
+from helper.errors import BuildError, ToolError, ToolNotFound
 
 MIB = 1 << 20
 INODE_SIZE = 256
@@ -251,8 +251,9 @@ def mke2fs_argv(image: Path, geometry: Geometry, *, source: str, uuid: str, hash
 
 @functools.cache
 def mke2fs_version() -> tuple[int, ...]:
-    res = proc.run("mke2fs", ["-V"], timeout=20)
-    text = (res.stderr + res.stdout).decode("utf-8", "replace")
+    text = proc.version_of("mke2fs", ["-V"])  # the same cached answer the build key uses
+    if text == "missing":
+        raise ToolNotFound("mke2fs", "e2fsprogs")
     m = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
     if not m:
         raise BuildError(f"cannot tell the mke2fs version from {text.strip()[:80]!r}",

@@ -11,6 +11,7 @@ The privileged helper has its own stdlib runner (``helper/`` must not depend on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -191,7 +192,15 @@ def run(
 
 
 def version_of(tool: str, args: Iterable[str] = ("--version",)) -> str:
-    """First line of a tool's version output (``missing`` when it is not installed)."""
+    """First line of a tool's version output (``missing`` when it is not installed).
+
+    Asked once per process: the build key, the mke2fs check and ``kiln version`` all want
+    the same answers."""
+    return _version_of(tool, tuple(args))
+
+
+@functools.cache
+def _version_of(tool: str, args: tuple[str, ...]) -> str:
     try:
         res = run(tool, args, timeout=20, ok_codes=(0, 1))
     except ToolNotFound:

@@ -35,7 +35,6 @@ wires it into the run core (``runner.vm``):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.root import Root, atomic_write
+from builder.store import hash_file
 from helper import cgroup as cg
 from helper import jail
 from helper.errors import KilnError, NotFound, UsageError
@@ -215,11 +215,7 @@ def cached_copy(src: Path, cache_dir: Path, prefix: str) -> Path:
     (staging only takes files from kiln's own directories)."""
     if src.resolve().is_relative_to(cache_dir.resolve()):
         return src
-    h = hashlib.sha256()
-    with open(src, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    dest = cache_dir / f"{prefix}-{h.hexdigest()[:32]}"
+    dest = cache_dir / f"{prefix}-{hash_file(src)[7:39]}"
     if not dest.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")

@@ -32,6 +32,7 @@ import magic
 
 from builder import proc
 from builder.root import fsync_dir
+from builder.store import hash_file
 from helper.errors import KilnError, UsageError
 
 ELF_MAGIC = b"\x7fELF"
@@ -208,13 +209,7 @@ def ensure_vmlinux(src: Path, cache_dir: Path) -> Path:
     cached by the bzImage's content hash (``cache_dir/vmlinux-<sha256 prefix>``)."""
     if kernel_format(src) == "elf":
         return src
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(src, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    dest = cache_dir / f"vmlinux-{h.hexdigest()[:32]}"
+    dest = cache_dir / f"vmlinux-{hash_file(src)[7:39]}"
     if not dest.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         extract_vmlinux(src, dest)
