@@ -22,19 +22,15 @@ line the in-guest program prints.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from builder import proc
 from builder.demoimage import add_layer, write_layer_tar
-from tests.support.images import layout_from_tree
+from tests.support.images import debootstrap_layout
 
 CACHE = Path(os.environ.get("KILN_TEST_CACHE", "/var/cache/kiln-tests"))
 DEBIAN = ("bookworm", "minbase", "http://deb.debian.org/debian")
@@ -56,38 +52,10 @@ SUMMARY_MARK = "KILN-DMTHIN-SUMMARY "
 
 def base_layout() -> Path:
     """The cached Debian minbase + dm tools layout (tag ``dmthin``), built on first use."""
-    material = [DEBIAN, PACKAGES, proc.version_of("umoci"), "tar-v2"]
-    key = hashlib.sha256(json.dumps(material).encode()).hexdigest()
-    final = CACHE / f"debian-{DEBIAN[0]}-dmthin-{key[:16]}"
-    if (final / "index.json").exists():
-        return final
-    CACHE.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
-    try:
-        rootfs = work / "rootfs"
-        proc.run("debootstrap", [
-            f"--variant={DEBIAN[1]}",
-            "--include=" + ",".join(PACKAGES),
-            DEBIAN[0],
-            str(rootfs),
-            DEBIAN[2],
-        ], timeout=1200)
-        for p in (rootfs / "var/cache/apt/archives").glob("*.deb"):
-            p.unlink()
-        # debootstrap leaves static nodes in /dev; an empty /dev makes kiln's guest init
-        # mount devtmpfs, which is where the loop and device-mapper nodes appear.
-        for p in (rootfs / "dev").iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        layout = work / "layout"
-        layout_from_tree(rootfs, layout, TAG, "debootstrap --variant=minbase bookworm + dm tools")
-        with contextlib.suppress(OSError):  # a parallel run won the race: keep theirs
-            os.rename(layout, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final
+    # debootstrap leaves static nodes in /dev; an empty /dev makes kiln's guest init
+    # mount devtmpfs, which is where the loop and device-mapper nodes appear.
+    return debootstrap_layout("dmthin", TAG, "debootstrap --variant=minbase bookworm + dm tools",
+                              include=PACKAGES, empty_dev=True)
 
 
 def kernel_version() -> str:

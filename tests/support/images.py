@@ -24,7 +24,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,28 +149,48 @@ def layout_from_tree(rootfs: Path, layout: Path, tag: str, comment: str) -> None
     proc.run("umoci", ["gc", "--layout", str(layout)], timeout=60)
 
 
-def debian_layout() -> Path:
-    """The cached Debian minbase layout (tag ``bookworm``), built on first use."""
-    material = [DEBIAN, proc.version_of("umoci"), "tar-v2"]
+def debootstrap_layout(name: str, tag: str, comment: str, *, include: Sequence[str] = (),
+                       empty_dev: bool = False) -> Path:
+    """A cached one-layer layout of a Debian minbase tree (plus ``include`` packages),
+    built on first use under ``CACHE/debian-bookworm-<name>-<key>`` and renamed into place
+    atomically. ``empty_dev`` drops debootstrap's static /dev nodes."""
+    material: list[Any] = [DEBIAN, list(include)] if include else [DEBIAN]
+    material += [proc.version_of("umoci"), "tar-v2"]
     key = hashlib.sha256(json.dumps(material).encode()).hexdigest()
-    final = CACHE / f"debian-{DEBIAN[0]}-{DEBIAN[1]}-{key[:16]}"
+    final = CACHE / f"debian-{DEBIAN[0]}-{name}-{key[:16]}"
     if (final / "index.json").exists():
         return final
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
     try:
         rootfs = work / "rootfs"
-        proc.run("debootstrap", [f"--variant={DEBIAN[1]}", DEBIAN[0], str(rootfs), DEBIAN[2]],
-                 timeout=900)
+        proc.run("debootstrap", [
+            f"--variant={DEBIAN[1]}",
+            *(["--include=" + ",".join(include)] if include else []),
+            DEBIAN[0],
+            str(rootfs),
+            DEBIAN[2],
+        ], timeout=1200)
         for p in (rootfs / "var/cache/apt/archives").glob("*.deb"):
             p.unlink()
+        if empty_dev:
+            for p in (rootfs / "dev").iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         layout = work / "layout"
-        layout_from_tree(rootfs, layout, "bookworm", "debootstrap --variant=minbase bookworm")
+        layout_from_tree(rootfs, layout, tag, comment)
         with contextlib.suppress(OSError):  # a parallel run won the race: keep theirs
             os.rename(layout, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def debian_layout() -> Path:
+    """The cached Debian minbase layout (tag ``bookworm``), built on first use."""
+    return debootstrap_layout(DEBIAN[1], "bookworm", "debootstrap --variant=minbase bookworm")
 
 
 def push_debian(address: str, repo: str = "demo/debian") -> str:
