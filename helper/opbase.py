@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,3 +82,6 @@ def replace_in(dfd: int, name: str, flags: int, mode: int) -> Iterator[int]:
         os.fsync(d)
     finally:
         os.close(d)
+
+
+Op = Callable[[Ctx, Any], dict[str, Any]]  # what each module's ``OPS`` table maps to

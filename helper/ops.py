@@ -18,57 +18,11 @@ program path or an argv. An op on an object that does not exist raises ``NotFoun
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
+from helper import ops_dm, ops_net, ops_storage, ops_vm
 from helper.errors import UsageError
-from helper.opbase import Ctx, Req
-from helper.ops_dm import (
-    DmCreate,
-    DmMessage,
-    DmRemove,
-    Reclaim,
-    dm_create,
-    dm_message,
-    dm_remove,
-    reclaim,
-)
-from helper.ops_storage import (
-    LoopAttach,
-    LoopDetach,
-    PoolImage,
-    PoolMount,
-    PoolRemove,
-    PoolUmount,
-    VolumeImport,
-    VolumeRemove,
-    loop_attach,
-    loop_detach,
-    pool_image,
-    pool_mount,
-    pool_remove,
-    pool_umount,
-    volume_import,
-    volume_remove,
-)
-from helper.ops_vm import (
-    CgroupCreate,
-    CgroupKill,
-    JailGrantApi,
-    JailLaunch,
-    JailRemove,
-    JailStage,
-    TapCreate,
-    TapDelete,
-    cgroup_create,
-    cgroup_kill,
-    jail_grant_api,
-    jail_launch,
-    jail_remove,
-    jail_stage,
-    tap_create,
-    tap_delete,
-)
+from helper.opbase import Ctx, Op, Req
 
 __all__ = ["OPS", "Ctx", "Req", "parse", "run_op", "schemas"]
 
@@ -87,29 +41,13 @@ def area(ctx: Ctx, req: Area) -> dict[str, Any]:
 
 # -- the table ------------------------------------------------------------------------------
 
-Op = Callable[[Ctx, Any], dict[str, Any]]
+# Each subject module declares its own ops; names are unique across them.
 OPS: dict[str, tuple[type[Req], Op]] = {
     "area": (Area, area),
-    "loop-attach": (LoopAttach, loop_attach),
-    "loop-detach": (LoopDetach, loop_detach),
-    "dm-create": (DmCreate, dm_create),
-    "dm-message": (DmMessage, dm_message),
-    "dm-remove": (DmRemove, dm_remove),
-    "pool-image": (PoolImage, pool_image),
-    "pool-mount": (PoolMount, pool_mount),
-    "pool-umount": (PoolUmount, pool_umount),
-    "pool-remove": (PoolRemove, pool_remove),
-    "volume-import": (VolumeImport, volume_import),
-    "volume-remove": (VolumeRemove, volume_remove),
-    "jail-stage": (JailStage, jail_stage),
-    "jail-launch": (JailLaunch, jail_launch),
-    "jail-grant-api": (JailGrantApi, jail_grant_api),
-    "jail-remove": (JailRemove, jail_remove),
-    "cgroup-create": (CgroupCreate, cgroup_create),
-    "cgroup-kill": (CgroupKill, cgroup_kill),
-    "tap-create": (TapCreate, tap_create),
-    "tap-delete": (TapDelete, tap_delete),
-    "reclaim": (Reclaim, reclaim),
+    **ops_storage.OPS,
+    **ops_dm.OPS,
+    **ops_vm.OPS,
+    **ops_net.OPS,
 }
 _OP_RE = re.compile(r"^[a-z]+(-[a-z]+)*$")
 

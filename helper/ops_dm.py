@@ -18,6 +18,7 @@ from helper.opbase import (
     Ctx,
     DmName,
     LoopDev,
+    Op,
     Req,
 )
 from helper.pool import dmthin_core as core
@@ -111,3 +112,9 @@ def reclaim(ctx: Ctx, req: Reclaim) -> dict[str, Any]:
     return {"removed": privileged.reclaim(ctx.area, list(req.keep))}
 
 
+OPS: dict[str, tuple[type[Req], Op]] = {
+    "dm-create": (DmCreate, dm_create),
+    "dm-message": (DmMessage, dm_message),
+    "dm-remove": (DmRemove, dm_remove),
+    "reclaim": (Reclaim, reclaim),
+}

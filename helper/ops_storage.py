@@ -25,6 +25,7 @@ from helper.opbase import (
     Ctx,
     FsName,
     LoopDev,
+    Op,
     RelPath,
     Req,
     VolumeId,
@@ -357,3 +358,13 @@ def volume_remove(ctx: Ctx, req: VolumeRemove) -> dict[str, Any]:
     return {}
 
 
+OPS: dict[str, tuple[type[Req], Op]] = {
+    "loop-attach": (LoopAttach, loop_attach),
+    "loop-detach": (LoopDetach, loop_detach),
+    "pool-image": (PoolImage, pool_image),
+    "pool-mount": (PoolMount, pool_mount),
+    "pool-umount": (PoolUmount, pool_umount),
+    "pool-remove": (PoolRemove, pool_remove),
+    "volume-import": (VolumeImport, volume_import),
+    "volume-remove": (VolumeRemove, volume_remove),
+}

@@ -17,6 +17,7 @@ from helper.errors import NotFound, UsageError
 from helper.opbase import (
     Ctx,
     KilnId,
+    Op,
     Req,
     Uid,
 )
@@ -193,3 +194,13 @@ def tap_delete(ctx: Ctx, req: TapDelete) -> dict[str, Any]:
     return {}
 
 
+OPS: dict[str, tuple[type[Req], Op]] = {
+    "jail-stage": (JailStage, jail_stage),
+    "jail-launch": (JailLaunch, jail_launch),
+    "jail-grant-api": (JailGrantApi, jail_grant_api),
+    "jail-remove": (JailRemove, jail_remove),
+    "cgroup-create": (CgroupCreate, cgroup_create),
+    "cgroup-kill": (CgroupKill, cgroup_kill),
+    "tap-create": (TapCreate, tap_create),
+    "tap-delete": (TapDelete, tap_delete),
+}
