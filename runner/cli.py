@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -34,6 +34,19 @@ class Ctx:
 
     root: Root
     debug: bool
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """One table on stdout (rich.table is imported here: most commands print none, and
+    every import counts in `kiln run`'s start-up)."""
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
 
 
 def print_json(obj: Any) -> None:

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
 from builder.units import format_size, parse_duration
-from runner.cli import Ctx, cli, out_console, pass_ctx, print_json, registry_options
-from runner.progress import ProgressView
+from runner.cli import Ctx, cli, out_console, pass_ctx, print_json, print_table, registry_options
 
 if TYPE_CHECKING:
     from builder.pipeline import BuildResult
@@ -59,13 +57,10 @@ def doctor(ctx: Ctx, registry: str | None, as_json: bool) -> None:
         print_json([{"name": c.name, "ok": c.ok, "required": c.required,
                      "detail": c.detail, "hint": c.hint} for c in checks])
     else:
-        table = Table(show_header=True, header_style="bold")
-        for col in ("check", "", "detail", "fix"):
-            table.add_column(col)
-        for c in checks:
-            mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]no[/]")
-            table.add_row(c.name, mark, c.detail, "" if c.ok else c.hint)
-        out_console.print(table)
+        print_table(("check", "", "detail", "fix"), [
+            (c.name, "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required
+                                                  else "[yellow]no[/]"),
+             c.detail, "" if c.ok else c.hint) for c in checks])
     if failed_required:
         raise SystemExit(1)
 
@@ -88,6 +83,8 @@ def build(ctx: Ctx, source: str, tls_verify: bool, no_tls_verify: bool,
 
     opts = _registry_opts(tls_verify, no_tls_verify, authfile, platform)
     pushed = None
+    from runner.progress import ProgressView
+
     with ProgressView(enabled=None if not as_json else False) as view:
         if push_ref is not None:
             from builder.publish import parse_target
@@ -128,13 +125,9 @@ def volume_ls(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         print_json([v.summary() for v in vols])
         return
-    table = Table(show_header=True, header_style="bold")
-    for col in ("ID", "SOURCE", "SIZE", "CREATED"):
-        table.add_column(col)
-    for v in vols:
-        table.add_row(v.id[7:19], str(v.meta.get("source")), format_size(v.size),
-                      str(v.meta.get("created")))
-    out_console.print(table)
+    print_table(("ID", "SOURCE", "SIZE", "CREATED"), [
+        (v.id[7:19], str(v.meta.get("source")), format_size(v.size), str(v.meta.get("created")))
+        for v in vols])
 
 
 @volume.command("inspect")
@@ -236,6 +229,9 @@ def demo(ctx: Ctx, recipe_path: Path | None, no_boot: bool, as_json: bool) -> No
         out_console.print(f"volume    [bold]{v.id}[/] ({state}, {format_size(v.size)})")
         out_console.print(f"path      {v.path}")
         out_console.print(f"booting   kiln run --rm {v.id[7:19]}  (the guest's output follows)")
+
+    from runner.progress import ProgressView
+
 
     with ProgressView(enabled=None if not as_json else False) as view:
         res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view,

@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from builder.units import format_size
-from runner.cli import Ctx, cli, out_console, pass_ctx, print_json, registry_options
+from runner.cli import Ctx, cli, out_console, pass_ctx, print_json, print_table, registry_options
 from runner.commands import _registry_opts, volume
-from runner.progress import ProgressView
 
 
 @cli.command()
@@ -33,6 +31,8 @@ def push(ctx: Ctx, volume_id: str, ref: str, tls_verify: bool, no_tls_verify: bo
 
     opts = _registry_opts(tls_verify, no_tls_verify, authfile)
     vol = Store(ctx.root).get(volume_id)
+    from runner.progress import ProgressView
+
     with ProgressView(enabled=None if not as_json else False) as view:
         res = push_volume(ctx.root, vol, ref, opts, listener=view)
     if as_json:
@@ -56,6 +56,8 @@ def pull(ctx: Ctx, ref: str, tls_verify: bool, no_tls_verify: bool, authfile: Pa
     from builder.publish import pull_volume
 
     opts = _registry_opts(tls_verify, no_tls_verify, authfile)
+    from runner.progress import ProgressView
+
     with ProgressView(enabled=None if not as_json else False) as view:
         res = pull_volume(ctx.root, ref, opts, listener=view)
     if as_json:
@@ -91,17 +93,14 @@ def refresh(ctx: Ctx, targets: tuple[str, ...], push_prefix: str | None, jobs: i
     if as_json:
         print_json([r.as_json() for r in rows])
     else:
-        table = Table(show_header=True, header_style="bold")
-        for col in ("RECIPE", "SOURCE DIGEST", "VOLUME", "ACTION", "SECONDS"):
-            table.add_column(col)
+        lines = []
         for r in rows:
             old, new = _short(r.old_digest), _short(r.new_digest)
             digests = new if old == new else f"{old} → {new}"
             colour = {"failed": "red", "rebuilt": "green"}.get(r.action, "dim")
-            action = f"[{colour}]{r.action}[/]"
-            table.add_row(Path(r.recipe).name, digests, _short(r.volume_id), action,
-                          f"{r.seconds:.2f}")
-        out_console.print(table)
+            lines.append((Path(r.recipe).name, digests, _short(r.volume_id),
+                          f"[{colour}]{r.action}[/]", f"{r.seconds:.2f}"))
+        print_table(("RECIPE", "SOURCE DIGEST", "VOLUME", "ACTION", "SECONDS"), lines)
         for r in rows:
             if r.error:
                 out_console.print(f"[red]{Path(r.recipe).name}[/]: {r.error}")

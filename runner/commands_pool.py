@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
 from builder.units import format_size, parse_size
 from helper.errors import KilnError, NotFound
-from runner.cli import Ctx, cli, out_console, pass_ctx, print_json
+from runner.cli import Ctx, cli, out_console, pass_ctx, print_json, print_table
 
 if TYPE_CHECKING:  # helper.pool is imported by the commands that use it: start-up time
     from helper.pool.base import Pool
@@ -156,13 +155,9 @@ def snapshot_ls(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         print_json([s.summary() for s in snaps])
         return
-    table = Table(show_header=True, header_style="bold")
-    for col in ("ID", "VOLUME", "SIZE", "THIN", "CREATED", "PATH"):
-        table.add_column(col)
-    for s in snaps:
-        table.add_row(s.id, s.volume[7:19], format_size(s.size), "yes" if s.thin else "no",
-                      s.created, s.path)
-    out_console.print(table)
+    print_table(("ID", "VOLUME", "SIZE", "THIN", "CREATED", "PATH"), [
+        (s.id, s.volume[7:19], format_size(s.size), "yes" if s.thin else "no", s.created,
+         s.path) for s in snaps])
 
 
 @snapshot.command("rm")

@@ -10,11 +10,18 @@ import sys
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from builder.units import parse_size
 from helper.errors import KilnError
-from runner.cli import Ctx, cli, fail, out_console, pass_ctx, print_json, registry_options
+from runner.cli import (
+    Ctx,
+    cli,
+    fail,
+    pass_ctx,
+    print_json,
+    print_table,
+    registry_options,
+)
 
 
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,14 +102,10 @@ def ps(ctx: Ctx, all_vms: bool, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table(show_header=True, header_style="bold")
-    for col in ("ID", "NAME", "STATE", "EXIT", "VMM", "VOLUME", "REASON"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["id"], r["name"] or "", r["state"],
-                      "" if r["exit_code"] is None else str(r["exit_code"]), r["vmm"],
-                      r["volume"][7:19], r["reason"])
-    out_console.print(table)
+    print_table(("ID", "NAME", "STATE", "EXIT", "VMM", "VOLUME", "REASON"), [
+        (r["id"], r["name"] or "", r["state"],
+         "" if r["exit_code"] is None else str(r["exit_code"]), r["vmm"], r["volume"][7:19],
+         r["reason"]) for r in rows])
 
 
 @cli.command()

@@ -7,11 +7,17 @@ kernel (its modules must be under /lib/modules/VERSION unless ``--initrd`` is gi
 ``--initrd`` boots that initrd unchanged (it must honour ``root=`` and ``init=``).
 
 ``kernel_kind`` tells a bzImage from an ELF vmlinux with libmagic; QEMU boots either,
-Firecracker needs the ELF (``runner/kernel_elf.py`` extracts it).
+Firecracker needs the ELF (``runner/kernel_elf.py`` extracts it). ``boot_files`` keeps
+libmagic's verdict in ``kernels/describe.json``, keyed by the file's identity (device,
+inode, size, mtime, ctime): loading libmagic and its database costs ~25 ms of every
+`kiln run`, and a kernel file does not change under the same identity.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +46,32 @@ def describe(path: Path) -> str:
     except (OSError, magic.MagicException) as e:
         raise NotFound(f"cannot read kernel {path}: {e}", "give a readable kernel file") \
             from None
+
+
+def _describe_cached(path: Path, cache_dir: Path) -> str:
+    """``describe(path)``, remembered in ``cache_dir/describe.json`` by file identity."""
+    from builder.root import atomic_write
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise NotFound(f"cannot read kernel {path}: {e.strerror}", "give a readable kernel file") \
+            from None
+    key = f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    cache = cache_dir / "describe.json"
+    known: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads(cache.read_bytes())
+        if isinstance(doc, dict):
+            known = {k: v for k, v in doc.items() if isinstance(v, str)}
+    if key in known:
+        return known[key]
+    desc = describe(path)
+    known = {k: v for k, v in list(known.items())[-15:] if not k.startswith(f"{path}:")}
+    with contextlib.suppress(OSError):  # a cache: failing to write it costs only time
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps({**known, key: desc}, sort_keys=True).encode())
+    return desc
 
 
 def kind_of(description: str) -> str | None:
@@ -95,7 +127,7 @@ def boot_files(cache_dir: Path, kernel: Path | None = None, initrd: Path | None 
     kernel = kernel.absolute()
     if not kernel.is_file():
         raise NotFound(f"kernel {kernel} not found", "give an existing file to --kernel")
-    desc = describe(kernel)
+    desc = _describe_cached(kernel, cache_dir)
     kind = kind_of(desc)
     if kind is None:
         raise UsageError(f"{kernel} is not a Linux kernel ({desc})",

@@ -3,6 +3,8 @@ initrd; exact errors for what is not a kernel."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,26 @@ def test_kernel_without_modules_needs_initrd(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as e:
         kernel.boot_files(tmp_path, found[0], modules_root=tmp_path / "none")
     assert e.value.hint == "install the kernel's modules, or pass --initrd"
+
+
+def test_libmagic_verdict_is_cached_by_file_identity(tmp_path: Path) -> None:
+    found = find_kernel()
+    if found is None:
+        pytest.skip("no Debian cloud kernel in /boot")
+    k = tmp_path / "vmlinuz-copy"
+    shutil.copyfile(found[0], k)
+    cache = tmp_path / "cache"
+    kernel.boot_files(cache, k, initrd=found[1])
+    doc = json.loads((cache / "describe.json").read_text())
+    assert list(doc.values()) == [kernel.describe(k)]
+    assert "bzImage" in next(iter(doc.values()))
+    # The same identity answers from the cache, even with libmagic's verdict changed there.
+    (cache / "describe.json").write_text(json.dumps({next(iter(doc)): "ELF 64-bit LSB "
+                                                     "executable, x86-64"}))
+    assert kernel.boot_files(cache, k, initrd=found[1]).kind == "elf"
+    # A rewritten file is described again (mtime/ctime/size changed), the old entry dropped.
+    k.write_bytes(b"not a kernel" * 100)
+    with pytest.raises(UsageError) as e:
+        kernel.boot_files(cache, k, initrd=found[1])
+    assert e.value.message.startswith(f"{k} is not a Linux kernel (")
+    assert len(json.loads((cache / "describe.json").read_text())) == 1

@@ -151,7 +151,7 @@ def init_pool(root_dir: Path, backend: str = "auto", size: int | None = None,
         pool = _create(root_dir, config)
         from helper.pool.fileops import write_json
 
-        write_json(pool_dir(root_dir) / "config.json", config.model_dump())  # commits
+        write_json(pool_dir(root_dir) / "config.json", config.as_json())  # commits
     except BaseException:
         with contextlib.suppress(KilnError, OSError):
             _clear_leftovers(root_dir)

@@ -39,8 +39,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from helper.errors import Conflict, IntegrityError, KilnError, NotFound, UsageError
 from helper.pool import fileops
 
@@ -51,18 +49,54 @@ FAULT_STEPS = ("snapshot-record", "snapshot-clone", "snapshot-resize", "snapshot
 BackendName = Literal["dm-thin", "reflink", "copy"]
 
 
-class PoolConfig(BaseModel):
-    """``ROOT/pool/config.json``: what ``kiln pool init`` decided."""
+_FIELDS: dict[str, tuple[type, tuple[Any, ...] | None]] = {
+    # name: (type, allowed values or None)
+    "backend": (str, ("dm-thin", "reflink", "copy")),
+    "reason": (str, None),
+    "fs": (str, ("btrfs", "xfs", "host")),
+    "size": (int, None),
+    "created": (str, None),
+    "block_sectors": (int, None),
+}
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: BackendName = Field(description="the backend holding volumes and snapshots")
-    reason: str = Field(description="why this backend was chosen, shown by `pool status`")
-    fs: Literal["btrfs", "xfs", "host"] = Field(
-        description="reflink/copy: filesystem of the pool directory; host = the root's own")
-    size: int = Field(ge=0, description="bytes of the pool image or thin data (0: host fs)")
-    created: str = Field(description="when the pool was made (UTC, ISO 8601)")
-    block_sectors: int = Field(default=128, ge=128, description="dm-thin data block size")
+@dataclass(frozen=True)
+class PoolConfig:
+    """``ROOT/pool/config.json``: what ``kiln pool init`` decided. Kiln's own state file,
+    not user input: a dataclass checked by ``from_json`` (no pydantic on every `kiln run`,
+    whose start-up time is a benchmark target)."""
+
+    backend: str  # dm-thin | reflink | copy: the backend holding volumes and snapshots
+    reason: str  # why this backend was chosen, shown by `pool status`
+    fs: str  # btrfs | xfs | host: reflink/copy: the pool dir's fs; host = the root's
+    size: int  # bytes of the pool image or thin data (0: host fs)
+    created: str  # when the pool was made (UTC, ISO 8601)
+    block_sectors: int = 128  # dm-thin data block size
+
+    def __post_init__(self) -> None:
+        for name, (typ, allowed) in _FIELDS.items():
+            v = getattr(self, name)
+            if type(v) is not typ:
+                raise ValueError(f"{name} must be {typ.__name__}, not {type(v).__name__}")
+            if allowed is not None and v not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {v!r}")
+        if self.size < 0 or self.block_sectors < 128:
+            raise ValueError("size must be >= 0 and block_sectors >= 128")
+
+    @classmethod
+    def from_json(cls, data: object) -> PoolConfig:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}")
+        missing = sorted(set(_FIELDS) - {"block_sectors"} - set(data))
+        if missing:
+            raise ValueError(f"field {missing[0]!r} is missing")
+        return cls(**data)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -130,9 +164,9 @@ def read_config(root_dir: Path) -> PoolConfig | None:
         raise IntegrityError(f"pool config {path} is not JSON: {e}",
                              "run `kiln pool destroy --force` and `kiln pool init`") from None
     try:
-        return PoolConfig.model_validate(data)
-    except ValidationError as e:
-        raise IntegrityError(f"pool config {path} is invalid: {e.errors()[0]['msg']}",
+        return PoolConfig.from_json(data)
+    except (TypeError, ValueError) as e:
+        raise IntegrityError(f"pool config {path} is invalid: {e}",
                              "run `kiln pool destroy --force` and `kiln pool init`") from None
 
 
