@@ -16,6 +16,8 @@ needs it), and the same files go to the jailer as ``--cgroup`` so it joins each.
 Kill. v2: ``cgroup.kill`` (Linux ≥ 5.14), else freeze + SIGKILL every pid + thaw. v1:
 ``freezer.state=FROZEN`` (no fork can race us), SIGKILL every pid of every controller
 directory, ``THAWED`` (frozen tasks die on thaw). Then wait until empty and rmdir.
+
+Attach (``cgroup-attach``): ``helper.cgattach``.
 """
 
 from __future__ import annotations
@@ -252,6 +254,19 @@ def cgroup_create(cfg: CgroupConfig, vm_id: str, version: int,
     for d in dirs:
         if d.exists():
             raise Conflict(f"cgroup {d} already exists", "remove the old VM first (kiln rm)")
+    made: list[Path] = []
+    try:
+        _make(cfg, version, need, files, dirs, made)
+    except BaseException:
+        for d in reversed(made):  # all or nothing: no half-made VM cgroup stays behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    return dirs
+
+
+def _make(cfg: CgroupConfig, version: int, need: list[str], files: list[tuple[str, str]],
+          dirs: list[Path], made: list[Path]) -> None:
     for d in dirs:
         hierarchy = d.parents[len(cfg.parent.split("/"))]
         cur = hierarchy
@@ -264,10 +279,10 @@ def cgroup_create(cfg: CgroupConfig, vm_id: str, version: int,
         if version == 2 and need:
             _enable(cur, need)
         os.mkdir(d, 0o755)
+        made.append(d)
         for name, value in files:
             if version == 2 or (d / name).exists():  # v1: each file in its own hierarchy
                 _write(d / name, value)
-    return dirs
 
 
 def _enable(d: Path, need: list[str]) -> None:
@@ -380,3 +395,4 @@ def _rmdir_tree(d: Path, deadline: float) -> None:
                     raise Conflict(f"cannot remove cgroup {path}: {e.strerror}",
                                    "a process is still exiting; retry in a moment") from None
                 time.sleep(0.02)
+

@@ -176,7 +176,8 @@ def reclaim(area_dir: Path, keep: list[str]) -> list[str]:
 
 @dataclass
 class HelperOps:
-    """``PrivOps`` through the helper: what ``runner.firecracker`` uses when not root.
+    """``PrivOps`` through the helper: what ``runner.firecracker`` uses when not root (and
+    ``runner.vmcgroup`` for a QEMU VM's cgroups: create, attach the VMM's child, kill).
 
     (As root, ``runner.firecracker.InProcessOps`` calls ``helper.jail`` directly with its
     own ``JailConfig``.) Jails, cgroups and VM uids come from the helper's trusted config;
@@ -190,6 +191,10 @@ class HelperOps:
     def cgroup_create(self, vm_id: str, version: int, limits: Limits) -> None:
         self._call("cgroup-create", {"vm": vm_id, "version": version, "limits": {
             "cpus": limits.cpus, "memory_bytes": limits.memory_bytes, "pids": limits.pids}})
+
+    def cgroup_attach(self, vm_id: str, version: int, pid: int) -> None:
+        """Move ``pid`` (this user's) into the VM's cgroup (made by ``cgroup_create``)."""
+        self._call("cgroup-attach", {"vm": vm_id, "version": version, "pid": pid})
 
     def cgroup_kill(self, vm_id: str, version: int) -> None:
         with contextlib.suppress(errors.NotFound):  # idempotent, like InProcessOps

@@ -28,8 +28,12 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from helper.config import Config
 
 AUDIT_DIR = Path("/var/log/kiln-helper")
 SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
@@ -101,11 +105,10 @@ def audit(caller: int, op: str, outcome: str) -> None:
         pass  # auditing must not turn a done op into a failure
 
 
-def _fail(code: int, kind: str, message: str, hint: str = "") -> int:
-    print(json.dumps({"error": {"type": kind, "message": message, "hint": hint}}))
+def _fail(code: int, kind: str, message: str, hint: str = "") -> tuple[int, str, str]:
     one = message.replace("\n", " ")
-    print(f"kiln-helper: {one}" + (f" ({hint})" if hint else ""), file=sys.stderr)
-    return code
+    return (code, json.dumps({"error": {"type": kind, "message": message, "hint": hint}}),
+            f"kiln-helper: {one}" + (f" ({hint})" if hint else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,17 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         if k in os.environ:
             _SUDO[k] = os.environ[k]
     scrub_environment()
-    from pydantic import ValidationError
-
     from helper import config, ops, run
-    from helper.errors import KilnError, UsageError
+    from helper.errors import KilnError
 
     if args == ["--list"]:
         print(json.dumps(ops.schemas(), sort_keys=True))
         return 0
     if len(args) != 1 or args[0].startswith("-"):
-        return _fail(2, "UsageError", "usage: kiln-helper OP < request.json | "
-                     "kiln-helper --list")
+        return _emit(_fail(2, "UsageError", "usage: kiln-helper OP < request.json | "
+                           "kiln-helper --list"))
     op = args[0]
     caller_uid, caller_gid = _caller()
     try:
@@ -133,8 +134,29 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load()
     except KilnError as e:
         audit(caller_uid, op, f"refused: {e.message}")
-        return _fail(1, type(e).__name__, e.message, e.hint)
+        return _emit(_fail(1, type(e).__name__, e.message, e.hint))
     payload = sys.stdin.buffer.read(MAX_REQUEST + 1)
+    run.which = cfg.tool  # type: ignore[assignment]  # tools only from the trusted config
+    return _emit(serve(op, payload, cfg, caller_uid, caller_gid))
+
+
+def _emit(result: tuple[int, str, str]) -> int:
+    code, out, err = result
+    print(out)
+    if err:
+        print(err, file=sys.stderr)
+    return code
+
+
+def serve(op: str, payload: bytes, cfg: Config, caller_uid: int, caller_gid: int,
+          log: Callable[[int, str, str], None] = audit) -> tuple[int, str, str]:
+    """One request, once the process is hardened and the config loaded: (exit code,
+    stdout line, stderr line). In-process tests call this with their own ``log``."""
+    from pydantic import ValidationError
+
+    from helper import ops
+    from helper.errors import KilnError, UsageError
+
     if len(payload) > MAX_REQUEST:
         return _fail(2, "UsageError", "request larger than 1 MiB")
     try:
@@ -142,28 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "request"
-        audit(caller_uid, op, "malformed")
+        log(caller_uid, op, "malformed")
         return _fail(2, "UsageError", f"malformed {op} request: {loc}: {err['msg']}",
                      "see `kiln-helper --list`")
     except UsageError as e:
-        audit(caller_uid, op, "unknown op")
+        log(caller_uid, op, "unknown op")
         return _fail(2, "UsageError", e.message, e.hint)
-    run.which = cfg.tool  # type: ignore[assignment]  # tools only from the trusted config
     try:
         area = cfg.area(caller_uid)
         _make_area(cfg.users_dir(), area)
         ctx = ops.Ctx(cfg=cfg, area=area, caller_uid=caller_uid, caller_gid=caller_gid)
         result: dict[str, Any] = ops.run_op(ctx, op, req)
     except KilnError as e:
-        audit(caller_uid, op, f"failed: {e.message}")
+        log(caller_uid, op, f"failed: {e.message}")
         return _fail(1, type(e).__name__, e.message, e.hint)
     except OSError as e:
-        audit(caller_uid, op, f"failed: {e}")
+        log(caller_uid, op, f"failed: {e}")
         return _fail(1, "NotFound" if isinstance(e, FileNotFoundError) else "KilnError",
                      f"{op} failed: {e.strerror or e}")
-    audit(caller_uid, op, "ok")
-    print(json.dumps(result, sort_keys=True))
-    return 0
+    log(caller_uid, op, "ok")
+    return 0, json.dumps(result, sort_keys=True), ""
 
 
 def _make_area(users: Path, area: Path) -> None:

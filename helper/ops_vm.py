@@ -1,18 +1,31 @@
 """VM ops: cgroups, Firecracker jails (stage, launch, grant the API socket, remove), taps.
 
 VM uids/gids come only from the configured range, never 0 or the caller's.
+
+Cgroup ownership. VM cgroups live in a host-wide tree under the configured parent, named
+by the VM id the caller sends, so the name alone does not say whose a cgroup is. When
+``cgroup-create`` makes one for a sudo caller, the helper writes a claim into that caller's
+area — ``<area>/cgroups/<vm>`` (root-owned; the caller cannot write there): the cgroup
+version, the boot id and the (device, inode) of every directory made. ``cgroup-attach``
+and ``cgroup-kill`` act only when every existing directory of that VM matches the
+caller's claim, so another user's cgroup (or one a reboot or a removal recycled under the
+same name) is refused. ``cgroup-kill`` drops the claim. Root in-process (``trusted``)
+needs no claim.
 """
 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from helper import cgattach, jail, safepath, tap
 from helper import cgroup as cg
-from helper import jail, tap
 from helper.errors import NotFound, UsageError
 from helper.opbase import (
     Ctx,
@@ -20,6 +33,7 @@ from helper.opbase import (
     Op,
     Req,
     Uid,
+    replace_in,
 )
 
 # -- cgroups, jails, taps -------------------------------------------------------------------
@@ -32,6 +46,11 @@ def jail_config(ctx: Ctx) -> jail.JailConfig:
         firecracker=c.tools.get("firecracker") or Path(c.tool("firecracker")),
         chroot_base=c.chroot_base, uid_first=c.uid_first, uid_count=c.uid_count,
         sources=(ctx.area, *c.sources), cgroup=cg.CgroupConfig(parent=c.cgroup_parent))
+
+
+def _cgroups(ctx: Ctx) -> cg.CgroupConfig:
+    """Where VM cgroups live (no jail tools needed: QEMU VMs have cgroups too)."""
+    return cg.CgroupConfig(parent=ctx.cfg.cgroup_parent)
 
 
 def _check_vm_uid(ctx: Ctx, uid: int, gid: int) -> None:
@@ -60,9 +79,122 @@ class CgroupCreate(Req):
     limits: Limits = Field(default_factory=Limits, description="resource limits")
 
 
+_CLAIMS = "cgroups"  # <area>/cgroups/<vm>: the caller's VM cgroups (see the docstring)
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _identity(d: Path) -> list[int]:
+    st = os.lstat(d)
+    return [st.st_dev, st.st_ino]
+
+
+def _claims_fd(ctx: Ctx, *, create: bool) -> int | None:
+    """``<area>/cgroups`` (root-owned, made only when a claim is written), or None."""
+    if create:
+        safepath.mkdirs_beneath(ctx.area, _CLAIMS, 0o700)
+    try:
+        fd = safepath.open_beneath(ctx.area, _CLAIMS, os.O_RDONLY | os.O_DIRECTORY)
+    except NotFound:
+        return None
+    try:
+        safepath.fstat_kind(fd, "dir", f"{ctx.area}/{_CLAIMS}", owner=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _claim(ctx: Ctx, vm: str, version: int, dirs: list[Path]) -> None:
+    doc = {"version": version, "boot": _boot_id(),
+           "dirs": {str(d): _identity(d) for d in dirs}}
+    dfd = _claims_fd(ctx, create=True)
+    assert dfd is not None
+    try:
+        with replace_in(dfd, vm, os.O_WRONLY, 0o600) as fd:
+            os.write(fd, json.dumps(doc).encode())
+    finally:
+        os.close(dfd)
+
+
+def _claimed(ctx: Ctx, vm: str) -> dict[str, Any] | None:
+    dfd = _claims_fd(ctx, create=False)
+    if dfd is None:
+        return None
+    try:
+        fd = os.open(vm, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(dfd)
+    try:
+        doc = json.loads(os.read(fd, 1 << 16))
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+    return doc if isinstance(doc, dict) else None
+
+
+def _unclaim(ctx: Ctx, vm: str) -> None:
+    dfd = None if ctx.trusted else _claims_fd(ctx, create=False)
+    if dfd is None:
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(vm, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def _check_owner(ctx: Ctx, vm: str, version: int) -> None:
+    """Refuse unless every existing directory of ``vm`` is one this caller created."""
+    if ctx.trusted:
+        return
+    existing = [d for d in cg.vm_dirs(_cgroups(ctx), vm, version) if d.is_dir()]
+    claim = _claimed(ctx, vm) or {}
+    dirs = claim.get("dirs")
+    ok = (isinstance(dirs, dict) and claim.get("version") == version
+          and claim.get("boot") == _boot_id()
+          and all(dirs.get(str(d)) == _identity(d) for d in existing))
+    if not ok:
+        raise UsageError(f"refusing cgroup {vm}: uid {ctx.caller_uid} did not create it",
+                         "kiln-helper acts only on cgroups its caller made (cgroup-create)")
+
+
 def cgroup_create(ctx: Ctx, req: CgroupCreate) -> dict[str, Any]:
     lim = cg.Limits(req.limits.cpus, req.limits.memory_bytes, req.limits.pids)
-    dirs = cg.cgroup_create(jail_config(ctx).cgroup, req.vm, req.version, lim)
+    cfg = _cgroups(ctx)
+    with cgattach.uninterrupted():  # the cgroup and its claim come together
+        dirs = cg.cgroup_create(cfg, req.vm, req.version, lim)
+        if not ctx.trusted:
+            try:
+                _claim(ctx, req.vm, req.version, dirs)
+            except BaseException:
+                cg.cgroup_kill(cfg, req.vm, req.version)
+                raise
+    return {"dirs": [str(d) for d in dirs]}
+
+
+class CgroupAttach(Req):
+    """Move one of the caller's processes into that caller's VM cgroup(s)."""
+
+    vm: KilnId = Field(description="the VM id (its cgroup must be the caller's)")
+    version: Literal[1, 2] = Field(description="cgroup version it was created with")
+    pid: int = Field(ge=2, le=4_194_304,
+                     description="the process to move: one of the caller's own")
+
+
+def cgroup_attach(ctx: Ctx, req: CgroupAttach) -> dict[str, Any]:
+    cfg = _cgroups(ctx)
+    if not cg.cgroup_exists(cfg, req.vm, req.version):
+        raise NotFound(f"VM {req.vm} has no cgroup", "create it first (cgroup-create)")
+    with cgattach.uninterrupted():  # no relayed stop signal may stretch the check-to-move window
+        _check_owner(ctx, req.vm, req.version)
+        dirs = cgattach.cgroup_attach(cfg, req.vm, req.version, req.pid, ctx.caller_uid)
     return {"dirs": [str(d) for d in dirs]}
 
 
@@ -74,10 +206,17 @@ class CgroupKill(Req):
 
 
 def cgroup_kill(ctx: Ctx, req: CgroupKill) -> dict[str, Any]:
-    cfg = jail_config(ctx).cgroup
-    if not cg.cgroup_exists(cfg, req.vm, req.version):
-        raise NotFound(f"VM {req.vm} has no cgroup", "")
-    return {"killed": cg.cgroup_kill(cfg, req.vm, req.version)}
+    cfg = _cgroups(ctx)
+    with cgattach.uninterrupted():  # killed and removed, then unclaimed: never half of it
+        if not cg.cgroup_exists(cfg, req.vm, req.version):
+            if not ctx.trusted and (_claimed(ctx, req.vm) or {}).get("version") == \
+                    req.version:
+                _unclaim(ctx, req.vm)  # removed meanwhile (by root, a reboot): forget it
+            raise NotFound(f"VM {req.vm} has no cgroup", "")
+        _check_owner(ctx, req.vm, req.version)
+        killed = cg.cgroup_kill(cfg, req.vm, req.version)
+        _unclaim(ctx, req.vm)
+    return {"killed": killed}
 
 
 class StageItemReq(Req):
@@ -200,6 +339,7 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     "jail-grant-api": (JailGrantApi, jail_grant_api),
     "jail-remove": (JailRemove, jail_remove),
     "cgroup-create": (CgroupCreate, cgroup_create),
+    "cgroup-attach": (CgroupAttach, cgroup_attach),
     "cgroup-kill": (CgroupKill, cgroup_kill),
     "tap-create": (TapCreate, tap_create),
     "tap-delete": (TapDelete, tap_delete),

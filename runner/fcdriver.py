@@ -3,10 +3,7 @@
 ``runner.firecracker`` is the driver (launch plan, API client, privileged ops); this module
 wires it into the run core (``runner.vm``):
 
-* **choice** (``choose``, pure): ``--vmm auto`` takes Firecracker when the trusted config
-  (``helper.config``: ``[tools]`` firecracker + jailer, ``[jails]``) yields a usable
-  ``JailConfig`` *and* ``builder.probes.kvm()`` runs a guest (verdict cached per boot:
-  ``kvm_verdict``); otherwise QEMU, and the record's ``vmm_reason`` says why;
+* **choice**: ``runner.vmmchoice`` (kept apart so a QEMU run need not import this module);
 * **resources**: the record names the jail directory, the API socket, the cgroup version
   and directories before any exists (``resources``), all under the VM's host name
   (``runner.state.host_name``: the root's key + the VM id, so the jail id and cgroup leaf
@@ -50,10 +47,11 @@ from builder.root import Root, atomic_write
 from builder.store import hash_file
 from helper import cgroup as cg
 from helper import jail
-from helper.errors import KilnError, NotFound, UsageError
+from helper.errors import KilnError, NotFound
 from runner import firecracker as fc
 from runner import supervise
 from runner.state import LIVE, State, VMRecord, alive, proc_start_time
+from runner.vmmchoice import jail_config
 
 log = logging.getLogger("kiln.vm")
 
@@ -73,94 +71,6 @@ INIT_FAILURES = (
 )
 STOP_FILE = "stop"
 AFTER_MARK = 2.0  # s: after the exit marker, time for the guest to power off by itself
-
-
-# -- the choice (pure) ------------------------------------------------------------------------
-
-def choose(requested: str, fc_problem: str | None, kvm_problem: str | None
-           ) -> tuple[str, str]:
-    """(vmm, why) for ``--vmm requested``. ``fc_problem``: why Firecracker is not usable
-    (None: configured); ``kvm_problem``: why KVM cannot run a guest (None: it can)."""
-    if requested not in ("auto", "qemu", "firecracker"):
-        raise UsageError(f"unknown --vmm {requested!r}", "use auto, qemu or firecracker")
-    if requested == "qemu":
-        return "qemu", "--vmm qemu"
-    if requested == "firecracker":
-        if fc_problem is not None:
-            raise NotFound(f"firecracker is not configured: {fc_problem}",
-                           "set [tools] firecracker and jailer in /etc/kiln/config.toml, or "
-                           "use --vmm qemu")
-        if kvm_problem is not None:
-            return "firecracker", f"--vmm firecracker (KVM cannot run a guest: {kvm_problem})"
-        return "firecracker", "--vmm firecracker"
-    if fc_problem is not None:
-        return "qemu", f"--vmm auto chose qemu: firecracker is not configured ({fc_problem})"
-    if kvm_problem is not None:
-        return "qemu", f"--vmm auto chose qemu: KVM cannot run a guest ({kvm_problem})"
-    return "firecracker", "--vmm auto chose firecracker: configured, and KVM runs a guest"
-
-
-def kvm_verdict(root: Root) -> tuple[bool, str]:
-    """(KVM runs a guest, why not). The probe costs ~0.7 s when KVM is emulated, so the
-    verdict is cached for the current boot (keyed by the boot id)."""
-    from builder import probes
-
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = ""
-    cache = root.path / "kernels" / f"kvm-{boot_id}.json"
-    if boot_id:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            doc = json.loads(cache.read_text())
-            return bool(doc["ok"]), str(doc["reason"])
-    p = probes.kvm()
-    verdict = (bool(p.ok), "" if p.ok else str(p.detail))
-    if boot_id:
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, json.dumps({"ok": verdict[0], "reason": verdict[1]}).encode())
-    return verdict
-
-
-def pick(root: Root, requested: str) -> tuple[str, str, Any]:
-    """(vmm, why, jail config or None): Firecracker needs the trusted config to name it
-    and, for ``auto``, KVM that runs a guest (probed once per boot)."""
-    if requested == "qemu":
-        return "qemu", "--vmm qemu", None
-    cfg, problem = config_problem(root.path)
-    kvm_problem = None
-    if problem is None:
-        ok, why = kvm_verdict(root)
-        kvm_problem = None if ok else why
-    vmm, reason = choose(requested, problem, kvm_problem)
-    log.info("vmm: %s", reason)
-    if vmm == "firecracker" and kvm_problem is not None:
-        log.warning("KVM cannot run a guest here (%s): the VM will not boot", kvm_problem)
-    return vmm, reason, cfg
-
-
-# -- configuration ----------------------------------------------------------------------------
-
-def jail_config(root_dir: Path) -> jail.JailConfig:
-    """The jail configuration from the trusted config (``helper.config``): the same one
-    kiln-helper uses. Raises when a tool is missing or untrusted."""
-    from helper import config as hconfig
-
-    c = hconfig.load()
-    firecracker = Path(c.tool("firecracker"))
-    cfg = jail.JailConfig(
-        jailer=Path(c.tool("jailer")), firecracker=firecracker,
-        chroot_base=c.chroot_base, uid_first=c.uid_first, uid_count=c.uid_count,
-        sources=(root_dir, *c.sources), cgroup=cg.CgroupConfig(parent=c.cgroup_parent))
-    return jail.check_config(cfg)
-
-
-def config_problem(root_dir: Path) -> tuple[jail.JailConfig | None, str | None]:
-    try:
-        return jail_config(root_dir), None
-    except KilnError as e:
-        return None, e.message
 
 
 def ops_for(cfg: jail.JailConfig, root_dir: Path) -> fc.PrivOps:
@@ -500,19 +410,7 @@ def teardown_record(root_dir: Path, rec: VMRecord) -> None:
     try:
         teardown(root_dir, host_of(rec), int(doc["cgroup_version"]), str(doc["jail"]))
     except KilnError:
-        supervise.remove_cgroups(rec.cgroup_dirs)  # at least nothing keeps running
+        from runner import vmcgroup
+
+        vmcgroup.remove(rec.cgroup_dirs)  # at least nothing keeps running (root or not)
         raise
-
-
-def scan_jails(root_dir: Path) -> dict[str, str]:
-    """Host name → jail directory of every jail under the configured base with a name of
-    kiln's shape, whatever its root (the reaper keeps its own root's)."""
-    cfg, _ = config_problem(root_dir)
-    if cfg is None:
-        return {}
-    base = cfg.chroot_base / cfg.firecracker.name
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return {}
-    return {n: str(base / n) for n in names if re.fullmatch(r"[a-z2-7]{1,32}", n)}

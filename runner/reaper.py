@@ -23,6 +23,10 @@ from before root keys existed, and anything else are never touched.
   Per VM, processes go first, then cgroups, then the jail (``helper.jail`` refuses to
   remove one with a live Firecracker or mounts inside).
 
+Run by an ordinary user, cgroups go through kiln-helper's ``cgroup-kill``
+(``runner.vmcgroup.remove``), which acts only on cgroups that same user created: even a
+mistaken plan cannot remove another user's.
+
 ``reconcile()`` gathers the observation (records, /proc, cgroup trees, the VM directory,
 pool records), runs the plan, executes it, and stores this round's orphans for the next.
 """
@@ -37,7 +41,7 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from builder.root import Root, rmtree
 from helper.errors import KilnError
@@ -51,6 +55,9 @@ from runner.state import (
     root_key,
     vm_of_host,
 )
+
+if TYPE_CHECKING:
+    from helper.jail import JailConfig
 
 log = logging.getLogger("kiln.reaper")
 
@@ -229,6 +236,19 @@ def scan_cgroups(parents: Iterable[str] = ("kiln",)) -> dict[str, tuple[str, ...
     return {k: tuple(v) for k, v in found.items()}
 
 
+def scan_jails(cfg: JailConfig | None) -> dict[str, str]:
+    """Host name → jail directory of every jail under the configured base with a name of
+    kiln's shape, whatever its root (the reaper keeps its own root's)."""
+    if cfg is None:
+        return {}
+    base = cfg.chroot_base / cfg.firecracker.name
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return {}
+    return {n: str(base / n) for n in names if re.fullmatch(r"[a-z2-7]{1,32}", n)}
+
+
 def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
     from helper.pool.base import load_records, pool_dir
 
@@ -241,20 +261,22 @@ def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
     snaps = frozenset(s.id for s in load_records(pool_dir(root.path) / "snapshots"))
     # Snapshots of known VMs are theirs, whatever their id.
     mine = {r.snapshot for r in recs}
-    from runner import fcdriver
+    from runner import vmcgroup, vmmchoice
 
-    cfg, _ = fcdriver.config_problem(root.path)
-    parents = ("kiln", *((cfg.cgroup.parent,) if cfg is not None else ()))
+    cfg, _ = vmmchoice.config_problem(root.path)
+    helper_parent = vmcgroup.helper_parent()  # a sudo caller's QEMU cgroups live there
+    parents = ("kiln", *((helper_parent,) if helper_parent is not None else ()),
+               *((cfg.cgroup.parent,) if cfg is not None else ()))
     obs = Observed(vms=views, root_key=root_key(root.path), vmm_pids=scan_vmms(),
                    cgroups=scan_cgroups(parents),
                    vm_dirs=vm_dirs, snapshots=snaps - mine,
-                   jails=fcdriver.scan_jails(root.path),
+                   jails=scan_jails(cfg),
                    seen_before=frozenset(st.seen_orphans()))
     return obs, recs
 
 
 def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
-    from runner import supervise, vm
+    from runner import vm, vmcgroup
 
     key = root_key(root.path)
     for a in actions:
@@ -266,7 +288,7 @@ def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
                 if _is_vmm_of(pid, host_name(key, a.vm)):
                     os.kill(pid, signal.SIGKILL)
             elif a.kind == "rmcgroup":
-                supervise.remove_cgroups([a.target])
+                vmcgroup.remove([a.target])  # as root directly, else through kiln-helper
             elif a.kind == "rmjail":
                 from runner import fcdriver
 

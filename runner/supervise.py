@@ -3,11 +3,13 @@
 The VMM is a long-lived child that kiln supervises, not a tool run to completion, so it
 does not go through ``builder.proc.run``: ``spawn`` forks and execs it directly (resolved
 with ``proc.which`` on the fixed search path, with ``proc.tool_env``'s allowlisted
-environment). The child joins the VM's cgroups and its own session (Ctrl-C reaches kiln,
+environment). The child joins the VM's cgroups (itself as root; not root: it waits until
+kiln-helper has moved it, ``runner.vmcgroup``) and its own session (Ctrl-C reaches kiln,
 which stops the VM gracefully, not the VMM) and asks for SIGKILL when kiln dies; an exec
 failure comes back through a close-on-exec pipe as an error, not a silent exit.
 
-Cgroups: ``cgroup_plan`` is pure — from the mount table (and the v2 root's controllers) to
+Cgroups (root's; ``runner.vmcgroup`` chooses between these and kiln-helper's):
+``cgroup_plan`` is pure — from the mount table (and the v2 root's controllers) to
 the directories and limit files to write. v2 when the unified tree has the cpu and memory
 controllers; else the v1 ``cpu`` and ``memory`` hierarchies (these machines). Limits are
 best effort: a host that refuses them gets a warning, the VM still runs.
@@ -21,7 +23,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +156,7 @@ def remove_cgroups(dirs: Sequence[str]) -> None:
 # -- the VMM process ---------------------------------------------------------------------
 
 def _child(argv: Sequence[str], env: dict[str, str], cgroup_dirs: Sequence[str],
-           stdin: int | None, log_fd: int, errw: int) -> None:
+           stdin: int | None, log_fd: int, errw: int, go: int) -> None:
     """In the forked child: never returns."""
     try:
         os.setsid()
@@ -163,6 +165,8 @@ def _child(argv: Sequence[str], env: dict[str, str], cgroup_dirs: Sequence[str],
                 Path(d, "cgroup.procs").write_text("0")
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if go >= 0 and os.read(go, 1) != b"g":  # the parent could not attach us: no exec
+            os._exit(127)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin if stdin is not None else devnull, 0)
         os.dup2(log_fd, 1)
@@ -175,27 +179,43 @@ def _child(argv: Sequence[str], env: dict[str, str], cgroup_dirs: Sequence[str],
 
 
 def spawn(argv: Sequence[str], *, log_path: Path, cgroup_dirs: Sequence[str] = (),
-          stdin: int | None = None) -> int:
-    """Fork and exec the VMM (``argv[0]`` is resolved here); return its pid."""
+          stdin: int | None = None, attach: Callable[[int], None] | None = None) -> int:
+    """Fork and exec the VMM (``argv[0]`` is resolved here); return its pid.
+
+    The child joins ``cgroup_dirs`` itself (root); with ``attach`` it instead waits until
+    ``attach(its pid)`` returned in the parent (kiln-helper moving it), then execs."""
     exe = proc.which(argv[0])
     full = [exe, *argv[1:]]
     env = proc.tool_env()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     errr, errw = os.pipe2(os.O_CLOEXEC)
+    gor, gow = os.pipe2(os.O_CLOEXEC) if attach is not None else (-1, -1)
     try:
         pid = os.fork()
         if pid == 0:
             os.close(errr)
-            _child(full, env, cgroup_dirs, stdin, log_fd, errw)
+            if gow >= 0:
+                os.close(gow)
+            _child(full, env, cgroup_dirs if attach is None else (), stdin, log_fd, errw, gor)
         os.close(errw)
         errw = -1
+        if attach is not None:
+            os.close(gor)
+            gor = -1
+            try:
+                attach(pid)
+            except BaseException:
+                kill_vmm(pid)
+                os.waitpid(pid, 0)
+                raise
+            os.write(gow, b"g")
         msg = b""
         while chunk := os.read(errr, 256):
             msg += chunk
     finally:
-        os.close(errr)
-        if errw >= 0:
-            os.close(errw)
+        for fd in (errr, errw, gor, gow):
+            if fd >= 0:
+                os.close(fd)
         os.close(log_fd)
     if msg:
         os.waitpid(pid, 0)
@@ -208,6 +228,21 @@ def spawn(argv: Sequence[str], *, log_path: Path, cgroup_dirs: Sequence[str] = (
 def kill_vmm(pid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def request_stop(control: Path, grace: float) -> bool:
+    """Ask the guest init to stop the workload: SIGTERM, SIGKILL after ``grace`` s."""
+    try:
+        fd = os.open(f"{control}.in", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # no VMM holds the FIFO: nothing to stop gracefully
+    try:
+        os.write(fd, f"stop {max(0, round(grace))}\n".encode())
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 class Relay:

@@ -13,6 +13,9 @@
 6. the outcome (``outcome()``, pure) → ``exited``/``failed``; cgroups removed; with
    ``--rm`` the snapshot, the directory and the record go too.
 
+Cgroups: ``runner.vmcgroup`` (directly as root; else through kiln-helper, and QEMU runs
+as the caller: no ``-runas``/``-chroot``, ``-sandbox on`` still).
+
 Firecracker (``--vmm firecracker``, or ``auto`` when configured and KVM runs a guest):
 steps 1-4 are the same except that the record also names the jail, the API socket and the
 jail's cgroups (no QEMU cgroups); step 5 is ``runner.fcdriver.own`` (jailer launch, API
@@ -36,7 +39,7 @@ from typing import Any
 
 from builder.root import Root, rmtree
 from helper.errors import KilnError, NotFound, UsageError
-from runner import qemu, supervise
+from runner import qemu, supervise, vmcgroup
 from runner.state import (
     LIVE,
     UID_BASE,
@@ -121,7 +124,7 @@ def outcome(status_text: str, vmm_code: int | None, *, timed_out: bool, stopped:
 
 
 def choose_vmm(requested: str, firecracker_ready: bool) -> str:
-    """qemu | firecracker (pure; ``runner.fcdriver.choose`` also says why)."""
+    """qemu | firecracker (pure; ``runner.vmmchoice.choose`` also says why)."""
     if requested not in ("auto", "qemu", "firecracker"):
         raise UsageError(f"unknown --vmm {requested!r}", "use auto, qemu or firecracker")
     if requested == "auto":
@@ -191,7 +194,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         *, on_ready: Callable[[str], None] | None = None) -> int:
     """``kiln run``: returns the exit code kiln should exit with."""
     from helper.pool import open_pool
-    from runner import fcdriver, guest_init, kernel, reaper
+    from runner import guest_init, kernel, reaper, vmmchoice
 
     t_entry = time.monotonic()
     root.ensure()
@@ -204,7 +207,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     if opts.cpus < 1 or opts.memory < (64 << 20):
         raise UsageError("a VM needs at least 1 cpu and 64M of memory",
                          "raise --cpus / --memory")
-    vmm, vmm_reason, fc_cfg = fcdriver.pick(root, opts.vmm)
+    vmm, vmm_reason, fc_cfg = vmmchoice.pick(root, opts.vmm)
     is_fc = fc_cfg is not None and vmm == "firecracker"
     if is_fc and (opts.net != "none" or opts.interactive):
         raise UsageError("Firecracker VMs have no --net user and no -i (stdin) yet",
@@ -233,10 +236,12 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                          "the image's /sbin/init decides what runs")
     files = VMFiles(st.vms_dir / vm_id)
     as_root = os.geteuid() == 0
-    cg = supervise.host_cgroup_plan(host, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD) \
-        if as_root and not is_fc else supervise.CgroupPlan(0, (), ())
-    cg_dirs, fc_doc, uids = list(cg.dirs), None, (UID_BASE, UID_COUNT)
+    vcg = vmcgroup.NONE if is_fc else \
+        vmcgroup.plan(host, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD)
+    cg_dirs, fc_doc, uids = list(vcg.dirs), None, (UID_BASE, UID_COUNT)
     if is_fc:
+        from runner import fcdriver  # only now: a QEMU run never imports the driver
+
         version, limits = fcdriver.host_cgroup_choice(fc_cfg, opts.cpus, opts.memory)
         fc_doc, cg_dirs = fcdriver.resources(fc_cfg, host, version, limits)
         uids = (fc_cfg.uid_first, fc_cfg.uid_count)
@@ -280,7 +285,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
 
         return _detach(root, st, rec, files, body, on_ready) if opts.detach else body(st, None)
     try:
-        for w in supervise.apply_cgroups(cg):
+        for w in vmcgroup.create(vcg):
             log.warning("%s (limits not applied)", w)
         tsc = qemu.host_tsc_khz()
         accel = _accel(root)
@@ -308,9 +313,9 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
 
 def _accel(root: Root) -> str:
     """kvm when the KVM probe runs a guest (cached per boot), else tcg."""
-    from runner import fcdriver
+    from runner import vmmchoice
 
-    return "kvm" if fcdriver.kvm_verdict(root)[0] else "tcg"
+    return "kvm" if vmmchoice.kvm_verdict(root)[0] else "tcg"
 
 
 def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
@@ -341,7 +346,7 @@ def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
 def _abandon(root: Root, st: State, rec: VMRecord, reason: str) -> None:
     """Setup failed: the record says why; resources go (all of them with --rm)."""
     st.finish(rec.id, "failed", None, reason)
-    supervise.remove_cgroups(rec.cgroup_dirs)
+    vmcgroup.remove(rec.cgroup_dirs)
     if rec.vmm == "firecracker":
         from runner import fcdriver
 
@@ -407,7 +412,8 @@ def _own(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
     with supervise.StopSignals() as sigs:
         try:
             pid = supervise.spawn(argv, log_path=files.vmm_log, cgroup_dirs=rec.cgroup_dirs,
-                                  stdin=0 if opts.interactive else None)
+                                  stdin=0 if opts.interactive else None,
+                                  attach=vmcgroup.attacher(rec.cgroup_dirs))
         except BaseException as e:
             _abandon(root, st, rec, f"the VMM did not start: {e}")
             raise
@@ -442,7 +448,7 @@ def _own(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
                 stopped = want_stop = True
             if want_stop and not stop_sent:
                 grace = 1.0 if timed_out else opts.stop_grace
-                stop_sent = _request_stop(files.control, grace)
+                stop_sent = supervise.request_stop(files.control, grace)
                 force_at = now + grace + 3.0
             if force_at is not None and now >= force_at:
                 supervise.kill_vmm(pid, signal.SIGTERM if now - force_at < 2 else
@@ -454,25 +460,10 @@ def _own(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
                   own_init=opts.init == "image", console_tail=_tail(files.console),
                   vmm_tail=_tail(files.vmm_log))
     st.finish(rec.id, out.state, out.exit_code, out.reason)
-    supervise.remove_cgroups(rec.cgroup_dirs)
+    vmcgroup.remove(rec.cgroup_dirs)
     if opts.rm:
         remove(root, rec.id, st=st)
     return out.kiln_exit
-
-
-def _request_stop(control: Path, grace: float) -> bool:
-    """Ask the guest init to stop the workload: SIGTERM, SIGKILL after ``grace`` s."""
-    try:
-        fd = os.open(f"{control}.in", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False  # no VMM holds the FIFO: nothing to stop gracefully
-    try:
-        os.write(fd, f"stop {max(0, round(grace))}\n".encode())
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 # -- the other commands --------------------------------------------------------------------
@@ -500,14 +491,14 @@ def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
 
         return fcdriver.stop(root, st, rec, timeout)
     files = VMFiles(Path(rec.dir))
-    _request_stop(files.control, timeout)
+    supervise.request_stop(files.control, timeout)
     deadline = time.monotonic() + timeout + 3.0
     while time.monotonic() < deadline and _vmm_alive(rec):
         time.sleep(0.05)
     if _vmm_alive(rec):
         assert rec.pid is not None
         supervise.kill_vmm(rec.pid, signal.SIGKILL)
-        supervise.remove_cgroups(rec.cgroup_dirs)
+        vmcgroup.remove(rec.cgroup_dirs)
     # the owner records the outcome; give it a moment, else record it here
     for _ in range(100):
         cur = st.get(rec.id)
@@ -519,7 +510,7 @@ def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
     cur = st.get(rec.id)
     if cur is not None and cur.state in LIVE:
         st.finish(rec.id, "exited", 137, "stopped (forced)")
-        supervise.remove_cgroups(rec.cgroup_dirs)
+        vmcgroup.remove(rec.cgroup_dirs)
         cur = st.get(rec.id)
     return cur or rec
 
@@ -547,7 +538,7 @@ def remove(root: Root, ref: str, *, st: State | None = None, force: bool = False
     if pool is not None:
         with contextlib.suppress(NotFound):
             pool.remove_snapshot(rec.snapshot)
-    supervise.remove_cgroups(rec.cgroup_dirs)
+    vmcgroup.remove(rec.cgroup_dirs)
     rmtree(Path(rec.dir))
     st.delete(rec.id)
     return rec.id

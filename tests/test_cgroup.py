@@ -196,3 +196,44 @@ def test_v1_create_with_limits_freeze_kill(parent: str) -> None:
     assert cg.cgroup_kill(cfg, "vmthree", 1) == pids
     assert p.wait(5) == -9
     assert not any(d.exists() for d in dirs)
+
+
+# -- runner.vmcgroup: a QEMU VM's cgroups for a caller that is not root ---------------------
+
+
+def test_vmcgroup_choice() -> None:
+    from runner import vmcgroup
+
+    hybrid, unified = cg.parse_layout(HYBRID), cg.parse_layout(UNIFIED)
+    lim = cg.Limits(cpus=2.5, memory_bytes=1 << 30)
+    assert vmcgroup.choice(unified, {"cpu", "memory", "pids"}, 2, 1 << 30) == (2, lim)
+    assert vmcgroup.choice(hybrid, {"pids"}, 2, 1 << 30) == (1, lim)  # these machines
+    assert vmcgroup.choice(unified, {"pids"}, 2, 1 << 30) == (2, cg.Limits())
+    no_freezer = cg.Layout(None, {"cpu": Path("/c/cpu"), "memory": Path("/c/memory")})
+    assert vmcgroup.choice(no_freezer, set(), 1, 1 << 30) == (0, cg.Limits())
+
+
+@pytest.mark.root
+def test_vmcgroup_targets_are_existing_vm_cgroups_only(parent: str, tmp_path: Path) -> None:
+    """What teardown hands the helper: (host name, version) of existing VM directories in
+    a mounted hierarchy; nothing for other paths or directories already gone."""
+    from runner import vmcgroup
+
+    cfg = cg.CgroupConfig(parent=parent)
+    lay = cg.layout(cfg)
+    made: list[Path] = []
+    want: set[tuple[str, int]] = set()
+    if {"cpu", "freezer"} <= set(lay.v1):
+        made += cg.cgroup_create(cfg, "vone", 1, cg.Limits(cpus=1))
+        want.add(("vone", 1))
+    if lay.v2 is not None:
+        made += cg.cgroup_create(cfg, "vtwo", 2)
+        want.add(("vtwo", 2))
+    (tmp_path / "vthree").mkdir()
+    try:
+        assert vmcgroup.targets([*map(str, made), str(tmp_path / "vthree"),
+                                 str(made[0].parent / "gone")]) == want
+    finally:
+        for name, version in want:
+            cg.cgroup_kill(cfg, name, version)
+    assert vmcgroup.targets([str(d) for d in made]) == set()

@@ -174,6 +174,9 @@ HOSTILE_SUDO: list[tuple[str, Any, int]] = [
     ("dm-remove", {"name": "kiln-00000000-pool"}, 1),  # another area's name
     ("cgroup-kill", {"vm": "systemslice", "version": 2}, 1),  # no such VM cgroup
     ("cgroup-kill", {"vm": "../../system.slice", "version": 2}, 2),
+    ("cgroup-attach", {"vm": "nosuchvm", "version": 1, "pid": 2}, 1),  # no such VM cgroup
+    ("cgroup-attach", {"vm": "nosuchvm", "version": 1, "pid": 1}, 2),  # never pid 1
+    ("cgroup-attach", {"vm": "nosuchvm", "version": 1, "pid": 2, "path": "/"}, 2),
     ("jail-remove", {"vm": "nosuchjail"}, 1),
     ("jail-remove", {"vm": "a" * 33}, 2),
     ("tap-delete", {"name": "lo"}, 2),

@@ -18,7 +18,8 @@ def test_round_trip(tmp_path: Path) -> None:
     (tmp_path / "pool").mkdir()
     (tmp_path / "pool" / "config.json").write_text(json.dumps(GOOD))
     cfg = read_config(tmp_path)
-    assert cfg is not None and cfg.as_json() == GOOD
+    assert cfg is not None
+    assert cfg.as_json() == GOOD
     assert read_config(tmp_path / "elsewhere") is None
     no_block = {k: v for k, v in GOOD.items() if k != "block_sectors"}
     assert PoolConfig.from_json(no_block).block_sectors == 128

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 from builder.root import Root
 from helper import cgroup as cg
 from helper.errors import KilnError, NotFound
-from runner import fcdriver, reaper, state
+from runner import fcdriver, reaper, state, vmmchoice
 from runner import firecracker as fc
 from tests.test_run_boot import KILN
 
@@ -48,27 +49,59 @@ problems = st.one_of(st.none(), st.text(min_size=1, max_size=20))
 @given(problems, problems)
 def test_auto_takes_firecracker_only_when_configured_and_kvm_runs(fc_problem: str | None,
                                                                   kvm: str | None) -> None:
-    vmm, why = fcdriver.choose("auto", fc_problem, kvm)
+    vmm, why = vmmchoice.choose("auto", fc_problem, kvm)
     assert (vmm == "firecracker") == (fc_problem is None and kvm is None)
     assert why.startswith(f"--vmm auto chose {vmm}")
     if vmm == "qemu":
-        assert (fc_problem or kvm or "") in why  # the reason names the cause
-    assert fcdriver.choose("qemu", fc_problem, kvm) == ("qemu", "--vmm qemu")
+        assert (kvm or fc_problem or "") in why  # the reason names the cause: KVM first
+    assert vmmchoice.choose("qemu", fc_problem, kvm) == ("qemu", "--vmm qemu")
 
 
 def test_explicit_firecracker() -> None:
-    assert fcdriver.choose("firecracker", None, None) == ("firecracker", "--vmm firecracker")
-    assert fcdriver.choose("firecracker", None, "no /dev/kvm") == (
+    assert vmmchoice.choose("firecracker", None, None) == ("firecracker", "--vmm firecracker")
+    assert vmmchoice.choose("firecracker", None, "no /dev/kvm") == (
         "firecracker", "--vmm firecracker (KVM cannot run a guest: no /dev/kvm)")
     with pytest.raises(NotFound) as e:
-        fcdriver.choose("firecracker", "firecracker not found at /x/firecracker", None)
+        vmmchoice.choose("firecracker", "firecracker not found at /x/firecracker", None)
     assert e.value.message == ("firecracker is not configured: firecracker not found at "
                                "/x/firecracker")
     assert e.value.hint == ("set [tools] firecracker and jailer in /etc/kiln/config.toml, "
                             "or use --vmm qemu")
     with pytest.raises(KilnError) as e2:
-        fcdriver.choose("xen", None, None)
+        vmmchoice.choose("xen", None, None)
     assert e2.value.message == "unknown --vmm 'xen'"
+
+
+_PICK = """
+import json, sys
+from pathlib import Path
+from builder.root import Root
+from runner import vmmchoice
+vmm, why, cfg = vmmchoice.pick(Root(Path(sys.argv[1])), sys.argv[2])
+print(json.dumps([vmm, why, cfg is not None, "pydantic" in sys.modules,
+                  "runner.fcdriver" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("ok", [False, True])
+def test_pick_asks_kvm_first_and_loads_no_config_without_it(tmp_path: Path, ok: bool) -> None:
+    """The KVM verdict (cached per boot under ROOT/kernels) decides ``auto`` before the
+    trusted config is read: a QEMU host never pays for pydantic or the Firecracker driver."""
+    if TEST_CONFIG.exists() or Path("/etc/kiln/config.toml").exists():
+        pytest.skip("a trusted config is installed; this test needs the built-in defaults")
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    (kernels / f"kvm-{boot_id}.json").write_text(json.dumps({"ok": ok, "reason": "spins"}))
+    res = subprocess.run([sys.executable, "-c", _PICK, str(tmp_path), "auto"],
+                         capture_output=True, text=True, check=True)
+    vmm, why, has_cfg, pydantic, driver = json.loads(res.stdout)
+    assert (vmm, has_cfg, driver) == ("qemu", False, False)
+    if ok:  # KVM runs a guest, so the config was consulted: firecracker is not set up here
+        assert why.startswith("--vmm auto chose qemu: firecracker is not configured (")
+    else:
+        assert why == "--vmm auto chose qemu: KVM cannot run a guest (spins)"
+        assert not pydantic
 
 
 # -- cgroups ----------------------------------------------------------------------------------

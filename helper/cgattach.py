@@ -1,0 +1,155 @@
+"""Moving a caller's process into that caller's VM cgroup (op ``cgroup-attach``).
+
+Privileged (root inside kiln-helper), stdlib only. The process is a sudo caller's QEMU
+child, before it execs. The pid is a number, so the check pins the process first: a
+pidfd, then ``/proc/PID`` opened as a directory, then the pidfd confirmed alive (so that
+directory is the same process); the uids (real, effective, saved, fs) read through it
+must all be the owner's. After the write the pidfd must still be alive — a pid is not
+reused while its process exists, so the write hit that process — and still the owner's
+(no setuid exec meanwhile). Otherwise whatever now holds that pid in the VM's cgroup goes
+back (to the place it was in, when it is the checked process; else to the hierarchy root)
+and the attach is refused. Stop and termination signals are held during these steps
+(``uninterrupted``): sudo relays the caller's signals to us, and they must neither stretch
+the window nor cut a step in half.
+
+Whose cgroup it is (the claim) is checked by the op (``helper.ops_vm``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+from helper.cgroup import CgroupConfig, Layout, _pids, _write, layout, vm_dirs
+from helper.errors import Conflict, NotFound, UsageError
+
+_HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP,
+         signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM}
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold (block) the signals a caller can have sudo relay to us, for one critical step;
+    they are delivered afterwards."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _proc_read(procfd: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
+    try:
+        return os.read(fd, 1 << 16).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def _uids(procfd: int) -> list[int]:
+    """Real, effective, saved and fs uid of the process behind ``procfd``."""
+    for line in _proc_read(procfd, "status").splitlines():
+        if line.startswith("Uid:"):
+            return [int(x) for x in line.split()[1:5]]
+    raise NotFound("no Uid line in /proc status", "")
+
+
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _membership(procfd: int) -> dict[str, str]:
+    """/proc/PID/cgroup → {hierarchy key: path}; key "" for v2, else the controller list."""
+    out: dict[str, str] = {}
+    for line in _proc_read(procfd, "cgroup").splitlines():
+        _, ctrls, path = line.split(":", 2)
+        out[ctrls] = path
+    return out
+
+
+def _hierarchy_of(lay: Layout, d: Path, version: int) -> tuple[Path, str | None]:
+    """(mount point, controller) of a VM directory."""
+    if version == 2:
+        assert lay.v2 is not None
+        return lay.v2, None
+    for c, mnt in lay.v1.items():
+        if d.is_relative_to(mnt):
+            return mnt, c
+    raise NotFound(f"{d} is in no mounted cgroup hierarchy", "")
+
+
+def _go_back(lay: Layout, dirs: list[Path], version: int, pid: int,
+             before: dict[str, str] | None) -> None:
+    """Move ``pid`` out of ``dirs`` again: to where it was (``before``), else to the root."""
+    for d in dirs:
+        if pid not in _pids(d):
+            continue
+        mnt, ctrl = _hierarchy_of(lay, d, version)
+        dest = mnt
+        for key, path in (before or {}).items():
+            if (version == 2 and key == "") or (ctrl is not None and ctrl in key.split(",")):
+                dest = mnt / path.lstrip("/")
+        with contextlib.suppress(OSError):
+            _write(dest / "cgroup.procs", str(pid))
+
+
+def cgroup_attach(cfg: CgroupConfig, vm_id: str, version: int, pid: int,
+                  owner_uid: int) -> list[Path]:
+    """Move process ``pid`` — which must be ``owner_uid``'s — into the VM's cgroup(s).
+
+    See the module docstring for why this cannot move another process than the one
+    checked. Returns the directories it joined."""
+    dirs = [d for d in vm_dirs(cfg, vm_id, version) if d.is_dir()]
+    if not dirs:
+        raise NotFound(f"VM {vm_id} has no cgroup", "create it first (cgroup-create)")
+    if pid < 2:
+        raise UsageError(f"refusing pid {pid}", "give the pid of one of your processes")
+    lay = layout(cfg)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NotFound(f"no process {pid}", "") from None
+    except OSError as e:
+        # A thread id (ENOENT since Linux 6.9, EINVAL before): cgroup.procs would move
+        # its whole process, whose uids were never checked.
+        if e.errno in (errno.ENOENT, errno.EINVAL):
+            raise UsageError(f"{pid} is not a process id", "give a process (not thread) "
+                             "id") from None
+        raise
+    try:
+        try:
+            procfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"no process {pid}", "") from None
+        try:
+            if not _alive(pidfd):  # /proc/PID may already name a newer process
+                raise NotFound(f"no process {pid}", "")
+            if any(u != owner_uid for u in _uids(procfd)):
+                raise UsageError(f"refusing process {pid}: it is not uid {owner_uid}'s",
+                                 "only your own processes can join your VM's cgroup")
+            before = _membership(procfd)
+            try:
+                for d in dirs:
+                    _write(d / "cgroup.procs", str(pid))
+            except OSError:  # half moved (one v1 hierarchy refused): undo the others
+                _go_back(lay, dirs, version, pid, before if _alive(pidfd) else None)
+                raise
+            still = _alive(pidfd)
+            mine = still and all(u == owner_uid for u in _uids(procfd))
+            if not mine:
+                _go_back(lay, dirs, version, pid, before if still else None)
+                raise Conflict(f"process {pid} {'changed owner' if still else 'exited'} "
+                               "while joining the cgroup", "start it again")
+        finally:
+            os.close(procfd)
+    finally:
+        os.close(pidfd)
+    return dirs
