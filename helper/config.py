@@ -20,13 +20,21 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from helper.errors import KilnError, NotFound
+from helper.netconfig import NetSection
 
 CANDIDATES = (Path("/etc/kiln/test-config.toml"), Path("/etc/kiln/config.toml"))
 
@@ -43,6 +51,8 @@ DEFAULT_TOOLS: dict[str, str] = {
     "dumpe2fs": "/usr/sbin/dumpe2fs",
     "thin_check": "/usr/sbin/thin_check",
     "ip": "/usr/sbin/ip",
+    "iptables": "/usr/sbin/iptables",  # [net]: NAT and port forwards
+    "sysctl": "/usr/sbin/sysctl",  # [net]: ip_forward in kiln's namespaces
     "qemu": "/usr/bin/qemu-system-x86_64",
     "firecracker": "/usr/local/bin/firecracker",
     "jailer": "/usr/local/bin/jailer",
@@ -101,6 +111,28 @@ class PoolSection(BaseModel):
                            "DIRECTORY/users/<uid>")
     backend: Literal["auto", "reflink", "copy", "dm-thin"] = Field(
         default="auto", description="backend for sudo callers' pools")
+    data_device: str | None = Field(
+        default=None, pattern=_ABS_RE,
+        description="dm-thin: the operator's block device for the thin-pool's data, used "
+        "instead of loop-backed files (needs metadata_device; checked when used: a block "
+        "device, not mounted, not in use)")
+    metadata_device: str | None = Field(
+        default=None, pattern=_ABS_RE,
+        description="dm-thin: the operator's block device for the thin-pool's metadata "
+        "(needs data_device; `kiln pool init` formats it)")
+
+    @model_validator(mode="after")
+    def _devices(self) -> PoolSection:
+        data, meta = self.data_device, self.metadata_device
+        if (data is None) != (meta is None):
+            raise ValueError("data_device and metadata_device go together: set both or "
+                             "neither")
+        for dev in (data, meta):
+            if dev is not None and ".." in dev.split("/"):
+                raise ValueError(f"device path {dev!r} contains '..'")
+        if data is not None and data == meta:
+            raise ValueError("data_device and metadata_device must be different devices")
+        return self
 
 
 class ConfigFile(BaseModel):
@@ -112,6 +144,7 @@ class ConfigFile(BaseModel):
                                   description="[tools]: tool name -> absolute path")
     jails: JailsSection = Field(default_factory=JailsSection, description="[jails]")
     pool: PoolSection = Field(default_factory=PoolSection, description="[pool]")
+    net: NetSection = Field(default_factory=NetSection, description="[net]")
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,10 @@ class Config:
     pool_dir: Path
     backend: str
     path: Path | None  # the file it came from (None: built-in defaults)
+    net: NetSection = field(default_factory=NetSection)  # [net]: helper/netconfig.py
+    # [pool] data_device / metadata_device (dm-thin on the operator's block devices)
+    data_device: Path | None = None
+    metadata_device: Path | None = None
 
     def users_dir(self) -> Path:
         return self.pool_dir / "users"
@@ -235,7 +272,11 @@ def parse(text: bytes, path: Path | None = None) -> Config:
                   cgroup_parent=doc.jails.cgroup_parent,
                   chroot_base=Path(doc.jails.chroot_base),
                   sources=tuple(Path(s) for s in doc.jails.sources),
-                  pool_dir=Path(doc.pool.directory), backend=doc.pool.backend, path=path)
+                  pool_dir=Path(doc.pool.directory), backend=doc.pool.backend, path=path,
+                  net=doc.net,
+                  data_device=Path(doc.pool.data_device) if doc.pool.data_device else None,
+                  metadata_device=Path(doc.pool.metadata_device)
+                  if doc.pool.metadata_device else None)
 
 
 def load(candidates: tuple[Path, ...] = CANDIDATES) -> Config:

@@ -1,7 +1,257 @@
-"""Network ops (taps on a kiln bridge, per-VM namespaces, NAT): none yet; see issue #7."""
+"""Network ops: the kiln bridge, address leases, taps on the bridge, per-VM namespaces, NAT,
+port forwards, and the listing / reclaim a reconcile needs (issue #7; design in docs/net.md).
+
+Where the network lives, its bridge, subnet, isolation and NAT come only from the trusted
+config (``[net]``, helper/netconfig.py); no request names a bridge, an address or a
+namespace other than a VM's own ``kn-ID``. Device names derive from the VM id
+(``helper.netcore.names``); every object is tagged with (VM, root key, caller uid) and an op
+acts only on the caller's own. VM uids/gids come from ``[jails] uid_gid_range``, never 0 or
+the caller's. Order for a VM (what ``runner/network.py`` does):
+
+  bridge-ensure → nat-ensure (if nat) → net-lease → tap-attach | netns-create → forward-add…
+  forward-remove → tap-detach | netns-delete → net-release → nat-remove (acts on the last)
+"""
 
 from __future__ import annotations
 
-from helper.opbase import Op, Req
+from typing import Annotated, Any
 
-OPS: dict[str, tuple[type[Req], Op]] = {}
+from pydantic import Field
+
+from helper import net, netlease
+from helper import netcore as nc
+from helper.errors import UsageError
+from helper.opbase import Ctx, KilnId, Op, Req, Uid
+from helper.tap import NAME_PATTERN as TAP_PATTERN
+
+RootKey = Annotated[str, Field(pattern=nc.ROOT_PATTERN,
+                               description="the kiln root's key (8 characters of a-z, 2-7)")]
+Port = Annotated[int, Field(ge=1, le=65535, description="a TCP port")]
+
+
+def _tag(ctx: Ctx, vm: str, root: str) -> nc.Tag:
+    return nc.Tag(vm, root, ctx.caller_uid)
+
+
+def _check_vm_uid(ctx: Ctx, uid: int, gid: int) -> None:
+    c = ctx.cfg
+    for what, n in (("uid", uid), ("gid", gid)):
+        if not c.uid_first <= n < c.uid_first + c.uid_count or n in (0, ctx.caller_uid):
+            raise UsageError(f"{what} {n} is outside the VM range {c.uid_first}-"
+                             f"{c.uid_first + c.uid_count - 1}",
+                             "VM uids/gids come from [jails] uid_gid_range")
+
+
+def _guest(ctx: Ctx, got: nc.Lease) -> dict[str, Any]:
+    g = nc.guest_net(ctx.cfg.net, got)
+    names = nc.names(got.vm)
+    return {"vm": got.vm, "ip": got.ip, "guest_ip": g.ip, "prefix": g.prefix,
+            "gateway": g.gateway, "mac": g.mac, "dns": list(g.dns),
+            "kernel_args": list(nc.kernel_args(g)), "isolation": ctx.cfg.net.isolation,
+            "tap": names.tap,
+            "netns": names.netns if ctx.cfg.net.isolation == "netns" else None}
+
+
+class BridgeEnsure(Req):
+    """Create the kiln bridge with its address (idempotent; refuses a foreign device)."""
+
+
+def bridge_ensure(ctx: Ctx, req: BridgeEnsure) -> dict[str, Any]:
+    del req
+    return net.bridge_ensure(ctx.cfg.net)
+
+
+class BridgeRemove(Req):
+    """Delete the kiln bridge once no VM uses it."""
+
+
+def bridge_remove(ctx: Ctx, req: BridgeRemove) -> dict[str, Any]:
+    del req
+    net.bridge_remove(ctx.cfg.net)
+    return {}
+
+
+class NetLease(Req):
+    """Allocate the VM's address (or return its existing lease) and say how the guest is
+    configured (kernel arguments, MAC, tap and namespace names)."""
+
+    vm: KilnId = Field(description="the VM id")
+    root: RootKey
+
+
+def net_lease(ctx: Ctx, req: NetLease) -> dict[str, Any]:
+    net.check_namespace(ctx.cfg.net)
+    return _guest(ctx, netlease.lease(ctx.cfg.net, _tag(ctx, req.vm, req.root)))
+
+
+class NetRelease(Req):
+    """Release the VM's address lease."""
+
+    vm: KilnId = Field(description="the VM id")
+
+
+def net_release(ctx: Ctx, req: NetRelease) -> dict[str, Any]:
+    return {"ip": netlease.release(ctx.cfg.net, req.vm, ctx.caller_uid).ip}
+
+
+class TapAttach(Req):
+    """Create the VM's tap kt-ID, owned by the VM's uid/gid, on the kiln bridge."""
+
+    vm: KilnId = Field(description="the VM id (it must hold a lease)")
+    uid: Uid = Field(description="the VM's uid, from the configured range")
+    gid: Uid = Field(description="the VM's gid, from the configured range")
+
+
+def _check_isolation(ctx: Ctx, want: str, op: str) -> None:
+    # The lease's guest addressing (net-lease) follows the config: the layout must too.
+    if ctx.cfg.net.isolation != want:
+        other = "netns-create" if want == "none" else "tap-attach"
+        raise UsageError(f"{op} does not fit [net] isolation = {ctx.cfg.net.isolation!r}",
+                         f"use {other}")
+
+
+def tap_attach(ctx: Ctx, req: TapAttach) -> dict[str, Any]:
+    _check_isolation(ctx, "none", "tap-attach")
+    _check_vm_uid(ctx, req.uid, req.gid)
+    got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
+    return {"tap": net.tap_attach(ctx.cfg.net, got.tag, req.uid, req.gid)}
+
+
+TapName = Annotated[str, Field(pattern=TAP_PATTERN, max_length=15,
+                               description="kiln tap name: kt- + [a-z2-7]{1,12}")]
+
+
+class TapDetach(Req):
+    """Delete a tap kiln tagged as the caller's from the kiln network."""
+
+    name: TapName
+
+
+def tap_detach(ctx: Ctx, req: TapDetach) -> dict[str, Any]:
+    net.tap_detach(ctx.cfg.net, req.name, ctx.caller_uid)
+    return {}
+
+
+class NetnsCreate(Req):
+    """Create the VM's namespace kn-ID: veth to the bridge, tap kt-ID inside owned by the
+    VM's uid/gid, NAT between the lease and the guest's address."""
+
+    vm: KilnId = Field(description="the VM id (it must hold a lease)")
+    uid: Uid = Field(description="the VM's uid, from the configured range")
+    gid: Uid = Field(description="the VM's gid, from the configured range")
+
+
+def netns_create(ctx: Ctx, req: NetnsCreate) -> dict[str, Any]:
+    _check_isolation(ctx, "netns", "netns-create")
+    _check_vm_uid(ctx, req.uid, req.gid)
+    got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
+    n = net.netns_create(ctx.cfg.net, got, req.uid, req.gid)
+    return {"netns": n.netns, "tap": n.tap, "veth": n.veth}
+
+
+NetnsName = Annotated[str, Field(pattern=nc.NETNS_PATTERN, max_length=15,
+                                 description="a VM namespace: kn- + [a-z2-7]{1,12}")]
+
+
+class NetnsDelete(Req):
+    """Delete a VM namespace of the caller's (its veth pair and tap go with it)."""
+
+    name: NetnsName
+
+
+def netns_delete(ctx: Ctx, req: NetnsDelete) -> dict[str, Any]:
+    net.netns_delete(ctx.cfg.net, req.name, ctx.caller_uid)
+    return {}
+
+
+class NatEnsure(Req):
+    """Install kiln's outbound NAT for the subnet (only with [net] nat = true)."""
+
+
+def nat_ensure(ctx: Ctx, req: NatEnsure) -> dict[str, Any]:
+    del req
+    return {"changed": net.nat_ensure(ctx.cfg.net)}
+
+
+class NatRemove(Req):
+    """Remove kiln's NAT rules if no VM holds a lease any more (else do nothing)."""
+
+
+def nat_remove(ctx: Ctx, req: NatRemove) -> dict[str, Any]:
+    del req
+    return net.nat_remove(ctx.cfg.net)
+
+
+class ForwardAdd(Req):
+    """Forward TCP GATEWAY:HOST_PORT of the kiln namespace to the VM's GUEST_PORT."""
+
+    vm: KilnId = Field(description="the VM id (it must hold a lease)")
+    host_port: Port
+    guest_port: Port
+
+
+def forward_add(ctx: Ctx, req: ForwardAdd) -> dict[str, Any]:
+    if req.host_port < 1024 and not ctx.trusted:
+        raise UsageError(f"host port {req.host_port} is privileged",
+                         "forward a port of 1024 or above (or run kiln as root)")
+    got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
+    f = net.forward_add(ctx.cfg.net, got, req.host_port, req.guest_port)
+    return {"address": ctx.cfg.net.gateway, "host_port": f.host_port,
+            "dest": f"{f.dest}:{f.guest_port}"}
+
+
+class ForwardRemove(Req):
+    """Remove the VM's port forwards (one host port, or all of them)."""
+
+    vm: KilnId = Field(description="the VM id")
+    host_port: Port | None = Field(default=None, description="only this host port")
+
+
+def forward_remove(ctx: Ctx, req: ForwardRemove) -> dict[str, Any]:
+    return {"removed": net.forward_remove(ctx.cfg.net, req.vm, ctx.caller_uid, req.host_port)}
+
+
+class NetList(Req):
+    """List the kiln network's objects (leases, taps, veths, VM namespaces, forwards)."""
+
+
+def net_list(ctx: Ctx, req: NetList) -> dict[str, Any]:
+    del req
+    sec = ctx.cfg.net
+    net.check_namespace(sec)
+    objs = [{"kind": o.kind, "name": o.name,
+             "vm": o.tag.vm if o.tag else None, "root": o.tag.root if o.tag else None,
+             "uid": o.tag.uid if o.tag else None} for o in net.observe(sec)]
+    book = netlease.read_book(sec)
+    return {"objects": objs, "leases": {x.vm: x.ip for x in book.leases},
+            "bridge": net.own_bridge(sec) is not None}
+
+
+class NetReclaim(Req):
+    """Remove the root's network objects (the caller's) whose VM is not in keep."""
+
+    root: RootKey
+    keep: tuple[KilnId, ...] = Field(default=(), max_length=100_000,
+                                     description="VM ids whose objects stay")
+
+
+def net_reclaim(ctx: Ctx, req: NetReclaim) -> dict[str, Any]:
+    return {"removed": net.reclaim(ctx.cfg.net, req.root, list(req.keep), ctx.caller_uid)}
+
+
+OPS: dict[str, tuple[type[Req], Op]] = {
+    "bridge-ensure": (BridgeEnsure, bridge_ensure),
+    "bridge-remove": (BridgeRemove, bridge_remove),
+    "net-lease": (NetLease, net_lease),
+    "net-release": (NetRelease, net_release),
+    "tap-attach": (TapAttach, tap_attach),
+    "tap-detach": (TapDetach, tap_detach),
+    "netns-create": (NetnsCreate, netns_create),
+    "netns-delete": (NetnsDelete, netns_delete),
+    "nat-ensure": (NatEnsure, nat_ensure),
+    "nat-remove": (NatRemove, nat_remove),
+    "forward-add": (ForwardAdd, forward_add),
+    "forward-remove": (ForwardRemove, forward_remove),
+    "net-list": (NetList, net_list),
+    "net-reclaim": (NetReclaim, net_reclaim),
+}

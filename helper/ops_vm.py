@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from helper import cgattach, jail, safepath, tap
+from helper import cgattach, jail, jailstage, safepath, tap
 from helper import cgroup as cg
 from helper.errors import NotFound, UsageError
 from helper.opbase import (
@@ -246,7 +246,7 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
     _check_vm_uid(ctx, req.uid, req.gid)
     items = [jail.StageItem(i.name, Path(i.source), i.writable) for i in req.items]
     ctx.cfg.chroot_base.mkdir(mode=0o755, parents=True, exist_ok=True)  # trusted path
-    staged = jail.jail_stage(jail_config(ctx), req.vm, req.uid, req.gid, items,
+    staged = jailstage.jail_stage(jail_config(ctx), req.vm, req.uid, req.gid, items,
                              caller_uid=ctx.caller_uid, logs=req.logs)
     return {"root": str(staged.root), "warnings": staged.warnings}
 

@@ -28,6 +28,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -36,9 +37,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from helper import cgroup as cg
-from helper import jail
+from helper import jail, jailstage, netcore
 from helper.cgroup import Limits
-from helper.errors import KilnError, NotFound
+from helper.errors import KilnError, NotFound, UsageError
 from helper.jail import JailConfig, JailSpec, Staged, StageItem
 
 KERNEL = "vmlinux"
@@ -72,6 +73,33 @@ class NetSpec:
     iface_id: str
     host_dev_name: str  # a tap in the VM's network namespace, owned by the VM's uid
     guest_mac: str | None = None
+
+
+_IFACE = re.compile(r"^eth[0-9]{1,2}$")
+_DEV = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1, no '/' or blanks
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def vm_nic(tap: str, vm_id: str, iface_id: str = "eth0") -> NetSpec:
+    """``--net tap``: the helper's tap (``kt-ID``) with the MAC derived from the VM id
+    (``helper.netcore.mac_for``, the same one the QEMU driver gives the guest)."""
+    return NetSpec(iface_id, tap, netcore.mac_for(vm_id))
+
+
+def network_interface_body(n: NetSpec) -> dict[str, Any]:
+    """The ``PUT /network-interfaces/{iface_id}`` body (swagger ``NetworkInterface``)."""
+    if not _IFACE.fullmatch(n.iface_id):
+        raise UsageError(f"invalid interface id {n.iface_id!r}", "use eth0, eth1, …")
+    if not _DEV.fullmatch(n.host_dev_name):
+        raise UsageError(f"invalid tap name {n.host_dev_name!r}",
+                         "a network device name of at most 15 characters")
+    body: dict[str, Any] = {"iface_id": n.iface_id, "host_dev_name": n.host_dev_name}
+    if n.guest_mac is not None:
+        if not _MAC.fullmatch(n.guest_mac):
+            raise UsageError(f"invalid MAC address {n.guest_mac!r}",
+                             "write six lowercase hex pairs")
+        body["guest_mac"] = n.guest_mac
+    return body
 
 
 @dataclass(frozen=True)
@@ -127,11 +155,8 @@ def api_requests(vm: VmConfig) -> list[ApiRequest]:
             "io_engine": d.io_engine,
         }, "Drive"))
     for n in vm.nets:
-        body: dict[str, Any] = {"iface_id": n.iface_id, "host_dev_name": n.host_dev_name}
-        if n.guest_mac is not None:
-            body["guest_mac"] = n.guest_mac
-        reqs.append(ApiRequest("PUT", f"/network-interfaces/{n.iface_id}", body,
-                               "NetworkInterface"))
+        reqs.append(ApiRequest("PUT", f"/network-interfaces/{n.iface_id}",
+                               network_interface_body(n), "NetworkInterface"))
     return reqs
 
 
@@ -188,11 +213,13 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
                 initrd: Path | None = None, boot_args: str = DEFAULT_BOOT_ARGS,
                 cpus: int = 1, mem_mib: int = 256, cgroup_version: int = 2,
                 limits: Limits = NO_LIMITS, netns: str | None = None,
-                taps: Sequence[str] = (), read_only_root: bool = False,
+                taps: Sequence[str] = (), nets: Sequence[NetSpec] = (),
+                read_only_root: bool = False,
                 resource_limits: tuple[tuple[str, int], ...] = ()) -> LaunchPlan:
     """Everything needed to launch one VM, decided up front (pure apart from validation).
 
-    ``uid`` doubles as gid. ``rootfs``: a snapshot file, or ``/dev/mapper/…`` (dm-thin)."""
+    ``uid`` doubles as gid. ``rootfs``: a snapshot file, or ``/dev/mapper/…`` (dm-thin).
+    ``nets`` (e.g. ``vm_nic(tap, vm id)``) or bare ``taps`` (no MAC) become eth0, eth1, …."""
     cg.check_vm_id(vm_id)
     block = str(rootfs).startswith("/dev/mapper/")
     root_name = ROOT_BLOCK if block else ROOTFS
@@ -216,7 +243,7 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
         initrd=f"/{INITRD}" if initrd is not None else None,
         boot_args=boot_args, vcpus=cpus, mem_mib=mem_mib,
         drives=(DriveSpec("rootfs", f"/{root_name}", root=True, read_only=read_only_root),),
-        nets=tuple(NetSpec(f"eth{i}", t) for i, t in enumerate(taps)),
+        nets=tuple(nets) or tuple(NetSpec(f"eth{i}", t) for i, t in enumerate(taps)),
     )
     return LaunchPlan(vm_id, spec, limits, tuple(stage), (LOG,), vm)
 
@@ -328,7 +355,7 @@ class InProcessOps:
 
     def jail_stage(self, vm_id: str, uid: int, gid: int, items: Sequence[StageItem],
                    logs: Sequence[str]) -> Staged:
-        return jail.jail_stage(self.cfg, vm_id, uid, gid, items, caller_uid=self.caller_uid,
+        return jailstage.jail_stage(self.cfg, vm_id, uid, gid, items, caller_uid=self.caller_uid,
                                logs=logs)
 
     def jail_launch(self, spec: JailSpec) -> int:

@@ -38,7 +38,8 @@ BUSYBOX = Path("/bin/busybox")
 
 # In load order; dependencies are added (and ordered) by plan_modules.
 WANTED = ("virtio_mmio", "virtio_blk", "virtio_console", "ext4")
-# virtio_pci: harmless on microvm, lets the initrd serve q35/pc too; virtio_net: --net user
+# virtio_pci: harmless on microvm, lets the initrd serve q35/pc too; virtio_net (+ failover,
+# net_failover): --net user and --net tap, so eth0 exists before kiln's init configures it
 OPTIONAL = ("virtio_pci", "virtio_net")
 APPLETS = ("sh", "mount", "umount", "cat", "insmod", "usleep", "sleep", "switch_root", "echo")
 

@@ -16,6 +16,12 @@ Accelerator: KVM only when ``builder.probes.kvm()`` ran a guest; otherwise TCG, 
 without a PIT/HPET (../shared/qemu.md). As root QEMU drops to a per-VM uid (``-runas``),
 chroots into an empty directory, and runs under seccomp (``-sandbox on``; privilege
 elevation must stay allowed because QEMU 7.2 installs the filter before ``-runas`` acts).
+
+Network: ``--net user`` is QEMU's slirp (``-p`` forwards bound to 127.0.0.1); ``--net tap``
+opens a kiln tap by name (``ifname=``, made and bridged by the helper; QEMU must start in
+the namespace the tap lives in and open it before ``-runas`` drops root) with the VM's MAC.
+Either way the guest's address reaches kiln's init as ``kiln.ip= kiln.gw= [kiln.dns=]`` on
+the kernel command line (the cloud kernel has no ``CONFIG_IP_PNP``: ``ip=`` does nothing).
 """
 
 from __future__ import annotations
@@ -27,15 +33,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helper.errors import UsageError
+from helper.tap import NAME_PATTERN as TAP_PATTERN
 
 SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# --net user: slirp's fixed addresses, configured by kiln's init like a tap's
+USER_NET_ARGS = ("kiln.ip=10.0.2.15/24", "kiln.gw=10.0.2.2", "kiln.dns=10.0.2.3")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
 
 
 @dataclass(frozen=True)
 class Forward:
     host: int
     guest: int
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """--net tap: a kiln tap (made by the helper, in the namespace QEMU starts in)."""
+
+    ifname: str  # kt-…
+    mac: str  # helper.netcore.mac_for(VM id)
+    kernel_args: tuple[str, ...]  # kiln.ip=… kiln.gw=… [kiln.dns=…] (netcore.kernel_args)
 
 
 @dataclass(frozen=True)
@@ -56,7 +76,8 @@ class QemuSpec:
     status: Path
     control: Path  # FIFO pair CONTROL.in / CONTROL.out
     init: str  # /.kiln/init, or the image's /sbin/init
-    net: str = "none"  # none | user
+    net: str = "none"  # none | user | tap
+    tap: TapNic | None = None  # with net = "tap"
     forwards: tuple[Forward, ...] = ()
     interactive: bool = False
     runas: str | None = None  # "UID:GID" when started as root
@@ -115,6 +136,10 @@ def kernel_cmdline(spec: QemuSpec) -> str:
     ]
     if spec.accel == "tcg" and spec.tsc_khz:
         parts.append(f"tsc_early_khz={spec.tsc_khz}")
+    if spec.net == "user":
+        parts += USER_NET_ARGS
+    elif spec.net == "tap" and spec.tap is not None:
+        parts += spec.tap.kernel_args
     parts += spec.extra_append
     return " ".join(parts)
 
@@ -132,9 +157,11 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     """The QEMU command line for ``spec`` (pure)."""
     if spec.accel not in ("kvm", "tcg"):
         raise UsageError(f"unknown accelerator {spec.accel!r}", "use kvm or tcg")
-    if spec.net not in ("none", "user"):
+    if spec.net not in ("none", "user", "tap"):
         raise UsageError(f"--net {spec.net} is not supported by the QEMU driver",
-                         "use --net none or --net user")
+                         "use --net none, user or tap")
+    if spec.net == "tap":
+        _check_tap(spec.tap)
     if spec.forwards and spec.net != "user":
         raise UsageError("-p needs --net user", "add --net user")
     accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=128"  # TCG: bound the code cache
@@ -176,6 +203,10 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in spec.forwards)
         args += ["-netdev", f"user,id=net0{fwd}",
                  "-device", "virtio-net-device,netdev=net0"]
+    if spec.net == "tap" and spec.tap is not None:
+        # script=no: QEMU runs no ifup script (the helper made and bridged the tap)
+        args += ["-netdev", f"tap,id=net0,ifname={spec.tap.ifname},script=no,downscript=no",
+                 "-device", f"virtio-net-device,netdev=net0,mac={spec.tap.mac}"]
     if spec.runas is not None:
         args += ["-runas", spec.runas]
         if spec.chroot is not None:
@@ -184,6 +215,20 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     else:
         args += ["-sandbox", SANDBOX_USER]
     return args
+
+
+def _check_tap(tap: TapNic | None) -> None:
+    if tap is None:
+        raise UsageError("--net tap needs a tap", "internal error: the helper makes it first")
+    if not re.fullmatch(TAP_PATTERN, tap.ifname):
+        raise UsageError(f"invalid tap name {tap.ifname!r}",
+                         "kiln taps are named kt- + 1-12 characters of a-z and 2-7")
+    if not _MAC.fullmatch(tap.mac):
+        raise UsageError(f"invalid MAC address {tap.mac!r}", "write six lowercase hex pairs")
+    bad = [a for a in tap.kernel_args if not _KILN_ARG.fullmatch(a)]
+    if bad:
+        raise UsageError(f"invalid guest network argument {bad[0]!r}",
+                         "only kiln.ip=, kiln.gw= and kiln.dns= with addresses")
 
 
 def forwards_of(texts: Sequence[str]) -> tuple[Forward, ...]:

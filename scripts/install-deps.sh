@@ -17,7 +17,7 @@ PKGS=(
   qemu-system-x86 qemu-utils linux-image-cloud-amd64
   btrfs-progs xfsprogs libmagic1 file
   busybox-static debootstrap lz4 zstd cpio kmod
-  dmsetup thin-provisioning-tools iproute2 sudo
+  dmsetup thin-provisioning-tools iproute2 iptables procps sudo
   python3 python3-venv python3-dev util-linux libarchive13 e2fsprogs
 )
 

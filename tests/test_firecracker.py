@@ -232,3 +232,39 @@ def test_no_endpoint_missing_from_1_12() -> None:
     # 1.12.1 answers 400 to PUT /serial (and has no /pmem, /hotplug); the driver never asks.
     paths = {r.path for r in fc.api_requests(full_config())}
     assert not paths & {"/serial", "/pmem", "/hotplug/memory"}
+
+
+# -- --net tap: the network interface body -------------------------------------------------
+
+
+def test_tap_nic_body_validates_and_carries_the_vm_mac(swagger: dict[str, Any]) -> None:
+    from helper import netcore
+
+    p = plan(nets=(fc.vm_nic("kt-abcdefghijkl", "abcdefghijkl"),))
+    req = fc.api_requests(p.vm)[-1]
+    assert (req.method, req.path, req.definition) == ("PUT", "/network-interfaces/eth0",
+                                                      "NetworkInterface")
+    mac = netcore.mac_for("abcdefghijkl")
+    assert req.body == {"iface_id": "eth0", "host_dev_name": "kt-abcdefghijkl",
+                        "guest_mac": mac}
+    validate(swagger, "NetworkInterface", req.body)
+    assert fc.expected_vm_config(p.vm)["network-interfaces"] == [req.body]
+    # The MAC is the QEMU driver's too: stable, unicast, locally administered.
+    assert mac == netcore.mac_for("abcdefghijkl")
+    assert int(mac[:2], 16) & 0b11 == 0b10
+    with pytest.raises(jsonschema.ValidationError) as e:
+        validate(swagger, "NetworkInterface", {"iface_id": "eth0"})
+    assert e.value.message == "'host_dev_name' is a required property"
+
+
+@pytest.mark.parametrize(("nic", "message"), [
+    (fc.NetSpec("eth0", "kt-abc/../x", None), "invalid tap name 'kt-abc/../x'"),
+    (fc.NetSpec("eth0", "kt-abcdefghijklmn", None), "invalid tap name 'kt-abcdefghijklmn'"),
+    (fc.NetSpec("eth0/../x", "kt-abc", None), "invalid interface id 'eth0/../x'"),
+    (fc.NetSpec("eth0", "kt-abc", "06:00:AC:10:00:02"),
+     "invalid MAC address '06:00:AC:10:00:02'"),
+])
+def test_network_interface_body_refuses(nic: fc.NetSpec, message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        fc.network_interface_body(nic)
+    assert e.value.message == message

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helper import jail
+from helper import jail, jailstage
 from helper.cgroup import CgroupConfig
 from helper.errors import Conflict, NotFound, UsageError
 
@@ -56,7 +56,7 @@ def snapshot(base: Path) -> list[tuple[str, int, int, int]]:
 
 @pytest.mark.root
 def test_stage_hard_links_and_owners(cfg: jail.JailConfig) -> None:
-    staged = jail.jail_stage(cfg, "abc", UID, UID, items(cfg), caller_uid=0,
+    staged = jailstage.jail_stage(cfg, "abc", UID, UID, items(cfg), caller_uid=0,
                              logs=["firecracker.log"])
     root = cfg.chroot_base / "firecracker/abc/root"
     assert staged == jail.Staged(root, [])
@@ -70,7 +70,7 @@ def test_stage_hard_links_and_owners(cfg: jail.JailConfig) -> None:
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
     assert (root.parent / "console.log").is_file()
     with pytest.raises(Conflict) as e:
-        jail.jail_stage(cfg, "abc", UID, UID, [], caller_uid=0)
+        jailstage.jail_stage(cfg, "abc", UID, UID, [], caller_uid=0)
     assert e.value.message == f"jail {root.parent} already exists"
     jail.jail_remove(cfg, "abc")
     assert not root.parent.exists()
@@ -90,7 +90,7 @@ def test_stage_copies_across_filesystems_and_private_files(cfg: jail.JailConfig)
         (cfg.sources[1] / "secret").write_bytes(b"s")
         (cfg.sources[1] / "secret").chmod(0o600)
         c2 = jail.JailConfig(**{**cfg.__dict__, "sources": (*cfg.sources, shm)})
-        staged = jail.jail_stage(c2, "abd", UID, UID, [
+        staged = jailstage.jail_stage(c2, "abd", UID, UID, [
             jail.StageItem("initrd.img", shm / "initrd"),
             jail.StageItem("secret", cfg.sources[1] / "secret")], caller_uid=0)
         assert staged.warnings == [
@@ -126,7 +126,7 @@ def test_hostile_sources_refused(cfg: jail.JailConfig, make: object, message: st
     src, _ = make(pool)  # type: ignore[operator]
     before = snapshot(cfg.chroot_base)
     with pytest.raises(UsageError) as e:
-        jail.jail_stage(cfg, "abe", UID, UID, [jail.StageItem("rootfs", src, writable=True)],
+        jailstage.jail_stage(cfg, "abe", UID, UID, [jail.StageItem("rootfs", src, writable=True)],
                         caller_uid=0)
     assert e.value.message == message.format(p=pool)
     assert snapshot(cfg.chroot_base) == before == []
@@ -137,7 +137,7 @@ def test_hard_link_planted_as_writable_disk_is_refused(cfg: jail.JailConfig) -> 
     pool = cfg.sources[0]
     os.link(pool / "snap.ext4", pool / "planted")
     with pytest.raises(Conflict) as e:
-        jail.jail_stage(cfg, "abf", UID, UID, [jail.StageItem("r", pool / "planted", True)],
+        jailstage.jail_stage(cfg, "abf", UID, UID, [jail.StageItem("r", pool / "planted", True)],
                         caller_uid=0)
     assert e.value.message == (f"{pool}/planted has 2 links; a VM's writable disk must have "
                                "exactly one")
@@ -163,7 +163,7 @@ def test_hostile_stage_arguments(cfg: jail.JailConfig, kw: dict[str, object],
                                "caller_uid": 0}
     args.update(kw)
     with pytest.raises(UsageError) as e:
-        jail.jail_stage(cfg, args.pop("jail_id"), args.pop("uid"), args.pop("gid"),  # type: ignore[arg-type]
+        jailstage.jail_stage(cfg, args.pop("jail_id"), args.pop("uid"), args.pop("gid"),  # type: ignore[arg-type]
                         args.pop("items"), **args)  # type: ignore[arg-type]
     assert e.value.message == message
     assert list(cfg.chroot_base.iterdir()) == []
@@ -197,13 +197,13 @@ def test_symlinked_chroot_base_refused(cfg: jail.JailConfig, tmp_path: Path) -> 
     (tmp_path / "jlink").symlink_to(cfg.chroot_base)
     c2 = jail.JailConfig(**{**cfg.__dict__, "chroot_base": tmp_path / "jlink"})
     with pytest.raises(UsageError) as e:
-        jail.jail_stage(c2, "abh", UID, UID, [], caller_uid=0)
+        jailstage.jail_stage(c2, "abh", UID, UID, [], caller_uid=0)
     assert e.value.message == (f"{tmp_path}/jlink has a symlink or non-directory component")
 
 
 @pytest.mark.root
 def test_grant_api_links_socket_for_the_caller(cfg: jail.JailConfig) -> None:
-    staged = jail.jail_stage(cfg, "abi", UID, UID, [], caller_uid=0)
+    staged = jailstage.jail_stage(cfg, "abi", UID, UID, [], caller_uid=0)
     os.chown(staged.root, UID, UID)  # what the jailer does
     (staged.root / "run").mkdir()
     s = socket.socket(socket.AF_UNIX)
@@ -229,7 +229,7 @@ def test_grant_api_links_socket_for_the_caller(cfg: jail.JailConfig) -> None:
 
 @pytest.mark.root
 def test_grant_api_refuses_a_non_socket(cfg: jail.JailConfig) -> None:
-    staged = jail.jail_stage(cfg, "abj", UID, UID, [], caller_uid=0)
+    staged = jailstage.jail_stage(cfg, "abj", UID, UID, [], caller_uid=0)
     os.chown(staged.root, UID, UID)
     (staged.root / "run").mkdir()
     (staged.root / "run/api.sock").symlink_to("/etc/shadow")
@@ -242,7 +242,7 @@ def test_grant_api_refuses_a_non_socket(cfg: jail.JailConfig) -> None:
 
 @pytest.fixture
 def tmpfs_in_jail(cfg: jail.JailConfig) -> Iterator[Path]:
-    staged = jail.jail_stage(cfg, "abk", UID, UID, [], caller_uid=0)
+    staged = jailstage.jail_stage(cfg, "abk", UID, UID, [], caller_uid=0)
     mnt = staged.root / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kilnfctest", str(mnt)],

@@ -83,10 +83,57 @@ def test_commas_in_paths_are_escaped() -> None:
 
 
 def test_argv_refusals() -> None:
-    with pytest.raises(UsageError, match=r"^--net tap is not supported by the QEMU driver$"):
+    with pytest.raises(UsageError, match=r"^--net vde is not supported by the QEMU driver$"):
+        qemu.argv(spec(net="vde"))
+    with pytest.raises(UsageError, match=r"^--net tap needs a tap$"):
         qemu.argv(spec(net="tap"))
     with pytest.raises(UsageError, match=r"^-p needs --net user$"):
         qemu.argv(spec(forwards=(qemu.Forward(1, 2),)))
+
+
+TAP = qemu.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
+                  ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"))
+
+
+def test_argv_exact_tap() -> None:
+    a = qemu.argv(spec(net="tap", tap=TAP, runas="900001:900001",
+                       chroot=Path("/r/vms/abc/empty")))
+    assert a[a.index("-append") + 1] == APPEND_TCG + " kiln.ip=10.213.0.2/24 kiln.gw=10.213.0.1"
+    tail = a[a.index("virtserialport,chardev=control,name=kiln.control") + 1:]
+    assert tail == [
+        "-netdev", "tap,id=net0,ifname=kt-abcdefghijkl,script=no,downscript=no",
+        "-device", "virtio-net-device,netdev=net0,mac=02:1f:2e:3d:4c:5b",
+        "-runas", "900001:900001",
+        "-chroot", "/r/vms/abc/empty",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+    ]
+
+
+def test_net_user_passes_slirp_addresses_to_init() -> None:
+    a = qemu.argv(spec(net="user"))
+    assert a[a.index("-append") + 1] == (APPEND_TCG + " kiln.ip=10.0.2.15/24 kiln.gw=10.0.2.2"
+                                         " kiln.dns=10.0.2.3")
+    b = qemu.argv(spec())
+    assert b[b.index("-append") + 1] == APPEND_TCG  # --net none: no network words
+
+
+@pytest.mark.parametrize(("tap", "message"), [
+    (qemu.TapNic("eth0", TAP.mac, TAP.kernel_args), "invalid tap name 'eth0'"),
+    (qemu.TapNic("kt-abcdefghijklm", TAP.mac, TAP.kernel_args),
+     "invalid tap name 'kt-abcdefghijklm'"),
+    (qemu.TapNic("kt-a,script=/x", TAP.mac, TAP.kernel_args),
+     "invalid tap name 'kt-a,script=/x'"),
+    (qemu.TapNic(TAP.ifname, "02:1F:2E:3D:4C:5B", TAP.kernel_args),
+     "invalid MAC address '02:1F:2E:3D:4C:5B'"),
+    (qemu.TapNic(TAP.ifname, TAP.mac, ("kiln.ip=1.2.3.4/24 init=/bin/sh",)),
+     "invalid guest network argument 'kiln.ip=1.2.3.4/24 init=/bin/sh'"),
+    (qemu.TapNic(TAP.ifname, TAP.mac, ("init=/bin/sh",)),
+     "invalid guest network argument 'init=/bin/sh'"),
+])
+def test_tap_refusals(tap: qemu.TapNic, message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        qemu.argv(spec(net="tap", tap=tap))
+    assert e.value.message == message
 
 
 @pytest.mark.parametrize(("text", "want"), [("8080:80", (8080, 80)), ("1:65535/tcp", (1, 65535))])

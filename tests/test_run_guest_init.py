@@ -105,3 +105,45 @@ def test_inject_nothing_for_the_images_own_init(tmp_path: Path) -> None:
     before = img.read_bytes()
     guest_init.inject(img, None)
     assert img.read_bytes() == before
+
+
+def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "") -> list[str]:
+    """init.sh's network block, run by busybox sh with ``$bb`` a recorder: the commands it
+    would run for ``cmdline`` (paths moved under ``tmp_path``)."""
+    text = (Path(guest_init.__file__).parent / "init.sh").read_text()
+    block = text[text.index("read -r cmdline </proc/cmdline"):text.index("# The user:")]
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "eth0").mkdir()
+    log = tmp_path / "log"
+    bb = tmp_path / "bb"
+    # The recorder fails the command named by $FAIL (e.g. "ip addr add"), like a real error.
+    bb.write_text(f'#!/bin/sh\necho "$*" >>{log}\ncase "$*" in "$FAIL"*) exit 1 ;; esac\n')
+    bb.chmod(0o755)
+    script = (f"bb={bb}\nsay() {{ echo \"say: $*\" >>{log}; }}\n"
+              + block.replace("/proc/cmdline", str(tmp_path / "cmdline"))
+              .replace("/sys/class/net/eth0", str(tmp_path / "eth0"))
+              .replace("/etc/resolv.conf", str(tmp_path / "resolv.conf")))
+    subprocess.run(["/bin/busybox", "sh", "-c", script], check=True,
+                   env={"PATH": "/bin:/usr/bin", "FAIL": fail or "-"})
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_init_configures_eth0_from_the_kernel_command_line(tmp_path: Path) -> None:
+    got = _run_net_block(tmp_path, "console=ttyS0 quiet kiln.ip=10.213.0.7/24 "
+                         "kiln.gw=10.213.0.1 kiln.dns=192.0.2.53,192.0.2.54 init=/.kiln/init")
+    assert got == ["ip addr add 10.213.0.7/24 dev eth0", "ip link set eth0 up",
+                   "ip route add default via 10.213.0.1", "say: eth0 10.213.0.7/24"]
+    assert (tmp_path / "resolv.conf").read_text() == ("nameserver 192.0.2.53\n"
+                                                       "nameserver 192.0.2.54\n")
+
+
+def test_init_leaves_the_network_alone_without_kiln_ip(tmp_path: Path) -> None:
+    assert _run_net_block(tmp_path, "console=ttyS0 ip=10.0.0.2::10.0.0.1 kiln.gw=10.0.0.1") == []
+    assert not (tmp_path / "resolv.conf").exists()
+
+
+def test_init_reports_an_eth0_it_cannot_configure(tmp_path: Path) -> None:
+    got = _run_net_block(tmp_path, "kiln.ip=10.213.0.7/24 kiln.gw=10.213.0.1",
+                         fail="ip addr add")
+    assert got == ["ip addr add 10.213.0.7/24 dev eth0", "say: cannot configure eth0 with "
+                   "10.213.0.7/24"]

@@ -58,12 +58,37 @@ done
 . /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
 $bb hostname "$KILN_HOSTNAME"
 $bb ip link set lo up 2>/dev/null
-if [ -e /sys/class/net/eth0 ]; then
-  # --net user: QEMU's slirp network (guest 10.0.2.15, gateway .2, DNS .3)
-  $bb ip addr add 10.0.2.15/24 dev eth0
-  $bb ip link set eth0 up
-  $bb ip route add default via 10.0.2.2
-  [ -w /etc/resolv.conf ] || [ ! -e /etc/resolv.conf ] && echo "nameserver 10.0.2.3" >/etc/resolv.conf 2>/dev/null
+# The network: kiln.ip=ADDR/PREFIX kiln.gw=GW [kiln.dns=A,B] on the kernel command line
+# (--net user: slirp's addresses; --net tap: the lease). The kernel leaves dotted unknown
+# words alone, and without CONFIG_IP_PNP nobody else configures eth0. virtio_net is loaded
+# by kiln's initrd, so eth0 exists by now.
+read -r cmdline </proc/cmdline
+kip="" kgw="" kdns=""
+for a in $cmdline; do
+  case "$a" in
+    kiln.ip=*) kip=${a#kiln.ip=} ;;
+    kiln.gw=*) kgw=${a#kiln.gw=} ;;
+    kiln.dns=*) kdns=${a#kiln.dns=} ;;
+  esac
+done
+if [ -n "$kip" ]; then
+  i=0
+  while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 200 ]; do
+    i=$((i + 1))
+    $bb usleep 10000
+  done
+  if $bb ip addr add "$kip" dev eth0 && $bb ip link set eth0 up; then
+    [ -z "$kgw" ] || $bb ip route add default via "$kgw" || say "cannot add the route via $kgw"
+    say "eth0 $kip"
+  else
+    say "cannot configure eth0 with $kip"
+  fi
+  if [ -n "$kdns" ] && { [ -w /etc/resolv.conf ] || [ ! -e /etc/resolv.conf ]; }; then
+    : >/etc/resolv.conf 2>/dev/null
+    IFS=,
+    for d in $kdns; do echo "nameserver $d" >>/etc/resolv.conf 2>/dev/null; done
+    unset IFS
+  fi
 fi
 
 # The user: NAME|UID[:GROUP|GID], resolved in the image's own /etc/passwd and /etc/group

@@ -1,0 +1,407 @@
+"""The kiln network's I/O: bridge, taps, per-VM namespaces, NAT, port forwards, leases.
+
+Every change goes through ``ip`` (``ip -n NS …`` when ``[net] namespace`` names one),
+``iptables`` and ``sysctl`` (through ``ip netns exec NS`` there) via ``helper.run``, i.e.
+the trusted config's tools. Decisions are ``helper.netcore``'s (pure); this module reads
+the state, applies a plan, and rolls back what it made when a step fails.
+
+Layout (see docs/net.md):
+
+* the bridge ``[net] bridge`` with the gateway address, tagged with the alias ``kiln bridge``
+  (a device of that name without the alias is someone else's: refused);
+* isolation = none: ``kt-ID`` on the bridge, owned by the VM's uid/gid, the guest holds its
+  leased address;
+* isolation = netns: namespace ``kn-ID`` holding ``kt-ID`` (the link's first address) and
+  ``kp-ID`` (the lease), peer of ``kv-ID`` on the bridge; DNAT lease → guest and SNAT
+  guest → lease inside it, so every guest can have the same address;
+* NAT: chains ``KILN-POSTROUTING`` (masquerade the subnet) and ``KILN-FORWARD`` (accept the
+  bridge's traffic, for hosts whose FORWARD policy drops); forwards: ``KILN-DNAT`` from
+  PREROUTING and OUTPUT, ``GATEWAY:HOST`` → the VM's reachable address.
+
+Leases: ``helper.netlease``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from helper import netcore as nc
+from helper import netlease, run
+from helper.errors import Conflict, KilnError, NotFound, UsageError
+from helper.netconfig import NetSection
+
+NETNS_DIR = Path("/run/netns")
+BRIDGE_TAG = "kiln bridge"
+_CLONE_NEWNET = 0x40000000
+
+# -- running the tools ----------------------------------------------------------------------
+
+
+def ip(ns: str, *args: str, ok_codes: tuple[int, ...] = (0,)) -> run.Result:
+    return run.run("ip", [*(["-n", ns] if ns else []), *args], timeout=30, ok_codes=ok_codes)
+
+
+def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:
+    out = ip(ns, "-j", *args).text.strip()
+    data = json.loads(out) if out else []
+    return [d for d in data if isinstance(d, dict)]
+
+
+def in_ns(ns: str, tool: str, args: list[str], ok_codes: tuple[int, ...] = (0,)) -> run.Result:
+    """``tool`` run inside namespace ``ns`` (``ip netns exec``), or here when ``ns`` is ""."""
+    if not ns:
+        return run.run(tool, args, timeout=30, ok_codes=ok_codes)
+    return run.run("ip", ["netns", "exec", ns, run.which(tool), *args], timeout=30,
+                   ok_codes=ok_codes)
+
+
+def ipt(ns: str, args: list[str]) -> run.Result:
+    return in_ns(ns, "iptables", ["-w", "10", *args])
+
+
+def rules(ns: str, tables: tuple[str, ...] = ("nat", "filter")) -> dict[str, list[list[str]]]:
+    return {t: nc.parse_rules(ipt(ns, ["-t", t, "-S"]).text) for t in tables}
+
+
+def apply(ns: str, plan: list[list[str]]) -> None:
+    for args in plan:
+        ipt(ns, args)
+
+
+def set_forwarding(ns: str) -> None:
+    in_ns(ns, "sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"])
+
+
+def join_netns(name: str) -> None:
+    """Move the calling thread into ``/run/netns/NAME`` (for a child before exec: QEMU must
+    open its tap in the namespace the tap lives in). Root only."""
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"invalid network namespace name {name!r}", "")
+    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+# -- observation ----------------------------------------------------------------------------
+
+
+def where(sec: NetSection) -> str:
+    return f"network namespace {sec.namespace}" if sec.namespace else "the host"
+
+
+def check_namespace(sec: NetSection) -> None:
+    if sec.namespace and not (NETNS_DIR / sec.namespace).exists():
+        raise NotFound(f"network namespace {sec.namespace} does not exist",
+                       f"create it (ip netns add {sec.namespace}) or clear [net] namespace")
+
+
+def link(ns: str, name: str) -> dict[str, Any] | None:
+    found = [d for d in ip_json(ns, "-d", "link", "show") if d.get("ifname") == name]
+    return found[0] if found else None
+
+
+def kind(d: dict[str, Any]) -> str:
+    return str((d.get("linkinfo") or {}).get("info_kind") or "device")
+
+
+def netns_names() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(nc.NETNS))
+    except FileNotFoundError:
+        return []
+
+
+def netns_tag(name: str) -> nc.Tag | None:
+    """A VM namespace's owner: the alias kiln puts on its ``lo`` first thing."""
+    with contextlib.suppress(KilnError):
+        for d in ip_json(name, "link", "show", "lo"):
+            return nc.parse_tag(d.get("ifalias"))
+    return None
+
+
+def observe(sec: NetSection) -> list[nc.Obj]:
+    """Every kiln-named object of this network (tagged or not) and every lease."""
+    objs = [nc.Obj("lease", x.vm, x.tag) for x in netlease.read_book(sec).leases]
+    for d in ip_json(sec.namespace, "link", "show"):
+        name = str(d.get("ifname", ""))
+        for prefix, k in ((nc.TAP, "tap"), (nc.VETH, "veth")):
+            if name.startswith(prefix):
+                objs.append(nc.Obj(k, name, nc.parse_tag(d.get("ifalias"))))
+    objs += [nc.Obj("netns", n, netns_tag(n)) for n in netns_names()]
+    for r in nc.chain_rules(rules(sec.namespace, ("nat",))["nat"], nc.DNAT_CHAIN):
+        f = nc.parse_forward(r)
+        if f is not None:
+            objs.append(nc.Obj("forward", str(f.host_port), f.tag))
+    return objs
+
+
+# -- the bridge -----------------------------------------------------------------------------
+
+
+def check_routes(sec: NetSection) -> None:
+    routes = ip_json(sec.namespace, "-4", "route", "show", "table", "all")
+    clash = nc.overlapping_routes(sec.network, routes, sec.bridge)
+    if clash:
+        raise Conflict(f"subnet {sec.subnet} overlaps the route {clash[0]} of {where(sec)}",
+                       "choose another [net] subnet in /etc/kiln/config.toml")
+
+
+def own_bridge(sec: NetSection) -> dict[str, Any] | None:
+    """The bridge if it exists and is kiln's; None if absent; refuses anyone else's."""
+    d = link(sec.namespace, sec.bridge)
+    if d is None:
+        return None
+    if kind(d) != "bridge":
+        raise UsageError(f"refusing {sec.bridge}: it is a {kind(d)} device, not a bridge",
+                         "rename it, or set another [net] bridge")
+    if d.get("ifalias") != BRIDGE_TAG:
+        raise UsageError(f"refusing bridge {sec.bridge}: it exists but kiln did not create it",
+                         "kiln only uses a bridge it made; set another [net] bridge")
+    return d
+
+
+def bridge_ensure(sec: NetSection) -> dict[str, Any]:
+    """Create the bridge with its address, or check and complete the existing one."""
+    check_namespace(sec)
+    check_routes(sec)
+    ns, br = sec.namespace, sec.bridge
+    with netlease.lease_book(sec):  # the network's lock: two first VMs make one bridge
+        if own_bridge(sec) is None:
+            ip(ns, "link", "add", br, "type", "bridge")
+            try:
+                ip(ns, "link", "set", br, "alias", BRIDGE_TAG)
+            except KilnError:
+                ip(ns, "link", "del", br, ok_codes=(0, 1, 2))
+                raise
+        ip(ns, "addr", "replace", f"{sec.gateway}/{sec.network.prefixlen}", "dev", br)
+        ip(ns, "link", "set", br, "up")
+    return {"bridge": br, "namespace": ns, "gateway": sec.gateway, "subnet": sec.subnet,
+            "isolation": sec.isolation, "nat": sec.nat}
+
+
+def bridge_remove(sec: NetSection) -> None:
+    """Delete kiln's bridge once nothing uses it (no lease, no port)."""
+    check_namespace(sec)
+    if own_bridge(sec) is None:
+        raise NotFound(f"bridge {sec.bridge} does not exist in {where(sec)}", "")
+    with netlease.lease_book(sec) as box:  # no VM can lease and attach meanwhile
+        ports = [str(d.get("ifname")) for d in ip_json(sec.namespace, "link", "show")
+                 if d.get("master") == sec.bridge]
+        if box[0].leases or ports:
+            raise Conflict(f"bridge {sec.bridge} is in use ({len(box[0].leases)} leases, "
+                           f"ports: {', '.join(ports) or 'none'})", "stop the VMs first")
+        ip(sec.namespace, "link", "del", sec.bridge)
+
+
+# -- taps and VM namespaces -----------------------------------------------------------------
+
+
+def _new_tap(ns: str, name: str, tag: nc.Tag, uid: int, gid: int) -> None:
+    ip(ns, "tuntap", "add", "dev", name, "mode", "tap", "user", str(uid), "group", str(gid),
+       "vnet_hdr")  # vnet_hdr: virtio-net offloads (QEMU and Firecracker use them)
+    ip(ns, "link", "set", name, "alias", tag.text())
+
+
+def _check_owner(what: str, name: str, tag: nc.Tag | None, uid: int) -> None:
+    if tag is None:
+        raise UsageError(f"refusing {what} {name}: kiln did not create it",
+                         "kiln only removes devices it tagged")
+    if tag.uid != uid:
+        raise UsageError(f"refusing {what} {name}: it belongs to uid {tag.uid}",
+                         "only its owner removes it")
+
+
+def tap_attach(sec: NetSection, tag: nc.Tag, uid: int, gid: int) -> str:
+    """``kt-ID`` owned by ``uid``/``gid`` on the bridge (isolation = none)."""
+    bridge_ensure(sec)
+    name = nc.names(tag.vm).tap
+    if link(sec.namespace, name) is not None:
+        raise Conflict(f"network device {name} already exists", "remove it first (tap-detach)")
+    try:
+        _new_tap(sec.namespace, name, tag, uid, gid)
+        ip(sec.namespace, "link", "set", name, "master", sec.bridge)
+        ip(sec.namespace, "link", "set", name, "up")
+    except KilnError:
+        ip(sec.namespace, "link", "del", name, ok_codes=(0, 1, 2))
+        raise
+    return name
+
+
+def tap_detach(sec: NetSection, name: str, uid: int) -> None:
+    d = link(sec.namespace, name)
+    if d is None:
+        raise NotFound(f"tap {name} does not exist in {where(sec)}", "")
+    if kind(d) != "tun":
+        raise UsageError(f"{name} is not a tun/tap device", "kiln only deletes its own taps")
+    _check_owner("tap", name, nc.parse_tag(d.get("ifalias")), uid)
+    ip(sec.namespace, "link", "del", name)
+
+
+def netns_create(sec: NetSection, got: nc.Lease, uid: int, gid: int) -> nc.Names:
+    """The VM's namespace: veth pair to the bridge holding the lease, tap holding the link's
+    first address, NAT between lease and guest (isolation = netns)."""
+    bridge_ensure(sec)
+    n, tag, ns = nc.names(got.vm), got.tag, sec.namespace
+    if (NETNS_DIR / n.netns).exists() or link(ns, n.veth) is not None:
+        raise Conflict(f"network namespace {n.netns} already exists",
+                       "remove it first (netns-delete)")
+    tap_addr, guest = nc.netns_link_addresses(sec)
+    ip("", "netns", "add", n.netns)
+    try:
+        ip(n.netns, "link", "set", "lo", "alias", tag.text())  # the owner, first thing
+        ip(n.netns, "link", "set", "lo", "up")
+        ip(ns, "link", "add", n.veth, "type", "veth", "peer", "name", n.peer, "netns", n.netns)
+        ip(ns, "link", "set", n.veth, "alias", tag.text())
+        ip(ns, "link", "set", n.veth, "master", sec.bridge)
+        ip(ns, "link", "set", n.veth, "up")
+        ip(n.netns, "addr", "add", f"{got.ip}/{sec.network.prefixlen}", "dev", n.peer)
+        ip(n.netns, "link", "set", n.peer, "up")
+        ip(n.netns, "route", "add", "default", "via", sec.gateway)
+        _new_tap(n.netns, n.tap, tag, uid, gid)
+        ip(n.netns, "addr", "add", tap_addr, "dev", n.tap)
+        ip(n.netns, "link", "set", n.tap, "up")
+        set_forwarding(n.netns)
+        apply(n.netns, [
+            ["-t", "nat", "-A", "PREROUTING", "-i", n.peer, "-d", f"{got.ip}/32",
+             "-j", "DNAT", "--to-destination", guest],
+            ["-t", "nat", "-A", "POSTROUTING", "-o", n.peer, "-s", f"{guest}/32",
+             "-j", "SNAT", "--to-source", got.ip],
+        ])
+    except BaseException:
+        _drop_netns(ns, n)
+        raise
+    return n
+
+
+def _drop_netns(ns: str, n: nc.Names) -> None:
+    # The veth first: deleting a namespace frees its devices asynchronously, and the kiln
+    # end on the bridge would linger for a moment.
+    ip(ns, "link", "del", n.veth, ok_codes=(0, 1, 2))
+    ip("", "netns", "del", n.netns, ok_codes=(0, 1, 2))
+
+
+def netns_delete(sec: NetSection, name: str, uid: int) -> None:
+    if not (NETNS_DIR / name).exists():
+        raise NotFound(f"network namespace {name} does not exist", "")
+    _check_owner("network namespace", name, netns_tag(name), uid)
+    _drop_netns(sec.namespace, nc.Names(nc.TAP + name[3:], nc.VETH + name[3:],
+                                        nc.PEER + name[3:], name))
+
+
+def veth_delete(sec: NetSection, name: str, uid: int) -> None:
+    d = link(sec.namespace, name)
+    if d is None:
+        raise NotFound(f"veth {name} does not exist in {where(sec)}", "")
+    _check_owner("veth", name, nc.parse_tag(d.get("ifalias")), uid)
+    ip(sec.namespace, "link", "del", name)
+
+
+# -- NAT and forwards -----------------------------------------------------------------------
+
+
+def nat_ensure(sec: NetSection) -> bool:
+    """Masquerade the subnet and accept the bridge's forwarded traffic; whether it changed."""
+    if not sec.nat:
+        raise UsageError("NAT is off in the trusted config ([net] nat = false)",
+                         "an administrator sets [net] nat = true in /etc/kiln/config.toml")
+    check_namespace(sec)
+    with netlease.lease_book(sec):  # read-plan-apply under the network's lock
+        cur = rules(sec.namespace)
+        plan = (nc.ensure_chain_plan(cur, "nat", nc.MASQ_CHAIN, nc.masq_rules(sec))
+                + nc.ensure_chain_plan(cur, "filter", nc.FWD_CHAIN,
+                                       nc.forward_accept_rules(sec)))
+        set_forwarding(sec.namespace)  # left on afterwards: others may rely on it by then
+        apply(sec.namespace, plan)
+    return bool(plan)
+
+
+def nat_remove(sec: NetSection) -> dict[str, Any]:
+    """Remove kiln's NAT rules, unless a VM still holds a lease."""
+    check_namespace(sec)
+    with netlease.lease_book(sec) as box:  # no lease can appear meanwhile
+        leases = len(box[0].leases)
+        if leases:
+            return {"removed": False, "leases": leases}
+        cur = rules(sec.namespace)
+        plan = (nc.remove_chain_plan(cur, "nat", nc.MASQ_CHAIN)
+                + nc.remove_chain_plan(cur, "filter", nc.FWD_CHAIN))
+        apply(sec.namespace, plan)
+    return {"removed": bool(plan), "leases": 0}
+
+
+def forwards(sec: NetSection) -> list[nc.Forward]:
+    rs = nc.chain_rules(rules(sec.namespace, ("nat",))["nat"], nc.DNAT_CHAIN)
+    return [f for r in rs if (f := nc.parse_forward(r)) is not None]
+
+
+def forward_add(sec: NetSection, got: nc.Lease, host_port: int, guest_port: int) -> nc.Forward:
+    check_namespace(sec)
+    fwd = nc.Forward(got.tag, host_port, guest_port, got.ip)
+    with netlease.lease_book(sec):  # the port check and the rule: one step
+        for f in forwards(sec):
+            if f.host_port == host_port:
+                raise Conflict(f"port {host_port} is already forwarded (to VM {f.tag.vm})",
+                               "choose another host port")
+        cur = rules(sec.namespace, ("nat",))
+        have = nc.chain_rules(cur["nat"], nc.DNAT_CHAIN)
+        apply(sec.namespace, nc.ensure_chain_plan(cur, "nat", nc.DNAT_CHAIN, have))
+        ipt(sec.namespace, ["-t", "nat", "-A", nc.DNAT_CHAIN, *nc.forward_rule(sec, fwd)])
+    return fwd
+
+
+def forward_remove(sec: NetSection, vm: str, uid: int, host_port: int | None) -> list[int]:
+    """Remove the VM's forwards (one port, or all); the chain goes with the last one."""
+    check_namespace(sec)
+    with netlease.lease_book(sec):
+        doomed = [f for f in forwards(sec) if f.tag.vm == vm
+                  and (host_port is None or f.host_port == host_port)]
+        if not doomed:
+            what = f"port {host_port}" if host_port is not None else "any port"
+            raise NotFound(f"VM {vm} has no forward of {what}", "")
+        for f in doomed:
+            if f.tag.uid != uid:
+                raise UsageError(f"refusing the forward of port {f.host_port}: it belongs to "
+                                 f"uid {f.tag.uid}", "only its owner removes it")
+        for f in doomed:
+            ipt(sec.namespace, ["-t", "nat", "-D", nc.DNAT_CHAIN, *nc.forward_rule(sec, f)])
+        cur = rules(sec.namespace, ("nat",))
+        if not nc.chain_rules(cur["nat"], nc.DNAT_CHAIN):
+            apply(sec.namespace, nc.remove_chain_plan(cur, "nat", nc.DNAT_CHAIN))
+    return [f.host_port for f in doomed]
+
+
+# -- reconcile ------------------------------------------------------------------------------
+
+
+def reclaim(sec: NetSection, root: str, keep: list[str], uid: int) -> list[str]:
+    """Remove ``root``'s objects (of ``uid``) whose VM is not in ``keep``; NAT goes when
+    no lease is left. Returns ``kind:name`` of what went."""
+    check_namespace(sec)
+    removed: list[str] = []
+    for o in nc.reclaim_plan(observe(sec), root, keep, uid):
+        assert o.tag is not None
+        with contextlib.suppress(NotFound):  # gone meanwhile (its namespace took it)
+            if o.kind == "forward":
+                forward_remove(sec, o.tag.vm, uid, int(o.name))
+            elif o.kind == "tap":
+                tap_detach(sec, o.name, uid)
+            elif o.kind == "netns":
+                netns_delete(sec, o.name, uid)
+            elif o.kind == "veth":
+                veth_delete(sec, o.name, uid)
+            else:
+                netlease.release(sec, o.name, uid)
+            removed.append(f"{o.kind}:{o.name}")
+    if removed:
+        nat_remove(sec)
+    return removed

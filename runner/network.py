@@ -1,0 +1,120 @@
+"""One VM's place on the kiln network, through the helper: what ``kiln run --net tap`` calls.
+
+``attach`` runs the helper's network ops in order — ``bridge-ensure``, ``nat-ensure`` (when
+the trusted config turns NAT on), ``net-lease``, then ``tap-attach`` (isolation = none) or
+``netns-create`` (isolation = netns), then one ``forward-add`` per ``-p`` — and undoes what
+it made if a step fails. The ``VmNet`` it returns is everything the VMM side needs:
+
+* ``kernel_args``: ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` for the guest's init;
+* ``qemu_tap()`` → ``runner.qemu.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
+* ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.join_netns`` in
+  the child before exec, as root; Firecracker: the jailer's ``--netns``) — the VM's own
+  ``kn-ID``, the configured ``[net] namespace``, or None for the host's;
+* ``ip``: the address the VM is reached at (``kiln ps``), ``forwards``.
+
+``detach`` undoes it all in reverse, idempotently (what is already gone is skipped), and
+``nat-remove`` then drops the NAT rules if this was the last VM. ``reconcile`` is the
+reaper's: ``net-reclaim`` of this root's objects whose VM is not in ``keep``.
+
+``call`` defaults to ``helper.client.call`` (in-process as root, ``sudo kiln-helper``
+otherwise); tests pass one that runs the same ops with a config naming their namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from helper.errors import KilnError, NotFound
+from runner import firecracker, qemu
+
+Call = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+def helper_call(area: Path) -> Call:
+    from helper import client
+
+    return lambda op, req: client.call(op, req, area=area)
+
+
+@dataclass(frozen=True)
+class VmNet:
+    vm: str
+    ip: str  # where the VM is reached (its lease)
+    guest_ip: str  # what the guest holds (== ip unless isolation = netns)
+    prefix: int
+    gateway: str
+    mac: str
+    tap: str
+    netns: str | None  # the VM's own namespace (isolation = netns)
+    namespace: str  # the kiln network's namespace ("" = the host's)
+    kernel_args: tuple[str, ...]
+    forwards: tuple[qemu.Forward, ...] = ()
+
+    @property
+    def spawn_netns(self) -> str | None:
+        return self.netns or self.namespace or None
+
+    def qemu_tap(self) -> qemu.TapNic:
+        return qemu.TapNic(self.tap, self.mac, self.kernel_args)
+
+    def firecracker_nic(self) -> firecracker.NetSpec:
+        return firecracker.NetSpec("eth0", self.tap, self.mac)
+
+    def doc(self) -> dict[str, Any]:
+        """What the VM's record keeps (and ``kiln ps --json`` shows as ``ip``)."""
+        return {"ip": self.ip, "guest_ip": self.guest_ip, "mac": self.mac, "tap": self.tap,
+                "netns": self.netns, "namespace": self.namespace,
+                "forwards": [f"{f.host}:{f.guest}" for f in self.forwards]}
+
+
+def attach(call: Call, vm: str, root_key: str, uid: int, gid: int,
+           forwards: Sequence[qemu.Forward] = ()) -> VmNet:
+    """Put VM ``vm`` (of the root with ``root_key``) on the kiln network; its tap belongs to
+    ``uid``/``gid`` (the VM's, from the helper's range)."""
+    bridge = call("bridge-ensure", {})
+    if bridge["nat"]:
+        call("nat-ensure", {})
+    lease = call("net-lease", {"vm": vm, "root": root_key})
+    done: list[qemu.Forward] = []
+    try:
+        if lease["isolation"] == "netns":
+            call("netns-create", {"vm": vm, "uid": uid, "gid": gid})
+        else:
+            call("tap-attach", {"vm": vm, "uid": uid, "gid": gid})
+        for f in forwards:
+            call("forward-add", {"vm": vm, "host_port": f.host, "guest_port": f.guest})
+            done.append(f)
+    except BaseException:
+        with contextlib.suppress(KilnError):
+            detach(call, vm)
+        raise
+    return VmNet(vm=vm, ip=lease["ip"], guest_ip=lease["guest_ip"], prefix=lease["prefix"],
+                 gateway=lease["gateway"], mac=lease["mac"], tap=lease["tap"],
+                 netns=lease["netns"], namespace=bridge["namespace"],
+                 kernel_args=tuple(lease["kernel_args"]), forwards=tuple(done))
+
+
+def detach(call: Call, vm: str) -> list[str]:
+    """Remove the VM's forwards, tap or namespace and lease (whatever exists), then the NAT
+    rules if no VM is left. Returns what went."""
+    from helper import netcore
+
+    names = netcore.names(vm)
+    gone: list[str] = []
+    for op, req in (("forward-remove", {"vm": vm}), ("netns-delete", {"name": names.netns}),
+                    ("tap-detach", {"name": names.tap}), ("net-release", {"vm": vm})):
+        with contextlib.suppress(NotFound):
+            call(op, req)
+            gone.append(op)
+    call("nat-remove", {})
+    return gone
+
+
+def reconcile(call: Call, root_key: str, keep: Sequence[str]) -> list[str]:
+    """The reaper's step: remove this root's network objects of VMs not in ``keep``."""
+    return [str(x) for x in call("net-reclaim", {"root": root_key, "keep": list(keep)})
+            ["removed"]]

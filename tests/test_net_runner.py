@@ -1,0 +1,73 @@
+"""runner/network.py — the interface ``kiln run --net tap`` calls — against the real ops,
+inside a namespace the test creates (``caller`` runs them with a config naming it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helper import config, ops
+from helper import netcore as nc
+from helper.errors import Conflict
+from runner import network, qemu
+from tests.test_net_ops import ROOT_A, UID, assert_host_clean, cfg, ns, snapshot, vm_id
+
+pytestmark = pytest.mark.root
+__all__ = ["ns"]  # the fixture, shared with test_net_ops
+
+
+def caller(c: config.Config, uid: int = 0) -> network.Call:
+    """What ``helper.client.call`` does in-process, with the test's config."""
+    ctx = ops.Ctx(cfg=c, area=Path("/nonexistent"), caller_uid=uid, caller_gid=uid)
+
+    def call(op: str, req: dict[str, Any]) -> dict[str, Any]:
+        return ops.run_op(ctx, op, ops.parse(op, json.dumps(req)))
+    return call
+
+
+def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
+    plain, iso = caller(cfg(ns, nat=True)), caller(cfg(ns, nat=True, isolation="netns"))
+    before = snapshot(ns)
+    a, b = vm_id(), vm_id()
+    va = network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemu.Forward(8080, 80),))
+    assert va == network.VmNet(
+        vm=a, ip="10.231.7.2", guest_ip="10.231.7.2", prefix=24, gateway="10.231.7.1",
+        mac=nc.mac_for(a), tap=nc.names(a).tap, netns=None, namespace=ns,
+        kernel_args=("kiln.ip=10.231.7.2/24", "kiln.gw=10.231.7.1"),
+        forwards=(qemu.Forward(8080, 80),))
+    assert va.spawn_netns == ns
+    assert va.qemu_tap() == qemu.TapNic(nc.names(a).tap, nc.mac_for(a), va.kernel_args)
+    assert va.firecracker_nic().guest_mac == nc.mac_for(a)
+    assert va.doc()["forwards"] == ["8080:80"]
+    vb = network.attach(iso, b, ROOT_A, UID, UID)
+    assert (vb.ip, vb.guest_ip, vb.prefix, vb.gateway, vb.netns, vb.spawn_netns) == (
+        "10.231.7.3", "172.16.0.2", 30, "172.16.0.1", nc.names(b).netns, nc.names(b).netns)
+    rules = json.dumps(snapshot(ns)["rules"])
+    assert "KILN-POSTROUTING" in rules
+    assert "KILN-DNAT" in rules
+
+    assert network.detach(plain, a) == ["forward-remove", "tap-detach", "net-release"]
+    assert "KILN-POSTROUTING" in json.dumps(snapshot(ns)["rules"])  # b still holds a lease
+    assert network.detach(iso, b) == ["netns-delete", "net-release"]
+    assert network.detach(iso, b) == []  # idempotent
+    caller(cfg(ns))("bridge-remove", {})
+    assert snapshot(ns) == before
+    assert_host_clean(va.tap, vb.tap)
+
+
+def test_a_failed_attach_leaves_nothing_of_the_vm(ns: str) -> None:
+    plain = caller(cfg(ns))
+    a, b = vm_id(), vm_id()
+    network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemu.Forward(8080, 80),))
+    after_a = snapshot(ns)
+    with pytest.raises(Conflict) as e:
+        network.attach(plain, b, ROOT_A, UID, UID,
+                       forwards=(qemu.Forward(9090, 90), qemu.Forward(8080, 80)))
+    assert e.value.message == f"port 8080 is already forwarded (to VM {a})"
+    assert snapshot(ns) == after_a  # b's tap, lease and first forward are gone again
+    assert network.reconcile(plain, ROOT_A, keep=[]) == [
+        "forward:8080", f"tap:{nc.names(a).tap}", f"lease:{a}"]
+    assert network.reconcile(plain, ROOT_A, keep=[]) == []
