@@ -16,25 +16,17 @@ Trust rules (the helper runs as root for callers it does not trust):
 
 from __future__ import annotations
 
+import functools
 import os
-import re
 import stat
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from typing import TYPE_CHECKING, Final
 
 from helper.errors import KilnError, NotFound
-from helper.netconfig import NetSection
+
+if TYPE_CHECKING:
+    from helper.netconfig import NetSection
 
 CANDIDATES = (Path("/etc/kiln/test-config.toml"), Path("/etc/kiln/config.toml"))
 
@@ -60,91 +52,16 @@ DEFAULT_TOOLS: dict[str, str] = {
 # The basename each tool must have (firecracker: must contain it).
 BASENAMES: dict[str, str] = {name: Path(p).name for name, p in DEFAULT_TOOLS.items()}
 
-_ABS_RE = r"^/[A-Za-z0-9._+/-]{1,255}$"
-_CGROUP_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}(/[a-z0-9][a-z0-9_.-]{0,63}){0,7}$"
+# Built-in defaults ([jails], [pool]): DEFAULTS below, and the schema's defaults.
+DEFAULT_UID_RANGE = (900_000, 65_536)
+DEFAULT_CGROUP_PARENT = "kiln"
+DEFAULT_CHROOT_BASE = "/var/lib/kiln/jails"
+DEFAULT_POOL_DIR = "/var/lib/kiln"
+DEFAULT_BACKEND: Final = "auto"
 
 
 class UntrustedConfig(KilnError):
     """The config file (or a tool it names) could be changed by someone other than root."""
-
-
-class JailsSection(BaseModel):
-    """``[jails]``: where Firecracker jails and VM cgroups live, which uids VMs get."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    uid_gid_range: tuple[int, int] = Field(
-        default=(900_000, 65_536),
-        description="first VM uid/gid and how many: [first, first + count); never 0")
-    cgroup_parent: str = Field(default="kiln", pattern=_CGROUP_RE,
-                               description="relative cgroup path every VM cgroup lives under")
-    chroot_base: str = Field(default="/var/lib/kiln/jails", pattern=_ABS_RE,
-                             description="jailer --chroot-base-dir (on the pool's filesystem)")
-    sources: tuple[str, ...] = Field(
-        default=(), description="extra absolute directories staged files may come from "
-        "(the caller's pool area is always allowed)")
-
-    @field_validator("uid_gid_range")
-    @classmethod
-    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        first, count = v
-        if first < 1000 or count < 1 or first + count - 1 > 2**32 - 2:
-            raise ValueError("uid_gid_range must start at 1000 or above and fit 32 bits")
-        return v
-
-    @field_validator("sources")
-    @classmethod
-    def _sources(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for s in v:
-            if not re.fullmatch(_ABS_RE, s) or ".." in s.split("/"):
-                raise ValueError(f"source {s!r} is not a plain absolute path")
-        return v
-
-
-class PoolSection(BaseModel):
-    """``[pool]``: where sudo callers' pools live and which backend they get."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    directory: str = Field(default="/var/lib/kiln", pattern=_ABS_RE,
-                           description="root-owned base; a sudo caller's area is "
-                           "DIRECTORY/users/<uid>")
-    backend: Literal["auto", "reflink", "copy", "dm-thin"] = Field(
-        default="auto", description="backend for sudo callers' pools")
-    data_device: str | None = Field(
-        default=None, pattern=_ABS_RE,
-        description="dm-thin: the operator's block device for the thin-pool's data, used "
-        "instead of loop-backed files (needs metadata_device; checked when used: a block "
-        "device, not mounted, not in use)")
-    metadata_device: str | None = Field(
-        default=None, pattern=_ABS_RE,
-        description="dm-thin: the operator's block device for the thin-pool's metadata "
-        "(needs data_device; `kiln pool init` formats it)")
-
-    @model_validator(mode="after")
-    def _devices(self) -> PoolSection:
-        data, meta = self.data_device, self.metadata_device
-        if (data is None) != (meta is None):
-            raise ValueError("data_device and metadata_device go together: set both or "
-                             "neither")
-        for dev in (data, meta):
-            if dev is not None and ".." in dev.split("/"):
-                raise ValueError(f"device path {dev!r} contains '..'")
-        if data is not None and data == meta:
-            raise ValueError("data_device and metadata_device must be different devices")
-        return self
-
-
-class ConfigFile(BaseModel):
-    """The whole ``/etc/kiln/config.toml``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tools: dict[str, str] = Field(default_factory=dict,
-                                  description="[tools]: tool name -> absolute path")
-    jails: JailsSection = Field(default_factory=JailsSection, description="[jails]")
-    pool: PoolSection = Field(default_factory=PoolSection, description="[pool]")
-    net: NetSection = Field(default_factory=NetSection, description="[net]")
 
 
 @dataclass(frozen=True)
@@ -160,10 +77,15 @@ class Config:
     pool_dir: Path
     backend: str
     path: Path | None  # the file it came from (None: built-in defaults)
-    net: NetSection = field(default_factory=NetSection)  # [net]: helper/netconfig.py
+    # [net] (helper/netconfig.py); None: its defaults, made on first use (``net``)
+    net_section: NetSection | None = None
     # [pool] data_device / metadata_device (dm-thin on the operator's block devices)
     data_device: Path | None = None
     metadata_device: Path | None = None
+
+    @property
+    def net(self) -> NetSection:
+        return self.net_section if self.net_section is not None else _default_net()
 
     def users_dir(self) -> Path:
         return self.pool_dir / "users"
@@ -175,6 +97,20 @@ class Config:
     def tool(self, name: str) -> str:
         """The checked absolute path of tool ``name`` (for ``helper.run``)."""
         return check_tool(name, self.tools.get(name) or Path(DEFAULT_TOOLS.get(name, "")))
+
+
+@functools.cache
+def _default_net() -> NetSection:
+    from helper.netconfig import NetSection
+
+    return NetSection()
+
+
+# The configuration without a config file: no TOML, no pydantic.
+DEFAULTS = Config(tools={}, uid_first=DEFAULT_UID_RANGE[0], uid_count=DEFAULT_UID_RANGE[1],
+                  cgroup_parent=DEFAULT_CGROUP_PARENT, chroot_base=Path(DEFAULT_CHROOT_BASE),
+                  sources=(), pool_dir=Path(DEFAULT_POOL_DIR), backend=DEFAULT_BACKEND,
+                  path=None)
 
 
 def check_tool(name: str, path: Path) -> str:
@@ -243,40 +179,10 @@ def check_file(path: Path) -> bytes:
 
 
 def parse(text: bytes, path: Path | None = None) -> Config:
-    """A ``Config`` from TOML bytes (pure apart from nothing: tools are checked on use)."""
-    where = str(path) if path else "config"
-    try:
-        data = tomllib.loads(text.decode("utf-8"))
-        doc = ConfigFile.model_validate(data)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UntrustedConfig(f"{where} is not valid TOML: {e}", "fix the file") from None
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise UntrustedConfig(f"{where}: {loc}: {err['msg']}",
-                              "see docs/helper.md for the config reference") from None
-    tools: dict[str, Path] = {}
-    for name, p in doc.tools.items():
-        if name not in BASENAMES:
-            raise UntrustedConfig(f"{where}: unknown tool {name!r}",
-                                  "known tools: " + ", ".join(sorted(BASENAMES)))
-        tp = Path(p)
-        want = BASENAMES[name]
-        if not tp.is_absolute() or ".." in tp.parts or not (
-                want in tp.name if name == "firecracker" else tp.name == want):
-            raise UntrustedConfig(f"{where}: tool {name} = {p!r} must be an absolute path "
-                                  f"named {want!r}", "fix [tools]")
-        tools[name] = tp
-    first, count = doc.jails.uid_gid_range
-    return Config(tools=tools, uid_first=first, uid_count=count,
-                  cgroup_parent=doc.jails.cgroup_parent,
-                  chroot_base=Path(doc.jails.chroot_base),
-                  sources=tuple(Path(s) for s in doc.jails.sources),
-                  pool_dir=Path(doc.pool.directory), backend=doc.pool.backend, path=path,
-                  net=doc.net,
-                  data_device=Path(doc.pool.data_device) if doc.pool.data_device else None,
-                  metadata_device=Path(doc.pool.metadata_device)
-                  if doc.pool.metadata_device else None)
+    """A ``Config`` from TOML bytes (``helper.configfile``; tools are checked on use)."""
+    from helper.configfile import parse as parse_file
+
+    return parse_file(text, path)
 
 
 def load(candidates: tuple[Path, ...] = CANDIDATES) -> Config:
@@ -290,4 +196,4 @@ def load(candidates: tuple[Path, ...] = CANDIDATES) -> Config:
         for name, tp in cfg.tools.items():  # configured tools: checked now, not on use
             check_tool(name, tp)
         return cfg
-    return parse(b"", None)
+    return DEFAULTS

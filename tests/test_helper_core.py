@@ -6,6 +6,7 @@ directories the tests make); the installed binary and sudo are in test_helper_su
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -226,6 +227,21 @@ def test_config_defaults_and_parse_errors() -> None:
         config.parse(b"bogus = 1\n", Path("x"))
     cfg = config.parse(b"[tools]\nfirecracker = '/opt/fc/firecracker-v1.12.1'\n")
     assert cfg.tools["firecracker"] == Path("/opt/fc/firecracker-v1.12.1")
+
+
+def test_built_in_defaults_equal_an_empty_file_and_need_no_pydantic(tmp_path: Path) -> None:
+    """``load()`` without a config file returns ``DEFAULTS`` (no TOML, no pydantic: kiln run's
+    start-up); they must be what the schema gives for an empty file."""
+    empty = config.parse(b"")
+    assert config.load((tmp_path / "absent.toml",)) is config.DEFAULTS
+    assert dataclasses.replace(config.DEFAULTS, net_section=empty.net) == empty
+    assert config.DEFAULTS.net == empty.net
+    probe = ("import sys; from pathlib import Path; from helper import config; "
+             "c = config.load((Path('/nonexistent/kiln.toml'),)); "
+             "print(c.cgroup_parent, 'pydantic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["kiln", "False"]
 
 
 @pytest.fixture
