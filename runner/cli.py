@@ -17,15 +17,32 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
 
 from builder.root import Root, default_root
 from helper.errors import KilnError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-out_console = Console(highlight=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A ``rich.console.Console`` made on first use: importing rich's console costs ~30 ms,
+    and a successful `kiln run` never prints through it (start-up is a benchmark target)."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+err_console = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+out_console = _LazyConsole(highlight=False, soft_wrap=True)
 
 
 @dataclass
