@@ -14,9 +14,6 @@ import importlib
 import importlib.metadata
 import os
 import re
-import ssl
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +155,10 @@ def _reflink_dir(root: Path) -> Path:
 
 def check_registry(registry: str, timeout: float = 5.0) -> Check:
     """``GET /v2/`` answers 200 or 401 (the registry API is there)."""
+    import ssl  # here, not at the top: `kiln run` imports this module for find_kernel
+    import urllib.error
+    import urllib.request
+
     name = f"registry {registry}"
     if "://" in registry:
         urls = [registry.rstrip("/") + "/v2/"]
