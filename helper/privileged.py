@@ -1,8 +1,9 @@
 """Every privileged step of the pool, one function per operation, each validating its input.
 
-This is the narrow layer issue #5 puts behind ``kiln-helper``: each public function here
-becomes one op of the same name (``loop_attach`` → ``loop-attach``, ``dm_create`` →
-``dm-create``, ...). Rules every function enforces, whoever calls it:
+The ``kiln-helper`` ops (``ops_storage``, ``ops_dm``) are built on these; kiln's pool
+backends reach every privileged step only through ``helper.client`` (in-process as root,
+the helper via sudo otherwise) and call only the read-only queries here directly (mounts,
+the loop list, dm names from sysfs). Rules every function enforces, whoever calls it:
 
 * paths are absolute, free of ``..`` and of components starting with ``-``, and resolve
   beneath the given kiln ``root`` without crossing a symlink;
@@ -26,7 +27,7 @@ from pathlib import Path
 from helper import run
 from helper.errors import Conflict, KilnError, NotFound, UsageError
 from helper.pool import dmthin_core as core
-from helper.pool.fileops import materialise, sparse_copy
+from helper.pool.fileops import materialise
 
 _LOOP_RE = re.compile(r"^/dev/loop[0-9]{1,4}$")
 FILESYSTEMS = ("btrfs", "xfs")
@@ -293,6 +294,11 @@ def dm_remove(root: Path, name: str) -> None:
             extra_env=dm_node_env())
 
 
+def dm_table(root: Path, name: str) -> str:
+    check_dm_name(root, name)
+    return run.run("dmsetup", ["table", name], timeout=30).text.strip()
+
+
 def dm_status(root: Path, name: str) -> str:
     check_dm_name(root, name)
     return run.run("dmsetup", ["status", name], timeout=30).text.strip()
@@ -307,24 +313,25 @@ def dm_listing() -> list[core.DmDevice]:
     return core.parse_listing(ls, table)
 
 
-def dm_write_volume(root: Path, name: str, src: Path) -> None:
-    """Write a volume file's data extents into a fresh thin device (reads zeros elsewhere)."""
-    check_dm_name(root, name)
-    s = confine(root, src)
-    fd = os.open(f"/dev/mapper/{name}", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        sparse_copy(s, fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def dm_names() -> list[str]:
+    """Names of every device-mapper device, from sysfs (readable without privileges: kiln
+    checks whether a reclaim has anything to do before asking the helper)."""
+    out: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.listdir("/sys/block")):
+            if entry.startswith("dm-"):
+                with contextlib.suppress(OSError):
+                    out.append(Path(f"/sys/block/{entry}/dm/name").read_text().strip())
+    return out
 
 
 # -- reclaim ------------------------------------------------------------------------------
 
 
-def reclaim(root: Path, keep: list[str]) -> list[str]:
+def reclaim(root: Path, keep: list[str], spare: frozenset[str] = frozenset()) -> list[str]:
     """Remove this root's dm devices not in ``keep`` (leaf first, retrying while progress is
-    made), then detach loop devices backed by files under the root that nothing uses.
+    made), then detach loop devices backed by files under the root that nothing uses,
+    except those in ``spare`` (the operator's configured devices: never detached).
     Returns what was removed or detached."""
     for n in keep:
         check_dm_name(root, n)
@@ -344,7 +351,7 @@ def reclaim(root: Path, keep: list[str]) -> list[str]:
                 break  # no progress: leave the rest for the next command
             pending = failed
     for loop in loop_list(root):
-        if not loop_in_use(loop.device):
+        if loop.device not in spare and not loop_in_use(loop.device):
             with contextlib.suppress(KilnError):
                 run.run("losetup", ["--detach", loop.device], timeout=60)
                 done.append(loop.device)

@@ -44,6 +44,10 @@ def test_table_lines_and_messages_exact() -> None:
         core.msg_delete(1 << 24)
     with pytest.raises(ValueError, match="multiple of the block size"):
         core.thin_pool_table("/dev/loop1", "/dev/loop2", 1000)
+    assert core.thin_id_of_table("0 2048 thin 253:0 7") == 7
+    for bad in ["0 2048 thin-pool 7:1 7:2 128 32 0", "0 2048 linear 8:0 0", "",
+                f"0 2048 thin 253:0 {1 << 24}", "0 2048 thin 253:0 7 extra", "0 8 thin x -1"]:
+        assert core.thin_id_of_table(bad) is None, bad
     assert core.valid_message("create_snap 4 3")
     for bad in ["delete 1; rm", "create_thin -1", "set_transaction_id 0 1",
                 f"delete {1 << 24}", "delete 1\n", "create_snap 1"]:
@@ -178,3 +182,115 @@ def test_reclaim_plan_example_and_listing_parse() -> None:
     assert core.reclaim_plan(devs, RK, keep) == [f"kiln-{RK}-vol-{HEX}"]
     assert core.reclaim_plan(devs, OTHER) == []
     assert core.parse_listing("No devices found\n", "No devices found\n") == []
+
+
+_names = st.one_of(
+    st.sampled_from([f"kiln-{RK}-pool", f"kiln-{RK}-snap-abcd", f"kiln-{RK}-vol-{HEX}",
+                     f"kiln-{OTHER}-snap-abcd", f"kiln-{OTHER}-pool", "vg0-root", "docker-1",
+                     f"kiln-{RK}", f"kiln-{RK}-snap-", ""]),
+    st.text(max_size=40))
+
+
+@given(st.lists(_names, max_size=8), st.lists(_names, max_size=4))
+def test_needs_reclaim_iff_an_unkept_device_of_this_root(names: list[str],
+                                                         keep: list[str]) -> None:
+    """kiln skips the helper's reclaim exactly when the plan would have nothing to do."""
+    want = any(core.parse_name(n) is not None and core.parse_name(n).rootkey == RK  # type: ignore[union-attr]
+               and n not in keep for n in names)
+    assert core.needs_reclaim(names, RK, keep) is want
+
+
+# -- the operator's devices -------------------------------------------------------------------
+
+BLOCK = core.DEFAULT_BLOCK_SECTORS * core.SECTOR
+
+
+def _dev(path: str = "/dev/loop7", **kw: object) -> core.BlockFacts:
+    base: dict[str, object] = {"kind": "block device", "devno": "7:7", "size": 64 << 20}
+    base.update(kw)
+    return core.BlockFacts(path, **base)  # type: ignore[arg-type]
+
+
+def test_device_problems_exact() -> None:
+    meta = _dev("/dev/loop8", devno="7:8", size=8 << 20)
+    cases = {
+        "missing": (_dev("/dev/sdz", kind="missing"),
+                    "[pool] data_device /dev/sdz does not exist"),
+        "file": (_dev("/srv/data.img", kind="regular file"),
+                 "[pool] data_device /srv/data.img is not a block device (it is a regular "
+                 "file)"),
+        "dir": (_dev("/srv", kind="directory"),
+                "[pool] data_device /srv is not a block device (it is a directory)"),
+        "mounted": (_dev(mounted_at=("/mnt/a", "/mnt/b"), busy=True),
+                    "[pool] data_device /dev/loop7 is mounted at /mnt/a"),
+        "held": (_dev(holders=("dm-3", "dm-4"), busy=True),
+                 "[pool] data_device /dev/loop7 is in use (held by dm-3, dm-4)"),
+        "busy": (_dev(busy=True), "[pool] data_device /dev/loop7 is in use (another program "
+                 "holds it open exclusively)"),
+        "small": (_dev(size=16 * BLOCK - 1), "[pool] data_device /dev/loop7 is too small: "
+                  f"{16 * BLOCK - 1} bytes, at least {16 * BLOCK} needed"),
+        "same": (_dev("/dev/disk/by-id/x", devno="7:8"), "[pool] data_device "
+                 "/dev/disk/by-id/x and metadata_device /dev/loop8 are the same device (7:8)"),
+    }
+    for what, (data, want) in cases.items():
+        assert core.devices_problem(data, meta) == want, what
+    assert core.devices_problem(_dev(), meta) is None
+    assert core.devices_problem(_dev(), _dev("/dev/loop8", devno="7:8", size=(2 << 20) - 1)) \
+        == f"[pool] metadata_device /dev/loop8 is too small: {(2 << 20) - 1} bytes, at " \
+        f"least {2 << 20} needed"
+
+
+_facts = st.builds(
+    core.BlockFacts, path=st.sampled_from(["/dev/loop1", "/dev/sdb", "/srv/x"]),
+    kind=st.sampled_from(["block device", "regular file", "missing", "directory"]),
+    devno=st.sampled_from(["7:1", "7:2", "8:16"]),
+    size=st.sampled_from([0, 1 << 20, 2 << 20, 64 << 20]),
+    mounted_at=st.sampled_from([(), ("/mnt",)]), holders=st.sampled_from([(), ("dm-0",)]),
+    busy=st.booleans())
+
+
+@settings(max_examples=300)
+@given(_facts, _facts)
+def test_devices_accepted_only_when_both_are_free_distinct_block_devices(
+        data: core.BlockFacts, meta: core.BlockFacts) -> None:
+    def usable(f: core.BlockFacts, minimum: int) -> bool:
+        return (f.kind == "block device" and not f.mounted_at and not f.holders
+                and not f.busy and f.size >= minimum)
+
+    ok = usable(data, 16 * BLOCK) and usable(meta, 2 << 20) and data.devno != meta.devno
+    problem = core.devices_problem(data, meta)
+    assert (problem is None) is ok
+    if problem is not None:
+        assert problem.startswith("[pool] ")
+
+
+def test_device_pool_sectors_and_claims() -> None:
+    assert core.device_pool_sectors(64 << 20) == (64 << 20) // 512
+    assert core.device_pool_sectors((64 << 20) + 1000) == (64 << 20) // 512  # whole blocks
+    with pytest.raises(ValueError, match="at least 16 data blocks"):
+        core.device_pool_sectors(16 * BLOCK - 1)
+    me, other = "/var/lib/kiln/users/1000", "/var/lib/kiln/users/1001"
+    for fresh in (True, False):
+        assert core.claim_problem(None, me, False, fresh) is None
+        assert core.claim_problem(me, me, True, fresh) is None
+        assert core.claim_problem(other, me, True, fresh) == \
+            f"the [pool] devices hold the pool of {other}"
+    assert core.claim_problem(other, me, False, True) is None  # a stale claim: area gone
+    assert core.claim_problem(other, me, False, False) == \
+        f"the [pool] devices were claimed by {other}, not by this pool"
+
+
+@given(st.sampled_from([f"kiln-{RK}-pool", f"kiln-{RK}-snap-abcd", f"kiln-{RK}-vol-{HEX}",
+                        "vg0-root"]),
+       st.integers(0, 20), st.sets(st.integers(0, 20), max_size=5))
+def test_only_snapshots_that_are_not_bases_are_granted(name: str, thin_id: int,
+                                                       bases: set[int]) -> None:
+    problem = core.grant_problem(name, thin_id, bases)
+    is_snap = name.endswith("-snap-abcd")
+    assert (problem is None) is (is_snap and thin_id not in bases)
+    if not is_snap:
+        assert problem == f"refusing to give {name} to the caller: only snapshot devices " \
+            "are given"
+    elif thin_id in bases:
+        assert problem == f"refusing to give thin device {thin_id} to the caller: it holds " \
+            "a base volume"

@@ -1,10 +1,10 @@
 """The volume pool: ``open_pool``, ``init_pool``, ``snapshot_refs`` and the backend choice.
 
 Backends (one pool per kiln root; see ``base.py`` for the layout and crash rules):
-``dm-thin`` (thin-pool over loop files), ``reflink`` (FICLONE clones on the root's
-filesystem or a loop-mounted btrfs/XFS image) and ``copy`` (full sparse copies; explicit
-only). ``choose_backend`` is the pure decision; it never falls back silently: the reason
-is recorded and shown by ``kiln pool status``.
+``dm-thin`` (thin-pool over loop files or the operator's devices), ``reflink`` (FICLONE
+clones on the root's filesystem or a loop-mounted btrfs/XFS image) and ``copy`` (full
+sparse copies; explicit only). ``choose_backend`` is the pure decision; it never falls
+back silently: the reason is recorded and shown by ``kiln pool status``.
 """
 
 from __future__ import annotations
@@ -74,13 +74,25 @@ def choose_backend(requested: str, fs: str | None, *, thin_pool: bool, thin_deta
                   f"({reflink_detail}): loop-mounted btrfs image")
 
 
-def _host_facts(root_dir: Path) -> tuple[bool, str, bool, str]:
-    targets = privileged.dm_targets()
-    thin = "thin-pool" in targets
-    thin_detail = ("dmsetup targets lists thin-pool" if thin
-                   else "dmsetup targets does not list thin-pool")
-    reflink, detail = _probe_reflink(root_dir)
-    return thin, thin_detail, reflink, detail
+@dataclass(frozen=True)
+class ThinFacts:
+    available: bool
+    detail: str
+    devices: dict[str, str] | None  # the helper's [pool] data/metadata devices, if named
+
+
+def _thin_facts(root_dir: Path, backend: str) -> ThinFacts:
+    """dm-thin's availability, asked of the helper (``dm-info``; in-process as root):
+    a sudo caller cannot list dm targets itself."""
+    if backend not in ("auto", "dm-thin"):
+        return ThinFacts(False, "not asked for", None)
+    try:
+        info = client.call("dm-info", {}, area=client.area(root_dir))
+    except KilnError as e:
+        return ThinFacts(False, f"kiln-helper dm-info failed: {e.message}", None)
+    thin = "thin-pool" in info["targets"]
+    return ThinFacts(thin, "dmsetup targets lists thin-pool" if thin
+                     else "dmsetup targets does not list thin-pool", info.get("devices"))
 
 
 def _probe_reflink(directory: Path) -> tuple[bool, str]:
@@ -138,9 +150,13 @@ def init_pool(root_dir: Path, backend: str = "auto", size: int | None = None,
         return pool
     if size is not None and size < (256 << 20):
         raise UsageError(f"pool size {size} is too small", "give at least 256M (e.g. 20G)")
-    thin, thin_detail, reflink, reflink_detail = _host_facts(root_dir)
-    choice = choose_backend(backend, fs, thin_pool=thin, thin_detail=thin_detail,
+    thin = _thin_facts(root_dir, backend)
+    reflink, reflink_detail = _probe_reflink(root_dir)
+    choice = choose_backend(backend, fs, thin_pool=thin.available, thin_detail=thin.detail,
                             host_reflink=reflink, reflink_detail=reflink_detail)
+    if choice.backend == "dm-thin" and thin.devices and size is not None:
+        raise UsageError("--size does not apply to a pool on the operator's devices",
+                         "the pool takes the whole [pool] data_device; drop --size")
     _clear_leftovers(root_dir)
     config = PoolConfig(backend=choice.backend,
                         reason=choice.reason, fs=choice.fs,
@@ -148,10 +164,11 @@ def init_pool(root_dir: Path, backend: str = "auto", size: int | None = None,
                         or choice.backend == "dm-thin" else 0,
                         created=now_iso())
     try:
-        pool = _create(root_dir, config)
+        pool = _create(root_dir, config, thin.devices)
         from helper.pool.fileops import write_json
 
-        write_json(pool_dir(root_dir) / "config.json", config.as_json())  # commits
+        # The backend may refine it (dm-thin on the operator's devices: their size).
+        write_json(pool_dir(root_dir) / "config.json", pool.config.as_json())  # commits
     except BaseException:
         with contextlib.suppress(KilnError, OSError):
             _clear_leftovers(root_dir)
@@ -159,7 +176,7 @@ def init_pool(root_dir: Path, backend: str = "auto", size: int | None = None,
     return pool
 
 
-def _create(root_dir: Path, config: PoolConfig) -> Pool:
+def _create(root_dir: Path, config: PoolConfig, devices: dict[str, str] | None) -> Pool:
     if config.backend == "reflink":
         from helper.pool import reflink
 
@@ -170,7 +187,7 @@ def _create(root_dir: Path, config: PoolConfig) -> Pool:
         return copy.create(root_dir, config)
     from helper.pool import dmthin
 
-    return dmthin.create(root_dir, config)
+    return dmthin.create(root_dir, config, devices)
 
 
 def _clear_leftovers(root_dir: Path) -> None:
@@ -181,8 +198,9 @@ def _clear_leftovers(root_dir: Path) -> None:
     if os.path.lexists(image) or privileged.is_mounted(fs_dir):
         with contextlib.suppress(NotFound):
             client.pool_remove(area, image, fs_dir)
-    if client.privileged() and "thin-pool" in privileged.dm_targets():
-        privileged.reclaim(root_dir, [])
+    from helper.pool import dmthin
+
+    dmthin.clear_leftovers(root_dir)
     prefix = str((area / "pool").resolve()) + "/"
     for loop in privileged.loop_list(area):
         if loop.back_file.startswith(prefix) and not privileged.loop_in_use(loop.device):

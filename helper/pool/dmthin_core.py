@@ -144,6 +144,15 @@ def _check_id(thin_id: int) -> None:
         raise ValueError(f"thin device id {thin_id} out of range")
 
 
+def thin_id_of_table(table: str) -> int | None:
+    """The thin id a one-line ``thin`` table maps (``0 LEN thin POOL ID``), else None."""
+    parts = table.split()
+    if len(parts) != 5 or parts[2] != "thin" or not parts[4].isdigit():
+        return None
+    thin_id = int(parts[4])
+    return thin_id if thin_id < THIN_ID_LIMIT else None
+
+
 def sectors_of(size: int) -> int:
     """Bytes → 512-byte sectors, rounded up."""
     return -(-size // SECTOR)
@@ -284,3 +293,99 @@ def _rank(name: str) -> int:
 def valid_snapshot_id(snap_id: str) -> bool:
     return bool(_SNAP_ID_RE.fullmatch(snap_id))
 
+
+
+def needs_reclaim(names: Iterable[str], rootkey: str, keep: Iterable[str]) -> bool:
+    """Whether any of this root's kiln devices in ``names`` is not kept (then the
+    privileged reclaim has work; otherwise kiln skips the helper call)."""
+    keep_set = set(keep)
+    return any((p := parse_name(n)) is not None and p.rootkey == rootkey and n not in keep_set
+               for n in names)
+
+
+# -- the operator's block devices ([pool] data_device / metadata_device) ------------------
+
+MIN_META_BYTES = 2 << 20  # LVM's minimum for thin-pool metadata; smaller is useless
+SUPERBLOCK_BYTES = 4096  # a thin-pool's metadata superblock; all zeros = format it anew
+
+
+@dataclass(frozen=True)
+class BlockFacts:
+    """What the helper found at a configured device path (``helper.dmdev.block_facts``)."""
+
+    path: str
+    kind: str  # "block device" | "regular file" | "directory" | "other file" | "missing"
+    devno: str = ""  # "major:minor" of a block device
+    size: int = 0  # bytes of a block device
+    mounted_at: tuple[str, ...] = ()  # where it (or one of its partitions) is mounted
+    holders: tuple[str, ...] = ()  # /sys/class/block/NAME/holders: dm-N, md…
+    busy: bool = False  # an O_EXCL open was refused: something holds it exclusively
+
+
+def device_problem(role: str, facts: BlockFacts, min_bytes: int) -> str | None:
+    """Why the device configured as ``role`` cannot hold a thin-pool, or None."""
+    where = f"[pool] {role} {facts.path}"
+    if facts.kind == "missing":
+        return f"{where} does not exist"
+    if facts.kind != "block device":
+        return f"{where} is not a block device (it is a {facts.kind})"
+    if facts.mounted_at:
+        return f"{where} is mounted at {facts.mounted_at[0]}"
+    if facts.holders:
+        return f"{where} is in use (held by {', '.join(facts.holders)})"
+    if facts.busy:
+        return f"{where} is in use (another program holds it open exclusively)"
+    if facts.size < min_bytes:
+        return f"{where} is too small: {facts.size} bytes, at least {min_bytes} needed"
+    return None
+
+
+def devices_problem(data: BlockFacts, meta: BlockFacts,
+                    block_sectors: int = DEFAULT_BLOCK_SECTORS) -> str | None:
+    """Why the configured pair cannot hold a thin-pool, or None. Both must be usable
+    block devices, and two different ones."""
+    for role, facts, minimum in (("data_device", data, 16 * block_sectors * SECTOR),
+                                 ("metadata_device", meta, MIN_META_BYTES)):
+        problem = device_problem(role, facts, minimum)
+        if problem is not None:
+            return problem
+    if data.devno == meta.devno:
+        return (f"[pool] data_device {data.path} and metadata_device {meta.path} are the "
+                f"same device ({data.devno})")
+    return None
+
+
+def device_pool_sectors(data_bytes: int, block_sectors: int = DEFAULT_BLOCK_SECTORS) -> int:
+    """The thin-pool's data length on a device of ``data_bytes``: whole blocks only."""
+    blocks = data_bytes // (block_sectors * SECTOR)
+    if blocks < 16:
+        raise ValueError("a thin pool needs at least 16 data blocks")
+    return blocks * block_sectors
+
+
+def claim_problem(claimed_by: str | None, area: str, claimant_exists: bool,
+                  fresh: bool) -> str | None:
+    """Whether ``area`` may use the operator's devices, given who claimed them last.
+
+    The devices hold one pool for the whole host. ``pool init`` (``fresh``) claims them
+    unless another area that still exists holds the claim (its pool may only be down after
+    a reboot); a claim whose area is gone is stale. Bringing an existing pool back up
+    (not ``fresh``) needs the claim to be this area's own (or no claim at all)."""
+    if claimed_by is None or claimed_by == area:
+        return None
+    if claimant_exists:
+        return f"the [pool] devices hold the pool of {claimed_by}"
+    if fresh:
+        return None
+    return f"the [pool] devices were claimed by {claimed_by}, not by this pool"
+
+
+def grant_problem(name: str, thin_id: int, base_ids: Iterable[int]) -> str | None:
+    """Only a snapshot's device is handed to the caller, never a base or the pool."""
+    parsed = parse_name(name)
+    if parsed is None or parsed.kind != "snap":
+        return f"refusing to give {name} to the caller: only snapshot devices are given"
+    if thin_id in set(base_ids):
+        return (f"refusing to give thin device {thin_id} to the caller: it holds a base "
+                "volume")
+    return None

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,31 @@ HERE = Path(__file__).resolve().parent
 if (HERE / "helper").is_dir():  # the guest image: /kiln-tests/{helper,site-packages}
     sys.path[:0] = [str(HERE), str(HERE / "site-packages")]
 
+import run_helper  # noqa: E402 - after the path set-up above
+from guestlib import (  # noqa: E402
+    BASE_SIZE,
+    BIG_SIZE,
+    MIB,
+    POOL_SIZE,
+    T0,
+    TOOL_ENV,
+    Checks,
+    cat_file,
+    dev_size,
+    digest,
+    dm_create_plain,
+    dm_names,
+    dm_remove_plain,
+    dm_table,
+    log,
+    loops,
+    make_source,
+    pool_used,
+    sh,
+    thin_ids,
+)
+
 SUMMARY_MARK = "KILN-DMTHIN-SUMMARY "
-MIB = 1 << 20
-BASE_SIZE = 32 * MIB
-BIG_SIZE = 48 * MIB
-POOL_SIZE = 256 * MIB
 EXPECTED_CHECKS = (
     "modules", "pool_init", "import_volume", "snapshot_equals_base", "snapshot_larger_grown",
     "thin_sharing", "pool_status", "write_isolated", "remove_snapshot", "bad_input",
@@ -49,103 +68,6 @@ EXPECTED_CHECKS = (
     "reactivate", "volume_rm_keeps_snapshot", "destroy",
 )
 BYSTANDER = "dmthin-test-bystander"
-TOOL_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "LC_ALL": "C.UTF-8"}
-
-
-def log(msg: str) -> None:
-    print(f"[dmthin {time.monotonic() - T0:7.2f}s] {msg}", file=sys.stderr, flush=True)
-
-
-T0 = time.monotonic()
-
-
-def sh(*argv: str, ok: tuple[int, ...] = (0,), stdin: str | None = None) -> str:
-    res = subprocess.run(list(argv), capture_output=True, text=True, env=TOOL_ENV,
-                         input=stdin, timeout=300, check=False)
-    if res.returncode not in ok:
-        raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
-    return res.stdout
-
-
-# -- observing devices from the outside ------------------------------------------------------
-
-
-def dm_names() -> set[str]:
-    out = sh("dmsetup", "ls")
-    if "No devices found" in out:
-        return set()
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-def dm_table(name: str) -> str:
-    return sh("dmsetup", "table", name).strip()
-
-
-def loops() -> dict[str, str]:
-    """/dev/loopN → backing file."""
-    text = sh("losetup", "--list", "--json", "--output", "NAME,BACK-FILE").strip()
-    devs = json.loads(text)["loopdevices"] if text else []
-    return {d["name"]: (d.get("back-file") or "").removesuffix(" (deleted)") for d in devs}
-
-
-def dev_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
-def digest(path: str | Path) -> str:
-    """sha256 of a file or block device, read past the page cache's old pages."""
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop cached pages first
-        while chunk := os.read(fd, 4 * MIB):
-            h.update(chunk)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
-def dm_create_plain(name: str, table: str, *, readonly: bool = False) -> str:
-    """A device made by the test itself, not through kiln."""
-    sh("dmsetup", "create", name, *(["--readonly"] if readonly else []), "--table", table)
-    sh("dmsetup", "mknodes", name)
-    return f"/dev/mapper/{name}"
-
-
-def dm_remove_plain(name: str) -> None:
-    if name in dm_names():
-        sh("dmsetup", "remove", name)
-
-
-# -- the run -----------------------------------------------------------------------------------
-
-
-class Checks:
-    def __init__(self) -> None:
-        self.results: dict[str, dict[str, Any]] = {}
-        self.timings: dict[str, float] = {}
-
-    def record(self, name: str, ok: bool, detail: str = "") -> None:
-        self.results[name] = {"ok": bool(ok), "detail": detail}
-        log(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        t = time.monotonic()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.monotonic() - t, 3)
-
-    def expect(self, name: str, conds: dict[str, bool], detail: str = "") -> None:
-        failed = [k for k, v in conds.items() if not v]
-        self.record(name, not failed, ("failed: " + ", ".join(failed) + "; " if failed
-                                       else "") + detail)
 
 
 def setup_kernel(checks: Checks) -> None:
@@ -159,21 +81,6 @@ def setup_kernel(checks: Checks) -> None:
                               "thin target": "thin" in names,
                               "loop-control": os.path.exists("/dev/loop-control")},
                   f"kernel {os.uname().release}; targets {sorted(names)}")
-
-
-def make_source(work: Path, root: Path) -> tuple[Path, str, bytes]:
-    """A small ext4 with a 4 MiB data file, under the root (imports only read there)."""
-    staging = work / "staging"
-    (staging / "data").mkdir(parents=True)
-    payload = hashlib.sha256(b"kiln").digest() * (4 * MIB // 32)
-    (staging / "data" / "payload.bin").write_bytes(payload)
-    (staging / "etc").mkdir()
-    (staging / "etc" / "motd").write_text("dm-thin base\n")
-    src = root / "incoming.ext4"
-    with open(src, "wb") as f:
-        f.truncate(BASE_SIZE)
-    sh("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", str(staging), str(src))
-    return src, "sha256:" + digest(src), payload
 
 
 def thin_id_of_volume(root: Path, volume_id: str) -> int:
@@ -192,17 +99,9 @@ def run_child_snapshot(root: Path, volume_id: str, size: int, fault: str) -> int
     return res.returncode
 
 
-def cat_file(dev: str, path: str, mnt: Path) -> bytes:
-    mnt.mkdir(parents=True, exist_ok=True)
-    sh("mount", "-o", "ro,noload", dev, str(mnt))  # noload: no journal replay, no writes
-    try:
-        return (mnt / path.lstrip("/")).read_bytes()
-    finally:
-        sh("umount", str(mnt))
-
-
-def scenario(checks: Checks, work: Path) -> None:
-    from helper import privileged
+def scenario(checks: Checks, work: Path, initialized: threading.Event) -> None:
+    """Root's loop-backed pool, in-process; ``initialized`` is set once it exists."""
+    from helper import client, privileged
     from helper.errors import KilnError, NotFound
     from helper.pool import destroy_pool, init_pool, open_pool
     from helper.pool import dmthin_core as core
@@ -229,6 +128,7 @@ def scenario(checks: Checks, work: Path) -> None:
             "two loops": len(root_loops()) == 2,
             "thin-pool table": " thin-pool " in dm_table(core.pool_name(rootkey)),
         }, f"status {st}")
+    initialized.set()
 
     with checks.step("import_volume"):
         src, vid, payload = make_source(work, root)
@@ -327,6 +227,14 @@ def scenario(checks: Checks, work: Path) -> None:
             ("foreign dm name", lambda: privileged.dm_create(root, BYSTANDER, "0 8 zero")),
             ("bad message", lambda: privileged.dm_message(
                 root, core.pool_name(rootkey), "release_metadata_snap")),
+            # grant: only a snapshot's node goes to the caller, never a base's or the pool's
+            ("grant a base", lambda: client.call("dm-create", {
+                "name": core.snapshot_name(rootkey, "stolen"), "kind": "thin",
+                "pool": core.pool_name(rootkey), "thin_id": tid,
+                "sectors": core.sectors_of(BASE_SIZE), "grant": True}, area=root)),
+            ("grant the pool", lambda: client.call("dm-create", {
+                "name": core.pool_name(rootkey), "kind": "thin-pool", "grant": True},
+                area=root)),
         ):
             try:
                 fn()
@@ -343,7 +251,12 @@ def scenario(checks: Checks, work: Path) -> None:
                 f"UsageError: refusing device-mapper name '{BYSTANDER}'"),
             "bad message": errs["bad message"].startswith(
                 "UsageError: refusing device-mapper message"),
-            "nothing half-made": {s.id for s in pool.list_snapshots()} == {s2.id},
+            "grant a base": errs["grant a base"] == f"UsageError: refusing to give thin "
+            f"device {tid} to the caller: it holds a base volume",
+            "grant the pool": errs["grant the pool"] == "UsageError: refusing to give "
+            f"{core.pool_name(rootkey)} to the caller: only snapshot devices are given",
+            "nothing half-made": {s.id for s in pool.list_snapshots()} == {s2.id}
+            and core.snapshot_name(rootkey, "stolen") not in dm_names(),
         }, json.dumps(errs))
 
     # Bystanders: a plain device and one with another root's kiln name, both over a loop
@@ -380,7 +293,7 @@ def scenario(checks: Checks, work: Path) -> None:
         dm_create_plain(vol_dev, core.thin_table(f"/dev/mapper/{core.pool_name(rootkey)}",
                                                  tid, core.sectors_of(BASE_SIZE)))
         before = kiln_devs()
-        used_before = _pool_used(rootkey)
+        used_before = pool_used(rootkey)
         ids = [c["creating"][0] if len(c["creating"]) == 1 else "" for c in crashes.values()]
         s2_dev = "snap-" + s2.id
         checks.expect("crash_leftovers", {
@@ -396,7 +309,7 @@ def scenario(checks: Checks, work: Path) -> None:
         reopened = open_pool(root)  # the next command: reclaims under the pool lock
         assert reopened is not None
         after = kiln_devs()
-        used_after = _pool_used(rootkey)
+        used_after = pool_used(rootkey)
         checks.expect("crash_reclaim", {
             "crashed devices gone": not any(core.snapshot_name(rootkey, c) in after
                                             for c in crashed),
@@ -465,28 +378,6 @@ def scenario(checks: Checks, work: Path) -> None:
     sh("losetup", "--detach", outside_loop)
 
 
-def thin_ids(root: Path, rootkey: str) -> set[int]:
-    """The thin device ids the pool's metadata holds, read with thin_ls from a metadata
-    snapshot (the pool stays live)."""
-    from helper.pool import dmthin_core as core
-
-    pool = core.pool_name(rootkey)
-    meta = next(d for d, f in loops().items() if f == str(root / "pool/thin/meta.img"))
-    sh("dmsetup", "message", pool, "0", "reserve_metadata_snap")
-    try:
-        out = sh("thin_ls", "--metadata-snap", "--no-headers", "--format", "DEV", meta)
-    finally:
-        sh("dmsetup", "message", pool, "0", "release_metadata_snap")
-    return {int(x) for x in out.split()}
-
-
-def _pool_used(rootkey: str) -> int:
-    from helper.pool import dmthin_core as core
-
-    line = sh("dmsetup", "status", core.pool_name(rootkey)).strip()
-    return core.parse_pool_status(line).used_data_blocks
-
-
 def child_snapshot(root: str, volume_id: str, size: int) -> int:
     """Create one snapshot; KILN_FAULT_KILL_AT decides where this process dies."""
     from helper.pool import open_pool
@@ -513,29 +404,64 @@ def cleanup(work: Path) -> None:
                 sh("losetup", "--detach", dev)
 
 
+def _helper_scenarios(checks: Checks, work: Path, initialized: threading.Event) -> None:
+    initialized.wait()
+    run_helper.devices_scenario(checks, work)
+    run_helper.sudo_scenario(checks, work, f'[pool]\ndirectory = "{work / "helper"}"\n')
+
+
+def _guarded(checks: Checks, what: str, fn: Any, *args: Any) -> None:
+    """Run a scenario in a thread; a failure becomes a failed check, like main's."""
+    try:
+        fn(*args)
+    except Exception:
+        checks.record(f"aborted-{what}", False, traceback.format_exc()[-3000:])
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch directory (default: a tmpfs mounted at /run/kiln-dmthin)")
     ap.add_argument("--child-snapshot", nargs=3, metavar=("ROOT", "VOLUME", "SIZE"))
+    ap.add_argument("--no-helper-scenarios", action="store_true",
+                    help="in the guest, run root's scenario only (to time the others)")
     args = ap.parse_args(argv)
     if args.child_snapshot:
         root, vid, size = args.child_snapshot
         return child_snapshot(root, vid, int(size))
     checks = Checks()
     work: Path = args.workdir or Path("/run/kiln-dmthin")
+    # The guest run (no --workdir) also runs the helper-path scenarios: they write
+    # /etc/kiln, /etc/sudoers.d and /opt/kiln, which only a throwaway guest may get.
+    guest = args.workdir is None and not args.no_helper_scenarios
+    expected = EXPECTED_CHECKS + (run_helper.CHECKS if guest else ())
     mounted = False
     try:
         with checks.step("setup"):
             if args.workdir is None:
                 work.mkdir(parents=True, exist_ok=True)
-                sh("mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "kiln-dmthin",
+                # 0755: the sudo scenario's user keeps its kiln root in here
+                sh("mount", "-t", "tmpfs", "-o", "size=512m,mode=0755", "kiln-dmthin",
                    str(work))
                 mounted = True
             setup_kernel(checks)
         with checks.step("import"):
             import helper.pool  # noqa: F401 - timed: pydantic's import is slow under TCG
-        scenario(checks, work)
+        initialized = threading.Event()
+        if guest:
+            # The helper-path scenarios run on the second vCPU next to root's (kiln-helper
+            # start-ups take seconds each under TCG). The operator-devices config must not
+            # be seen by another pool's init, so they start once root's pool exists (no
+            # later step of root's asks dm-info).
+            helper_side = threading.Thread(target=_guarded, args=(
+                checks, "helper", _helper_scenarios, checks, work, initialized))
+            helper_side.start()
+        try:
+            scenario(checks, work, initialized)
+        finally:
+            initialized.set()
+            if guest:
+                helper_side.join()
     except Exception:  # every failure becomes a failed check
         checks.record("aborted", False, traceback.format_exc()[-3000:])
         cleanup(work)
@@ -543,7 +469,7 @@ def main(argv: list[str]) -> int:
         if mounted:
             with contextlib.suppress(Exception):
                 sh("umount", str(work))
-    missing = [c for c in EXPECTED_CHECKS if c not in checks.results]
+    missing = [c for c in expected if c not in checks.results]
     ok = not missing and all(r["ok"] for r in checks.results.values())
     summary = {"ok": ok, "missing": missing, "checks": checks.results,
                "timings": checks.timings, "kernel": os.uname().release,

@@ -5,15 +5,15 @@ under QEMU has it as modules. The guest image is built by kiln itself from an OC
 made here:
 
 * base layer: Debian bookworm minbase with python3, dmsetup, thin-provisioning-tools,
-  kmod, e2fsprogs and util-linux (debootstrap + umoci), cached under
+  kmod, e2fsprogs, util-linux and sudo (debootstrap + umoci), cached under
   ``/var/cache/kiln-tests`` like ``tests/support/images.py``'s plain minbase (slow the
   first time: ~1-2 minutes of debootstrap);
 * test layer (rebuilt each session, it holds the code under test): the device-mapper,
   block, crypto and lib modules of the kernel ``kiln run`` boots plus its ``modules.*``
   indexes (the guest has no network and no modules of its own), the project's ``helper``
   package, the pydantic packages from the venv (Debian 12's python3 is 3.11: the venv's
-  cp311 wheels load) and the in-guest program ``tests/dmthin_guest/run_dmthin.py``, all
-  under ``/kiln-tests`` except the modules.
+  cp311 wheels load) and the in-guest programs ``tests/dmthin_guest/*.py``, all under
+  ``/kiln-tests`` (byte-compiled, unchecked-hash pycs) except the modules.
 
 ``guest_layout(workdir)`` → (layout, tag): a layout in ``workdir`` whose blobs are hard
 links to the cached base (no copy) plus the test layer. ``parse_summary`` reads the JSON
@@ -35,10 +35,11 @@ from tests.support.images import debootstrap_layout
 CACHE = Path(os.environ.get("KILN_TEST_CACHE", "/var/cache/kiln-tests"))
 DEBIAN = ("bookworm", "minbase", "http://deb.debian.org/debian")
 PACKAGES = ("python3", "dmsetup", "thin-provisioning-tools", "kmod", "e2fsprogs",
-            "util-linux")
+            "util-linux", "sudo")  # sudo: the helper-path scenario's unprivileged caller
 TAG = "dmthin"
 PROJECT = Path(__file__).resolve().parents[2]
-GUEST_PROGRAM = PROJECT / "tests" / "dmthin_guest" / "run_dmthin.py"
+GUEST_DIR_SRC = PROJECT / "tests" / "dmthin_guest"
+GUEST_PROGRAM = GUEST_DIR_SRC / "run_dmthin.py"
 GUEST_DIR = "kiln-tests"  # /kiln-tests in the guest
 # Enough of /lib/modules/VERSION for loop + dm-thin-pool and their dependency closure
 # (dm-mod, dm-bufio, dm-persistent-data, dm-bio-prison, libcrc32c, crc32c): the whole
@@ -94,7 +95,24 @@ def stage_test_layer(staged: Path, version: str) -> None:
             shutil.copytree(site / name, guest / "site-packages" / name, ignore=ignore)
         elif (site / name).is_file():
             shutil.copy2(site / name, guest / "site-packages" / name)
-    shutil.copy2(GUEST_PROGRAM, guest / GUEST_PROGRAM.name)
+    for program in sorted(GUEST_DIR_SRC.glob("*.py")):
+        shutil.copy2(program, guest / program.name)
+    precompile(staged, guest)
+
+
+def precompile(staged: Path, tree: Path) -> None:
+    """Byte-compile ``tree`` for the guest's python3 (3.11, like the venv), unchecked-hash:
+    the layer's mtimes are normalised, so timestamp pycs would be stale, and an
+    unprivileged guest process could not write its own (the helper-path scenario runs
+    kiln-helper ~15 times; each import of pydantic is seconds under TCG)."""
+    import compileall
+    import py_compile
+
+    ok = compileall.compile_dir(
+        tree, quiet=1, ddir=f"/{tree.relative_to(staged)}",
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    if not ok:
+        raise RuntimeError(f"byte-compiling {tree} failed")
 
 
 def guest_layout(workdir: Path) -> tuple[Path, str]:
