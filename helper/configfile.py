@@ -114,7 +114,8 @@ class ConfigFile(BaseModel):
                                   description="[tools]: tool name -> absolute path")
     jails: JailsSection = Field(default_factory=JailsSection, description="[jails]")
     pool: PoolSection = Field(default_factory=PoolSection, description="[pool]")
-    net: NetSection = Field(default_factory=NetSection, description="[net]")
+    net: NetSection | None = Field(
+        default=None, description="[net]; absent: no networking (`--net tap` refused)")
 
 
 def parse(text: bytes, path: Path | None = None) -> Config:

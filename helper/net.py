@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import os
+import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,8 @@ from helper.netconfig import NetSection
 NETNS_DIR = Path("/run/netns")
 BRIDGE_TAG = "kiln bridge"
 _CLONE_NEWNET = 0x40000000
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 # -- running the tools ----------------------------------------------------------------------
 
@@ -247,6 +253,57 @@ def tap_detach(sec: NetSection, name: str, uid: int) -> None:
     ip(sec.namespace, "link", "del", name)
 
 
+def tap_open(sec: NetSection, vm: str, uid: int) -> int:
+    """An open fd on VM ``vm``'s tap (a tap tagged as ``uid``'s), attached as root in the
+    namespace the tap lives in: for a VMM that can neither open a tap it does not own nor
+    enter that namespace (QEMU run by an ordinary user; ``-netdev tap,fd=N``). The tap
+    keeps its owner (a VM uid, never the caller's); only this fd is handed over."""
+    n = nc.names(vm)
+    ns = n.netns if sec.isolation == "netns" else sec.namespace
+    if ns == n.netns and not (NETNS_DIR / ns).exists():
+        raise NotFound(f"network namespace {ns} does not exist", "")
+    d = link(ns, n.tap)
+    if d is None:
+        raise NotFound(f"tap {n.tap} does not exist in {where(sec)}", "")
+    tag = nc.parse_tag(d.get("ifalias"))
+    if kind(d) != "tun":
+        raise UsageError(f"{n.tap} is not a tun/tap device", "kiln only opens its own taps")
+    _check_owner("tap", n.tap, tag, uid)
+    if tag is None or tag.vm != vm:
+        raise UsageError(f"refusing tap {n.tap}: it is not VM {vm}'s", "")
+    got: list[int] = []
+    err: list[BaseException] = []
+
+    def opener() -> None:
+        # tun binds a device by name in the namespace of the thread that opens
+        # /dev/net/tun: this thread (and only it) enters the tap's namespace, then ends.
+        try:
+            if ns:
+                join_netns(ns)
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", n.tap.encode(),
+                                                        _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+            except BaseException:
+                os.close(fd)
+                raise
+            got.append(fd)
+        except BaseException as e:  # re-raised in the caller's thread
+            err.append(e)
+
+    t = threading.Thread(target=opener, name="kiln-tap-open")
+    t.start()
+    t.join()
+    if err:
+        e = err[0]
+        if isinstance(e, OSError) and e.errno == errno.EBUSY:
+            raise Conflict(f"tap {n.tap} is already in use by a VMM", "is the VM running?")
+        if isinstance(e, OSError):
+            raise KilnError(f"cannot open tap {n.tap}: {e.strerror}", "") from None
+        raise e
+    return got[0]
+
+
 def netns_create(sec: NetSection, got: nc.Lease, uid: int, gid: int) -> nc.Names:
     """The VM's namespace: veth pair to the bridge holding the lease, tap holding the link's
     first address, NAT between lease and guest (isolation = netns)."""
@@ -383,12 +440,13 @@ def forward_remove(sec: NetSection, vm: str, uid: int, host_port: int | None) ->
 # -- reconcile ------------------------------------------------------------------------------
 
 
-def reclaim(sec: NetSection, root: str, keep: list[str], uid: int) -> list[str]:
-    """Remove ``root``'s objects (of ``uid``) whose VM is not in ``keep``; NAT goes when
-    no lease is left. Returns ``kind:name`` of what went."""
+def reclaim(sec: NetSection, root: str, keep: list[str], uid: int,
+            only: list[str] | None = None) -> list[str]:
+    """Remove ``root``'s objects (of ``uid``) whose VM is not in ``keep`` (with ``only``:
+    and is in it); NAT goes when no lease is left. Returns ``kind:name`` of what went."""
     check_namespace(sec)
     removed: list[str] = []
-    for o in nc.reclaim_plan(observe(sec), root, keep, uid):
+    for o in nc.reclaim_plan(observe(sec), root, keep, uid, only):
         assert o.tag is not None
         with contextlib.suppress(NotFound):  # gone meanwhile (its namespace took it)
             if o.kind == "forward":

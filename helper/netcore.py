@@ -360,13 +360,17 @@ def mine(o: Obj, root: str | None, uid: int) -> bool:
     return o.tag is not None and o.tag.uid == uid and (root is None or o.tag.root == root)
 
 
-def reclaim_plan(objs: Iterable[Obj], root: str, keep: Iterable[str], uid: int) -> list[Obj]:
+def reclaim_plan(objs: Iterable[Obj], root: str, keep: Iterable[str], uid: int,
+                 only: Iterable[str] | None = None) -> list[Obj]:
     """What a reconcile of ``root`` by ``uid`` removes: that root's objects of that uid
-    whose VM is not in ``keep``, forwards first and leases last (pure). A VM namespace
-    takes its veth pair and tap with it, so those are not listed twice."""
+    whose VM is not in ``keep`` (and, with ``only``, is in it), forwards first and leases
+    last (pure). A VM namespace takes its veth pair and tap with it, so those are not
+    listed twice. ``only`` lets a caller name the VMs it knows are gone: a VM born after
+    the caller looked is then never in reach (``keep`` alone cannot promise that)."""
     kept = set(keep)
+    chosen = None if only is None else set(only)
     doomed = [o for o in objs if mine(o, root, uid) and o.tag is not None
-              and o.tag.vm not in kept]
+              and o.tag.vm not in kept and (chosen is None or o.tag.vm in chosen)]
     in_netns = {o.tag.vm for o in doomed if o.kind == "netns" and o.tag is not None}
     doomed = [o for o in doomed if not (o.kind == "veth" and o.tag is not None
                                         and o.tag.vm in in_netns)]

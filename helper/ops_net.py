@@ -9,24 +9,50 @@ acts only on the caller's own. VM uids/gids come from ``[jails] uid_gid_range``,
 the caller's. Order for a VM (what ``runner/network.py`` does):
 
   bridge-ensure → nat-ensure (if nat) → net-lease → tap-attach | netns-create → forward-add…
+  [tap-open: a VMM the caller runs gets the tap as an fd]
   forward-remove → tap-detach | netns-delete → net-release → nat-remove (acts on the last)
+
+Without ``[net]`` settings in the trusted config every op that would create something
+refuses (``_sec``); listing and reclaiming then find nothing.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 from typing import Annotated, Any
 
 from pydantic import Field
 
 from helper import net, netlease
 from helper import netcore as nc
-from helper.errors import UsageError
+from helper.errors import NotFound, UsageError
+from helper.netconfig import NetSection
 from helper.opbase import Ctx, KilnId, Op, Req, Uid
 from helper.tap import NAME_PATTERN as TAP_PATTERN
 
 RootKey = Annotated[str, Field(pattern=nc.ROOT_PATTERN,
                                description="the kiln root's key (8 characters of a-z, 2-7)")]
 Port = Annotated[int, Field(ge=1, le=65535, description="a TCP port")]
+
+
+def configured(ctx: Ctx) -> NetSection | None:
+    """The ``[net]`` section when an administrator wrote one (an empty ``[net]`` takes
+    the defaults); None when the trusted config has none."""
+    return ctx.cfg.net_section
+
+
+def _sec(ctx: Ctx) -> NetSection:
+    """The ``[net]`` section; an op that would create something refuses without one: the
+    built-in defaults (a bridge and 10.213.0.0/24 in the host's namespace) are for an
+    administrator to choose, not for the first caller of ``--net tap``."""
+    sec = configured(ctx)
+    if sec is None:
+        raise UsageError("networking is not configured: the trusted config has no [net] "
+                         "settings", "an administrator sets [net] in /etc/kiln/config.toml "
+                         "(docs/net.md)")
+    return sec
 
 
 def _tag(ctx: Ctx, vm: str, root: str) -> nc.Tag:
@@ -58,7 +84,7 @@ class BridgeEnsure(Req):
 
 def bridge_ensure(ctx: Ctx, req: BridgeEnsure) -> dict[str, Any]:
     del req
-    return net.bridge_ensure(ctx.cfg.net)
+    return net.bridge_ensure(_sec(ctx))
 
 
 class BridgeRemove(Req):
@@ -80,7 +106,7 @@ class NetLease(Req):
 
 
 def net_lease(ctx: Ctx, req: NetLease) -> dict[str, Any]:
-    net.check_namespace(ctx.cfg.net)
+    net.check_namespace(_sec(ctx))
     return _guest(ctx, netlease.lease(ctx.cfg.net, _tag(ctx, req.vm, req.root)))
 
 
@@ -111,6 +137,7 @@ def _check_isolation(ctx: Ctx, want: str, op: str) -> None:
 
 
 def tap_attach(ctx: Ctx, req: TapAttach) -> dict[str, Any]:
+    _sec(ctx)
     _check_isolation(ctx, "none", "tap-attach")
     _check_vm_uid(ctx, req.uid, req.gid)
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
@@ -142,6 +169,7 @@ class NetnsCreate(Req):
 
 
 def netns_create(ctx: Ctx, req: NetnsCreate) -> dict[str, Any]:
+    _sec(ctx)
     _check_isolation(ctx, "netns", "netns-create")
     _check_vm_uid(ctx, req.uid, req.gid)
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
@@ -170,7 +198,7 @@ class NatEnsure(Req):
 
 def nat_ensure(ctx: Ctx, req: NatEnsure) -> dict[str, Any]:
     del req
-    return {"changed": net.nat_ensure(ctx.cfg.net)}
+    return {"changed": net.nat_ensure(_sec(ctx))}
 
 
 class NatRemove(Req):
@@ -191,6 +219,7 @@ class ForwardAdd(Req):
 
 
 def forward_add(ctx: Ctx, req: ForwardAdd) -> dict[str, Any]:
+    _sec(ctx)
     if req.host_port < 1024 and not ctx.trusted:
         raise UsageError(f"host port {req.host_port} is privileged",
                          "forward a port of 1024 or above (or run kiln as root)")
@@ -217,6 +246,8 @@ class NetList(Req):
 
 def net_list(ctx: Ctx, req: NetList) -> dict[str, Any]:
     del req
+    if configured(ctx) is None:  # nothing can have been made (creation refuses)
+        return {"objects": [], "leases": {}, "bridge": False}
     sec = ctx.cfg.net
     net.check_namespace(sec)
     objs = [{"kind": o.kind, "name": o.name,
@@ -233,10 +264,49 @@ class NetReclaim(Req):
     root: RootKey
     keep: tuple[KilnId, ...] = Field(default=(), max_length=100_000,
                                      description="VM ids whose objects stay")
+    only: tuple[KilnId, ...] | None = Field(
+        default=None, max_length=100_000,
+        description="only these VMs' objects go (the ones the caller knows are gone); "
+        "absent: every VM not in keep")
 
 
 def net_reclaim(ctx: Ctx, req: NetReclaim) -> dict[str, Any]:
-    return {"removed": net.reclaim(ctx.cfg.net, req.root, list(req.keep), ctx.caller_uid)}
+    if configured(ctx) is None or req.only == ():
+        return {"removed": []}
+    return {"removed": net.reclaim(ctx.cfg.net, req.root, list(req.keep), ctx.caller_uid,
+                                   None if req.only is None else list(req.only))}
+
+
+class TapOpen(Req):
+    """Send the caller an fd on its VM's tap (attached as root in the tap's namespace) over
+    a Unix socket it passed open: for a VMM the caller runs (``-netdev tap,fd=N``)."""
+
+    vm: KilnId = Field(description="the VM id (its lease and tap are the caller's)")
+    fd: int = Field(ge=3, le=255, description="an open Unix socket the tap fd is sent over")
+
+
+def tap_open(ctx: Ctx, req: TapOpen) -> dict[str, Any]:
+    sec = _sec(ctx)
+    try:
+        st = os.fstat(req.fd)
+    except OSError:
+        raise NotFound(f"file descriptor {req.fd} is not open", "pass a Unix socket") \
+            from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"file descriptor {req.fd} is not a socket", "pass a Unix socket")
+    sock = socket.socket(fileno=os.dup(req.fd))
+    try:
+        if sock.family != socket.AF_UNIX:
+            raise UsageError(f"file descriptor {req.fd} is not a Unix socket", "")
+        netlease.owned_lease(sec, req.vm, ctx.caller_uid)
+        fd = net.tap_open(sec, req.vm, ctx.caller_uid)
+        try:
+            socket.send_fds(sock, [b"tap"], [fd])
+        finally:
+            os.close(fd)
+    finally:
+        sock.close()
+    return {"tap": nc.names(req.vm).tap}
 
 
 OPS: dict[str, tuple[type[Req], Op]] = {
@@ -246,6 +316,7 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     "net-release": (NetRelease, net_release),
     "tap-attach": (TapAttach, tap_attach),
     "tap-detach": (TapDetach, tap_detach),
+    "tap-open": (TapOpen, tap_open),
     "netns-create": (NetnsCreate, netns_create),
     "netns-delete": (NetnsDelete, netns_delete),
     "nat-ensure": (NatEnsure, nat_ensure),

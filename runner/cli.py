@@ -72,9 +72,11 @@ def print_json(obj: Any) -> None:
 
 
 def fail(error: KilnError) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {error.message}", markup=True)
+    from rich.markup import escape  # messages name config sections: "[net]" is not markup
+
+    err_console.print(f"[bold red]error:[/] {escape(error.message)}", markup=True)
     if error.hint:
-        err_console.print(f"[dim]hint:[/] {error.hint}", markup=True)
+        err_console.print(f"[dim]hint:[/] {escape(error.hint)}", markup=True)
     sys.exit(error.exit_code)
 
 

@@ -185,7 +185,7 @@ def gc(ctx: Ctx, dry_run: bool, keep: str, as_json: bool) -> None:
     from builder.gc import run_gc
     from runner import reaper
 
-    reaper.reconcile(ctx.root)
+    reaper.reconcile(ctx.root, full=True)  # also lists the kiln network
     report = run_gc(ctx.root, keep_seconds=parse_duration(keep, "--keep"), dry_run=dry_run)
     if as_json:
         print_json(report.as_json())

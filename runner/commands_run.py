@@ -45,9 +45,13 @@ from runner.cli import (
 @click.option("--init", "init", type=click.Choice(["kiln", "image"]), default="kiln",
               show_default=True, help="image: boot the image's own /sbin/init")
 @click.option("--net", type=click.Choice(["none", "user", "tap"]), default="none",
-              show_default=True)
+              show_default=True,
+              help="user: QEMU's private NAT (slirp); tap: the kiln network of the trusted "
+              "config's [net] (an address per VM, shown by `kiln ps`)")
 @click.option("-p", "--publish", multiple=True, metavar="HOST:GUEST",
-              help="forward 127.0.0.1:HOST to the guest's GUEST port (--net user)")
+              help="forward TCP port HOST to the guest's GUEST port (repeatable): --net "
+              "user listens on 127.0.0.1:HOST; --net tap forwards the kiln network's "
+              "gateway address:HOST (reachable from that network's namespace and guests)")
 @click.option("--rm", is_flag=True, help="remove the VM and its snapshot when it exits")
 @click.option("-i", "--interactive", is_flag=True, help="connect stdin to the workload")
 @click.option("-d", "--detach", is_flag=True, help="run in the background; print the VM id")
@@ -64,7 +68,7 @@ def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, me
     """Boot SOURCE (a volume id, a recipe or an image reference) as a microVM and run its
     workload (or CMD): like `docker run`, exit code included."""
     from builder.source import RegistryOptions
-    from runner import vm
+    from runner import vm, vmspec
 
     try:
         if detach and rm:
@@ -80,7 +84,7 @@ def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, me
                               authfile=authfile.absolute() if authfile else None)
         code = vm.run(ctx.root, source, opts, reg, on_ready=click.echo)
     except KilnError as e:
-        e.exit_code = vm.EXIT_KILN
+        e.exit_code = vmspec.EXIT_KILN
         if ctx.debug:
             from runner.cli import err_console
 

@@ -195,15 +195,21 @@ def vmm_exit_code(log_text: str) -> int | None:
 # -- running ----------------------------------------------------------------------------------
 
 def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Path,
-            initrd: Path, rootfs: Path, cpus: int, memory: int, init: str) -> fc.FirecrackerVM:
+            initrd: Path, rootfs: Path, cpus: int, memory: int, init: str,
+            nets: tuple[fc.NetSpec, ...] = (), netns: str | None = None,
+            kernel_args: tuple[str, ...] = ()) -> fc.FirecrackerVM:
+    """``nets``/``netns``/``kernel_args``: ``--net tap`` (``runner.network.VmNet``): eth0 on
+    the VM's tap, the namespace the jailer joins, the guest's ``kiln.ip=``… words."""
     doc = rec.fc_doc
     version = int(doc["cgroup_version"])
     limits = cg.Limits(**doc["limits"])
     if rec.uid is None:
         raise KilnError(f"VM {rec.id} has no uid", "internal error: create it with want_uid")
+    boot_args = " ".join((BOOT_ARGS, f"init={init}", *kernel_args))
     plan = fc.launch_plan(cfg, vm_id=host_of(rec), uid=rec.uid, kernel=vmlinux, initrd=initrd,
-                          rootfs=rootfs, boot_args=f"{BOOT_ARGS} init={init}", cpus=cpus,
-                          mem_mib=memory >> 20, cgroup_version=version, limits=limits)
+                          rootfs=rootfs, boot_args=boot_args, cpus=cpus,
+                          mem_mib=memory >> 20, cgroup_version=version, limits=limits,
+                          netns=netns, nets=nets)
     return fc.FirecrackerVM(cfg, ops, plan)
 
 

@@ -13,8 +13,16 @@ it made if a step fails. The ``VmNet`` it returns is everything the VMM side nee
 * ``ip``: the address the VM is reached at (``kiln ps``), ``forwards``.
 
 ``detach`` undoes it all in reverse, idempotently (what is already gone is skipped), and
-``nat-remove`` then drops the NAT rules if this was the last VM. ``reconcile`` is the
-reaper's: ``net-reclaim`` of this root's objects whose VM is not in ``keep``.
+``nat-remove`` then drops the NAT rules if this was the last VM. ``reconcile`` is
+``net-reclaim`` of this root's objects whose VM is not in ``keep`` — with ``only``, of just
+those VMs (one helper call: what ``kiln run`` and the reaper use to take a VM off the
+network, and the only safe form while other VMs of the root may be being born);
+``vms_on_network`` lists the VMs of this root and caller that hold objects (the reaper's
+orphan sweep). ``preflight`` is ``bridge-ensure`` alone: ``kiln run`` calls it before it
+records anything, so a missing ``[net]`` or an overlapping subnet leaves nothing behind.
+
+``open_tap`` is for a VMM the caller runs itself (QEMU under an ordinary user): the helper
+attaches the tap as root, in its namespace, and sends the fd back over a socket pair.
 
 ``call`` defaults to ``helper.client.call`` (in-process as root, ``sudo kiln-helper``
 otherwise); tests pass one that runs the same ops with a config naming their namespace.
@@ -23,6 +31,7 @@ otherwise); tests pass one that runs the same ops with a config naming their nam
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +80,19 @@ class VmNet:
                 "forwards": [f"{f.host}:{f.guest}" for f in self.forwards]}
 
 
+def preflight(call: Call) -> dict[str, Any]:
+    """``bridge-ensure``: the network is configured, its namespace exists, the subnet
+    overlaps no route; the bridge exists. Returns what ``attach`` takes as ``bridge``."""
+    return call("bridge-ensure", {})
+
+
 def attach(call: Call, vm: str, root_key: str, uid: int, gid: int,
-           forwards: Sequence[qemu.Forward] = ()) -> VmNet:
+           forwards: Sequence[qemu.Forward] = (),
+           bridge: dict[str, Any] | None = None) -> VmNet:
     """Put VM ``vm`` (of the root with ``root_key``) on the kiln network; its tap belongs to
-    ``uid``/``gid`` (the VM's, from the helper's range)."""
-    bridge = call("bridge-ensure", {})
+    ``uid``/``gid`` (the VM's, from the helper's range). ``bridge``: ``preflight``'s answer
+    (saves a second ``bridge-ensure``)."""
+    bridge = bridge if bridge is not None else preflight(call)
     if bridge["nat"]:
         call("nat-ensure", {})
     lease = call("net-lease", {"vm": vm, "root": root_key})
@@ -114,7 +131,41 @@ def detach(call: Call, vm: str) -> list[str]:
     return gone
 
 
-def reconcile(call: Call, root_key: str, keep: Sequence[str]) -> list[str]:
-    """The reaper's step: remove this root's network objects of VMs not in ``keep``."""
-    return [str(x) for x in call("net-reclaim", {"root": root_key, "keep": list(keep)})
-            ["removed"]]
+def reconcile(call: Call, root_key: str, keep: Sequence[str],
+              only: Sequence[str] | None = None) -> list[str]:
+    """Remove this root's network objects of VMs not in ``keep`` (with ``only``: of those
+    VMs alone), then NAT if no lease is left."""
+    req: dict[str, Any] = {"root": root_key, "keep": list(keep)}
+    if only is not None:
+        req["only"] = list(only)
+    return [str(x) for x in call("net-reclaim", req)["removed"]]
+
+
+def vms_on_network(call: Call, root_key: str, uid: int) -> set[str]:
+    """VM ids of this root and caller that hold network objects (``net-list``)."""
+    return {str(o["vm"]) for o in call("net-list", {})["objects"]
+            if o["root"] == root_key and o["uid"] == uid and o["vm"]}
+
+
+def open_tap(vm: str, area: Path) -> int:
+    """An fd on VM ``vm``'s tap, attached by the helper (``tap-open``), inheritable by the
+    VMM the caller spawns. The socket end the helper writes to is passed to it open."""
+    import socket
+
+    from helper import client
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.call("tap-open", {"vm": vm, "fd": theirs.fileno()}, area=area,
+                    pass_fd=theirs.fileno())
+        theirs.close()
+        ours.settimeout(10)
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+    finally:
+        theirs.close()
+        ours.close()
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise KilnError(f"kiln-helper sent no tap for VM {vm}", "see the helper's audit log")
+    return fds[0]

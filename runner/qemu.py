@@ -19,7 +19,8 @@ elevation must stay allowed because QEMU 7.2 installs the filter before ``-runas
 
 Network: ``--net user`` is QEMU's slirp (``-p`` forwards bound to 127.0.0.1); ``--net tap``
 opens a kiln tap by name (``ifname=``, made and bridged by the helper; QEMU must start in
-the namespace the tap lives in and open it before ``-runas`` drops root) with the VM's MAC.
+the namespace the tap lives in and open it before ``-runas`` drops root) with the VM's MAC,
+or — QEMU run by an ordinary user — uses the fd the helper attached (``fd=N``).
 Either way the guest's address reaches kiln's init as ``kiln.ip= kiln.gw= [kiln.dns=]`` on
 the kernel command line (the cloud kernel has no ``CONFIG_IP_PNP``: ``ip=`` does nothing).
 """
@@ -56,6 +57,7 @@ class TapNic:
     ifname: str  # kt-…
     mac: str  # helper.netcore.mac_for(VM id)
     kernel_args: tuple[str, ...]  # kiln.ip=… kiln.gw=… [kiln.dns=…] (netcore.kernel_args)
+    fd: int | None = None  # an fd on the tap the helper opened (QEMU run by a user)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class QemuSpec:
 
 
 def parse_forward(text: str) -> Forward:
-    """``-p HOST:GUEST`` (TCP, host side bound to 127.0.0.1)."""
+    """``-p HOST:GUEST`` (TCP; --net user binds 127.0.0.1:HOST, --net tap forwards the
+    kiln network's GATEWAY:HOST)."""
     m = re.fullmatch(r"(\d{1,5}):(\d{1,5})(?:/tcp)?", text)
     if not m or not all(0 < int(p) < 65536 for p in m.groups()):
         raise UsageError(f"invalid port forward {text!r}",
@@ -204,8 +207,11 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         args += ["-netdev", f"user,id=net0{fwd}",
                  "-device", "virtio-net-device,netdev=net0"]
     if spec.net == "tap" and spec.tap is not None:
-        # script=no: QEMU runs no ifup script (the helper made and bridged the tap)
-        args += ["-netdev", f"tap,id=net0,ifname={spec.tap.ifname},script=no,downscript=no",
+        # script=no: QEMU runs no ifup script (the helper made and bridged the tap); fd=:
+        # the helper attached it and kiln passes the fd (QEMU as a user can't open it)
+        how = f"fd={spec.tap.fd}" if spec.tap.fd is not None else \
+            f"ifname={spec.tap.ifname},script=no,downscript=no"
+        args += ["-netdev", f"tap,id=net0,{how}",
                  "-device", f"virtio-net-device,netdev=net0,mac={spec.tap.mac}"]
     if spec.runas is not None:
         args += ["-runas", spec.runas]
@@ -223,6 +229,8 @@ def _check_tap(tap: TapNic | None) -> None:
     if not re.fullmatch(TAP_PATTERN, tap.ifname):
         raise UsageError(f"invalid tap name {tap.ifname!r}",
                          "kiln taps are named kt- + 1-12 characters of a-z and 2-7")
+    if tap.fd is not None and not 3 <= tap.fd < 1024:
+        raise UsageError(f"invalid tap fd {tap.fd}", "internal error: the helper sends it")
     if not _MAC.fullmatch(tap.mac):
         raise UsageError(f"invalid MAC address {tap.mac!r}", "write six lowercase hex pairs")
     bad = [a for a in tap.kernel_args if not _KILN_ARG.fullmatch(a)]
@@ -232,4 +240,12 @@ def _check_tap(tap: TapNic | None) -> None:
 
 
 def forwards_of(texts: Sequence[str]) -> tuple[Forward, ...]:
-    return tuple(parse_forward(t) for t in texts)
+    """Every ``-p``; a host port given twice is refused (one listener per port)."""
+    out = tuple(parse_forward(t) for t in texts)
+    seen: set[int] = set()
+    for f in out:
+        if f.host in seen:
+            raise UsageError(f"host port {f.host} is forwarded twice",
+                             "give each -p its own HOST port")
+        seen.add(f.host)
+    return out

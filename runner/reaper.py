@@ -21,7 +21,16 @@ from before root keys existed, and anything else are never touched.
   previous reconcile saw them too (records are written before resources, so an orphan
   seen twice is not a VM being born). Anything without kiln's names is never considered.
   Per VM, processes go first, then cgroups, then the jail (``helper.jail`` refuses to
-  remove one with a live Firecracker or mounts inside).
+  remove one with a live Firecracker or mounts inside), then the network;
+* the kiln network (``--net tap``): a dead VM whose record holds network objects (or
+  whose objects were seen) loses them at once — ``net-reclaim`` of that VM alone, through
+  the helper, which touches only objects tagged with this root's key and the caller's uid
+  (taps, VM namespaces with their veths, forwards, leases; NAT after the last). Objects
+  tagged with this root but no record are orphans like the rest (seen twice). Looking
+  costs a helper call, so records drive the common case and the network itself is listed
+  only by ``kiln gc`` (``full``) and in the round after one that noted network orphans
+  (their second sighting). Records are written before objects exist and deleted only
+  after the network is released, so orphans need an outside hand (a deleted database).
 
 Run by an ordinary user, cgroups go through kiln-helper's ``cgroup-kill``
 (``runner.vmcgroup.remove``), which acts only on cgroups that same user created: even a
@@ -83,6 +92,7 @@ class VMView:
     state: str
     auto_remove: bool
     owner_alive: bool
+    net: bool = False  # the record says network objects may exist (runner.state.net_held)
 
 
 @dataclass(frozen=True)
@@ -97,12 +107,15 @@ class Observed:
     vm_dirs: frozenset[str] = frozenset()  # names under ROOT/vms
     snapshots: frozenset[str] = frozenset()  # pool snapshot ids
     jails: dict[str, str] = field(default_factory=dict)  # host name → Firecracker jail dir
+    # VM ids of this root and caller holding network objects (tagged; net-list), or None
+    # when the network was not looked at this round
+    net_vms: frozenset[str] | None = None
     seen_before: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # fail | kill | rmcgroup | rmjail | rmdir | rmsnapshot | rmvm
+    kind: str  # fail | kill | rmcgroup | rmjail | rmnet | rmdir | rmsnapshot | rmvm
     target: str  # VM id, pid, path or snapshot id
     vm: str  # the VM id it concerns
     reason: str = ""
@@ -154,6 +167,8 @@ def plan(obs: Observed) -> Plan:
         actions += [Action("rmcgroup", d, v.id) for d in cgroups.get(v.id, ())]
         if v.id in jails:
             actions.append(Action("rmjail", jails[v.id], v.id))
+        if v.net or v.id in (obs.net_vms or ()):
+            actions.append(Action("rmnet", v.id, v.id))
         if v.auto_remove:
             actions.append(Action("rmvm", v.id, v.id))
     candidates: list[tuple[str, str, str]] = []  # (kind, name, vm id)
@@ -166,6 +181,9 @@ def plan(obs: Observed) -> Plan:
     for vm_id, path in jails.items():
         if vm_id not in known:
             candidates.append(("jail", path, vm_id))
+    for vm_id in obs.net_vms or ():
+        if VM_ID.fullmatch(vm_id) and vm_id not in known:
+            candidates.append(("net", vm_id, vm_id))
     for name in obs.vm_dirs:
         if VM_ID.fullmatch(name) and name not in known:
             candidates.append(("dir", name, name))
@@ -174,8 +192,8 @@ def plan(obs: Observed) -> Plan:
         if owner is not None and owner not in known:
             candidates.append(("snapshot", snap, owner))
     seen: set[tuple[str, str]] = set()
-    kinds = {"process": "kill", "cgroup": "rmcgroup", "jail": "rmjail", "dir": "rmdir",
-             "snapshot": "rmsnapshot"}
+    kinds = {"process": "kill", "cgroup": "rmcgroup", "jail": "rmjail", "net": "rmnet",
+             "dir": "rmdir", "snapshot": "rmsnapshot"}
     order = list(kinds)  # processes, then cgroups, then the jail (no live VMM inside)
     for kind, name, vm_id in sorted(candidates, key=lambda c: (order.index(c[0]), c[1])):
         if (kind, name) in obs.seen_before:
@@ -249,12 +267,33 @@ def scan_jails(cfg: JailConfig | None) -> dict[str, str]:
     return {n: str(base / n) for n in names if re.fullmatch(r"[a-z2-7]{1,32}", n)}
 
 
-def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
+def look_at_net(seen_before: frozenset[tuple[str, str]], full: bool) -> bool:
+    """Whether this round lists the kiln network (pure): ``kiln gc``, or a second sighting
+    is due (a round that did not look would forget the first)."""
+    return full or any(kind == "net" for kind, _ in seen_before)
+
+
+def scan_net(root: Root) -> frozenset[str] | None:
+    """VM ids of this root (and this caller) holding objects on the kiln network, through
+    the helper's ``net-list``; None when it cannot be asked (not installed, refused)."""
+    from runner import network, vmres
+
+    try:
+        return frozenset(network.vms_on_network(vmres.net_call(root), root_key(root.path),
+                                                os.getuid()))
+    except (KilnError, OSError) as e:
+        log.warning("reaper: the network was not looked at: %s", e)
+        return None
+
+
+def observe(root: Root, st: State, *, full: bool = False) -> tuple[Observed, list[VMRecord]]:
+    """``full``: also look at the kiln network (a helper call: kiln gc, and any round after
+    one that noted network orphans, which records alone cannot reveal)."""
     from helper.pool.base import load_records, pool_dir
 
     recs = st.all()
-    views = tuple(VMView(r.id, r.state, bool(r.auto_remove), alive(r.owner_pid, r.owner_start))
-                  for r in recs)
+    views = tuple(VMView(r.id, r.state, bool(r.auto_remove), alive(r.owner_pid, r.owner_start),
+                         r.net_held) for r in recs)
     vm_dirs: frozenset[str] = frozenset()
     with contextlib.suppress(OSError):
         vm_dirs = frozenset(os.listdir(st.vms_dir))
@@ -267,11 +306,13 @@ def observe(root: Root, st: State) -> tuple[Observed, list[VMRecord]]:
     helper_parent = vmcgroup.helper_parent()  # a sudo caller's QEMU cgroups live there
     parents = ("kiln", *((helper_parent,) if helper_parent is not None else ()),
                *((cfg.cgroup.parent,) if cfg is not None else ()))
+    seen = frozenset(st.seen_orphans())
+    look = look_at_net(seen, full)
     obs = Observed(vms=views, root_key=root_key(root.path), vmm_pids=scan_vmms(),
                    cgroups=scan_cgroups(parents),
                    vm_dirs=vm_dirs, snapshots=snaps - mine,
-                   jails=scan_jails(cfg),
-                   seen_before=frozenset(st.seen_orphans()))
+                   jails=scan_jails(cfg), net_vms=scan_net(root) if look else None,
+                   seen_before=seen)
     return obs, recs
 
 
@@ -293,6 +334,10 @@ def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
                 from runner import fcdriver
 
                 fcdriver.teardown(root.path, host_name(key, a.vm), None, a.target)
+            elif a.kind == "rmnet":
+                from runner import vmres
+
+                vmres.release_net(root, st, a.vm, found=True)
             elif a.kind == "rmdir":
                 rmtree(st.vms_dir / a.target)
             elif a.kind == "rmsnapshot":
@@ -318,10 +363,11 @@ def _is_vmm_of(pid: int, name: str) -> bool:
     return vmm_of(argv) == name
 
 
-def reconcile(root: Root, st: State | None = None) -> Plan:
-    """Observe, plan, execute; remember this round's orphans."""
+def reconcile(root: Root, st: State | None = None, *, full: bool = False) -> Plan:
+    """Observe, plan, execute; remember this round's orphans. ``full``: ``kiln gc``'s
+    round, which also looks for network orphans (see ``observe``)."""
     st = st or State(root.path)
-    obs, _ = observe(root, st)
+    obs, _ = observe(root, st, full=full)
     p = plan(obs)
     execute(root, st, p.actions)
     st.set_orphans(set(p.seen))

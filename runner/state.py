@@ -5,7 +5,10 @@ snapshot id, the VM directory, the cgroup paths and the uid come with the first 
 (state ``creating``), the VMM pid right after the fork (and the VMM carries ``-name
 kiln-<host name>`` so a crash between fork and that UPDATE is still attributable). Firecracker
 VMs also name their jail, API socket and cgroup version in ``fc`` (a JSON document whose
-``step`` is the driver step about to run), and take their uid from the jails' range. A record
+``step`` is the driver step about to run), and take their uid from the jails' range.
+``--net tap`` VMs name their network objects in ``net`` (step ``recorded`` before the
+helper makes any, ``attached`` with the address, ``released`` once they are gone) and take
+their uid from the helper's range too (it owns their tap). A record
 names its owner (the ``kiln run`` process, by pid and start time, so pid reuse cannot
 fool the reaper); the reaper fails VMs whose owner died and reclaims their resources.
 
@@ -39,6 +42,8 @@ from helper.errors import Conflict, NotFound, UsageError
 
 STATES = ("creating", "running", "exited", "failed")
 LIVE = ("creating", "running")
+# steps of the ``net`` document: recorded (objects may be being made) → attached → released
+NET_RECORDED, NET_ATTACHED, NET_RELEASED = "recorded", "attached", "released"
 UID_BASE = 820000  # per-VM uids for the QEMU process (as root): [UID_BASE, +UID_COUNT)
 UID_COUNT = 65536
 _VM_ID = re.compile(r"^[a-z2-7]{12}$")
@@ -63,6 +68,7 @@ CREATE TABLE IF NOT EXISTS vms (
     auto_remove INTEGER NOT NULL DEFAULT 0,
     spec TEXT NOT NULL DEFAULT '{}',
     fc TEXT NOT NULL DEFAULT '{}',
+    net TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL,
     started REAL,
     finished REAL
@@ -99,6 +105,7 @@ class VMRecord:
     created: float
     started: float | None
     finished: float | None
+    net: str = "{}"  # JSON: --net tap's objects and address, and their step ({}: none)
 
     @property
     def cgroup_dirs(self) -> list[str]:
@@ -109,13 +116,27 @@ class VMRecord:
         doc = json.loads(self.fc or "{}")
         return doc if isinstance(doc, dict) else {}
 
+    @property
+    def net_doc(self) -> dict[str, Any]:
+        doc = json.loads(self.net or "{}")
+        return doc if isinstance(doc, dict) else {}
+
+    @property
+    def net_held(self) -> bool:
+        """The record names network objects that may exist (recorded, not yet released)."""
+        doc = self.net_doc
+        return bool(doc) and doc.get("step") != NET_RELEASED
+
     def summary(self) -> dict[str, Any]:
-        """The object ``kiln ps --json`` prints."""
+        """The object ``kiln ps --json`` prints (``ip``: the VM's address on the kiln
+        network while it holds one, else null)."""
+        doc = self.net_doc
         return {"id": self.id, "name": self.name, "state": self.state,
                 "exit_code": self.exit_code, "reason": self.reason, "vmm": self.vmm,
                 "volume": self.volume, "snapshot": self.snapshot, "pid": self.pid,
                 "created": self.created,
-                "vmm_reason": str(json.loads(self.spec or "{}").get("vmm_reason", ""))}
+                "vmm_reason": str(json.loads(self.spec or "{}").get("vmm_reason", "")),
+                "ip": doc.get("ip") if doc.get("step") == NET_ATTACHED else None}
 
 
 _COLS = [f.name for f in fields(VMRecord)]
@@ -193,9 +214,12 @@ class State:
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(vms)")}
-        if "fc" not in cols:  # a database from before the Firecracker driver
-            with contextlib.suppress(sqlite3.OperationalError):  # a racing kiln added it
-                self._db.execute("ALTER TABLE vms ADD COLUMN fc TEXT NOT NULL DEFAULT '{}'")
+        # columns newer than the database (the Firecracker driver's, --net tap's)
+        for col in ("fc", "net"):
+            if col not in cols:
+                with contextlib.suppress(sqlite3.OperationalError):  # a racing kiln added it
+                    self._db.execute(f"ALTER TABLE vms ADD COLUMN {col} TEXT NOT NULL "
+                                     "DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -245,11 +269,13 @@ class State:
     def create(self, *, vm_id: str, name: str | None, vmm: str, volume: str, snapshot: str,
                vm_dir: Path, cgroups: list[str], want_uid: bool, auto_remove: bool,
                spec: dict[str, Any], uid_range: tuple[int, int] = (UID_BASE, UID_COUNT),
-               fc: dict[str, Any] | None = None) -> VMRecord:
+               fc: dict[str, Any] | None = None,
+               net: dict[str, Any] | None = None) -> VMRecord:
         """Insert a ``creating`` record naming every resource the VM will use.
 
-        ``uid_range`` (first, count): where the VM's uid comes from (Firecracker: the jails'
-        configured range); ``fc``: the Firecracker jail, socket and cgroup version."""
+        ``uid_range`` (first, count): where the VM's uid comes from (Firecracker and
+        ``--net tap``: the helper's configured range); ``fc``: the Firecracker jail, socket
+        and cgroup version; ``net``: the network objects (step ``recorded``)."""
         owner = os.getpid()
         with self.tx() as db:
             if name is not None and db.execute("SELECT 1 FROM vms WHERE name = ?",
@@ -259,11 +285,11 @@ class State:
             uid = self._free_uid(db, *uid_range) if want_uid else None
             db.execute(
                 "INSERT INTO vms (id, name, state, vmm, volume, snapshot, dir, cgroups, uid,"
-                " owner_pid, owner_start, auto_remove, spec, fc, created)"
-                " VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " owner_pid, owner_start, auto_remove, spec, fc, net, created)"
+                " VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (vm_id, name, vmm, volume, snapshot, str(vm_dir), json.dumps(cgroups), uid,
                  owner, proc_start_time(owner), int(auto_remove), json.dumps(spec),
-                 json.dumps(fc or {}), time.time()))
+                 json.dumps(fc or {}), json.dumps(net or {}), time.time()))
         rec = self.get(vm_id)
         assert rec is not None
         return rec

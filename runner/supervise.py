@@ -156,7 +156,8 @@ def remove_cgroups(dirs: Sequence[str]) -> None:
 # -- the VMM process ---------------------------------------------------------------------
 
 def _child(argv: Sequence[str], env: dict[str, str], cgroup_dirs: Sequence[str],
-           stdin: int | None, log_fd: int, errw: int, go: int) -> None:
+           stdin: int | None, log_fd: int, errw: int, go: int,
+           enter: Callable[[], None] | None, keep_fds: Sequence[int]) -> None:
     """In the forked child: never returns."""
     try:
         os.setsid()
@@ -167,6 +168,10 @@ def _child(argv: Sequence[str], env: dict[str, str], cgroup_dirs: Sequence[str],
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if go >= 0 and os.read(go, 1) != b"g":  # the parent could not attach us: no exec
             os._exit(127)
+        if enter is not None:
+            enter()  # e.g. the network namespace QEMU's tap lives in (as root)
+        for fd in keep_fds:  # e.g. a tap fd the helper opened (-netdev tap,fd=N)
+            os.set_inheritable(fd, True)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin if stdin is not None else devnull, 0)
         os.dup2(log_fd, 1)
@@ -179,11 +184,20 @@ def _child(argv: Sequence[str], env: dict[str, str], cgroup_dirs: Sequence[str],
 
 
 def spawn(argv: Sequence[str], *, log_path: Path, cgroup_dirs: Sequence[str] = (),
-          stdin: int | None = None, attach: Callable[[int], None] | None = None) -> int:
+          stdin: int | None = None, attach: Callable[[int], None] | None = None,
+          netns: str | None = None, keep_fds: Sequence[int] = ()) -> int:
     """Fork and exec the VMM (``argv[0]`` is resolved here); return its pid.
 
     The child joins ``cgroup_dirs`` itself (root); with ``attach`` it instead waits until
-    ``attach(its pid)`` returned in the parent (kiln-helper moving it), then execs."""
+    ``attach(its pid)`` returned in the parent (kiln-helper moving it), then execs.
+    ``netns``: the child enters ``/run/netns/NAME`` before exec (root only); ``keep_fds``
+    stay open, under the same numbers, in the VMM."""
+    enter: Callable[[], None] | None = None
+    if netns is not None:
+        from helper.net import join_netns  # imported here: only --net tap needs it
+
+        def enter() -> None:
+            join_netns(netns)
     exe = proc.which(argv[0])
     full = [exe, *argv[1:]]
     env = proc.tool_env()
@@ -196,7 +210,8 @@ def spawn(argv: Sequence[str], *, log_path: Path, cgroup_dirs: Sequence[str] = (
             os.close(errr)
             if gow >= 0:
                 os.close(gow)
-            _child(full, env, cgroup_dirs if attach is None else (), stdin, log_fd, errw, gor)
+            _child(full, env, cgroup_dirs if attach is None else (), stdin, log_fd, errw, gor,
+                   enter, keep_fds)
         os.close(errw)
         errw = -1
         if attach is not None:

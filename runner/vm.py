@@ -2,24 +2,35 @@
 
 ``run`` in order, each host resource recorded before it exists (runner/state.py):
 
-1. reconcile (runner/reaper.py); resolve SOURCE to a volume (building it, cache
-   permitting); open the pool ("no pool: run `kiln pool init`"); kernel + initrd;
-2. INSERT the record (state ``creating``: snapshot id = VM id, VM directory, cgroups, uid);
-3. the VM directory, the snapshot, kiln's init injected into it, the cgroups;
+1. reconcile (runner/reaper.py); ``--net tap``: the network's preflight (refusals here
+   leave nothing); resolve SOURCE to a volume (building it, cache permitting); open the
+   pool ("no pool: run `kiln pool init`"); kernel + initrd;
+2. INSERT the record (state ``creating``: snapshot id = VM id, VM directory, cgroups, uid,
+   the network objects);
+3. the VM directory, the snapshot, kiln's init injected into it, the cgroups, the tap
+   (``runner.vmres``);
 4. ``--detach``: fork the owner (setsid) which does the rest; the parent prints the id;
 5. spawn QEMU (pid recorded, state ``running``), relay the workload's output files to
    kiln's stdout/stderr, honour ``--timeout`` and Ctrl-C/SIGTERM (graceful stop through the
    guest's control port, then SIGTERM/SIGKILL of the VMM);
-6. the outcome (``outcome()``, pure) → ``exited``/``failed``; cgroups removed; with
-   ``--rm`` the snapshot, the directory and the record go too.
+6. the outcome (``runner.vmspec.outcome``, pure) → ``exited``/``failed``; cgroups and
+   network released (``vmres.release``); with ``--rm`` the snapshot, the directory and
+   the record go too.
+
+Every end path releases: the owner at exit, a failed setup (``_abandon``), ``stop`` (it
+returns once the owner's teardown is done, or does it itself), ``remove`` (which keeps the
+record while the network cannot be released), and the reaper for a dead owner.
 
 Cgroups: ``runner.vmcgroup`` (directly as root; else through kiln-helper, and QEMU runs
-as the caller: no ``-runas``/``-chroot``, ``-sandbox on`` still).
+as the caller: no ``-runas``/``-chroot``, ``-sandbox on`` still). Network: ``runner.vmres``
+(QEMU as root opens the tap by name inside its namespace; as a user it gets an fd the
+helper attached).
 
 Firecracker (``--vmm firecracker``, or ``auto`` when configured and KVM runs a guest):
 steps 1-4 are the same except that the record also names the jail, the API socket and the
-jail's cgroups (no QEMU cgroups); step 5 is ``runner.fcdriver.own`` (jailer launch, API
-configuration checked against ``GET /vm/config``, InstanceStart, supervision by cgroup).
+jail's cgroups (no QEMU cgroups); step 5 is ``runner.fcdriver.own`` (jailer launch — into
+the tap's namespace with ``--netns`` —, API configuration checked against ``GET
+/vm/config``, InstanceStart, supervision by cgroup).
 
 Exit codes: the workload's; 124 when --timeout fired; 125 when kiln or the VMM failed.
 """
@@ -33,13 +44,12 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.root import Root, rmtree
 from helper.errors import KilnError, NotFound, UsageError
-from runner import qemu, supervise, vmcgroup
+from runner import qemu, supervise, vmcgroup, vmres
 from runner.state import (
     LIVE,
     UID_BASE,
@@ -52,127 +62,13 @@ from runner.state import (
     proc_start_time,
     root_key,
 )
+from runner.vmspec import RunOptions, VMFiles, outcome, tail
+
+__all__ = ["RunOptions", "logs", "ps", "remove", "resolve_volume", "run", "stop"]
 
 log = logging.getLogger("kiln.vm")
-
-EXIT_TIMEOUT = 124
-EXIT_KILN = 125
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 _VOLUME_REF = re.compile(r"^(?:sha256:)?[0-9a-f]{4,64}$")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    vmm: str = "auto"
-    cpus: int = 1
-    memory: int = 512 << 20
-    disk_size: int | None = None
-    kernel: Path | None = None
-    initrd: Path | None = None
-    name: str | None = None
-    env: tuple[str, ...] = ()
-    workdir: str | None = None
-    user: str | None = None
-    init: str = "kiln"  # kiln | image
-    net: str = "none"
-    publish: tuple[str, ...] = ()
-    rm: bool = False
-    interactive: bool = False
-    detach: bool = False
-    timeout: float | None = None
-    command: tuple[str, ...] = ()
-    stop_grace: float = 10.0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: str  # exited | failed
-    exit_code: int | None
-    reason: str
-    kiln_exit: int
-
-
-def outcome(status_text: str, vmm_code: int | None, *, timed_out: bool, stopped: bool,
-            own_init: bool, console_tail: str = "", vmm_tail: str = "") -> Outcome:
-    """What a finished VM's record says and what ``kiln run`` exits with (pure)."""
-    m = re.search(r"^exit (\d+)\s*$", status_text, re.M)
-    if m:
-        code = int(m.group(1))
-        if timed_out:
-            return Outcome("exited", code, "timed out (--timeout)", EXIT_TIMEOUT)
-        return Outcome("exited", code, "stopped" if stopped else "", code)
-    if timed_out:
-        return Outcome("exited", None, "timed out (--timeout)", EXIT_TIMEOUT)
-    if stopped:
-        return Outcome("exited", 137, "stopped (forced)", 137)
-    if vmm_code == 0 and own_init:
-        if "Kernel panic" in console_tail:
-            # With panic=-1 and -no-reboot a panic ends QEMU with status 0 too: an image's
-            # own init that exits is a failure, not a power-off.
-            panic = next(line for line in console_tail.splitlines() if "Kernel panic" in line)
-            return Outcome("failed", None, f"the guest kernel panicked: {panic.strip()}",
-                           EXIT_KILN)
-        return Outcome("exited", 0, "the guest powered off", 0)
-    if vmm_code == 0:
-        why = console_tail.strip().splitlines()[-1] if console_tail.strip() else "no output"
-        return Outcome("failed", None,
-                       f"the guest stopped without reporting an exit status: {why}", EXIT_KILN)
-    why = vmm_tail.strip().splitlines()[-1] if vmm_tail.strip() else "no message"
-    what = f"signal {-vmm_code}" if vmm_code is not None and vmm_code < 0 else \
-        f"exit {vmm_code}"
-    return Outcome("failed", None, f"the VMM ended ({what}): {why}", EXIT_KILN)
-
-
-def choose_vmm(requested: str, firecracker_ready: bool) -> str:
-    """qemu | firecracker (pure; ``runner.vmmchoice.choose`` also says why)."""
-    if requested not in ("auto", "qemu", "firecracker"):
-        raise UsageError(f"unknown --vmm {requested!r}", "use auto, qemu or firecracker")
-    if requested == "auto":
-        return "firecracker" if firecracker_ready else "qemu"
-    return requested
-
-
-def _tail(path: Path, size: int = 4096) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-@dataclass(frozen=True)
-class VMFiles:
-    dir: Path
-
-    @property
-    def console(self) -> Path:
-        return self.dir / "console.log"
-
-    @property
-    def stdout(self) -> Path:
-        return self.dir / "stdout"
-
-    @property
-    def stderr(self) -> Path:
-        return self.dir / "stderr"
-
-    @property
-    def status(self) -> Path:
-        return self.dir / "status"
-
-    @property
-    def control(self) -> Path:
-        return self.dir / "ctl"
-
-    @property
-    def vmm_log(self) -> Path:
-        return self.dir / "vmm.log"
-
-    @property
-    def chroot(self) -> Path:
-        return self.dir / "empty"
 
 
 def resolve_volume(root: Root, source: str, registry_opts: Any) -> Any:
@@ -198,9 +94,6 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
 
     t_entry = time.monotonic()
     root.ensure()
-    if opts.net == "tap":
-        raise UsageError("--net tap is not available yet: it arrives with #7",
-                         "use --net none or --net user")
     if opts.name is not None and not _NAME.fullmatch(opts.name):
         raise UsageError(f"invalid VM name {opts.name!r}",
                          "use letters, digits, _ . - (up to 63), starting with a letter/digit")
@@ -209,14 +102,16 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                          "raise --cpus / --memory")
     vmm, vmm_reason, fc_cfg = vmmchoice.pick(root, opts.vmm)
     is_fc = fc_cfg is not None and vmm == "firecracker"
-    if is_fc and (opts.net != "none" or opts.interactive):
+    if is_fc and (opts.net == "user" or opts.interactive):
         raise UsageError("Firecracker VMs have no --net user and no -i (stdin) yet",
-                         "use --vmm qemu for those")
+                         "use --vmm qemu for those, or --net tap")
     forwards = qemu.forwards_of(opts.publish)
-    if forwards and opts.net != "user":
-        raise UsageError("-p needs --net user", "add --net user")
+    if forwards and opts.net == "none":
+        raise UsageError("-p needs --net tap or --net user", "add --net tap (or --net user)")
     st = State(root.path)
     reaper.reconcile(root, st)
+    # --net tap: refused (no [net], overlapping subnet, …) before anything is recorded
+    intent = vmres.net_preflight(root, forwards) if opts.net == "tap" else None
     volume = resolve_volume(root, source, registry_opts)
     pool = open_pool(root.path)
     if pool is None:
@@ -238,7 +133,8 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     as_root = os.geteuid() == 0
     vcg = vmcgroup.NONE if is_fc else \
         vmcgroup.plan(host, opts.cpus, opts.memory + supervise.MEMORY_OVERHEAD)
-    cg_dirs, fc_doc, uids = list(vcg.dirs), None, (UID_BASE, UID_COUNT)
+    cg_dirs, fc_doc = list(vcg.dirs), None
+    uids = intent.uid_range if intent is not None else (UID_BASE, UID_COUNT)
     if is_fc:
         from runner import fcdriver  # only now: a QEMU run never imports the driver
 
@@ -251,8 +147,9 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                 "vmm_reason": vmm_reason}
     rec = st.create(vm_id=vm_id, name=opts.name, vmm=vmm, volume=volume.id,
                     snapshot=reaper.snapshot_id(vm_id), vm_dir=files.dir, cgroups=cg_dirs,
-                    want_uid=as_root or is_fc, auto_remove=opts.rm,
-                    spec=spec_doc, uid_range=uids, fc=fc_doc)
+                    want_uid=as_root or is_fc or intent is not None, auto_remove=opts.rm,
+                    spec=spec_doc, uid_range=uids, fc=fc_doc,
+                    net=vmres.net_record(vm_id, intent) if intent is not None else None)
     st.update(rec.id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
     try:
         files.dir.parent.mkdir(exist_ok=True)
@@ -270,10 +167,13 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         if is_fc:
             vmlinux, initrd = fcdriver.boot_kernel(boot.kernel, boot.initrd,
                                                    root.path / "kernels")
+            vn = vmres.net_attach(root, st, rec, intent) if intent is not None else None
             fvm = fcdriver.make_vm(
                 fc_cfg, fcdriver.ops_for(fc_cfg, root.path), rec, vmlinux=vmlinux,
                 initrd=initrd, rootfs=Path(snap.path), cpus=opts.cpus, memory=opts.memory,
-                init=guest_init.INIT_PATH if work else "/sbin/init")
+                init=guest_init.INIT_PATH if work else "/sbin/init",
+                nets=(vn.firecracker_nic(),) if vn else (), netns=vn.spawn_netns if vn else None,
+                kernel_args=vn.kernel_args if vn else ())
             log.debug("kiln overhead before the VMM: %.0f ms",
                       (time.monotonic() - t_entry) * 1e3)
     except BaseException as e:
@@ -284,9 +184,12 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
             return _own_fc(root, own_st, rec, files, fvm, opts, ready_fd=ready_fd)
 
         return _detach(root, st, rec, files, body, on_ready) if opts.detach else body(st, None)
+    nic: vmres.QemuNic | None = None
     try:
         for w in vmcgroup.create(vcg):
             log.warning("%s (limits not applied)", w)
+        if intent is not None:
+            nic = vmres.qemu_nic(root, vmres.net_attach(root, st, rec, intent))
         tsc = qemu.host_tsc_khz()
         accel = _accel(root)
         spec = qemu.QemuSpec(
@@ -295,20 +198,32 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
             tsc_khz=tsc, console_log=files.console, stdout=files.stdout, stderr=files.stderr,
             status=files.status, control=files.control,
             init=guest_init.INIT_PATH if work else "/sbin/init", net=opts.net,
-            forwards=forwards, interactive=opts.interactive,
+            tap=nic.tap if nic else None, forwards=forwards if opts.net == "user" else (),
+            interactive=opts.interactive,
             runas=f"{rec.uid}:{rec.uid}" if as_root and rec.uid is not None else None,
             chroot=files.chroot if as_root else None)
         argv = qemu.argv(spec)
         log.debug("kiln overhead before the VMM: %.0f ms", (time.monotonic() - t_entry) * 1e3)
     except BaseException as e:
+        _close(nic)
         _abandon(root, st, rec, f"setup failed: {e}")
         raise
     if opts.detach:
         def qbody(own_st: State, ready_fd: int | None) -> int:
-            return _own(root, own_st, rec, files, argv, opts, relay=False, ready_fd=ready_fd)
+            return _own(root, own_st, rec, files, argv, opts, relay=False, ready_fd=ready_fd,
+                        nic=nic)
 
-        return _detach(root, st, rec, files, qbody, on_ready)
-    return _own(root, st, rec, files, argv, opts, relay=True)
+        try:
+            return _detach(root, st, rec, files, qbody, on_ready)
+        finally:
+            _close(nic)  # the owner has its own copy
+    return _own(root, st, rec, files, argv, opts, relay=True, nic=nic)
+
+
+def _close(nic: vmres.QemuNic | None) -> None:
+    for fd in nic.keep_fds if nic else ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _accel(root: Root) -> str:
@@ -338,6 +253,7 @@ def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
                   stopped=end.stopped, own_init=opts.init == "image",
                   console_tail=end.console_tail, vmm_tail=end.vmm_tail)
     st.finish(rec.id, out.state, out.exit_code, out.reason)
+    vmres.release(root, st, rec)
     if opts.rm:
         remove(root, rec.id, st=st)
     return out.kiln_exit
@@ -346,7 +262,7 @@ def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
 def _abandon(root: Root, st: State, rec: VMRecord, reason: str) -> None:
     """Setup failed: the record says why; resources go (all of them with --rm)."""
     st.finish(rec.id, "failed", None, reason)
-    vmcgroup.remove(rec.cgroup_dirs)
+    vmres.release(root, st, rec)
     if rec.vmm == "firecracker":
         from runner import fcdriver
 
@@ -407,16 +323,21 @@ def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles,
 
 
 def _own(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
-         opts: RunOptions, *, relay: bool, ready_fd: int | None = None) -> int:
+         opts: RunOptions, *, relay: bool, ready_fd: int | None = None,
+         nic: vmres.QemuNic | None = None) -> int:
     """Spawn the VMM and supervise it to the end; record the outcome."""
     with supervise.StopSignals() as sigs:
         try:
             pid = supervise.spawn(argv, log_path=files.vmm_log, cgroup_dirs=rec.cgroup_dirs,
                                   stdin=0 if opts.interactive else None,
-                                  attach=vmcgroup.attacher(rec.cgroup_dirs))
+                                  attach=vmcgroup.attacher(rec.cgroup_dirs),
+                                  netns=nic.netns if nic else None,
+                                  keep_fds=nic.keep_fds if nic else ())
         except BaseException as e:
             _abandon(root, st, rec, f"the VMM did not start: {e}")
             raise
+        finally:
+            _close(nic)  # QEMU holds the tap now
         st.update(rec.id, pid=pid, pid_start=proc_start_time(pid), state="running",
                   started=time.time())
         if ready_fd is not None:
@@ -456,11 +377,11 @@ def _own(root: Root, st: State, rec: VMRecord, files: VMFiles, argv: list[str],
             time.sleep(0.02)
         for rl in relays:
             rl.pump()
-    out = outcome(_tail(files.status, 256), code, timed_out=timed_out, stopped=stopped,
-                  own_init=opts.init == "image", console_tail=_tail(files.console),
-                  vmm_tail=_tail(files.vmm_log))
+    out = outcome(tail(files.status, 256), code, timed_out=timed_out, stopped=stopped,
+                  own_init=opts.init == "image", console_tail=tail(files.console),
+                  vmm_tail=tail(files.vmm_log))
     st.finish(rec.id, out.state, out.exit_code, out.reason)
-    vmcgroup.remove(rec.cgroup_dirs)
+    vmres.release(root, st, rec)
     if opts.rm:
         remove(root, rec.id, st=st)
     return out.kiln_exit
@@ -478,7 +399,8 @@ def ps(root: Root, all_vms: bool) -> list[dict[str, Any]]:
 
 
 def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
-    """Graceful stop (the guest's control port), then SIGKILL of the VMM and its cgroup."""
+    """Graceful stop (the guest's control port), then SIGKILL of the VMM and its cgroup;
+    returns once the VM's resources are released (by its owner, else here)."""
     from runner import reaper
 
     st = State(root.path)
@@ -489,7 +411,23 @@ def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
     if rec.vmm == "firecracker":
         from runner import fcdriver
 
-        return fcdriver.stop(root, st, rec, timeout)
+        fcdriver.stop(root, st, rec, timeout)
+    else:
+        _stop_qemu(root, st, rec, timeout)
+    cur = st.get(rec.id)
+    deadline = time.monotonic() + 30.0  # the owner's teardown: cgroups, network
+    while cur is not None and alive(cur.owner_pid, cur.owner_start) and \
+            cur.owner_pid != os.getpid() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        cur = st.get(rec.id)
+    if cur is not None and cur.state not in LIVE:
+        vmres.release(root, st, cur)  # no-op when the owner did it
+    return st.get(rec.id) or rec
+
+
+def _stop_qemu(root: Root, st: State, rec: VMRecord, timeout: float) -> None:
+    from runner import reaper
+
     files = VMFiles(Path(rec.dir))
     supervise.request_stop(files.control, timeout)
     deadline = time.monotonic() + timeout + 3.0
@@ -510,9 +448,6 @@ def stop(root: Root, ref: str, timeout: float = 10.0) -> VMRecord:
     cur = st.get(rec.id)
     if cur is not None and cur.state in LIVE:
         st.finish(rec.id, "exited", 137, "stopped (forced)")
-        vmcgroup.remove(rec.cgroup_dirs)
-        cur = st.get(rec.id)
-    return cur or rec
 
 
 def _vmm_alive(rec: VMRecord) -> bool:
@@ -530,6 +465,7 @@ def remove(root: Root, ref: str, *, st: State | None = None, force: bool = False
         if not force:
             raise KilnError(f"VM {rec.id} is {rec.state}", f"stop it first: kiln stop {rec.id}")
         stop(root, rec.id, timeout=0)
+    vmres.release_net(root, st, rec.id)  # raises: the record stays, saying what is held
     if rec.vmm == "firecracker":
         from runner import fcdriver
 

@@ -29,7 +29,7 @@ def worlds(draw: st.DrawFn) -> reaper.Observed:
     root, kiln before root keys (bare ids) and foreign names, over overlapping VM ids."""
     vms = tuple({v.id: v for v in draw(st.lists(st.builds(
         reaper.VMView, id=ids, state=states, auto_remove=st.booleans(),
-        owner_alive=st.booleans()), max_size=6))}.values())
+        owner_alive=st.booleans(), net=st.booleans()), max_size=6))}.values())
     pool = [v.id for v in vms] + draw(st.lists(names, min_size=1, max_size=6))
     tag = st.sampled_from([KEY, OTHER, ""])  # "": a name from before root keys
     hosts = st.builds(lambda k, i: k + i, tag, st.sampled_from(pool))
@@ -45,14 +45,19 @@ def worlds(draw: st.DrawFn) -> reaper.Observed:
     dirs = frozenset(draw(st.lists(st.sampled_from(pool), max_size=4)))
     snaps = frozenset(draw(st.lists(st.one_of(st.sampled_from(pool).map(lambda i: "vm" + i),
                                               foreign), max_size=4)))
+    # the network's VMs as net-list shows them (already this root's and caller's), or not
+    # looked at this round
+    net_vms = draw(st.one_of(st.none(), st.frozensets(st.sampled_from(pool), max_size=4)))
     cands = [("process", f"{k[-12:]}:{p}") for k, p in vmm.items()] + \
         [("cgroup", d) for ds in cgroups.values() for d in ds] + \
         [("jail", p) for p in jails.values()] + \
-        [("dir", d) for d in dirs] + [("snapshot", s) for s in snaps]
+        [("dir", d) for d in dirs] + [("snapshot", s) for s in snaps] + \
+        [("net", v) for v in net_vms or ()]
     seen = frozenset(draw(st.lists(st.sampled_from(cands), max_size=len(cands)))
                      if cands else [])
     return reaper.Observed(vms=vms, root_key=KEY, vmm_pids=vmm, cgroups=cgroups,
-                           vm_dirs=dirs, snapshots=snaps, jails=jails, seen_before=seen)
+                           vm_dirs=dirs, snapshots=snaps, jails=jails, net_vms=net_vms,
+                           seen_before=seen)
 
 
 @given(worlds())
@@ -66,18 +71,22 @@ def test_a_vm_whose_owner_lives_is_never_touched(obs: reaper.Observed) -> None:
 def test_orphans_only_when_seen_twice(obs: reaper.Observed) -> None:
     known = {v.id for v in obs.vms}
     p = reaper.plan(obs)
+    kinds = {"kill": "process", "rmcgroup": "cgroup", "rmjail": "jail", "rmdir": "dir",
+             "rmsnapshot": "snapshot", "rmnet": "net"}
+    acted: set[tuple[str, str]] = set()  # as (orphan kind, orphan name)
     for a in p.actions:
+        if a.kind in kinds:
+            kind = kinds[a.kind]
+            acted.add((kind, f"{a.vm}:{a.target}" if kind == "process" else a.target))
         if a.vm not in known:
             assert a.reason == "orphan"
-            kind = {"kill": "process", "rmcgroup": "cgroup", "rmjail": "jail", "rmdir": "dir",
-                    "rmsnapshot": "snapshot"}[a.kind]
+            kind = kinds[a.kind]
             name = f"{a.vm}:{a.target}" if kind == "process" else a.target
             assert (kind, name) in obs.seen_before
     # and whatever was not acted on is remembered for next time
-    acted = {(a.kind, a.target) for a in p.actions}
     for kind, name in p.seen:
         assert (kind, name) not in obs.seen_before
-        assert all(t != name for _, t in acted)
+        assert (kind, name) not in acted
 
 
 def _tagged(obs: reaper.Observed, key: str) -> set[str]:
@@ -121,6 +130,8 @@ def test_never_anything_without_kilns_names(obs: reaper.Observed) -> None:
             assert a.target == a.vm
         if a.kind == "kill":
             assert obs.vmm_pids[KEY + a.vm] == int(a.target)
+        if a.kind == "rmnet":  # one VM's objects, through net-reclaim with only=[vm]
+            assert a.target == a.vm
 
 
 @given(worlds())
@@ -134,6 +145,30 @@ def test_dead_owner_fails_live_vm_and_cleans_up(obs: reaper.Observed) -> None:
         assert ("fail" in kinds) == (v.state in ("creating", "running"))
         assert ("kill" in kinds) == (KEY + v.id in obs.vmm_pids)
         assert ("rmvm" in kinds) == v.auto_remove
+        # a dead VM's network goes at once, whether its record or the network says so
+        assert ("rmnet" in kinds) == (v.net or v.id in (obs.net_vms or ()))
+        if "rmnet" in kinds:  # after its VMM and cgroups, before its record
+            order = [k for k in kinds if k in ("kill", "rmcgroup", "rmnet", "rmvm")]
+            assert order == sorted(order, key=["kill", "rmcgroup", "rmnet", "rmvm"].index)
+
+
+@given(worlds())
+def test_network_orphans_need_two_looks(obs: reaper.Observed) -> None:
+    """A VM on the network without a record is reaped only when this round and the one
+    before both looked at the network; a round that looks at nothing remembers nothing of
+    it, and the next round always looks when a sighting is pending."""
+    known = {v.id for v in obs.vms}
+    p = reaper.plan(obs)
+    orphans = {a.vm for a in p.actions if a.kind == "rmnet" and a.vm not in known}
+    assert orphans <= set(obs.net_vms or ())
+    assert all(("net", vm) in obs.seen_before for vm in orphans)
+    noted = {n for k, n in p.seen if k == "net"}
+    if obs.net_vms is None:
+        assert not noted
+    assert noted == {vm for vm in obs.net_vms or () if reaper.VM_ID.fullmatch(vm)
+                     and vm not in known and ("net", vm) not in obs.seen_before}
+    assert reaper.look_at_net(p.seen, False) == bool(noted)
+    assert reaper.look_at_net(frozenset(), True)
 
 
 def test_plan_examples() -> None:
@@ -161,6 +196,17 @@ def test_plan_examples() -> None:
     assert second.actions == (reaper.Action("kill", "42", vm, "orphan"),
                               reaper.Action("rmjail", "/j/firecracker/" + mine, vm, "orphan"),
                               reaper.Action("rmdir", vm, vm, "orphan"))
+    # the network: a dead VM's objects go with it; a recordless VM's on the second look
+    net = reaper.Observed(vms=(reaper.VMView(vm, "exited", False, False, net=True),
+                               reaper.VMView("bbbbbbbbbbbb", "running", False, True,
+                                             net=True)),
+                          root_key=KEY, net_vms=frozenset({"bbbbbbbbbbbb", "cccccccccccc"}))
+    look = reaper.plan(net)
+    assert (look.actions, look.seen) == ((reaper.Action("rmnet", vm, vm),),
+                                         frozenset({("net", "cccccccccccc")}))
+    assert reaper.plan(replace(net, seen_before=look.seen)).actions == (
+        reaper.Action("rmnet", vm, vm),
+        reaper.Action("rmnet", "cccccccccccc", "cccccccccccc", "orphan"))
     # no key (or a malformed one): nothing host-wide is ever this root's
     assert reaper.plan(replace(orphan, root_key="", seen_before=first.seen)).actions == (
         reaper.Action("rmdir", vm, vm, "orphan"),)

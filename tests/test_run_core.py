@@ -1,16 +1,19 @@
-"""Run-stage cores: the cgroup plan (v1 and v2), a VM's outcome, the VMM choice, and
-the VMM spawner's exec-failure path; real cgroups where this host has them."""
+"""Run-stage cores: the cgroup plan (v1 and v2), a VM's outcome, the VMM choice, the VMM
+spawner (exec failure, session, inherited fds, network namespace) and QEMU's tap-by-fd
+argv; real cgroups and namespaces where this host has them."""
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from helper.errors import KilnError, UsageError
-from runner import supervise, vm
-from runner.vm import Outcome, outcome
+from runner import qemu, supervise, vmspec
+from runner.vmspec import Outcome, outcome
 
 V1 = """cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
@@ -70,6 +73,68 @@ def test_spawn_reports_exec_failure(tmp_path: Path) -> None:
     assert e.value.message == "cannot start vmm: Exec format error"
 
 
+def test_spawn_passes_kept_fds_under_their_numbers(tmp_path: Path) -> None:
+    """``keep_fds``: how a user's QEMU inherits the tap fd the helper sent (``fd=N``);
+    every other fd of kiln stays closed in the VMM."""
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    try:
+        code = f"import os; os.write({w}, b'kept'); os.write({other_w}, b'leaked')"
+        pid = supervise.spawn([sys.executable, "-c", code], log_path=tmp_path / "log",
+                              keep_fds=(w,))
+        os.close(w)
+        os.close(other_w)
+        _, status = os.waitpid(pid, 0)
+        assert os.read(r, 100) == b"kept"
+        assert os.read(other_r, 100) == b""
+        assert "OSError: [Errno 9] Bad file descriptor" in (tmp_path / "log").read_text()
+        assert os.waitstatus_to_exitcode(status) == 1
+    finally:
+        os.close(r)
+        os.close(other_r)
+
+
+@pytest.mark.root
+def test_spawn_enters_a_network_namespace(tmp_path: Path) -> None:
+    """``netns``: QEMU as root starts inside the namespace its tap lives in."""
+    import secrets
+    import subprocess
+
+    name = f"kilnt{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        pid = supervise.spawn(["sh", "-c", f"readlink /proc/self/ns/net > {tmp_path}/ns"],
+                              log_path=tmp_path / "log", netns=name)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        want = os.stat(f"/run/netns/{name}").st_ino
+        assert (tmp_path / "ns").read_text().strip() == f"net:[{want}]"
+        assert os.readlink("/proc/self/ns/net") != f"net:[{want}]"  # kiln stays out
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_qemu_takes_a_user_tap_by_fd_and_forwards_once_per_port() -> None:
+    tap = qemu.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
+                      ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"), fd=7)
+    base = dict(name="kiln-x", kernel=Path("/k"), initrd=Path("/i"), disk=Path("/d"),
+                cpus=1, memory_mib=256, accel="tcg", tsc_khz=None, console_log=Path("/c"),
+                stdout=Path("/o"), stderr=Path("/e"), status=Path("/s"), control=Path("/ctl"),
+                init="/.kiln/init", net="tap")
+    a = qemu.argv(qemu.QemuSpec(**base, tap=tap))  # type: ignore[arg-type]
+    assert a[a.index("-netdev") + 1:a.index("-netdev") + 4] == [
+        "tap,id=net0,fd=7", "-device", "virtio-net-device,netdev=net0,mac=02:1f:2e:3d:4c:5b"]
+    assert a[-2:] == ["-sandbox", qemu.SANDBOX_USER]
+    with pytest.raises(UsageError, match=r"^invalid tap fd 2$"):
+        qemu.argv(qemu.QemuSpec(**base, tap=replace(tap, fd=2)))  # type: ignore[arg-type]
+    assert qemu.forwards_of(["8080:80", "8081:80"]) == (qemu.Forward(8080, 80),
+                                                       qemu.Forward(8081, 80))
+    with pytest.raises(UsageError) as e:
+        qemu.forwards_of(["8080:80", "9090:90", "8080:81"])
+    assert (e.value.message, e.value.hint) == ("host port 8080 is forwarded twice",
+                                               "give each -p its own HOST port")
+
+
 def test_spawn_runs_in_its_own_session(tmp_path: Path) -> None:
     pid = supervise.spawn(["sh", "-c", "ps -o sid= -p $$ > " + str(tmp_path / "sid")],
                           log_path=tmp_path / "log")
@@ -105,11 +170,11 @@ def test_outcome_failures_say_why() -> None:
 
 
 def test_choose_vmm() -> None:
-    assert vm.choose_vmm("auto", False) == "qemu"
-    assert vm.choose_vmm("auto", True) == "firecracker"
-    assert vm.choose_vmm("qemu", True) == "qemu"
+    assert vmspec.choose_vmm("auto", False) == "qemu"
+    assert vmspec.choose_vmm("auto", True) == "firecracker"
+    assert vmspec.choose_vmm("qemu", True) == "qemu"
     with pytest.raises(UsageError):
-        vm.choose_vmm("xen", False)
+        vmspec.choose_vmm("xen", False)
 
 
 def test_outcome_image_init_panic_is_a_failure() -> None:
@@ -117,7 +182,7 @@ def test_outcome_image_init_panic_is_a_failure() -> None:
     tail = "[    1.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300\n"
     got = outcome("", 0, timed_out=False, stopped=False, own_init=True, console_tail=tail)
     assert got.state == "failed"
-    assert got.kiln_exit == vm.EXIT_KILN
+    assert got.kiln_exit == vmspec.EXIT_KILN
     assert got.reason.startswith("the guest kernel panicked: ")
     clean = outcome("", 0, timed_out=False, stopped=False, own_init=True, console_tail="bye\n")
     assert clean == Outcome("exited", 0, "the guest powered off", 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -113,3 +114,48 @@ def test_root_key_and_host_names(tmp_path: Path) -> None:
                   name + "a", name[:-1], key + "abcdefghijk1", key + "ABCDEFGHIJKL"]:
         assert state.vm_of_host(other, key) is None
     assert state.vm_of_host(name, "") is None
+
+
+def test_net_document_steps_and_ps_ip(tmp_path: Path) -> None:
+    """--net tap names its objects in the first INSERT (``recorded``: held, no ip yet);
+    ``kiln ps`` shows the address only while the VM holds it."""
+    st = state.State(tmp_path)
+    rec = st.create(vm_id="aaaaaaaaaaaa", name=None, vmm="qemu", volume="v", snapshot="s",
+                    vm_dir=tmp_path / "d", cgroups=[], want_uid=True, auto_remove=False,
+                    spec={}, uid_range=(900_000, 10),
+                    net={"step": state.NET_RECORDED, "tap": "kt-aaaaaaaaaaaa", "ip": None})
+    assert (rec.uid, rec.net_held, rec.summary()["ip"]) == (900_000, True, None)
+    st.update(rec.id, net=json.dumps({**rec.net_doc, "step": state.NET_ATTACHED,
+                                      "ip": "10.213.0.2"}))
+    cur = st.get(rec.id)
+    assert cur is not None
+    assert (cur.net_held, cur.summary()["ip"]) == (True, "10.213.0.2")
+    st.update(rec.id, net=json.dumps({**cur.net_doc, "step": state.NET_RELEASED}))
+    cur = st.get(rec.id)
+    assert cur is not None
+    assert (cur.net_held, cur.summary()["ip"], cur.net_doc["tap"]) == \
+        (False, None, "kt-aaaaaaaaaaaa")
+    plain = make(st, "bbbbbbbbbbbb")
+    assert (plain.net, plain.net_held, plain.summary()["ip"]) == ("{}", False, None)
+
+
+def test_old_database_gains_the_net_column(tmp_path: Path) -> None:
+    """A database from before --net tap (and before the Firecracker driver) opens, gains
+    both columns, and its VMs hold no network."""
+    db = sqlite3.connect(tmp_path / "vms.db")
+    schema = state._SCHEMA.replace("    fc TEXT NOT NULL DEFAULT '{}',\n", "").replace(
+        "    net TEXT NOT NULL DEFAULT '{}',\n", "")
+    assert "net TEXT" not in schema
+    db.executescript(schema)
+    db.execute("INSERT INTO vms (id, state, vmm, volume, snapshot, dir, created) "
+               "VALUES ('aaaaaaaaaaaa', 'exited', 'qemu', 'v', 's', 'd', 0)")
+    db.commit()
+    db.close()
+    st = state.State(tmp_path)
+    rec = st.get("aaaaaaaaaaaa")
+    assert rec is not None
+    assert (rec.net, rec.net_held, rec.fc, rec.summary()["ip"]) == ("{}", False, "{}", None)
+    cols = [r[1] for r in sqlite3.connect(tmp_path / "vms.db").execute(
+        "PRAGMA table_info(vms)")]
+    assert cols[-2:] == ["fc", "net"]
+    state.State(tmp_path)  # a second open adds nothing
