@@ -183,15 +183,22 @@ def claimed_by(cfg: Config) -> str | None:
     return str(area)
 
 
-def claim(cfg: Config, area: Path, *, fresh: bool) -> None:
-    """Claim the devices for ``area`` or raise ``Conflict`` (``dmthin_core.claim_problem``)."""
+def claim(cfg: Config, area: Path, devices: Devices | None, *, fresh: bool) -> None:
+    """Claim the devices for ``area`` or raise ``Conflict`` (``dmthin_core.claim_problem``);
+    ``fresh`` formats ``devices`` first. Formatting comes before the claim is written: a
+    crash in between leaves a claim that still requires ``fresh``, never a claim of this
+    area over an earlier pool's metadata that a later non-fresh load would bring up."""
     from helper.opbase import replace_in
 
     holder = claimed_by(cfg)
     problem = core.claim_problem(holder, str(area), holder is not None
                                  and os.path.isdir(holder), fresh)
     if problem is not None:
-        raise Conflict(problem, "its owner frees them with `kiln pool destroy`")
+        hint = ("its owner frees them with `kiln pool destroy`" if holder is not None
+                else "run `kiln pool init` to make a new pool on them")
+        raise Conflict(problem, hint)
+    if fresh and devices is not None:
+        clear_superblock(devices)
     if holder == str(area):
         return
     cfg.pool_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -252,11 +259,17 @@ def base_ids(area: Path) -> set[int]:
 
 
 def record_base(area: Path, thin_id: int) -> None:
+    """Record ``thin_id`` as a base, exclusively: ``Conflict`` when it already is one (an
+    import of it in progress or done), so a failed import never drops another's record."""
     safepath.mkdirs_beneath(area, BASES, 0o755)
     dfd = safepath.open_beneath(area, BASES, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = os.open(str(thin_id), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=dfd)
+        try:
+            fd = os.open(str(thin_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        except FileExistsError:
+            raise Conflict(f"thin device {thin_id} already holds a base volume",
+                           "import into a free thin id") from None
         os.close(fd)
         os.fsync(dfd)
     finally:

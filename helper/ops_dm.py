@@ -80,6 +80,15 @@ def make_thin_files(ctx: Ctx, data_bytes: int, metadata_bytes: int) -> None:
     safepath.mkdirs_beneath(ctx.area, THIN_DIR, 0o755)
     dfd = safepath.open_beneath(ctx.area, THIN_DIR, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        missing = 0
+        for name, size in zip(FILES, (data_bytes, metadata_bytes), strict=True):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                continue
+            missing += size
+        if missing:  # before any file is made: nothing half-made when refused
+            privileged.check_area_file_size(dfd, "the pool files", missing,
+                                            trusted=ctx.trusted)
         for name, size in zip(FILES, (data_bytes, metadata_bytes), strict=True):
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -96,9 +105,10 @@ def make_thin_files(ctx: Ctx, data_bytes: int, metadata_bytes: int) -> None:
 
 class ThinClear(Req):
     """Tear the area's thin-pool down: remove the area's dm devices leaf first (snapshots,
-    bases, the pool) and detach its unused loops (never the operator's devices), then
-    delete its pool files and base records and release its claim on the operator's
-    devices. Refused while the pool stays (a device in use)."""
+    bases, the pool) and detach its unused loops (never the operator's devices); when the
+    area holds the claim on the operator's devices, zero their metadata superblock and only
+    then release the claim; delete its pool files and base records. Refused while the pool
+    stays (a device in use)."""
 
     pool: DmName = Field(description="the area's thin-pool name")
 
@@ -109,6 +119,14 @@ def thin_clear(ctx: Ctx, req: ThinClear) -> dict[str, Any]:
     if os.path.exists(f"/dev/mapper/{req.pool}"):
         raise Conflict(f"{req.pool} is still active: a device of it is in use",
                        "stop what uses it (a running VM?), then retry")
+    pair = dmdev.configured(ctx.cfg)
+    if dmdev.claimed_by(ctx.cfg) == str(ctx.area) and pair is not None \
+            and dmdev.block_facts(pair[1]).kind != "missing":
+        # Formatted before the claim goes: whoever claims the devices next never finds this
+        # pool's thin ids. A failure or crash in between leaves the claim held (and any
+        # next claimant must be fresh anyway: it formats them again). A metadata device that
+        # is gone has nothing to format; whoever takes it when it returns must be fresh.
+        dmdev.clear_superblock(dmdev.check_devices(ctx.cfg, core.DEFAULT_BLOCK_SECTORS))
     released = dmdev.release(ctx.cfg, ctx.area)
     with contextlib.suppress(NotFound):
         for thin_id in dmdev.base_ids(ctx.area):
@@ -178,6 +196,10 @@ def dm_create(ctx: Ctx, req: DmCreate) -> dict[str, Any]:
     granted: list[str] = []
     if req.grant:
         try:
+            # Again now the device is active: a dm-import of this id records it before its
+            # create_thin, so a base that appeared since the check above is seen here.
+            if why := core.grant_problem(req.name, req.thin_id, dmdev.base_ids(ctx.area)):
+                raise UsageError(why, "")
             granted = dmdev.grant_node(req.name, ctx.caller_uid, ctx.caller_gid)
         except BaseException:
             with contextlib.suppress(KilnError):
@@ -226,9 +248,7 @@ def _pool_on_devices(ctx: Ctx, req: DmCreate) -> dict[str, Any]:
     if req.data_bytes or req.metadata_bytes:
         raise UsageError("the operator's devices come from [pool], not from the request", "")
     devs = dmdev.check_devices(ctx.cfg, req.block_sectors)
-    dmdev.claim(ctx.cfg, ctx.area, fresh=req.fresh)
-    if req.fresh:
-        dmdev.clear_superblock(devs)
+    dmdev.claim(ctx.cfg, ctx.area, devs, fresh=req.fresh)  # formats first when fresh
     sectors = core.device_pool_sectors(devs.data_bytes, req.block_sectors)
     table = core.thin_pool_table(devs.meta_devno, devs.data_devno, sectors, req.block_sectors)
     return {"path": privileged.dm_create(ctx.area, req.name, table), "data_sectors": sectors,
@@ -262,8 +282,15 @@ def dm_import(ctx: Ctx, req: DmImport) -> dict[str, Any]:
     _dm_exists(req.pool)
     if os.path.exists(f"/dev/mapper/{req.name}"):
         raise Conflict(f"{req.name} already exists", "reclaim it first")
-    privileged.dm_message(ctx.area, req.pool, core.msg_create_thin(req.thin_id))
-    dmdev.record_base(ctx.area, req.thin_id)  # protected before any byte lands
+    # Recorded before create_thin: from the moment thin id T exists it is never granted
+    # (dm-create re-checks after activating). Exclusive: a second import of T, or T already
+    # a base, is refused without touching the other's record.
+    dmdev.record_base(ctx.area, req.thin_id)
+    try:
+        privileged.dm_message(ctx.area, req.pool, core.msg_create_thin(req.thin_id))
+    except BaseException:
+        dmdev.forget_base(ctx.area, req.thin_id)  # T was not made by us: leave it alone
+        raise
     active = False
     try:
         privileged.dm_create(ctx.area, req.name, core.thin_table(

@@ -127,6 +127,7 @@ def pool_image(ctx: Ctx, req: PoolImage) -> dict[str, Any]:
         with contextlib.suppress(FileNotFoundError):
             os.stat(name, dir_fd=dfd, follow_symlinks=False)
             raise Conflict(f"{req.image} already exists", "destroy the pool first")
+        privileged.check_area_file_size(dfd, "the pool image", req.size, trusted=ctx.trusted)
         with replace_in(dfd, name, os.O_RDWR, 0o600) as fd:
             os.ftruncate(fd, req.size)  # sparse: costs nothing until written
             # mkfs writes through a path; /proc/self/fd of *our* fd names exactly this file.

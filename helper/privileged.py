@@ -249,6 +249,20 @@ def chown(root: Path, path: Path, uid: int, gid: int) -> None:
     os.chown(p, uid, gid, follow_symlinks=False)
 
 
+def check_area_file_size(dfd: int, what: str, size: int, *, trusted: bool) -> None:
+    """Refuse a root-owned sparse file of ``size`` bytes in the directory ``dfd`` of a sudo
+    caller's area (``dmthin_core.area_file_problem``: its quota does not apply). Root
+    in-process (``trusted``) sizes its own pool as it likes."""
+    if trusted:
+        return
+    st = os.fstatvfs(dfd)
+    problem = core.area_file_problem(what, size, st.f_bavail * st.f_frsize,
+                                     st.f_blocks * st.f_frsize)
+    if problem is not None:
+        raise UsageError(problem, "use a smaller --size, or ask the operator for [pool] "
+                         "data_device and metadata_device")
+
+
 # -- device-mapper ------------------------------------------------------------------------
 
 

@@ -271,13 +271,45 @@ def test_device_pool_sectors_and_claims() -> None:
         core.device_pool_sectors(16 * BLOCK - 1)
     me, other = "/var/lib/kiln/users/1000", "/var/lib/kiln/users/1001"
     for fresh in (True, False):
-        assert core.claim_problem(None, me, False, fresh) is None
         assert core.claim_problem(me, me, True, fresh) is None
         assert core.claim_problem(other, me, True, fresh) == \
             f"the [pool] devices hold the pool of {other}"
+    assert core.claim_problem(None, me, False, True) is None
     assert core.claim_problem(other, me, False, True) is None  # a stale claim: area gone
     assert core.claim_problem(other, me, False, False) == \
         f"the [pool] devices were claimed by {other}, not by this pool"
+    # Unclaimed devices may still hold an earlier pool's metadata (its thin ids, its
+    # volumes): only a fresh pool, which formats them, may take them.
+    assert core.claim_problem(None, me, False, False) == \
+        "the [pool] devices are not claimed by this pool: only a new pool (fresh) may " \
+        "take them, and it formats them"
+
+
+@given(st.sampled_from([None, "/a", "/b"]), st.booleans(), st.booleans())
+def test_unformatted_devices_only_ever_reach_their_own_claimant(
+        holder: str | None, exists: bool, fresh: bool) -> None:
+    """Whoever is let in without formatting (not fresh) is the area the claim names."""
+    problem = core.claim_problem(holder, "/a", exists, fresh)
+    if problem is None and not fresh:
+        assert holder == "/a"
+    assert (problem is None) is (holder == "/a" or (fresh and not (holder and exists)))
+
+
+def test_area_file_size_limits_exact() -> None:
+    gib = 1 << 30
+    assert core.area_file_problem("the pool files", 20 * gib, 100 * gib, 200 * gib) is None
+    assert core.area_file_problem("the pool files", 64 * gib, 100 * gib, 200 * gib) is None
+    assert core.area_file_problem("the pool files", 64 * gib + 1, 1 << 50, 1 << 51) == \
+        "the pool files of 68719476737 bytes is over the limit of 68719476736 bytes " \
+        "(64 GiB) for a file in a user's area"
+    # 10 GiB free on a 100 GiB filesystem, 5 GiB of it the reserve.
+    assert core.area_file_problem("the pool image", 5 * gib, 10 * gib, 100 * gib) is None
+    assert core.area_file_problem("the pool image", 5 * gib + 1, 10 * gib, 100 * gib) == \
+        "the pool image of 5368709121 bytes is more than the 5368709120 bytes free on the " \
+        "area's filesystem (less a 5 % reserve of 5368709120 bytes)"
+    assert core.area_file_problem("the pool image", 1, 0, 100 * gib) == \
+        "the pool image of 1 bytes is more than the 0 bytes free on the area's filesystem " \
+        "(less a 5 % reserve of 5368709120 bytes)"
 
 
 @given(st.sampled_from([f"kiln-{RK}-pool", f"kiln-{RK}-snap-abcd", f"kiln-{RK}-vol-{HEX}",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helper import config, dmdev, ops, ops_dm
-from helper.errors import Conflict, IntegrityError, NotFound, UsageError
+from helper.errors import Conflict, IntegrityError, KilnError, NotFound, UsageError
 from helper.pool import dmthin_core as core
 
 pytestmark = pytest.mark.root
@@ -123,20 +123,26 @@ def test_claim_one_area_at_a_time(tmp_path: Path) -> None:
     mine.mkdir()
     other.mkdir()
     assert dmdev.claimed_by(cfg) is None
-    dmdev.claim(cfg, mine, fresh=True)
+    with pytest.raises(Conflict) as e:  # unclaimed, not fresh: maybe an old pool's metadata
+        dmdev.claim(cfg, mine, None, fresh=False)
+    assert (e.value.message, e.value.hint) == (
+        "the [pool] devices are not claimed by this pool: only a new pool (fresh) may take "
+        "them, and it formats them", "run `kiln pool init` to make a new pool on them")
+    assert dmdev.claimed_by(cfg) is None
+    dmdev.claim(cfg, mine, None, fresh=True)
     claim = tmp_path / "helper" / "thin-devices.json"
     assert json.loads(claim.read_text()) == {"area": str(mine)}
     assert (claim.stat().st_uid, claim.stat().st_mode & 0o777) == (0, 0o644)
-    dmdev.claim(cfg, mine, fresh=False)  # its own: fine
+    dmdev.claim(cfg, mine, None, fresh=False)  # its own: fine
     for fresh in (True, False):
         with pytest.raises(Conflict, match=f"the .pool. devices hold the pool of {mine}$"):
-            dmdev.claim(cfg, other, fresh=fresh)
+            dmdev.claim(cfg, other, None, fresh=fresh)
     assert not dmdev.release(cfg, other)  # not the holder: nothing happens
     assert claim.exists()
     os.rmdir(mine)  # the claimant's area is gone: its claim is stale
     with pytest.raises(Conflict, match="were claimed by"):
-        dmdev.claim(cfg, other, fresh=False)
-    dmdev.claim(cfg, other, fresh=True)
+        dmdev.claim(cfg, other, None, fresh=False)
+    dmdev.claim(cfg, other, None, fresh=True)
     assert dmdev.claimed_by(cfg) == str(other)
     assert dmdev.release(cfg, other)
     assert not claim.exists()
@@ -164,7 +170,7 @@ def test_thin_files_and_clear(tmp_path: Path) -> None:
     with pytest.raises(Conflict, match=r"pool/thin/data\.img exists and is not a 536870912-"):
         ops_dm.make_thin_files(ctx, 512 << 20, 16 << 20)
     dmdev.record_base(area, 7)
-    dmdev.claim(ctx.cfg, area, fresh=True)
+    dmdev.claim(ctx.cfg, area, None, fresh=True)
     pool = core.pool_name(core.root_key(str(area)))
     assert _run(ctx, "thin-clear", {"pool": pool}) == {"removed": [], "released": True}
     assert not data.exists()
@@ -183,7 +189,7 @@ def test_dm_create_and_import_refuse_before_touching_anything(tmp_path: Path) ->
     pool, snap = core.pool_name(key), core.snapshot_name(key, "abcd")
     vol = core.volume_name(key, "ab" * 32)
     dmdev.record_base(area, 5)
-    for request, err, want in (
+    cases: list[tuple[dict[str, object], type[KilnError], str]] = [
         ({"name": pool, "kind": "thin-pool", "grant": True}, UsageError,
          f"refusing to give {pool} to the caller: only snapshot devices are given"),
         ({"name": snap, "kind": "thin", "pool": pool, "thin_id": 5, "sectors": 8,
@@ -203,7 +209,8 @@ def test_dm_create_and_import_refuse_before_touching_anything(tmp_path: Path) ->
          "no [pool] data_device and metadata_device are configured"),
         ({"name": snap, "kind": "thin", "pool": pool, "thin_id": 6, "sectors": 8,
           "grant": True}, NotFound, f"device-mapper device {pool} does not exist"),
-    ):
+    ]
+    for request, err, want in cases:
         with pytest.raises(err) as e:
             _run(ctx, "dm-create", request)
         assert e.value.message == want
@@ -290,3 +297,166 @@ def _loops_under(path: Path) -> list[str]:
                          capture_output=True, text=True, check=True).stdout
     devs = json.loads(out)["loopdevices"] if out.strip() else []
     return [d["name"] for d in devs if (d.get("back-file") or "").startswith(f"{path}/")]
+
+
+def _superblock(dev: str) -> bytes:
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, core.SUPERBLOCK_BYTES, 0)
+    finally:
+        os.close(fd)
+
+
+def _scribble(dev: str) -> None:
+    """What a loaded pool leaves in its metadata superblock: anything but zeros."""
+    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, b"A's thin-pool metadata " * 100, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.loop
+def test_next_area_never_inherits_the_previous_pool_on_the_devices(
+        tmp_path: Path, loops: dict[str, str]) -> None:
+    """The attack: A's pool on the operator's devices, A's `thin-clear`, then B's
+    `dm-create thin-pool source=devices` without `fresh` would load A's metadata (and B could
+    grant itself A's old thin ids). Now thin-clear formats before it releases the claim, and
+    an unclaimed device is only taken fresh (formatted)."""
+    cfg = _cfg(tmp_path, loops["data"], loops["meta"])
+    area_a, area_b = tmp_path / "users/1000", tmp_path / "users/1001"
+    area_a.mkdir(parents=True)
+    area_b.mkdir()
+    ctx_a, ctx_b = _ctx(area_a, cfg), _ctx(area_b, cfg)
+    pool_a = core.pool_name(core.root_key(str(area_a)))
+    pool_b = core.pool_name(core.root_key(str(area_b)))
+    devs = dmdev.check_devices(cfg, 128)
+    dmdev.claim(cfg, area_a, devs, fresh=True)  # A's pool init: formats, then claims
+    assert _superblock(loops["meta"]) == bytes(core.SUPERBLOCK_BYTES)
+    _scribble(loops["meta"])  # A's pool ran and wrote its metadata
+
+    def b_load() -> Conflict:
+        with pytest.raises(Conflict) as e:
+            _run(ctx_b, "dm-create", {"name": pool_b, "kind": "thin-pool",
+                                      "source": "devices"})
+        return e.value
+
+    assert b_load().message == f"the [pool] devices hold the pool of {area_a}"
+    # thin-clear fails while the metadata device cannot be formatted (held open
+    # exclusively): the claim stays A's, so the metadata stays out of B's reach.
+    hold = os.open(loops["meta"], os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        with pytest.raises(UsageError) as ue:
+            _run(ctx_a, "thin-clear", {"pool": pool_a})
+    finally:
+        os.close(hold)
+    assert ue.value.message == (f"[pool] metadata_device {loops['meta']} is in use (another "
+                                "program holds it open exclusively)")
+    assert dmdev.claimed_by(cfg) == str(area_a)
+    assert b_load().message == f"the [pool] devices hold the pool of {area_a}"
+    assert _superblock(loops["meta"]) != bytes(core.SUPERBLOCK_BYTES)
+
+    assert _run(ctx_a, "thin-clear", {"pool": pool_a}) == {"removed": [], "released": True}
+    assert _superblock(loops["meta"]) == bytes(core.SUPERBLOCK_BYTES)  # formatted
+    assert dmdev.claimed_by(cfg) is None
+    refused = b_load()
+    assert (refused.message, refused.hint) == (
+        "the [pool] devices are not claimed by this pool: only a new pool (fresh) may take "
+        "them, and it formats them", "run `kiln pool init` to make a new pool on them")
+    assert dmdev.claimed_by(cfg) is None
+    # Even metadata that survived (put back behind the helper's back) is gone once B takes
+    # the devices: fresh formats before the claim is written. (dmsetup fails on this host.)
+    _scribble(loops["meta"])
+    with pytest.raises(KilnError, match="dmsetup"):
+        _run(ctx_b, "dm-create", {"name": pool_b, "kind": "thin-pool", "source": "devices",
+                                  "fresh": True})
+    assert _superblock(loops["meta"]) == bytes(core.SUPERBLOCK_BYTES)
+    assert dmdev.claimed_by(cfg) == str(area_b)
+    # A's stale try on B's devices: B's area exists, so A is refused and formats nothing.
+    _scribble(loops["meta"])
+    with pytest.raises(Conflict, match=f"hold the pool of {area_b}$"):
+        _run(ctx_a, "dm-create", {"name": pool_a, "kind": "thin-pool", "source": "devices",
+                                  "fresh": True})
+    assert _run(ctx_a, "thin-clear", {"pool": pool_a}) == {"removed": [], "released": False}
+    assert _superblock(loops["meta"]) != bytes(core.SUPERBLOCK_BYTES)  # B's, untouched
+
+
+def test_import_refuses_a_thin_id_that_holds_a_base(tmp_path: Path) -> None:
+    """dm-import records the base before create_thin, exclusively: an id already recorded
+    (another import of it under way, or a base) is refused and its record kept; a refused
+    import leaves no record of its own."""
+    area = tmp_path / "area"
+    area.mkdir()
+    ctx = _ctx(area)
+    key = core.root_key(str(area))
+    pool, vol = core.pool_name(key), core.volume_name(key, "ab" * 32)
+    dmdev.record_base(area, 5)
+    with pytest.raises(Conflict) as e:
+        dmdev.record_base(area, 5)
+    assert (e.value.message, e.value.hint) == (
+        "thin device 5 already holds a base volume", "import into a free thin id")
+    src = tmp_path / "vol.ext4"
+    src.write_bytes(b"x" * 4096)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with pytest.raises(NotFound, match=f"device-mapper device {pool} does not exist"):
+            _run(ctx, "dm-import", {"pool": pool, "name": vol, "volume": "sha256:" + "ab" * 32,
+                                    "thin_id": 6, "fd": fd})
+    finally:
+        os.close(fd)
+    assert dmdev.base_ids(area) == {5}
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs: its free space is known exactly."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "kilntest", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_pool_files_are_capped_for_a_sudo_caller(small_fs: Path) -> None:
+    """Root-owned sparse files escape the caller's disk quota: dm-create (files) and
+    pool-image refuse more than 64 GiB, or more than the area's filesystem has free less a
+    5 % reserve, before any file exists. Root in-process sizes its own pool."""
+    area = small_fs / "area"
+    area.mkdir()
+    ctx = _ctx(area)
+    pool = core.pool_name(core.root_key(str(area)))
+    hint = ("use a smaller --size, or ask the operator for [pool] data_device and "
+            "metadata_device")
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    reserve = (64 << 20) // 20
+    for op, request, want in (
+        ("dm-create", {"name": pool, "kind": "thin-pool", "fresh": True,
+                       "data_bytes": 1 << 50, "metadata_bytes": 16 << 20},
+         f"the pool files of {(1 << 50) + (16 << 20)} bytes is over the limit of "
+         "68719476736 bytes (64 GiB) for a file in a user's area"),
+        ("dm-create", {"name": pool, "kind": "thin-pool", "fresh": True,
+                       "data_bytes": 62 << 20, "metadata_bytes": 2 << 20},
+         f"the pool files of {64 << 20} bytes is more than the {free - reserve} bytes free "
+         f"on the area's filesystem (less a 5 % reserve of {reserve} bytes)"),
+        ("pool-image", {"image": "pool/pool.img", "size": 65 << 30, "fs": "btrfs"},
+         f"the pool image of {65 << 30} bytes is over the limit of 68719476736 bytes "
+         "(64 GiB) for a file in a user's area"),
+        ("pool-image", {"image": "pool/pool.img", "size": 256 << 20, "fs": "btrfs"},
+         f"the pool image of {256 << 20} bytes is more than the {free - reserve} bytes free "
+         f"on the area's filesystem (less a 5 % reserve of {reserve} bytes)"),
+    ):
+        with pytest.raises(UsageError) as e:
+            _run(ctx, op, request)
+        assert (e.value.message, e.value.hint) == (want, hint)
+        assert sorted(p.name for p in (area / "pool").rglob("*") if p.is_file()) == []
+    ops_dm.make_thin_files(ctx, 32 << 20, 2 << 20)  # within the limits: made
+    assert (area / "pool/thin/data.img").stat().st_size == 32 << 20
+    # Root in-process (trusted) is not capped: its own pool, its own disk.
+    root_area = small_fs / "root"
+    root_area.mkdir()
+    ops_dm.make_thin_files(_ctx(root_area, trusted=True), 1 << 40, 16 << 20)
+    assert (root_area / "pool/thin/data.img").stat().st_size == 1 << 40

@@ -88,7 +88,7 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         *KILN, "--root", str(root), "run",
         "--rm",
         "--vmm", "qemu",  # the issue asks for QEMU (TCG here); never Firecracker
-        "--memory", "1G",  # the guest's scratch (pool files, images) is a 512 MiB tmpfs
+        "--memory", "1G",  # the scratch tmpfs (size=1g, sparse) holds < 512 MiB
         "--cpus", "2",  # the sudo scenario runs next to root's (kiln-helper start-ups)
         "--timeout", str(GUEST_TIMEOUT),
         volume.id,

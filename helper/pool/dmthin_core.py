@@ -367,17 +367,42 @@ def claim_problem(claimed_by: str | None, area: str, claimant_exists: bool,
                   fresh: bool) -> str | None:
     """Whether ``area`` may use the operator's devices, given who claimed them last.
 
-    The devices hold one pool for the whole host. ``pool init`` (``fresh``) claims them
-    unless another area that still exists holds the claim (its pool may only be down after
-    a reboot); a claim whose area is gone is stale. Bringing an existing pool back up
-    (not ``fresh``) needs the claim to be this area's own (or no claim at all)."""
-    if claimed_by is None or claimed_by == area:
+    The devices hold one pool for the whole host. ``pool init`` (``fresh``: the metadata
+    superblock is zeroed, so no thin id of an earlier pool survives) claims them unless
+    another area that still exists holds the claim (its pool may only be down after a
+    reboot); a claim whose area is gone is stale. Bringing an existing pool back up (not
+    ``fresh``) needs the claim to be this area's own: unclaimed devices may still hold an
+    earlier pool's metadata (a crash, an operator's edit), and loading it would hand that
+    pool's volumes to whoever asked first."""
+    if claimed_by == area:
         return None
-    if claimant_exists:
+    if claimed_by is not None and claimant_exists:
         return f"the [pool] devices hold the pool of {claimed_by}"
     if fresh:
         return None
+    if claimed_by is None:
+        return ("the [pool] devices are not claimed by this pool: only a new pool (fresh) "
+                "may take them, and it formats them")
     return f"the [pool] devices were claimed by {claimed_by}, not by this pool"
+
+
+MAX_AREA_FILE_BYTES = 64 << 30  # a sudo caller's sparse pool files: bigger = operator devices
+
+
+def area_file_problem(what: str, size: int, free_bytes: int, fs_bytes: int) -> str | None:
+    """Why a root-owned sparse file of ``size`` bytes may not go into a sudo caller's area,
+    or None. Root owns it, so the caller's disk quota never sees what the caller writes
+    into it: at most ``MAX_AREA_FILE_BYTES``, and at most what the filesystem has free
+    less a reserve of 5 % of its size (the file fills as the caller writes)."""
+    if size > MAX_AREA_FILE_BYTES:
+        return (f"{what} of {size} bytes is over the limit of {MAX_AREA_FILE_BYTES} bytes "
+                "(64 GiB) for a file in a user's area")
+    reserve = fs_bytes // 20
+    if size > free_bytes - reserve:
+        return (f"{what} of {size} bytes is more than the {max(0, free_bytes - reserve)} "
+                f"bytes free on the area's filesystem (less a 5 % reserve of {reserve} "
+                "bytes)")
+    return None
 
 
 def grant_problem(name: str, thin_id: int, base_ids: Iterable[int]) -> str | None:

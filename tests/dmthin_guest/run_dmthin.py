@@ -440,8 +440,10 @@ def main(argv: list[str]) -> int:
         with checks.step("setup"):
             if args.workdir is None:
                 work.mkdir(parents=True, exist_ok=True)
-                # 0755: the sudo scenario's user keeps its kiln root in here
-                sh("mount", "-t", "tmpfs", "-o", "size=512m,mode=0755", "kiln-dmthin",
+                # 0755: the sudo scenario's user keeps its kiln root in here. 1g (pages are
+                # only used as written, well under 512m): the helper refuses a sudo caller's
+                # pool files beyond the free space less 5 %, and root's pool shares this fs.
+                sh("mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "kiln-dmthin",
                    str(work))
                 mounted = True
             setup_kernel(checks)
