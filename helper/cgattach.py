@@ -12,12 +12,20 @@ and the attach is refused. Stop and termination signals are held during these st
 (``uninterrupted``): sudo relays the caller's signals to us, and they must neither stretch
 the window nor cut a step in half.
 
+A pidfd alone does not keep the number: once the process is reaped its pid may be reused
+and the write would move the newcomer. So the process is also pinned with ptrace
+(``pinned``): ``PTRACE_SEIZE`` (root may; nothing is stopped), and a seized process that
+exits stays a zombie — its pid taken — until its tracer waits for it. The check, the
+write and the verification all happen while pinned; then ``PTRACE_INTERRUPT``, a wait for
+that stop (or for the exit), and ``PTRACE_DETACH`` re-injecting any signal caught meanwhile.
+
 Whose cgroup it is (the claim) is checked by the op (``helper.ops_vm``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -40,6 +48,58 @@ def uninterrupted() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_PTRACE_SEIZE, _PTRACE_INTERRUPT, _PTRACE_DETACH = 0x4206, 0x4207, 0x11
+_WALL = 0x40000000  # wait for any child kind, tracees included
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+
+
+def _ptrace(request: int, pid: int, data: int = 0) -> int:
+    """0, or the errno of a failed ``ptrace(request, pid, 0, data)``."""
+    ctypes.set_errno(0)
+    if _libc.ptrace(request, pid, None, ctypes.c_void_p(data)) == -1:
+        return ctypes.get_errno()
+    return 0
+
+
+@contextlib.contextmanager
+def pinned(pid: int) -> Iterator[None]:
+    """Hold ``pid``'s number: the process is ptrace-seized, so even if it exits it stays a
+    zombie (nobody can reap it, the number cannot be reused) until this context ends."""
+    err = _ptrace(_PTRACE_SEIZE, pid)
+    if err == errno.ESRCH:
+        raise NotFound(f"no process {pid}", "")
+    if err == errno.EPERM:
+        raise Conflict(f"cannot pin process {pid}: it is exiting, already traced, or may "
+                       "not be traced", "stop any debugger attached to it and start it again")
+    if err:
+        raise OSError(err, f"ptrace seize {pid}: {os.strerror(err)}")
+    try:
+        yield
+    finally:
+        _release(pid)
+
+
+def _release(pid: int) -> None:
+    """Stop the seized ``pid`` (a tracee is detached only when stopped), wait for that stop
+    or its exit, then detach, re-injecting a signal it was stopped for."""
+    _ptrace(_PTRACE_INTERRUPT, pid)  # ESRCH: it exited; the wait below collects that
+    while True:
+        try:
+            _, status = os.waitpid(pid, _WALL)
+        except ChildProcessError:
+            return  # not ours any more
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return  # collected: its parent can reap it now
+        if os.WIFSTOPPED(status):
+            sig = os.WSTOPSIG(status)
+            event = status >> 16
+            # An event stop (our interrupt, a group stop) carries no signal to pass on.
+            _ptrace(_PTRACE_DETACH, pid, 0 if event else sig)
+            return
 
 
 def _proc_read(procfd: int, name: str) -> str:
@@ -125,31 +185,38 @@ def cgroup_attach(cfg: CgroupConfig, vm_id: str, version: int, pid: int,
                              "id") from None
         raise
     try:
-        try:
-            procfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"no process {pid}", "") from None
-        try:
-            if not _alive(pidfd):  # /proc/PID may already name a newer process
-                raise NotFound(f"no process {pid}", "")
-            if any(u != owner_uid for u in _uids(procfd)):
-                raise UsageError(f"refusing process {pid}: it is not uid {owner_uid}'s",
-                                 "only your own processes can join your VM's cgroup")
-            before = _membership(procfd)
-            try:
-                for d in dirs:
-                    _write(d / "cgroup.procs", str(pid))
-            except OSError:  # half moved (one v1 hierarchy refused): undo the others
-                _go_back(lay, dirs, version, pid, before if _alive(pidfd) else None)
-                raise
-            still = _alive(pidfd)
-            mine = still and all(u == owner_uid for u in _uids(procfd))
-            if not mine:
-                _go_back(lay, dirs, version, pid, before if still else None)
-                raise Conflict(f"process {pid} {'changed owner' if still else 'exited'} "
-                               "while joining the cgroup", "start it again")
-        finally:
-            os.close(procfd)
+        with pinned(pid):
+            _attach_pinned(lay, dirs, version, pid, pidfd, owner_uid)
     finally:
         os.close(pidfd)
     return dirs
+
+
+def _attach_pinned(lay: Layout, dirs: list[Path], version: int, pid: int, pidfd: int,
+                   owner_uid: int) -> None:
+    """The check, the write and the verification, while ``pid`` is pinned."""
+    try:
+        procfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"no process {pid}", "") from None
+    try:
+        if not _alive(pidfd):  # the seized pid may already name a newer process
+            raise NotFound(f"no process {pid}", "")
+        if any(u != owner_uid for u in _uids(procfd)):
+            raise UsageError(f"refusing process {pid}: it is not uid {owner_uid}'s",
+                             "only your own processes can join your VM's cgroup")
+        before = _membership(procfd)
+        try:
+            for d in dirs:
+                _write(d / "cgroup.procs", str(pid))
+        except OSError:  # half moved (one v1 hierarchy refused): undo the others
+            _go_back(lay, dirs, version, pid, before if _alive(pidfd) else None)
+            raise
+        still = _alive(pidfd)
+        mine = still and all(u == owner_uid for u in _uids(procfd))
+        if not mine:
+            _go_back(lay, dirs, version, pid, before if still else None)
+            raise Conflict(f"process {pid} {'changed owner' if still else 'exited'} "
+                           "while joining the cgroup", "start it again")
+    finally:
+        os.close(procfd)

@@ -11,7 +11,8 @@ Privileged (runs as root inside kiln-helper; ops ``jail-stage``, ``jail-launch``
   never the caller's); names inside the chroot are plain file names;
 * staged sources resolve beneath a configured source root by an ``O_NOFOLLOW`` walk, are
   opened once and acted on through that fd (a swap between check and use is detected by
-  comparing inodes after linking); block devices only as ``/dev/mapper/<prefix>…``.
+  comparing inodes after linking); block devices only as the caller area's own snapshot
+  devices ``/dev/mapper/kiln-<area key>-snap-…`` (``helper.jailstage``).
 
 Layout (the jailer's): ``BASE/<exec-file name>/ID/root`` is the chroot. Beside ``root`` we
 keep ``console.log`` (Firecracker's stdout/stderr: the serial console) and, after
@@ -61,7 +62,7 @@ class JailConfig:
     uid_first: int = 900_000  # VM uids/gids: [uid_first, uid_first + uid_count)
     uid_count: int = 65_536
     sources: tuple[Path, ...] = ()  # roots staged files may come from (pool, kernel cache)
-    dm_prefix: str = "kiln"
+    area: Path | None = None  # the caller's area (default: sources[0]); its dm key confines
     netns_dir: Path = Path("/run/netns")
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
 
@@ -69,7 +70,7 @@ class JailConfig:
 @dataclass(frozen=True)
 class StageItem:
     """One file placed at ``/<name>`` in the chroot: from a file under a source root, or a
-    block-device node for ``/dev/mapper/<prefix>…``."""
+    block-device node for ``/dev/mapper/kiln-<area key>-snap-…``."""
 
     name: str
     source: Path

@@ -4,8 +4,12 @@ in ``BASE/<exec-file name>/ID/root`` before the jailer runs.
 Nothing a caller sends is trusted: a source resolves beneath a configured source root by
 an ``O_NOFOLLOW`` walk, is opened once and acted on through that fd (a swap between check
 and use is detected by comparing inodes after linking); block devices only as
-``/dev/mapper/<prefix>…`` whose kernel name matches. Hard links where possible (BASE on
-the pool's filesystem); across filesystems a copy, and the result says so. A writable
+``/dev/mapper/kiln-<area key>-snap-…`` — a snapshot of the caller's own area (never the
+pool, whose I/O reaches every volume, nor a base, nor another area's device) whose kernel
+name matches and whose thin id is not a base's. Nothing under an area's ``pool/thin/``
+(the pool's backing files) is staged. Hard links where possible (BASE on the pool's
+filesystem); across filesystems a copy that keeps holes (``SEEK_DATA``/``SEEK_HOLE``), and
+the result says so. A writable
 file (the VM's rootfs snapshot) must have exactly one link and is chowned to the VM; a
 read-only one (kernel, initrd) is never chowned: it must already be world-readable, else
 a private copy is made.
@@ -22,6 +26,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from helper import dmdev, privileged
 from helper.errors import Conflict, NotFound, UsageError
 from helper.jail import (
     JailConfig,
@@ -33,9 +38,11 @@ from helper.jail import (
     jail_dir,
     open_dir_nofollow,
 )
+from helper.pool import dmthin_core as core
 
 _DM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _DM_LINK_RE = re.compile(r"^\.\./dm-([0-9]{1,6})$")
+POOL_FILES = ("pool", "thin")  # <root>/pool/thin/: a dm-thin pool's data and metadata
 
 
 def _open_source(cfg: JailConfig, source: Path) -> tuple[int, str, int]:
@@ -50,6 +57,9 @@ def _open_source(cfg: JailConfig, source: Path) -> tuple[int, str, int]:
         raise UsageError(f"{source} is outside kiln's pool and kernel directories",
                          "stage only files kiln created")
     rel = source.relative_to(root).parts
+    if rel[:2] == POOL_FILES:
+        raise UsageError(f"refusing {source}: the pool's own backing files are never staged",
+                         "stage a volume or a snapshot")
     dfd = open_dir_nofollow(root)
     try:
         for part in rel[:-1]:
@@ -68,13 +78,38 @@ def _open_source(cfg: JailConfig, source: Path) -> tuple[int, str, int]:
     return dfd, rel[-1], fd
 
 
+def area_of(cfg: JailConfig) -> Path | None:
+    """The caller's area: every staged device must be one of its snapshots."""
+    return cfg.area or (cfg.sources[0] if cfg.sources else None)
+
+
+def mapper_problem(name: str, area: Path | None) -> str | None:
+    """Why ``/dev/mapper/<name>`` may not be staged for the caller of ``area`` (pure):
+    only that area's snapshot devices are, never its pool or a base."""
+    parsed = core.parse_name(name)
+    if parsed is None or area is None:
+        return f"refusing block device /dev/mapper/{name}: not a kiln device-mapper name"
+    if parsed.rootkey != core.root_key(str(area)):
+        return (f"refusing block device /dev/mapper/{name}: it belongs to another kiln "
+                "area")
+    if parsed.kind != "snap":
+        what = "the thin pool" if parsed.kind == "pool" else "a base volume"
+        return (f"refusing block device /dev/mapper/{name}: it is {what}; only snapshot "
+                "devices are staged")
+    return None
+
+
 def _resolve_mapper(cfg: JailConfig, source: Path) -> int:
-    """st_rdev of ``/dev/mapper/<prefix>…`` (a node or udev's ``../dm-N`` symlink)."""
+    """st_rdev of ``/dev/mapper/kiln-<key>-snap-…`` (a node or udev's ``../dm-N`` symlink)."""
     name = source.name
-    if (source.parent != Path("/dev/mapper") or not _DM_NAME_RE.fullmatch(name)
-            or not name.startswith(cfg.dm_prefix)):
+    area = area_of(cfg)
+    if source.parent != Path("/dev/mapper") or not _DM_NAME_RE.fullmatch(name):
         raise UsageError(f"refusing block device {source}",
-                         f"only /dev/mapper/{cfg.dm_prefix}… devices are staged")
+                         "only /dev/mapper/kiln-… snapshot devices are staged")
+    why = mapper_problem(name, area)
+    if why is not None:
+        raise UsageError(why, "stage a snapshot of your own area (dm-create kind thin)")
+    assert area is not None
     try:
         st = os.lstat(source)
     except FileNotFoundError:
@@ -90,6 +125,10 @@ def _resolve_mapper(cfg: JailConfig, source: Path) -> int:
     sysname = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/dm/name")
     if sysname.read_text().strip() != name:
         raise Conflict(f"{source} does not name device-mapper device {name}", "")
+    # A snapshot name may still map a base's thin id (dm-create without grant): refuse it.
+    thin_id = core.thin_id_of_table(privileged.dm_table(area, name))
+    if thin_id is None or (why := core.grant_problem(name, thin_id, dmdev.base_ids(area))):
+        raise UsageError(why or f"{source} is not a thin device", "")
     return st.st_rdev
 
 
@@ -207,12 +246,29 @@ def _stage_one(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int) -
 
 
 def _copy_fd(src: int, rfd: int, name: str, uid: int, gid: int, mode: int) -> None:
+    """Copy ``src`` into a new ``name``, data extents only: holes stay holes, so a sparse
+    image costs the jail what it really holds."""
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=rfd)
     try:
-        os.lseek(src, 0, os.SEEK_SET)
-        while chunk := os.read(src, 1 << 20):
-            os.write(out, chunk)
+        size = os.fstat(src).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: only a hole remains
+                    raise
+                break
+            end = os.lseek(src, start, os.SEEK_HOLE)
+            while start < end:
+                chunk = os.pread(src, min(1 << 20, end - start), start)
+                if not chunk:
+                    break
+                os.pwrite(out, chunk, start)
+                start += len(chunk)
+            pos = end
+        os.ftruncate(out, size)  # a trailing hole
         os.fsync(out)
         os.fchown(out, uid, gid)
         os.fchmod(out, mode)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from helper import ops_dm, ops_net, ops_storage, ops_vm
+from helper import ops_dm, ops_jail, ops_net, ops_storage, ops_vm
 from helper.errors import UsageError
 from helper.opbase import Ctx, Op, Req
 
@@ -47,6 +47,7 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     **ops_storage.OPS,
     **ops_dm.OPS,
     **ops_vm.OPS,
+    **ops_jail.OPS,
     **ops_net.OPS,
 }
 _OP_RE = re.compile(r"^[a-z]+(-[a-z]+)*$")

@@ -2,8 +2,10 @@
 
 Privileged (ops ``tap-create``/``tap-delete``), stdlib only. Names are ``kt-`` plus up to
 12 characters of ``[a-z2-7]`` (≤ 15 bytes, the kernel's IFNAMSIZ - 1), so a caller can
-never name ``eth0`` or another program's tap. Deleting checks that the device exists and
-is a tun/tap device (``/sys/class/net/NAME/tun_flags``) before ``ip tuntap del``.
+never name ``eth0`` or another program's tap. ``alias`` reads the owner tag kiln puts on
+the taps it makes for a VM (``helper.net``); the op decides whose a tap is. Deleting
+checks that the device exists and is a tun/tap device (``/sys/class/net/NAME/tun_flags``)
+before ``ip tuntap del``.
 ``#7`` adds bridges, namespaces and NAT on top.
 """
 
@@ -56,6 +58,15 @@ def tap_create(name: str, uid: int, gid: int) -> None:
     if exists(name):
         raise Conflict(f"network device {name} already exists", "delete it first (tap-delete)")
     run.run("ip", create_argv(name, uid, gid), timeout=30)
+
+
+def alias(name: str) -> str:
+    """The device's alias (kiln's owner tag), "" when it has none."""
+    try:
+        with open(f"{_SYS}/{check_name(name)}/ifalias") as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def tap_owner(name: str) -> tuple[int, int]:

@@ -91,9 +91,11 @@ def host_cgroups(parent: str) -> list[str]:
 
 
 def versions() -> list[int]:
+    """Versions a sudo caller can get a cgroup of: memory and pids limits are required."""
     lay = cg.layout(cg.CgroupConfig())
-    return [v for v, ok in ((1, {"cpu", "freezer"} <= set(lay.v1)), (2, lay.v2 is not None))
-            if ok]
+    v2 = set((lay.v2 / "cgroup.controllers").read_text().split()) if lay.v2 else set()
+    return [v for v, ok in ((1, {"cpu", "freezer", "memory", "pids"} <= set(lay.v1)),
+                            (2, {"memory", "pids"} <= v2)) if ok]
 
 
 def limits(version: int) -> dict[str, Any]:
@@ -101,7 +103,10 @@ def limits(version: int) -> dict[str, Any]:
     have = set()
     if version == 2 and lay.v2 is not None:
         have = set((lay.v2 / "cgroup.controllers").read_text().split())
-    return {"cpus": 0.5} if version == 1 or "cpu" in have else {}
+    out: dict[str, Any] = {"memory_bytes": 1 << 28}  # required of a sudo caller
+    if version == 1 or "cpu" in have:
+        out["cpus"] = 0.5
+    return out
 
 
 def free_pid() -> int:
@@ -128,7 +133,8 @@ def test_attach_moves_only_the_callers_own_process_into_its_own_cgroup(
     w, parent = world, world["parent"]
     assert call(w, ME, "cgroup-create", {"vm": "mine", "version": version,
                                          "limits": limits(version)}) == (0, "")
-    assert call(w, OTHER, "cgroup-create", {"vm": "theirs", "version": version}) == (0, "")
+    assert call(w, OTHER, "cgroup-create", {"vm": "theirs", "version": version,
+                                       "limits": limits(version)}) == (0, "")
     mine = spawn(w, *as_user(ME))
     assert call(w, ME, "cgroup-attach", {"vm": "mine", "version": version, "pid": mine}) \
         == (0, "")
@@ -216,9 +222,11 @@ def test_a_claim_outlived_by_its_cgroup_grants_nothing(world: dict[str, Any],
     same name by someone else is not the old claimant's."""
     w = world
     ccfg = cg.CgroupConfig(parent=w["parent"])
-    assert call(w, ME, "cgroup-create", {"vm": "reused", "version": version})[0] == 0
+    assert call(w, ME, "cgroup-create", {"vm": "reused", "version": version,
+                                       "limits": limits(version)})[0] == 0
     cg.cgroup_kill(ccfg, "reused", version)  # root, directly: the claim stays behind
-    assert call(w, OTHER, "cgroup-create", {"vm": "reused", "version": version})[0] == 0
+    assert call(w, OTHER, "cgroup-create", {"vm": "reused", "version": version,
+                                       "limits": limits(version)})[0] == 0
     theirs = spawn(w, *as_user(OTHER))
     assert call(w, OTHER, "cgroup-attach", {"vm": "reused", "version": version,
                                             "pid": theirs}) == (0, "")
@@ -242,8 +250,10 @@ def test_a_claim_outlived_by_its_cgroup_grants_nothing(world: dict[str, Any],
 def test_create_refuses_an_existing_cgroup_and_claims_nothing(world: dict[str, Any]) -> None:
     w = world
     version = versions()[0]
-    assert call(w, OTHER, "cgroup-create", {"vm": "taken", "version": version})[0] == 0
-    code, err = call(w, ME, "cgroup-create", {"vm": "taken", "version": version})
+    assert call(w, OTHER, "cgroup-create", {"vm": "taken", "version": version,
+                                       "limits": limits(version)})[0] == 0
+    code, err = call(w, ME, "cgroup-create", {"vm": "taken", "version": version,
+                                       "limits": limits(version)})
     assert code == 1
     assert err.startswith("kiln-helper: cgroup /sys/fs/cgroup/")
     assert err.endswith(f"/{w['parent']}/taken already exists (remove the old VM first "
@@ -311,3 +321,106 @@ def test_a_pid_that_may_have_been_reused_is_taken_out_again(
     moved = [k for k in lines if (k == "" if version == 2 else "freezer" in k.split(","))]
     assert moved
     assert all(lines[k] == "/" for k in moved)
+
+
+# -- security review: limits, the claim cap, pinning the pid, taps ----------------------------
+
+
+def test_a_sudo_callers_cgroup_needs_a_memory_limit_and_claims_are_capped(
+        world: dict[str, Any]) -> None:
+    from helper import ops_vm
+
+    w = world
+    code, err = call(w, ME, "cgroup-create", {"vm": "nolimit", "version": 1})
+    assert (code, err) == (1, "kiln-helper: refusing cgroup nolimit: no memory limit (a sudo "
+                           "caller's VM cgroup needs limits.memory_bytes)")
+    claims_dir = w["cfg"].pool_dir / "users" / str(ME) / "cgroups"
+    claims_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(ops_vm.MAX_CGROUP_CLAIMS):
+        (claims_dir / f"held{i}").write_text("{}")
+    code, err = call(w, ME, "cgroup-create", {"vm": "onemore", "version": 1,
+                                              "limits": {"memory_bytes": 1 << 28}})
+    assert (code, err) == (1, f"kiln-helper: refusing cgroup onemore: uid {ME} already holds "
+                           "64 VM cgroups (at most 64) (remove VMs you no longer need (kiln rm))")
+    assert all("onemore" not in d for d in host_cgroups(w["parent"]))
+
+
+_PARENT = ("import os, subprocess, sys, time\n"
+           "p = subprocess.Popen(['/bin/sleep', '60'])\nprint(p.pid, flush=True)\n"
+           "sys.stdin.readline()\nos.kill(p.pid, 9)\ntime.sleep(0.3)\n"
+           "print(os.waitpid(p.pid, os.WNOHANG)[0], flush=True)\n"
+           "sys.stdin.readline()\nprint(os.waitpid(p.pid, 0)[0], flush=True)\n")
+
+
+def test_a_pinned_pid_cannot_be_reaped_so_its_number_cannot_be_reused() -> None:
+    """While the helper holds the pid (ptrace seize), the process dying leaves a zombie its
+    parent cannot reap — the number stays taken — until the helper lets go."""
+    parent = subprocess.Popen(["/usr/bin/python3", "-c", _PARENT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdin is not None
+    assert parent.stdout is not None
+    try:
+        child = int(parent.stdout.readline())
+        with cgattach.pinned(child):
+            parent.stdin.write("kill\n")
+            parent.stdin.flush()
+            assert parent.stdout.readline() == "0\n"  # WNOHANG: nothing to reap
+            state = [ln for ln in Path(f"/proc/{child}/status").read_text().splitlines()
+                     if ln.startswith("State:")]
+            assert state == ["State:\tZ (zombie)"]
+        parent.stdin.write("reap\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline() == f"{child}\n"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_pinning_reports_a_missing_or_already_traced_process(world: dict[str, Any]) -> None:
+    from helper.errors import NotFound
+
+    gone = free_pid()
+    with pytest.raises(NotFound) as e, cgattach.pinned(gone):
+        pass
+    assert e.value.message == f"no process {gone}"
+    pid = spawn(world)
+    with cgattach.pinned(pid), pytest.raises(Conflict) as c, cgattach.pinned(pid):
+        pass
+    assert c.value.message == (f"cannot pin process {pid}: it is exiting, already traced, "
+                               "or may not be traced")
+    assert Path(f"/proc/{pid}/status").read_text().count("TracerPid:\t0") == 1  # let go
+
+
+def _tap(name: str, alias: str | None) -> None:
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    if alias is not None:
+        subprocess.run(["ip", "link", "set", name, "alias", alias], check=True)
+
+
+def test_tap_delete_only_by_the_tags_uid_and_no_bare_taps_for_sudo_callers(
+        world: dict[str, Any]) -> None:
+    w = world
+    theirs, bare, mine = (f"kt-{secrets.token_hex(3).translate(str.maketrans('0189', 'abcd'))}"
+                          for _ in range(3))
+    _tap(theirs, f"kiln vm=vmb root=aaaaaaaa uid={OTHER}")
+    _tap(bare, None)
+    _tap(mine, f"kiln vm=vma root=aaaaaaaa uid={ME}")
+    try:
+        assert call(w, ME, "tap-delete", {"name": theirs}) == (
+            1, f"kiln-helper: refusing tap {theirs}: it belongs to uid {OTHER} (only its "
+               "owner removes it)")
+        assert call(w, ME, "tap-delete", {"name": bare}) == (
+            1, f"kiln-helper: refusing tap {bare}: kiln did not tag it (only root deletes an "
+               "untagged tap)")
+        assert Path(f"/sys/class/net/{theirs}").exists()
+        assert Path(f"/sys/class/net/{bare}").exists()
+        assert call(w, ME, "tap-delete", {"name": mine}) == (0, "")
+        assert not Path(f"/sys/class/net/{mine}").exists()
+        assert call(w, ME, "tap-create", {"name": "kt-squat", "uid": 900_001,
+                                          "gid": 900_001}) == (
+            1, f"kiln-helper: refusing tap-create from uid {ME}: only root creates bare taps "
+               "(a VM's tap comes from tap-attach (kiln run --net tap))")
+        assert not Path("/sys/class/net/kt-squat").exists()
+    finally:
+        for n in (theirs, bare, mine):
+            subprocess.run(["ip", "link", "del", n], capture_output=True, check=False)

@@ -11,6 +11,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,7 +118,8 @@ def test_stage_copies_across_filesystems_and_private_files(cfg: jail.JailConfig)
     (lambda p: (p / "dir/snap.ext4", (p / "dir").symlink_to(p)),
      "{p}/dir/snap.ext4 is or passes through a symlink"),
     (lambda p: (Path("/dev/sda"), None), "refusing block device /dev/sda"),
-    (lambda p: (Path("/dev/mapper/control"), None), "refusing block device /dev/mapper/control"),
+    (lambda p: (Path("/dev/mapper/control"), None),
+     "refusing block device /dev/mapper/control: not a kiln device-mapper name"),
     (lambda p: (Path("/dev/mapper/kiln../x"), None),
      "refusing block device /dev/mapper/kiln../x"),
 ])
@@ -271,3 +273,144 @@ def test_pick_uid() -> None:
     with pytest.raises(Conflict) as e:
         jail.pick_uid(c, {10, 11, 12})
     assert e.value.message == "every VM uid in the range is in use"
+
+
+# -- security review: whose devices, jails and namespaces a sudo caller may use ----------------
+
+ME, OTHER = 61_245, 61_246  # sudo callers (no account needed)
+
+
+def test_only_the_callers_own_snapshot_devices_may_be_staged(tmp_path: Path) -> None:
+    """Another area's snapshot, the area's own pool (its I/O reaches every volume), a base
+    and a non-kiln name are refused; only the area's own snapshots pass (pure)."""
+    from helper.pool.dmthin_core import root_key
+
+    mine, theirs = root_key(str(tmp_path / "a")), root_key(str(tmp_path / "b"))
+    area = tmp_path / "a"
+    assert jailstage.mapper_problem(f"kiln-{mine}-snap-abc", area) is None
+    cases = {
+        f"kiln-{theirs}-snap-abc": "it belongs to another kiln area",
+        f"kiln-{mine}-pool": "it is the thin pool; only snapshot devices are staged",
+        f"kiln-{mine}-vol-{'ab' * 32}": "it is a base volume; only snapshot devices are staged",
+        "kilnfoo": "not a kiln device-mapper name",
+        "vg0-root": "not a kiln device-mapper name",
+    }
+    for name, why in cases.items():
+        assert jailstage.mapper_problem(name, area) == \
+            f"refusing block device /dev/mapper/{name}: {why}"
+    assert jailstage.mapper_problem(f"kiln-{mine}-snap-abc", None) == \
+        f"refusing block device /dev/mapper/kiln-{mine}-snap-abc: not a kiln device-mapper name"
+
+
+def _sudo_ctx(cfg: jail.JailConfig, area: Path, uid: int) -> Any:
+    from dataclasses import replace
+
+    from helper import config, ops
+
+    c = replace(config.parse(b""), tools={"jailer": cfg.jailer, "firecracker": cfg.firecracker},
+                chroot_base=cfg.chroot_base, uid_first=cfg.uid_first, uid_count=cfg.uid_count,
+                sources=(cfg.sources[1],))
+    area.mkdir(exist_ok=True)
+    return ops.Ctx(cfg=c, area=area, caller_uid=uid, caller_gid=uid)
+
+
+def _op(ctx: Any, op: str, req: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    from helper import ops
+
+    return ops.run_op(ctx, op, ops.parse(op, json.dumps(req)))
+
+
+@pytest.mark.root
+def test_jail_stage_op_refuses_foreign_devices_before_touching_any(
+        cfg: jail.JailConfig, tmp_path: Path) -> None:
+    from helper.pool.dmthin_core import root_key
+
+    area = tmp_path / "users" / str(ME)
+    ctx = _sudo_ctx(cfg, area.parent, ME)
+    ctx = type(ctx)(cfg=ctx.cfg, area=area, caller_uid=ME, caller_gid=ME)
+    area.mkdir()
+    mine, theirs = root_key(str(area)), root_key(str(tmp_path / "users" / str(OTHER)))
+    before = snapshot(cfg.chroot_base)
+    for name, why in [(f"kiln-{theirs}-snap-abc", "it belongs to another kiln area"),
+                      (f"kiln-{mine}-pool", "it is the thin pool; only snapshot devices "
+                       "are staged"),
+                      (f"kiln-{mine}-vol-{'cd' * 32}", "it is a base volume; only snapshot "
+                       "devices are staged"),
+                      ("kilnx", "not a kiln device-mapper name")]:
+        with pytest.raises(UsageError) as e:
+            _op(ctx, "jail-stage", {"vm": "abz", "uid": UID, "gid": UID, "items": [
+                {"name": "rootfs", "source": f"/dev/mapper/{name}", "writable": True}]})
+        assert e.value.message == f"refusing block device /dev/mapper/{name}: {why}"
+    assert snapshot(cfg.chroot_base) == before
+
+
+@pytest.mark.root
+def test_pool_files_are_never_staged_and_copies_keep_holes(cfg: jail.JailConfig) -> None:
+    pool = cfg.sources[0]
+    (pool / "pool/thin").mkdir(parents=True)
+    with open(pool / "pool/thin/data.img", "wb") as f:
+        f.truncate(256 << 20)
+    with pytest.raises(UsageError) as e:
+        jailstage.jail_stage(cfg, "abp", UID, UID,
+                             [jail.StageItem("disk", pool / "pool/thin/data.img")], caller_uid=0)
+    assert e.value.message == (f"refusing {pool}/pool/thin/data.img: the pool's own backing "
+                               "files are never staged")
+    # A private (non-world-readable) sparse file is copied: its holes stay holes.
+    with open(pool / "sparse.img", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"data" * 1024)
+    (pool / "sparse.img").chmod(0o600)
+    staged = jailstage.jail_stage(cfg, "abq", UID, UID,
+                                  [jail.StageItem("disk", pool / "sparse.img")], caller_uid=0)
+    assert staged.warnings == [f"{pool}/sparse.img is not world-readable: staged a private copy"]
+    copy = staged.root / "disk"
+    assert copy.read_bytes() == (pool / "sparse.img").read_bytes()
+    assert os.stat(copy).st_blocks * 512 < 1 << 20  # not 64 MiB
+    jail.jail_remove(cfg, "abq")
+
+
+@pytest.mark.root
+def test_another_users_jail_is_refused_to_every_jail_op(cfg: jail.JailConfig,
+                                                        tmp_path: Path) -> None:
+    """B stages a jail; A (another sudo caller) can neither launch it, take its API
+    socket, nor remove it; B removes it and the claim goes with it."""
+    users = tmp_path / "users"
+    users.mkdir()
+    a = _sudo_ctx(cfg, users / str(ME), ME)
+    b = _sudo_ctx(cfg, users / str(OTHER), OTHER)
+    (users / str(OTHER) / "snap.ext4").write_bytes(b"rootfs")
+    _op(b, "jail-stage", {"vm": "bjail", "uid": UID, "gid": UID, "items": [
+        {"name": "rootfs", "source": f"{users}/{OTHER}/snap.ext4", "writable": True}]})
+    assert (users / str(OTHER) / "jails/bjail").stat().st_uid == 0
+    refused = f"refusing jail bjail: uid {ME} did not stage it"
+    for op, req in [("jail-grant-api", {"vm": "bjail"}), ("jail-remove", {"vm": "bjail"}),
+                    ("jail-launch", {"vm": "bjail", "uid": UID, "gid": UID})]:
+        with pytest.raises(UsageError) as e:
+            _op(a, op, req)
+        assert e.value.message == refused, op
+    assert jail.jail_dir(cfg, "bjail").is_dir()
+    # B's own launch into a VM cgroup it never created: the cgroup claim is required.
+    with pytest.raises(UsageError) as e:
+        _op(b, "jail-launch", {"vm": "bjail", "uid": UID, "gid": UID, "cgroup_version": 1,
+                               "parent_cgroup": "kiln/bjail"})
+    assert e.value.message == f"refusing cgroup bjail: uid {OTHER} did not create it"
+    # Network namespaces: only the caller's own kn-… one.
+    for ns, why in [("kiln", "not a kiln VM namespace"), ("kn-nosuchns", "kiln did not tag it")]:
+        with pytest.raises(UsageError) as e:
+            _op(b, "jail-launch", {"vm": "bjail", "uid": UID, "gid": UID, "netns": ns})
+        assert e.value.message == f"refusing network namespace {ns}: {why}"
+    _op(b, "jail-remove", {"vm": "bjail"})
+    assert not jail.jail_dir(cfg, "bjail").exists()
+    assert not (users / str(OTHER) / "jails/bjail").exists()
+
+
+def test_netns_problem_refuses_another_users_namespace() -> None:
+    from helper import ops_jail
+    from helper.netcore import Tag
+
+    assert ops_jail.netns_problem("kn-abc", Tag("abc", "aaaaaaaa", ME), ME) is None
+    assert ops_jail.netns_problem("kn-abc", Tag("abc", "aaaaaaaa", OTHER), ME) == \
+        f"refusing network namespace kn-abc: it belongs to uid {OTHER}"
