@@ -9,6 +9,13 @@ Layout (see docs/net.md):
 
 * the bridge ``[net] bridge`` with the gateway address, tagged with the alias ``kiln bridge``
   (a device of that name without the alias is someone else's: refused);
+* never an untagged link under a kiln name: ``ip link add`` cannot set an alias (iproute2
+  6.1 accepts ``alias`` there and drops it), so a bridge, tap or veth is made as ``kx-…``
+  (``netcore.TMP``), tagged, then renamed. A crash in between leaves a ``kx-`` name nothing
+  else uses: the next create of the same object removes it; a VM namespace (``ip netns
+  add`` cannot be tagged at birth either) left untagged is adopted by its lease's owner's
+  reconcile (``observe``). The ops run with the caller's relayable signals held
+  (``ops_net``), and every rollback runs on any exception, so only a crash gets here;
 * isolation = none: ``kt-ID`` on the bridge, owned by the VM's uid/gid, the guest holds its
   leased address;
 * isolation = netns: namespace ``kn-ID`` holding ``kt-ID`` (the link's first address) and
@@ -25,12 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import json
 import os
-import struct
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,6 @@ from helper.netconfig import NetSection
 NETNS_DIR = Path("/run/netns")
 BRIDGE_TAG = "kiln bridge"
 _CLONE_NEWNET = 0x40000000
-_TUNSETIFF = 0x400454CA
-_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 # -- running the tools ----------------------------------------------------------------------
 
@@ -135,15 +136,33 @@ def netns_tag(name: str) -> nc.Tag | None:
     return None
 
 
+def _adoptable(name: str, tag: nc.Tag, uid: int) -> bool:
+    """An untagged kiln-named object is ``tag``'s when ``tag`` is a lease of ``uid`` whose
+    VM's names include ``name`` (kiln makes these names only for that VM)."""
+    n = nc.names(tag.vm)
+    return tag.uid == uid and name in (n.tap, n.veth, n.netns, n.tmp)
+
+
+def _obj(kind_: str, name: str, tag: nc.Tag | None, leases: dict[str, nc.Tag]) -> nc.Obj:
+    if tag is None and (owner := leases.get(name[3:])) is not None:
+        return nc.Obj(kind_, name, owner, adopted=True)
+    return nc.Obj(kind_, name, tag)
+
+
 def observe(sec: NetSection) -> list[nc.Obj]:
-    """Every kiln-named object of this network (tagged or not) and every lease."""
-    objs = [nc.Obj("lease", x.vm, x.tag) for x in netlease.read_book(sec).leases]
-    for d in ip_json(sec.namespace, "link", "show"):
+    """Every kiln-named object of this network (tagged or not) and every lease. An untagged
+    one whose name is a leased VM's (a create cut short by a crash) is adopted: listed with
+    the lease's tag, so that owner's reconcile removes it."""
+    book = netlease.read_book(sec)
+    leases = {nc.short_id(x.vm): x.tag for x in book.leases}
+    objs = [nc.Obj("lease", x.vm, x.tag) for x in book.leases]
+    for d in ip_json(sec.namespace, "-d", "link", "show"):
         name = str(d.get("ifname", ""))
-        for prefix, k in ((nc.TAP, "tap"), (nc.VETH, "veth")):
-            if name.startswith(prefix):
-                objs.append(nc.Obj(k, name, nc.parse_tag(d.get("ifalias"))))
-    objs += [nc.Obj("netns", n, netns_tag(n)) for n in netns_names()]
+        tag = nc.parse_tag(d.get("ifalias"))
+        k = {"tun": "tap", "veth": "veth"}.get(kind(d))
+        if k is not None and (name.startswith((nc.TAP, nc.VETH)) or name.startswith(nc.TMP)):
+            objs.append(_obj(k, name, tag, leases))
+    objs += [_obj("netns", n, netns_tag(n), leases) for n in netns_names()]
     for r in nc.chain_rules(rules(sec.namespace, ("nat",))["nat"], nc.DNAT_CHAIN):
         f = nc.parse_forward(r)
         if f is not None:
@@ -183,11 +202,14 @@ def bridge_ensure(sec: NetSection) -> dict[str, Any]:
     ns, br = sec.namespace, sec.bridge
     with netlease.lease_book(sec):  # the network's lock: two first VMs make one bridge
         if own_bridge(sec) is None:
-            ip(ns, "link", "add", br, "type", "bridge")
+            tmp = nc.bridge_tmp(br)
+            _drop_leftover(ns, tmp, "bridge")
+            ip(ns, "link", "add", tmp, "type", "bridge")
             try:
-                ip(ns, "link", "set", br, "alias", BRIDGE_TAG)
-            except KilnError:
-                ip(ns, "link", "del", br, ok_codes=(0, 1, 2))
+                ip(ns, "link", "set", tmp, "alias", BRIDGE_TAG)
+                ip(ns, "link", "set", tmp, "name", br)  # appears tagged, or not at all
+            except BaseException:
+                ip(ns, "link", "del", tmp, ok_codes=(0, 1, 2))
                 raise
         ip(ns, "addr", "replace", f"{sec.gateway}/{sec.network.prefixlen}", "dev", br)
         ip(ns, "link", "set", br, "up")
@@ -212,13 +234,33 @@ def bridge_remove(sec: NetSection) -> None:
 # -- taps and VM namespaces -----------------------------------------------------------------
 
 
-def _new_tap(ns: str, name: str, tag: nc.Tag, uid: int, gid: int) -> None:
-    ip(ns, "tuntap", "add", "dev", name, "mode", "tap", "user", str(uid), "group", str(gid),
+def _drop_leftover(ns: str, tmp: str, want_kind: str) -> None:
+    """Remove a ``kx-`` link of ``want_kind`` a crashed create of the same object left (only
+    kiln makes ``kx-`` names, and this one derives from the object about to be made)."""
+    d = link(ns, tmp)
+    if d is not None and kind(d) == want_kind:
+        ip(ns, "link", "del", tmp, ok_codes=(0, 1, 2))
+
+
+def _new_tap(ns: str, n: nc.Names, tag: nc.Tag, uid: int, gid: int) -> None:
+    """``n.tap``, tagged from the moment it has that name (made as ``n.tmp``)."""
+    _drop_leftover(ns, n.tmp, "tun")
+    ip(ns, "tuntap", "add", "dev", n.tmp, "mode", "tap", "user", str(uid), "group", str(gid),
        "vnet_hdr")  # vnet_hdr: virtio-net offloads (QEMU and Firecracker use them)
-    ip(ns, "link", "set", name, "alias", tag.text())
+    try:
+        ip(ns, "link", "set", n.tmp, "alias", tag.text())
+        ip(ns, "link", "set", n.tmp, "name", n.tap)
+    except BaseException:
+        ip(ns, "link", "del", n.tmp, ok_codes=(0, 1, 2))
+        raise
 
 
-def _check_owner(what: str, name: str, tag: nc.Tag | None, uid: int) -> None:
+def _check_owner(what: str, name: str, tag: nc.Tag | None, uid: int,
+                 adopt: nc.Tag | None = None) -> None:
+    """``adopt``: the tag an untagged object is taken to have (``observe``'s adoption,
+    checked again here at the moment of deletion)."""
+    if tag is None and adopt is not None and _adoptable(name, adopt, uid):
+        return
     if tag is None:
         raise UsageError(f"refusing {what} {name}: kiln did not create it",
                          "kiln only removes devices it tagged")
@@ -230,78 +272,28 @@ def _check_owner(what: str, name: str, tag: nc.Tag | None, uid: int) -> None:
 def tap_attach(sec: NetSection, tag: nc.Tag, uid: int, gid: int) -> str:
     """``kt-ID`` owned by ``uid``/``gid`` on the bridge (isolation = none)."""
     bridge_ensure(sec)
-    name = nc.names(tag.vm).tap
+    n = nc.names(tag.vm)
+    name = n.tap
     if link(sec.namespace, name) is not None:
         raise Conflict(f"network device {name} already exists", "remove it first (tap-detach)")
+    _new_tap(sec.namespace, n, tag, uid, gid)
     try:
-        _new_tap(sec.namespace, name, tag, uid, gid)
         ip(sec.namespace, "link", "set", name, "master", sec.bridge)
         ip(sec.namespace, "link", "set", name, "up")
-    except KilnError:
+    except BaseException:
         ip(sec.namespace, "link", "del", name, ok_codes=(0, 1, 2))
         raise
     return name
 
 
-def tap_detach(sec: NetSection, name: str, uid: int) -> None:
+def tap_detach(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = None) -> None:
     d = link(sec.namespace, name)
     if d is None:
         raise NotFound(f"tap {name} does not exist in {where(sec)}", "")
     if kind(d) != "tun":
         raise UsageError(f"{name} is not a tun/tap device", "kiln only deletes its own taps")
-    _check_owner("tap", name, nc.parse_tag(d.get("ifalias")), uid)
+    _check_owner("tap", name, nc.parse_tag(d.get("ifalias")), uid, adopt)
     ip(sec.namespace, "link", "del", name)
-
-
-def tap_open(sec: NetSection, vm: str, uid: int) -> int:
-    """An open fd on VM ``vm``'s tap (a tap tagged as ``uid``'s), attached as root in the
-    namespace the tap lives in: for a VMM that can neither open a tap it does not own nor
-    enter that namespace (QEMU run by an ordinary user; ``-netdev tap,fd=N``). The tap
-    keeps its owner (a VM uid, never the caller's); only this fd is handed over."""
-    n = nc.names(vm)
-    ns = n.netns if sec.isolation == "netns" else sec.namespace
-    if ns == n.netns and not (NETNS_DIR / ns).exists():
-        raise NotFound(f"network namespace {ns} does not exist", "")
-    d = link(ns, n.tap)
-    if d is None:
-        raise NotFound(f"tap {n.tap} does not exist in {where(sec)}", "")
-    tag = nc.parse_tag(d.get("ifalias"))
-    if kind(d) != "tun":
-        raise UsageError(f"{n.tap} is not a tun/tap device", "kiln only opens its own taps")
-    _check_owner("tap", n.tap, tag, uid)
-    if tag is None or tag.vm != vm:
-        raise UsageError(f"refusing tap {n.tap}: it is not VM {vm}'s", "")
-    got: list[int] = []
-    err: list[BaseException] = []
-
-    def opener() -> None:
-        # tun binds a device by name in the namespace of the thread that opens
-        # /dev/net/tun: this thread (and only it) enters the tap's namespace, then ends.
-        try:
-            if ns:
-                join_netns(ns)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", n.tap.encode(),
-                                                        _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
-            except BaseException:
-                os.close(fd)
-                raise
-            got.append(fd)
-        except BaseException as e:  # re-raised in the caller's thread
-            err.append(e)
-
-    t = threading.Thread(target=opener, name="kiln-tap-open")
-    t.start()
-    t.join()
-    if err:
-        e = err[0]
-        if isinstance(e, OSError) and e.errno == errno.EBUSY:
-            raise Conflict(f"tap {n.tap} is already in use by a VMM", "is the VM running?")
-        if isinstance(e, OSError):
-            raise KilnError(f"cannot open tap {n.tap}: {e.strerror}", "") from None
-        raise e
-    return got[0]
 
 
 def netns_create(sec: NetSection, got: nc.Lease, uid: int, gid: int) -> nc.Names:
@@ -313,18 +305,20 @@ def netns_create(sec: NetSection, got: nc.Lease, uid: int, gid: int) -> nc.Names
         raise Conflict(f"network namespace {n.netns} already exists",
                        "remove it first (netns-delete)")
     tap_addr, guest = nc.netns_link_addresses(sec)
-    ip("", "netns", "add", n.netns)
+    _drop_leftover(ns, n.tmp, "veth")
+    ip("", "netns", "add", n.netns)  # untagged for a moment: see observe's adoption
     try:
         ip(n.netns, "link", "set", "lo", "alias", tag.text())  # the owner, first thing
         ip(n.netns, "link", "set", "lo", "up")
-        ip(ns, "link", "add", n.veth, "type", "veth", "peer", "name", n.peer, "netns", n.netns)
-        ip(ns, "link", "set", n.veth, "alias", tag.text())
+        ip(ns, "link", "add", n.tmp, "type", "veth", "peer", "name", n.peer, "netns", n.netns)
+        ip(ns, "link", "set", n.tmp, "alias", tag.text())
+        ip(ns, "link", "set", n.tmp, "name", n.veth)
         ip(ns, "link", "set", n.veth, "master", sec.bridge)
         ip(ns, "link", "set", n.veth, "up")
         ip(n.netns, "addr", "add", f"{got.ip}/{sec.network.prefixlen}", "dev", n.peer)
         ip(n.netns, "link", "set", n.peer, "up")
         ip(n.netns, "route", "add", "default", "via", sec.gateway)
-        _new_tap(n.netns, n.tap, tag, uid, gid)
+        _new_tap(n.netns, n, tag, uid, gid)
         ip(n.netns, "addr", "add", tap_addr, "dev", n.tap)
         ip(n.netns, "link", "set", n.tap, "up")
         set_forwarding(n.netns)
@@ -344,22 +338,26 @@ def _drop_netns(ns: str, n: nc.Names) -> None:
     # The veth first: deleting a namespace frees its devices asynchronously, and the kiln
     # end on the bridge would linger for a moment.
     ip(ns, "link", "del", n.veth, ok_codes=(0, 1, 2))
+    ip(ns, "link", "del", n.tmp, ok_codes=(0, 1, 2))  # (a create cut short)
     ip("", "netns", "del", n.netns, ok_codes=(0, 1, 2))
 
 
-def netns_delete(sec: NetSection, name: str, uid: int) -> None:
+def netns_delete(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = None) -> None:
     if not (NETNS_DIR / name).exists():
         raise NotFound(f"network namespace {name} does not exist", "")
-    _check_owner("network namespace", name, netns_tag(name), uid)
-    _drop_netns(sec.namespace, nc.Names(nc.TAP + name[3:], nc.VETH + name[3:],
-                                        nc.PEER + name[3:], name))
+    _check_owner("network namespace", name, netns_tag(name), uid, adopt)
+    s = name[3:]
+    _drop_netns(sec.namespace, nc.Names(nc.TAP + s, nc.VETH + s, nc.PEER + s, name,
+                                        nc.TMP + s))
 
 
-def veth_delete(sec: NetSection, name: str, uid: int) -> None:
+def veth_delete(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = None) -> None:
     d = link(sec.namespace, name)
     if d is None:
         raise NotFound(f"veth {name} does not exist in {where(sec)}", "")
-    _check_owner("veth", name, nc.parse_tag(d.get("ifalias")), uid)
+    if kind(d) != "veth":
+        raise UsageError(f"{name} is not a veth device", "kiln only deletes its own veths")
+    _check_owner("veth", name, nc.parse_tag(d.get("ifalias")), uid, adopt)
     ip(sec.namespace, "link", "del", name)
 
 
@@ -401,17 +399,25 @@ def forwards(sec: NetSection) -> list[nc.Forward]:
     return [f for r in rs if (f := nc.parse_forward(r)) is not None]
 
 
-def forward_add(sec: NetSection, got: nc.Lease, host_port: int, guest_port: int) -> nc.Forward:
+def forward_add(sec: NetSection, got: nc.Lease, host_port: int, guest_port: int,
+                capped: bool = True) -> nc.Forward:
+    """``capped``: the lease's uid may hold at most ``[net] max_forwards_per_user``."""
     check_namespace(sec)
     fwd = nc.Forward(got.tag, host_port, guest_port, got.ip)
-    with netlease.lease_book(sec):  # the port check and the rule: one step
-        for f in forwards(sec):
+    with netlease.lease_book(sec):  # the port check, the cap and the rule: one step
+        existing = forwards(sec)
+        for f in existing:
             if f.host_port == host_port:
                 raise Conflict(f"port {host_port} is already forwarded (to VM {f.tag.vm})",
                                "choose another host port")
+        held = sum(1 for f in existing if f.tag.uid == got.uid)
+        if capped and held >= sec.max_forwards_per_user:
+            raise Conflict(f"uid {got.uid} already holds {held} port forwards (the most "
+                           "[net] max_forwards_per_user allows)", "remove some first")
         cur = rules(sec.namespace, ("nat",))
         have = nc.chain_rules(cur["nat"], nc.DNAT_CHAIN)
-        apply(sec.namespace, nc.ensure_chain_plan(cur, "nat", nc.DNAT_CHAIN, have))
+        apply(sec.namespace, nc.ensure_chain_plan(cur, "nat", nc.DNAT_CHAIN, have,
+                                                  nc.jump_rules(sec, "nat", nc.DNAT_CHAIN)))
         ipt(sec.namespace, ["-t", "nat", "-A", nc.DNAT_CHAIN, *nc.forward_rule(sec, fwd)])
     return fwd
 
@@ -448,15 +454,20 @@ def reclaim(sec: NetSection, root: str, keep: list[str], uid: int,
     removed: list[str] = []
     for o in nc.reclaim_plan(observe(sec), root, keep, uid, only):
         assert o.tag is not None
+        adopt = o.tag if o.adopted else None
+        if adopt is not None:
+            x = netlease.read_book(sec).get(adopt.vm)
+            if x is None or x.tag != adopt:
+                continue  # the lease went or changed hands since observe: not adopted now
         with contextlib.suppress(NotFound):  # gone meanwhile (its namespace took it)
             if o.kind == "forward":
                 forward_remove(sec, o.tag.vm, uid, int(o.name))
             elif o.kind == "tap":
-                tap_detach(sec, o.name, uid)
+                tap_detach(sec, o.name, uid, adopt)
             elif o.kind == "netns":
-                netns_delete(sec, o.name, uid)
+                netns_delete(sec, o.name, uid, adopt)
             elif o.kind == "veth":
-                veth_delete(sec, o.name, uid)
+                veth_delete(sec, o.name, uid, adopt)
             else:
                 netlease.release(sec, o.name, uid)
             removed.append(f"{o.kind}:{o.name}")

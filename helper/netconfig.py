@@ -61,6 +61,14 @@ class NetSection(BaseModel):
         default="172.16.0.0/30", pattern=r"^[0-9./]{9,18}$",
         description="isolation = netns: the link inside every VM namespace, tap = first "
         "address, guest = second (the same in every VM; must not overlap subnet)")
+    max_leases_per_user: int = Field(
+        default=32, ge=1, le=1 << 24, strict=True,
+        description="the most address leases (VMs on the network) one sudo caller's uid may "
+        "hold at once; root running kiln itself is not capped")
+    max_forwards_per_user: int = Field(
+        default=64, ge=0, le=65535, strict=True,
+        description="the most port forwards one sudo caller's uid may hold at once; root "
+        "running kiln itself is not capped")
     dns: tuple[str, ...] = Field(default=(), max_length=3,
                                  description="IPv4 name servers written to the guest's "
                                  "/etc/resolv.conf (empty: left alone)")

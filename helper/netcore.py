@@ -37,6 +37,7 @@ from helper.netconfig import NetSection
 
 SHORT = 12
 TAP, VETH, PEER, NETNS = "kt-", "kv-", "kp-", "kn-"
+TMP = "kx-"  # a link's name while kiln creates and tags it (renamed once tagged)
 VM_PATTERN = r"^[a-z2-7]{1,32}$"
 ROOT_PATTERN = r"^[a-z2-7]{8}$"
 SHORT_PATTERN = r"[a-z2-7]{1,12}"
@@ -61,11 +62,17 @@ class Names:
     veth: str  # on the bridge, in the kiln namespace
     peer: str  # inside the VM's namespace
     netns: str
+    tmp: str  # the tap's (isolation none) or the veth's name until it is tagged
 
 
 def names(vm: str) -> Names:
     s = short_id(vm)
-    return Names(TAP + s, VETH + s, PEER + s, NETNS + s)
+    return Names(TAP + s, VETH + s, PEER + s, NETNS + s, TMP + s)
+
+
+def bridge_tmp(bridge: str) -> str:
+    """The bridge's name until it is tagged (``kilnXYZ`` → ``kx-XYZ``; injective)."""
+    return TMP + bridge[4:]
 
 
 def mac_for(vm: str) -> str:
@@ -140,14 +147,20 @@ def load_book(text: str) -> Book:
     return Book(leases, str(cursor) if cursor else None)
 
 
-def allocate(sec: NetSection, book: Book, tag: Tag) -> tuple[Book, Lease]:
-    """The VM's lease (its existing one for the same owner) and the new book (pure)."""
+def allocate(sec: NetSection, book: Book, tag: Tag, capped: bool = True) -> tuple[Book, Lease]:
+    """The VM's lease (its existing one for the same owner) and the new book (pure).
+    ``capped``: the owner may hold at most ``[net] max_leases_per_user`` leases (one caller
+    cannot take the whole subnet); in-process root callers are not capped."""
     old = book.get(tag.vm)
     if old is not None:
         if old.tag != tag:
             raise Conflict(f"VM {tag.vm} already has an address lease of another owner",
                            "VM ids are unique per root: is another kiln using this id?")
         return book, old
+    held = sum(1 for x in book.leases if x.uid == tag.uid)
+    if capped and held >= sec.max_leases_per_user:
+        raise Conflict(f"uid {tag.uid} already holds {held} address leases (the most "
+                       "[net] max_leases_per_user allows)", "stop some of its VMs first")
     net = sec.network
     reserved = {net.network_address, net.broadcast_address, ipaddress.IPv4Address(sec.gateway)}
     taken = {ipaddress.IPv4Address(x.ip) for x in book.leases} | reserved
@@ -268,6 +281,18 @@ def jump_rule(chain: str) -> list[str]:
     return ["-m", "comment", "--comment", JUMP_COMMENT, "-j", chain]
 
 
+def jump_rules(sec: NetSection, table: str, chain: str) -> dict[str, list[str]]:
+    """Each built-in parent's jump to ``chain``, exactly as ``iptables -S`` prints it.
+    PREROUTING → KILN-DNAT skips packets from the bridge: a forward is for the host side,
+    and matching the VMs' own packets to GATEWAY:PORT would hand one user's VM the
+    connections other users' VMs make to the gateway. OUTPUT (the kiln namespace's own
+    processes) keeps the plain jump (``-i`` is meaningless there, and they must reach it)."""
+    plain = jump_rule(chain)
+    return {p: (["!", "-i", sec.bridge, *plain] if (table, chain, p) == ("nat", DNAT_CHAIN,
+                                                                        "PREROUTING")
+                else plain) for p in JUMPS[(table, chain)]}
+
+
 def masq_rules(sec: NetSection) -> list[list[str]]:
     return [["-s", sec.subnet, "!", "-o", sec.bridge, "-j", "MASQUERADE"]]
 
@@ -279,9 +304,12 @@ def forward_accept_rules(sec: NetSection) -> list[list[str]]:
 
 
 def ensure_chain_plan(current: Mapping[str, Sequence[Sequence[str]]], table: str, chain: str,
-                      want: Sequence[Sequence[str]]) -> list[list[str]]:
+                      want: Sequence[Sequence[str]],
+                      jumps: Mapping[str, Sequence[str]] | None = None) -> list[list[str]]:
     """iptables argument lists that make ``chain`` of ``table`` hold exactly ``want`` and be
-    jumped to from its built-in chains (pure; nothing when it already is so)."""
+    jumped to from its built-in chains by exactly ``jumps`` (parent → rule; default: the
+    plain ``jump_rule``); any other jump to it there goes (an older, wider form) (pure;
+    nothing when it already is so)."""
     rules = current.get(table, [])
     plan: list[list[str]] = []
     if not has_chain(rules, chain):
@@ -291,8 +319,12 @@ def ensure_chain_plan(current: Mapping[str, Sequence[Sequence[str]]], table: str
             plan.append(["-t", table, "-F", chain])
         plan += [["-t", table, "-A", chain, *w] for w in want]
     for parent in JUMPS[(table, chain)]:
-        if jump_rule(chain) not in chain_rules(rules, parent):
-            plan.append(["-t", table, "-I", parent, "1", *jump_rule(chain)])
+        jump = list(jumps[parent]) if jumps is not None else jump_rule(chain)
+        have = chain_rules(rules, parent)
+        if jump not in have:
+            plan.append(["-t", table, "-I", parent, "1", *jump])
+        plan += [["-t", table, "-D", parent, *r] for r in have
+                 if r[-2:] == ["-j", chain] and r != jump]
     return plan
 
 
@@ -354,6 +386,8 @@ class Obj:
     kind: str
     name: str
     tag: Tag | None
+    adopted: bool = False  # untagged, kiln-named after a lease of ``tag``'s owner (a crash
+    # between creating and tagging): that owner's reconcile removes it
 
 
 def mine(o: Obj, root: str | None, uid: int) -> bool:

@@ -98,9 +98,9 @@ def read_book(sec: NetSection) -> nc.Book:
     return _read(book_path(sec))
 
 
-def lease(sec: NetSection, tag: nc.Tag) -> nc.Lease:
+def lease(sec: NetSection, tag: nc.Tag, capped: bool = True) -> nc.Lease:
     with lease_book(sec) as box:
-        box[0], got = nc.allocate(sec, box[0], tag)
+        box[0], got = nc.allocate(sec, box[0], tag, capped)
     return got
 
 

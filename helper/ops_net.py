@@ -14,6 +14,14 @@ the caller's. Order for a VM (what ``runner/network.py`` does):
 
 Without ``[net]`` settings in the trusted config every op that would create something
 refuses (``_sec``); listing and reclaiming then find nothing.
+
+Every op runs with the signals a sudo caller can have relayed to us held
+(``cgattach.uninterrupted``; delivered when the op is done): a caller interrupting an op
+between two steps must not leave a half-made object no later run can clean.
+
+Per-caller caps: a sudo caller's uid holds at most ``[net] max_leases_per_user`` leases and
+``max_forwards_per_user`` forwards; an in-process root caller (``ctx.trusted``, root
+running kiln itself) is not capped — it could as well edit the config.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from helper import net, netlease
+from helper import net, netlease, nettap
 from helper import netcore as nc
+from helper.cgattach import uninterrupted
 from helper.errors import NotFound, UsageError
 from helper.netconfig import NetSection
 from helper.opbase import Ctx, KilnId, Op, Req, Uid
@@ -107,7 +116,8 @@ class NetLease(Req):
 
 def net_lease(ctx: Ctx, req: NetLease) -> dict[str, Any]:
     net.check_namespace(_sec(ctx))
-    return _guest(ctx, netlease.lease(ctx.cfg.net, _tag(ctx, req.vm, req.root)))
+    return _guest(ctx, netlease.lease(ctx.cfg.net, _tag(ctx, req.vm, req.root),
+                                      capped=not ctx.trusted))
 
 
 class NetRelease(Req):
@@ -224,7 +234,8 @@ def forward_add(ctx: Ctx, req: ForwardAdd) -> dict[str, Any]:
         raise UsageError(f"host port {req.host_port} is privileged",
                          "forward a port of 1024 or above (or run kiln as root)")
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
-    f = net.forward_add(ctx.cfg.net, got, req.host_port, req.guest_port)
+    f = net.forward_add(ctx.cfg.net, got, req.host_port, req.guest_port,
+                        capped=not ctx.trusted)
     return {"address": ctx.cfg.net.gateway, "host_port": f.host_port,
             "dest": f"{f.dest}:{f.guest_port}"}
 
@@ -299,7 +310,7 @@ def tap_open(ctx: Ctx, req: TapOpen) -> dict[str, Any]:
         if sock.family != socket.AF_UNIX:
             raise UsageError(f"file descriptor {req.fd} is not a Unix socket", "")
         netlease.owned_lease(sec, req.vm, ctx.caller_uid)
-        fd = net.tap_open(sec, req.vm, ctx.caller_uid)
+        fd = nettap.tap_open(sec, req.vm, ctx.caller_uid)
         try:
             socket.send_fds(sock, [b"tap"], [fd])
         finally:
@@ -309,7 +320,16 @@ def tap_open(ctx: Ctx, req: TapOpen) -> dict[str, Any]:
     return {"tap": nc.names(req.vm).tap}
 
 
-OPS: dict[str, tuple[type[Req], Op]] = {
+def _held(op: Op) -> Op:
+    def run(ctx: Ctx, req: Any) -> dict[str, Any]:
+        with uninterrupted():
+            return op(ctx, req)
+
+    run.__doc__, run.__name__ = op.__doc__, getattr(op, "__name__", "op")
+    return run
+
+
+_OPS: dict[str, tuple[type[Req], Op]] = {
     "bridge-ensure": (BridgeEnsure, bridge_ensure),
     "bridge-remove": (BridgeRemove, bridge_remove),
     "net-lease": (NetLease, net_lease),
@@ -326,3 +346,4 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     "net-list": (NetList, net_list),
     "net-reclaim": (NetReclaim, net_reclaim),
 }
+OPS: dict[str, tuple[type[Req], Op]] = {k: (r, _held(f)) for k, (r, f) in _OPS.items()}

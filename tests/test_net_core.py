@@ -387,3 +387,36 @@ def test_accepted_device_names_are_always_kiln_prefixed_and_fit(text: str) -> No
         assert name.startswith(prefix)
         assert len(name.encode()) <= 15
         assert set(name[3:]) <= set("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def test_dnat_jumps_skip_the_bridge_in_prerouting_only_and_replace_a_wider_one() -> None:
+    sec = NetSection(bridge="kilnbr9")
+    jumps = nc.jump_rules(sec, "nat", nc.DNAT_CHAIN)
+    assert jumps == {
+        "PREROUTING": ["!", "-i", "kilnbr9", "-m", "comment", "--comment", "kiln",
+                       "-j", "KILN-DNAT"],
+        "OUTPUT": ["-m", "comment", "--comment", "kiln", "-j", "KILN-DNAT"]}
+    assert nc.jump_rules(sec, "nat", nc.MASQ_CHAIN) == {"POSTROUTING": nc.jump_rule(
+        nc.MASQ_CHAIN)}
+    old = {"nat": nc.parse_rules("-N KILN-DNAT\n"
+                                 "-A PREROUTING -m comment --comment kiln -j KILN-DNAT\n"
+                                 "-A OUTPUT -m comment --comment kiln -j KILN-DNAT\n")}
+    assert nc.ensure_chain_plan(old, "nat", nc.DNAT_CHAIN, [], jumps) == [
+        ["-t", "nat", "-I", "PREROUTING", "1", "!", "-i", "kilnbr9", "-m", "comment",
+         "--comment", "kiln", "-j", "KILN-DNAT"],
+        ["-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "kiln",
+         "-j", "KILN-DNAT"]]
+
+
+def test_lease_cap_per_uid_and_the_uncapped_root() -> None:
+    sec = NetSection(max_leases_per_user=2)
+    book = nc.Book()
+    for vm in ("aa", "bb"):
+        book, _ = nc.allocate(sec, book, nc.Tag(vm, "abcdefgh", 1000))
+    with pytest.raises(Conflict) as e:
+        nc.allocate(sec, book, nc.Tag("cc", "abcdefgh", 1000))
+    assert e.value.message == ("uid 1000 already holds 2 address leases (the most [net] "
+                               "max_leases_per_user allows)")
+    assert nc.allocate(sec, book, nc.Tag("aa", "abcdefgh", 1000))[0] == book  # its own again
+    nc.allocate(sec, book, nc.Tag("cc", "abcdefgh", 2000))
+    nc.allocate(sec, book, nc.Tag("cc", "abcdefgh", 1000), capped=False)
