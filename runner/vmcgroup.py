@@ -53,6 +53,9 @@ class VMCgroups:
 NONE = VMCgroups(())
 
 
+QEMU_PIDS = 512
+
+
 def privileged() -> bool:
     return os.geteuid() == 0
 
@@ -60,13 +63,14 @@ def privileged() -> bool:
 def choice(lay: cg.Layout, v2_controllers: set[str], cpus: int, memory: int
            ) -> tuple[int, cg.Limits]:
     """(cgroup version, limits) of a VM made through the helper (pure); version 0: none."""
-    limits = cg.Limits(cpus=cpus + 0.5, memory_bytes=memory)  # +0.5: QEMU's own threads
+    # +0.5 cpu: QEMU's own threads; pids: QEMU's threads with room, and a bound on a guest
+    # escape's fork bomb. The helper refuses a sudo caller's cgroup without a memory limit,
+    # so a host without cpu+memory controllers gets no VM cgroup (the VM runs unlimited).
+    limits = cg.Limits(cpus=cpus + 0.5, memory_bytes=memory, pids=QEMU_PIDS)
     if lay.v2 is not None and {"cpu", "memory"} <= v2_controllers:
         return 2, limits
     if {"cpu", "memory", "freezer"} <= set(lay.v1):
         return 1, limits
-    if lay.v2 is not None:
-        return 2, cg.Limits()
     return 0, cg.Limits()
 
 

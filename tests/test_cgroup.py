@@ -205,10 +205,10 @@ def test_vmcgroup_choice() -> None:
     from runner import vmcgroup
 
     hybrid, unified = cg.parse_layout(HYBRID), cg.parse_layout(UNIFIED)
-    lim = cg.Limits(cpus=2.5, memory_bytes=1 << 30)
+    lim = cg.Limits(cpus=2.5, memory_bytes=1 << 30, pids=vmcgroup.QEMU_PIDS)
     assert vmcgroup.choice(unified, {"cpu", "memory", "pids"}, 2, 1 << 30) == (2, lim)
     assert vmcgroup.choice(hybrid, {"pids"}, 2, 1 << 30) == (1, lim)  # these machines
-    assert vmcgroup.choice(unified, {"pids"}, 2, 1 << 30) == (2, cg.Limits())
+    assert vmcgroup.choice(unified, {"pids"}, 2, 1 << 30) == (0, cg.Limits())  # no memory
     no_freezer = cg.Layout(None, {"cpu": Path("/c/cpu"), "memory": Path("/c/memory")})
     assert vmcgroup.choice(no_freezer, set(), 1, 1 << 30) == (0, cg.Limits())
 
