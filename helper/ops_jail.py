@@ -7,7 +7,9 @@ caller's area, ``<area>/jails/<vm>`` (``helper.claims``: the boot id and the jai
 directory's (device, inode)); ``jail-launch``, ``jail-grant-api`` and ``jail-remove``
 act only with that claim, so another user's jail — or one a reboot or a removal recycled
 under the same name — is refused. ``jail-remove`` drops the claim. Root in-process
-(``trusted``; its area is the kiln root) needs no claim.
+(``trusted``; its area is the kiln root) needs no claim. Every caller's jail (root's too)
+also holds its VM uid/gid host-wide: ``jail-stage`` refuses one another caller holds
+(``helper.vmuids``).
 
 ``jail-launch`` confines the rest of what it is told for a sudo caller: a
 ``parent_cgroup`` naming a VM cgroup needs the caller's cgroup claim
@@ -27,7 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from helper import cgroup as cg
-from helper import claims, jail, jailstage, net, netcore
+from helper import claims, jail, jailstage, net, netcore, vmuids
 from helper.errors import NotFound, UsageError
 from helper.opbase import Ctx, KilnId, Op, Req, Uid
 from helper.ops_vm import check_owner, check_vm_uid
@@ -100,14 +102,19 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
     items = [jail.StageItem(i.name, Path(i.source), i.writable) for i in req.items]
     ctx.cfg.chroot_base.mkdir(mode=0o755, parents=True, exist_ok=True)  # trusted path
     cfg = jail_config(ctx)
-    staged = jailstage.jail_stage(cfg, req.vm, req.uid, req.gid, items,
-                                  caller_uid=ctx.caller_uid, logs=req.logs)
-    if not ctx.trusted:
+    with vmuids.locked(ctx):  # check and claim the VM uid as one step (helper.vmuids)
+        vmuids.check_free(ctx, req.uid, req.gid, cfg)
+        staged = jailstage.jail_stage(cfg, req.vm, req.uid, req.gid, items,
+                                      caller_uid=ctx.caller_uid, logs=req.logs)
         jd = jail.jail_dir(cfg, req.vm)
         try:
-            claims.write(ctx.area, JAILS, req.vm, [jd], uid=req.uid)
+            if not ctx.trusted:
+                claims.write(ctx.area, JAILS, req.vm, [jd], uid=req.uid, gid=req.gid)
+            vmuids.claim(ctx, req.vm, jd, req.uid, req.gid)
         except BaseException:
-            shutil.rmtree(jd, ignore_errors=True)  # no jail without its claim
+            shutil.rmtree(jd, ignore_errors=True)  # no jail without its claims
+            if not ctx.trusted:
+                claims.drop(ctx.area, JAILS, req.vm)
             raise
     return {"root": str(staged.root), "warnings": staged.warnings}
 
@@ -180,6 +187,7 @@ def jail_remove(ctx: Ctx, req: JailRemove) -> dict[str, Any]:
         raise NotFound(f"jail {req.vm} does not exist", "")
     check_jail_owner(ctx, req.vm)
     jail.jail_remove(cfg, req.vm)
+    vmuids.drop(ctx, req.vm)  # its uid is free again
     if not ctx.trusted:
         with contextlib.suppress(FileNotFoundError):
             claims.drop(ctx.area, JAILS, req.vm)

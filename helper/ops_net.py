@@ -6,7 +6,8 @@ config (``[net]``, helper/netconfig.py); no request names a bridge, an address o
 namespace other than a VM's own ``kn-ID``. Device names derive from the VM id
 (``helper.netcore.names``); every object is tagged with (VM, root key, caller uid) and an op
 acts only on the caller's own. VM uids/gids come from ``[jails] uid_gid_range``, never 0 or
-the caller's. Order for a VM (what ``runner/network.py`` does):
+the caller's, nor one another caller's jail or tap holds (``helper.vmuids``). Order for a
+VM (what ``runner/network.py`` does):
 
   bridge-ensure → nat-ensure (if nat) → net-lease → tap-attach | netns-create → forward-add…
   [tap-open: a VMM the caller runs gets the tap as an fd]
@@ -33,10 +34,10 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from helper import net, netlease, nettap
+from helper import net, netlease, nettap, vmuids
 from helper import netcore as nc
 from helper.cgattach import uninterrupted
-from helper.errors import NotFound, UsageError
+from helper.errors import KilnError, NotFound, UsageError
 from helper.netconfig import NetSection
 from helper.opbase import Ctx, KilnId, Op, Req, Uid
 from helper.tap import NAME_PATTERN as TAP_PATTERN
@@ -75,6 +76,18 @@ def _check_vm_uid(ctx: Ctx, uid: int, gid: int) -> None:
             raise UsageError(f"{what} {n} is outside the VM range {c.uid_first}-"
                              f"{c.uid_first + c.uid_count - 1}",
                              "VM uids/gids come from [jails] uid_gid_range")
+
+
+def _claim_uid(ctx: Ctx, uid: int, gid: int) -> None:
+    """Refuse a VM uid/gid another caller's jail or tap holds (``helper.vmuids``; the
+    caller holds ``vmuids.locked`` until its tap exists)."""
+    from helper.ops_jail import jail_config
+
+    try:
+        jail_cfg = jail_config(ctx)
+    except KilnError:  # no jail tools configured: no jails either
+        jail_cfg = None
+    vmuids.check_free(ctx, uid, gid, jail_cfg)
 
 
 def _guest(ctx: Ctx, got: nc.Lease) -> dict[str, Any]:
@@ -151,7 +164,9 @@ def tap_attach(ctx: Ctx, req: TapAttach) -> dict[str, Any]:
     _check_isolation(ctx, "none", "tap-attach")
     _check_vm_uid(ctx, req.uid, req.gid)
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
-    return {"tap": net.tap_attach(ctx.cfg.net, got.tag, req.uid, req.gid)}
+    with vmuids.locked(ctx):
+        _claim_uid(ctx, req.uid, req.gid)
+        return {"tap": net.tap_attach(ctx.cfg.net, got.tag, req.uid, req.gid)}
 
 
 TapName = Annotated[str, Field(pattern=TAP_PATTERN, max_length=15,
@@ -183,7 +198,9 @@ def netns_create(ctx: Ctx, req: NetnsCreate) -> dict[str, Any]:
     _check_isolation(ctx, "netns", "netns-create")
     _check_vm_uid(ctx, req.uid, req.gid)
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
-    n = net.netns_create(ctx.cfg.net, got, req.uid, req.gid)
+    with vmuids.locked(ctx):
+        _claim_uid(ctx, req.uid, req.gid)
+        n = net.netns_create(ctx.cfg.net, got, req.uid, req.gid)
     return {"netns": n.netns, "tap": n.tap, "veth": n.veth}
 
 

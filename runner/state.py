@@ -296,9 +296,14 @@ class State:
 
     def _free_uid(self, db: sqlite3.Connection, first: int = UID_BASE,
                   count: int = UID_COUNT) -> int:
+        """A uid of the range no live VM of this root holds. The scan starts at a random
+        offset: other callers (other users, other roots) draw from the same range and the
+        helper refuses a uid another caller's VM holds, so first-free would collide."""
         used = {r[0] for r in db.execute(
             "SELECT uid FROM vms WHERE uid IS NOT NULL AND state IN ('creating', 'running')")}
-        for uid in range(first, first + count):
+        start = secrets.randbelow(count)
+        for i in range(count):
+            uid = first + (start + i) % count
             if uid not in used:
                 return uid
         raise Conflict("no free VM uid", "stop some VMs first")

@@ -3,6 +3,7 @@ API-socket hand-over, removal, and hostile inputs refused with the host unchange
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -309,7 +310,7 @@ def _sudo_ctx(cfg: jail.JailConfig, area: Path, uid: int) -> Any:
 
     c = replace(config.parse(b""), tools={"jailer": cfg.jailer, "firecracker": cfg.firecracker},
                 chroot_base=cfg.chroot_base, uid_first=cfg.uid_first, uid_count=cfg.uid_count,
-                sources=(cfg.sources[1],))
+                sources=(cfg.sources[1],), pool_dir=cfg.chroot_base.parent)
     area.mkdir(exist_ok=True)
     return ops.Ctx(cfg=c, area=area, caller_uid=uid, caller_gid=uid)
 
@@ -414,3 +415,81 @@ def test_netns_problem_refuses_another_users_namespace() -> None:
     assert ops_jail.netns_problem("kn-abc", Tag("abc", "aaaaaaaa", ME), ME) is None
     assert ops_jail.netns_problem("kn-abc", Tag("abc", "aaaaaaaa", OTHER), ME) == \
         f"refusing network namespace kn-abc: it belongs to uid {OTHER}"
+
+
+def _stage(ctx: Any, vm: str, uid: int) -> dict[str, Any]:
+    snap = ctx.area / f"{vm}.ext4"
+    snap.write_bytes(b"rootfs")
+    return _op(ctx, "jail-stage", {"vm": vm, "uid": uid, "gid": uid, "items": [
+        {"name": "rootfs", "source": str(snap), "writable": True}]})
+
+
+@pytest.mark.root
+def test_another_users_vm_uid_is_refused_until_its_jail_goes(cfg: jail.JailConfig,
+                                                             tmp_path: Path) -> None:
+    """The attack: A stages a jail with B's VM uid (so A's Firecracker could open B's tap
+    and signal B's VMM). Refused; U+1 works; once B's jail is removed, U is A's to take.
+    Root in-process is one more caller: refused too."""
+    from helper import ops
+
+    users = tmp_path / "users"
+    users.mkdir()
+    a = _sudo_ctx(cfg, users / str(ME), ME)
+    b = _sudo_ctx(cfg, users / str(OTHER), OTHER)
+    (tmp_path / "rootkiln").mkdir()
+    _stage(b, "bjail", UID)
+    assert json.loads((users / str(OTHER) / "jails/bjail").read_text())["uid"] == UID
+    for ctx in (a, ops.Ctx(cfg=a.cfg, area=tmp_path / "rootkiln", caller_uid=0,
+                           caller_gid=0, trusted=True)):
+        with pytest.raises(Conflict) as e:
+            _stage(ctx, "ajail", UID)
+        assert (e.value.message, e.value.hint) == (
+            f"uid {UID} is in use by another user's VM",
+            "pick another VM uid/gid from [jails] uid_gid_range (kiln retries with the next "
+            "free one)")
+        assert not jail.jail_dir(cfg, "ajail").exists()
+    with pytest.raises(Conflict) as e:  # B's gid alone is refused too (a tap's group)
+        _op(a, "jail-stage", {"vm": "ajail", "uid": UID + 1, "gid": UID, "items": []})
+    assert e.value.message == f"gid {UID} is in use by another user's VM"
+    _stage(a, "ajail", UID + 1)
+    _stage(b, "bjail2", UID)  # B may use its own uid again
+    _op(a, "jail-remove", {"vm": "ajail"})
+    _op(b, "jail-remove", {"vm": "bjail"})
+    with pytest.raises(Conflict):  # bjail2 still holds it
+        _stage(a, "ajail", UID)
+    _op(b, "jail-remove", {"vm": "bjail2"})
+    _stage(a, "ajail", UID)
+    _op(a, "jail-remove", {"vm": "ajail"})
+    assert sorted(p.name for p in (cfg.chroot_base.parent / "vm-uids").iterdir()) == []
+
+
+@pytest.mark.root
+def test_two_callers_racing_for_one_vm_uid_one_wins(cfg: jail.JailConfig,
+                                                     tmp_path: Path) -> None:
+    import threading
+
+    users = tmp_path / "users"
+    users.mkdir()
+    ctxs = [_sudo_ctx(cfg, users / str(u), u) for u in (ME, OTHER)]
+    for i in range(5):
+        start = threading.Barrier(2)
+        results: list[str] = []
+
+        def go(ctx: Any, vm: str, uid: int, start: threading.Barrier,
+               results: list[str]) -> None:
+            start.wait()
+            try:
+                _stage(ctx, vm, uid)
+                results.append("ok")
+            except Conflict as e:
+                results.append(e.message)
+
+        vms = [f"race{'abcde'[i]}a", f"race{'abcde'[i]}b"]
+        threads = [threading.Thread(target=go, args=(c, v, UID + i, start, results))
+                   for c, v in zip(ctxs, vms, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == ["ok", f"uid {UID + i} is in use by another user's VM"]
+        assert sum(jail.jail_dir(cfg, v).exists() for v in vms) == 1

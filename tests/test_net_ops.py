@@ -447,3 +447,43 @@ def test_join_netns_refuses_paths() -> None:
         with pytest.raises(UsageError) as e:
             net.join_netns(bad)
         assert e.value.message == f"invalid network namespace name {bad!r}"
+
+
+def test_another_callers_vm_uid_is_refused_to_tap_attach_and_netns_create(
+        ns: str, tmp_path: Path) -> None:
+    """The attack: A asks for a tap owned by B's VM uid (its Firecracker, run as that uid,
+    could then open B's tap). Refused while B's tap exists; U+1 works; after B's
+    tap-detach A may take U. Same for netns-create (the tap inside B's namespace)."""
+    from dataclasses import replace
+
+    held = f"uid {UID} is in use by another user's VM"
+    for iso in ("none", "netns"):
+        c = replace(cfg(ns, isolation=iso), pool_dir=tmp_path)
+        op = "tap-attach" if iso == "none" else "netns-create"
+        a, b = vm_id(), vm_id()
+        call(c, "net-lease", {"vm": a, "root": ROOT_A}, uid=1001)
+        call(c, "net-lease", {"vm": b, "root": ROOT_B}, uid=1000)
+        call(c, op, {"vm": b, "uid": UID, "gid": UID}, uid=1000)
+        e = refused(c, op, {"vm": a, "uid": UID, "gid": UID}, uid=1001)
+        assert (type(e), e.message) == (Conflict, held), iso
+        e = refused(c, op, {"vm": a, "uid": UID + 1, "gid": UID}, uid=1001)
+        assert e.message == f"gid {UID} is in use by another user's VM"
+        assert net.link(ns, nc.names(a).tap) is None
+        assert nc.names(a).netns not in net.netns_names()
+        call(c, op, {"vm": a, "uid": UID + 1, "gid": UID + 1}, uid=1001)
+        # Root in-process is one more caller: B's uid is refused to it too.
+        r = vm_id()
+        call(c, "net-lease", {"vm": r, "root": ROOT_A})
+        assert refused(c, op, {"vm": r, "uid": UID, "gid": UID}).message == held
+        for vm, uid in ((b, 1000), (a, 1001)):
+            if iso == "none":
+                call(c, "tap-detach", {"name": nc.names(vm).tap}, uid=uid)
+            else:
+                call(c, "netns-delete", {"name": nc.names(vm).netns}, uid=uid)
+        call(c, op, {"vm": r, "uid": UID, "gid": UID})  # B's tap is gone: U is free
+        if iso == "none":
+            call(c, "tap-detach", {"name": nc.names(r).tap})
+        else:
+            call(c, "netns-delete", {"name": nc.names(r).netns})
+        for vm, uid in ((a, 1001), (b, 1000), (r, 0)):
+            call(c, "net-release", {"vm": vm}, uid=uid)

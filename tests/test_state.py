@@ -38,10 +38,9 @@ def test_record_names_every_resource_before_it_exists(tmp_path: Path) -> None:
     assert rec.owner_pid == os.getpid()
     assert state.alive(rec.owner_pid, rec.owner_start)
     assert json.loads(rec.spec) == {"argv": ["echo"]}
-    assert rec.uid == state.UID_BASE
-    assert make(st, "bbbbbbbbbbbb").uid == state.UID_BASE + 1
-    st.finish("aaaaaaaaaaaa", "exited", 0, "")
-    assert make(st, "cccccccccccc").uid == state.UID_BASE  # a finished VM's uid is free
+    assert rec.uid is not None
+    assert state.UID_BASE <= rec.uid < state.UID_BASE + state.UID_COUNT
+    assert make(st, "bbbbbbbbbbbb").uid != rec.uid  # both live: never the same uid
 
 
 def test_find_by_id_prefix_name(tmp_path: Path) -> None:
@@ -124,7 +123,8 @@ def test_net_document_steps_and_ps_ip(tmp_path: Path) -> None:
                     vm_dir=tmp_path / "d", cgroups=[], want_uid=True, auto_remove=False,
                     spec={}, uid_range=(900_000, 10),
                     net={"step": state.NET_RECORDED, "tap": "kt-aaaaaaaaaaaa", "ip": None})
-    assert (rec.uid, rec.net_held, rec.summary()["ip"]) == (900_000, True, None)
+    assert 900_000 <= (rec.uid or 0) < 900_010
+    assert (rec.net_held, rec.summary()["ip"]) == (True, None)
     st.update(rec.id, net=json.dumps({**rec.net_doc, "step": state.NET_ATTACHED,
                                       "ip": "10.213.0.2"}))
     cur = st.get(rec.id)
@@ -159,3 +159,30 @@ def test_old_database_gains_the_net_column(tmp_path: Path) -> None:
         "PRAGMA table_info(vms)")]
     assert cols[-2:] == ["fc", "net"]
     state.State(tmp_path)  # a second open adds nothing
+
+
+def test_vm_uids_start_at_a_random_offset_and_never_repeat_a_live_one(tmp_path: Path) -> None:
+    """Other callers draw VM uids from the same range (the helper refuses one another
+    caller's VM holds), so the scan starts at a random offset instead of the range's first."""
+    st = state.State(tmp_path)
+    uids = [st.create(vm_id=f"u{i}", name=None, vmm="qemu", volume="sha256:" + "0" * 64,
+                      snapshot=f"vmu{i}", vm_dir=st.vms_dir / f"u{i}", cgroups=[],
+                      want_uid=True, auto_remove=False, spec={},
+                      uid_range=(900_000, 4)).uid for i in "abcd"]
+    assert sorted(u for u in uids if u is not None) == [900_000, 900_001, 900_002, 900_003]
+    with pytest.raises(Conflict, match="no free VM uid"):
+        st.create(vm_id="ue", name=None, vmm="qemu", volume="sha256:" + "0" * 64,
+                  snapshot="vmue", vm_dir=st.vms_dir / "ue", cgroups=[], want_uid=True,
+                  auto_remove=False, spec={}, uid_range=(900_000, 4))
+    st.finish("ub", "exited", 0, "")  # a finished VM's uid is free again
+    assert st.create(vm_id="uf", name=None, vmm="qemu", volume="sha256:" + "0" * 64,
+                     snapshot="vmuf", vm_dir=st.vms_dir / "uf", cgroups=[], want_uid=True,
+                     auto_remove=False, spec={}, uid_range=(900_000, 4)).uid == uids[1]
+    starts = set()
+    for i in range(8):
+        (tmp_path / str(i)).mkdir()
+        starts.add(state.State(tmp_path / str(i)).create(
+            vm_id="v", name=None, vmm="qemu", volume="sha256:" + "0" * 64, snapshot="vmv",
+            vm_dir=tmp_path / "v", cgroups=[], want_uid=True, auto_remove=False, spec={},
+            uid_range=(900_000, 65_536)).uid)
+    assert len(starts) > 1  # 8 fresh roots: not all on one uid (chance of failure ~1e-34)
