@@ -161,10 +161,15 @@ class TapCreate(Req):
     gid: Uid = Field(description="the VM's gid")
 
 
+def _root(ctx: Ctx) -> bool:
+    """Root itself: kiln in-process, or root running kiln-helper (not a sudo caller)."""
+    return ctx.trusted or ctx.caller_uid == 0
+
+
 def tap_create(ctx: Ctx, req: TapCreate) -> dict[str, Any]:
     # A sudo caller's tap would be untagged (nobody reclaims it) and could squat the name of
     # another user's VM tap: its VMs get their taps from tap-attach (tagged, on the bridge).
-    if not ctx.trusted:
+    if not _root(ctx):
         raise UsageError(f"refusing tap-create from uid {ctx.caller_uid}: only root creates "
                          "bare taps", "a VM's tap comes from tap-attach (kiln run --net tap)")
     check_vm_uid(ctx, req.uid, req.gid)
@@ -181,7 +186,7 @@ class TapDelete(Req):
 def tap_delete(ctx: Ctx, req: TapDelete) -> dict[str, Any]:
     if not tap.exists(req.name):
         raise NotFound(f"tap {req.name} does not exist", "")
-    if not ctx.trusted:
+    if not _root(ctx):
         tag = netcore.parse_tag(tap.alias(req.name))
         if tag is None:
             raise UsageError(f"refusing tap {req.name}: kiln did not tag it",

@@ -81,14 +81,16 @@ SCRIPT = """
 import json, sys
 from pathlib import Path
 from helper import cgroup as cg, client, jail
-from runner import firecracker as fc
+from runner import fcdriver, firecracker as fc
 a = json.loads(sys.argv[1])
 cfg = jail.JailConfig(jailer=Path(a["bin"]) / "jailer",
                       firecracker=Path(a["bin"]) / "firecracker",
                       chroot_base=Path(a["base"]), sources=(Path(a["rootfs"]).parent,),
                       cgroup=cg.CgroupConfig(parent=a["parent"]))
+# The cgroup version and limits kiln itself would use (a sudo caller's need a memory limit).
+version, limits = fcdriver.host_cgroup_choice(cfg, 1, 256 << 20)
 plan = fc.launch_plan(cfg, vm_id=a["vm"], uid=900321, kernel=Path(a["kernel"]),
-                      rootfs=Path(a["rootfs"]))
+                      rootfs=Path(a["rootfs"]), cgroup_version=version, limits=limits)
 vm = fc.FirecrackerVM(cfg, client.HelperOps(), plan)
 try:
     info = vm.launch()

@@ -273,21 +273,29 @@ def test_tap_create_and_delete(sudo_user: User) -> None:
                            for c in name[3:])
     net = Path("/sys/class/net") / name
     try:
-        res = helper_as(sudo_user, "tap-create", {"name": name, "uid": 900123, "gid": 900124})
+        # A sudo caller makes taps only through tap-attach (tagged, on the kiln bridge): a
+        # bare tap could take the name another user's VM tap needs.
+        refused = helper_as(sudo_user, "tap-create", {"name": name, "uid": 900123,
+                                                      "gid": 900124})
+        assert refused.returncode == 1
+        assert f"refusing tap-create from uid {sudo_user.uid}: only root creates" in refused.stderr
+        assert not net.exists()
+        res = helper_as(None, "tap-create", {"name": name, "uid": 900123, "gid": 900124})
         assert res.returncode == 0, res.stderr
         assert (net / "tun_flags").exists()
         assert (net / "owner").read_text().strip() == "900123"
         assert (net / "group").read_text().strip() == "900124"
-        again = helper_as(sudo_user, "tap-create", {"name": name, "uid": 900123, "gid": 900124})
+        again = helper_as(None, "tap-create", {"name": name, "uid": 900123, "gid": 900124})
         assert again.returncode == 1
         assert "already exists" in again.stderr
-        mine = helper_as(sudo_user, "tap-create", {"name": "kt-mine", "uid": sudo_user.uid,
-                                                   "gid": sudo_user.gid})
-        assert mine.returncode == 1  # the caller's own uid is never a VM uid
-        assert "outside the VM range" in mine.stderr
-        assert helper_as(sudo_user, "tap-delete", {"name": name}).returncode == 0
+        # An untagged tap is nobody's: a sudo caller cannot delete it; root can.
+        untagged = helper_as(sudo_user, "tap-delete", {"name": name})
+        assert untagged.returncode == 1
+        assert f"refusing tap {name}: kiln did not tag it" in untagged.stderr
+        assert net.exists()
+        assert helper_as(None, "tap-delete", {"name": name}).returncode == 0
         assert not net.exists()
-        assert helper_as(sudo_user, "tap-delete", {"name": name}).returncode == 1
+        assert helper_as(None, "tap-delete", {"name": name}).returncode == 1
     finally:
         if net.exists():
             subprocess.run(["ip", "link", "delete", name], check=False)

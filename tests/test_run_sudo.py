@@ -28,6 +28,7 @@ import pytest
 
 from builder.demoimage import make_busybox_image
 from helper import cgroup as cg
+from runner import vmcgroup
 from runner.reaper import scan_cgroups, scan_vmms
 from runner.state import host_name, root_key, vm_of_host
 from tests.support.oci import User, give_to
@@ -153,9 +154,12 @@ def test_run_as_an_ordinary_user_through_the_helper(flow: tuple[User, Path, str]
         (d,) = dirs
         assert Path(d, "cpu.max").read_text().split() == ["150000", "100000"]
         assert Path(d, "memory.max").read_text().strip() == str(MEM)
-    else:  # v1 (these machines): cpu, memory and freezer hierarchies
+        assert Path(d, "pids.max").read_text().strip() == str(vmcgroup.QEMU_PIDS)
+    else:  # v1 (these machines): cpu, memory, freezer and (with a pids limit) pids
         assert sorted(dirs) == sorted(f"{lay.v1[c]}/kiln/{host}"
-                                      for c in ("cpu", "memory", "freezer"))
+                                      for c in ("cpu", "memory", "freezer", "pids"))
+        assert Path(lay.v1["pids"], "kiln", host, "pids.max").read_text() == \
+            f"{vmcgroup.QEMU_PIDS}\n"
         assert Path(lay.v1["cpu"], "kiln", host, "cpu.cfs_quota_us").read_text() == \
             "150000\n"
         assert Path(lay.v1["memory"], "kiln", host, "memory.limit_in_bytes").read_text() \
@@ -218,7 +222,9 @@ def test_the_reaper_removes_the_users_orphaned_cgroups_only(
     key = root_key(root)
     mine, foreign = host_name(key, "a" * 12), host_name(key, "b" * 12)
     version = 1 if {"cpu", "memory", "freezer"} <= set(cg.layout(cg.CgroupConfig()).v1) else 2
-    assert helper_as(user, "cgroup-create", {"vm": mine, "version": version}).returncode == 0
+    made = helper_as(user, "cgroup-create", {"vm": mine, "version": version,
+                                             "limits": {"memory_bytes": 64 << 20}})
+    assert made.returncode == 0, made.stderr
     ccfg = cg.CgroupConfig(parent="kiln")
     foreign_dirs = cg.cgroup_create(ccfg, foreign, version)
     try:
