@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from helper import config, net, netlease, ops
 from helper import netcore as nc
 from helper.errors import Conflict, KilnError, NotFound, UsageError
+from tests.test_helper_sudo import helper_as, installed  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.root
 
@@ -418,12 +418,6 @@ def test_reclaim_keeps_live_vms_other_roots_and_other_callers(ns: str) -> None:
 # -- the real program: exit 2 malformed, exit 1 refused ---------------------------------------
 
 
-def helper_main(op: str, request: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-I", "-m", "helper.main", op], cwd="/",
-                          input=json.dumps(request), capture_output=True, text=True,
-                          check=False, env={"PATH": os.environ["PATH"]})
-
-
 @pytest.mark.parametrize(("op", "request_", "code", "stderr"), [
     ("tap-detach", {"name": "eth0"}, 2, "kiln-helper: malformed tap-detach request: name: "
      "String should match pattern '^kt-[a-z2-7]{1,12}$' (see `kiln-helper --list`)"),
@@ -436,9 +430,12 @@ def helper_main(op: str, request: dict[str, Any]) -> subprocess.CompletedProcess
     ("netns-delete", {"name": "kn-nosuchthing"}, 1,
      "kiln-helper: network namespace kn-nosuchthing does not exist"),
 ])
-def test_the_real_helper_exits_1_or_2(op: str, request_: dict[str, Any], code: int,
-                                      stderr: str) -> None:
-    res = helper_main(op, request_)
+def test_the_real_helper_exits_1_or_2(installed: str, op: str,  # noqa: F811
+                                      request_: dict[str, Any],
+                                      code: int, stderr: str) -> None:
+    """The installed kiln-helper (its root-owned venv: a checkout's own venv may sit under
+    a world-writable directory, which the helper refuses to import from)."""
+    res = helper_as(None, op, request_)
     assert (res.returncode, res.stderr.strip()) == (code, stderr)
 
 
