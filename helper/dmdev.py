@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -33,11 +32,10 @@ from helper import safepath
 from helper.config import Config
 from helper.errors import Conflict, IntegrityError, NotFound, UsageError
 from helper.pool import dmthin_core as core
+from helper.pool import fileops
 
 BASES = "pool/thin/bases"
 CLAIM = "thin-devices.json"
-_CHUNK = 1 << 20
-_ZERO = bytes(_CHUNK)
 
 # -- the operator's devices ------------------------------------------------------------------
 
@@ -295,42 +293,8 @@ def copy_volume(src: int, dst: int, want: str | None) -> None:
     """Copy ``src``'s bytes to ``dst`` at the same offsets, writing only non-zero chunks (a
     fresh thin device reads zeros everywhere else). With ``want`` every byte read (holes
     as zeros) is hashed and must give that volume id: what lands is what was hashed."""
-    size = os.fstat(src).st_size
-    h = hashlib.sha256() if want else None
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(src, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:  # ENXIO: only a hole remains
-                raise
-            start = size
-        if h is not None:
-            _hash_zeros(h, start - pos)
-        if start >= size:
-            break
-        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        off = start
-        while off < end:
-            chunk = os.pread(src, min(_CHUNK, end - off), off)
-            if not chunk:
-                raise IntegrityError("the volume file shrank while being copied", "retry")
-            if h is not None:
-                h.update(chunk)
-            if chunk != _ZERO[:len(chunk)]:
-                os.pwrite(dst, chunk, off)
-            off += len(chunk)
-        pos = end
+    _, got = fileops.hashing_copy(src, dst, hashed=want is not None)
     os.fsync(dst)
-    if h is not None and want is not None:
-        got = "sha256:" + h.hexdigest()
-        if got != want:
-            raise IntegrityError(f"volume bytes hash to {got[:19]}, not {want[:19]}",
-                                 "the file is not the volume it claims to be")
-
-
-def _hash_zeros(h: hashlib._Hash, n: int) -> None:
-    while n > 0:
-        step = min(n, _CHUNK)
-        h.update(_ZERO[:step])
-        n -= step
+    if want is not None and got != want:
+        raise IntegrityError(f"volume bytes hash to {got[:19]}, not {want[:19]}",
+                             "the file is not the volume it claims to be")

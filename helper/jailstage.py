@@ -39,6 +39,7 @@ from helper.jail import (
     open_dir_nofollow,
 )
 from helper.pool import dmthin_core as core
+from helper.pool import fileops
 
 _DM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _DM_LINK_RE = re.compile(r"^\.\./dm-([0-9]{1,6})$")
@@ -251,23 +252,7 @@ def _copy_fd(src: int, rfd: int, name: str, uid: int, gid: int, mode: int) -> No
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=rfd)
     try:
-        size = os.fstat(src).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(src, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: only a hole remains
-                    raise
-                break
-            end = os.lseek(src, start, os.SEEK_HOLE)
-            while start < end:
-                chunk = os.pread(src, min(1 << 20, end - start), start)
-                if not chunk:
-                    break
-                os.pwrite(out, chunk, start)
-                start += len(chunk)
-            pos = end
+        size = fileops.sparse_copy_fd(src, out)
         os.ftruncate(out, size)  # a trailing hole
         os.fsync(out)
         os.fchown(out, uid, gid)

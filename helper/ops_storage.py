@@ -31,6 +31,7 @@ from helper.opbase import (
     VolumeId,
     replace_in,
 )
+from helper.pool import fileops
 from helper.pool.fileops import FICLONE
 
 # -- loop devices ---------------------------------------------------------------------------
@@ -301,7 +302,8 @@ def volume_import(ctx: Ctx, req: VolumeImport) -> dict[str, Any]:
             elif cloned:
                 got = _hash_fd(out)  # hash what landed in the pool, not the caller's fd
             else:
-                got = _copy_hashing(req.fd, out)
+                size, got = fileops.hashing_copy(req.fd, out)
+                os.ftruncate(out, size)  # a trailing hole
             if got != req.volume:
                 raise IntegrityError(f"volume bytes hash to {got[:19]}, not {req.volume[:19]}",
                                      "the file is not the volume it claims to be")
@@ -317,24 +319,6 @@ def _hash_fd(fd: int) -> str:
     while chunk := os.pread(fd, 1 << 22, off):
         h.update(chunk)
         off += len(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def _copy_hashing(src: int, dst: int) -> str:
-    """Copy ``src`` from offset 0, hashing exactly the bytes written; zero runs become
-    holes (volumes are sparse)."""
-    h = hashlib.sha256()
-    off = 0
-    zero = bytes(1 << 20)
-    while True:
-        chunk = os.pread(src, 1 << 20, off)
-        if not chunk:
-            break
-        h.update(chunk)
-        if chunk != zero[:len(chunk)]:
-            os.pwrite(dst, chunk, off)
-        off += len(chunk)
-    os.ftruncate(dst, off)
     return "sha256:" + h.hexdigest()
 
 

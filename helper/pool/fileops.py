@@ -1,8 +1,10 @@
 """File primitives the pool backends share: clone, sparse copy, atomic JSON, locks, ext4 grow.
 
 Stdlib only. ``clone`` is the reflink (FICLONE ioctl: O(1), extents shared until written);
-``sparse_copy`` copies only the data extents (SEEK_DATA/SEEK_HOLE) with
-``os.copy_file_range``, so holes stay holes and the kernel may still share or offload.
+``sparse_copy`` copies only the data extents (SEEK_DATA/SEEK_HOLE: ``extents``) with
+``os.copy_file_range``, so holes stay holes and the kernel may still share or offload;
+``hashing_copy`` walks the same extents through this process when the bytes must be hashed
+on the way (a volume imported from a caller's fd, checked against its id).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -18,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from helper import run
-from helper.errors import KilnError
+from helper.errors import IntegrityError, KilnError
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
-_CHUNK = 1 << 30
+_CHUNK = 1 << 30  # per copy_file_range call
+_IO_CHUNK = 1 << 20  # per pread/pwrite of hashing_copy
+_ZERO = bytes(_IO_CHUNK)
 
 
 class PoolFull(KilnError):
@@ -44,25 +49,76 @@ def clone(src: Path, dst_fd: int) -> None:
         os.close(fd)
 
 
+def extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The data extents ``[start, end)`` of ``fd`` within ``[0, size)`` (SEEK_DATA/SEEK_HOLE):
+    everything else reads as zeros."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
 def sparse_copy(src: Path, dst_fd: int) -> None:
     """Copy ``src``'s data extents into ``dst_fd`` at the same offsets; holes are skipped
     (the destination must read zeros there: a fresh file, or a fresh thin device)."""
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only a hole remains
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            _copy_range(fd, dst_fd, start, end)
-            pos = end
+        sparse_copy_fd(fd, dst_fd)
     finally:
         os.close(fd)
+
+
+def sparse_copy_fd(src_fd: int, dst_fd: int) -> int:
+    """``sparse_copy`` from an open file; returns the source's size (a file destination
+    needs ``ftruncate`` to it for a trailing hole)."""
+    size = os.fstat(src_fd).st_size
+    for start, end in extents(src_fd, size):
+        _copy_range(src_fd, dst_fd, start, end)
+    return size
+
+
+def hashing_copy(src: int, dst: int, *, hashed: bool = True) -> tuple[int, str]:
+    """Copy ``src``'s bytes to ``dst`` at the same offsets through this process: data
+    extents are read, all-zero chunks are not written (holes stay holes; a fresh thin
+    device reads zeros). With ``hashed`` every byte (holes as zeros) is hashed, so the
+    digest is of exactly what was copied. Returns (size, ``sha256:…`` or "")."""
+    size = os.fstat(src).st_size
+    h = hashlib.sha256() if hashed else None
+    pos = 0
+    for start, end in extents(src, size):
+        if h is not None:
+            _hash_zeros(h, start - pos)
+        off = start
+        while off < end:
+            chunk = os.pread(src, min(_IO_CHUNK, end - off), off)
+            if not chunk:
+                raise IntegrityError("the volume file shrank while being copied", "retry")
+            if h is not None:
+                h.update(chunk)
+            if chunk != _ZERO[:len(chunk)]:
+                os.pwrite(dst, chunk, off)
+            off += len(chunk)
+        pos = end
+    if h is None:
+        return size, ""
+    _hash_zeros(h, size - pos)
+    return size, "sha256:" + h.hexdigest()
+
+
+def _hash_zeros(h: hashlib._Hash, n: int) -> None:
+    while n > 0:
+        step = min(n, _IO_CHUNK)
+        h.update(_ZERO[:step])
+        n -= step
 
 
 def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
