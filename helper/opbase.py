@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from helper import safepath
 from helper.config import Config
+from helper.errors import NotFound, UsageError
 
 # -- field types --------------------------------------------------------------------------
 
@@ -85,3 +86,21 @@ def replace_in(dfd: int, name: str, flags: int, mode: int) -> Iterator[int]:
 
 
 Op = Callable[[Ctx, Any], dict[str, Any]]  # what each module's ``OPS`` table maps to
+
+
+def check_vm_uid(ctx: Ctx, uid: int, gid: int) -> None:
+    """A VM's uid/gid: from the configured range, never 0 or the caller's own."""
+    c = ctx.cfg
+    for what, n in (("uid", uid), ("gid", gid)):
+        if not c.uid_first <= n < c.uid_first + c.uid_count or n in (0, ctx.caller_uid):
+            raise UsageError(f"{what} {n} is outside the VM range {c.uid_first}-"
+                             f"{c.uid_first + c.uid_count - 1}",
+                             "VM uids/gids come from [jails] uid_gid_range")
+
+
+def passed_fd(fd: int, hint: str) -> os.stat_result:
+    """The stat of a file descriptor the caller passed open (NotFound when it is not)."""
+    try:
+        return os.fstat(fd)
+    except OSError:
+        raise NotFound(f"file descriptor {fd} is not open", hint) from None

@@ -34,6 +34,7 @@ from helper.opbase import (
     Op,
     Req,
     VolumeId,
+    passed_fd,
     replace_in,
 )
 from helper.pool import dmthin_core as core
@@ -272,11 +273,7 @@ def dm_import(ctx: Ctx, req: DmImport) -> dict[str, Any]:
     _kind(ctx, req.name, "vol")
     if req.name != core.volume_name(core.root_key(str(ctx.area)), req.volume[7:]):
         raise UsageError(f"{req.name} is not the device name of {req.volume[:19]}", "")
-    try:
-        st = os.fstat(req.fd)
-    except OSError:
-        raise NotFound(f"file descriptor {req.fd} is not open", "pass the volume open") \
-            from None
+    st = passed_fd(req.fd, "pass the volume open")
     if not stat.S_ISREG(st.st_mode) or st.st_size <= 0:
         raise UsageError(f"file descriptor {req.fd} is not a non-empty regular file", "")
     _dm_exists(req.pool)

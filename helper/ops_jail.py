@@ -31,8 +31,8 @@ from pydantic import Field
 from helper import cgroup as cg
 from helper import claims, jail, jailstage, net, netcore, vmuids
 from helper.errors import NotFound, UsageError
-from helper.opbase import Ctx, KilnId, Op, Req, Uid
-from helper.ops_vm import check_owner, check_vm_uid
+from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid
+from helper.ops_vm import check_owner
 
 JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (see the docstring)
 _VM_NETNS_RE = re.compile(netcore.NETNS_PATTERN)

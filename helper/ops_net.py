@@ -37,9 +37,9 @@ from pydantic import Field
 from helper import net, netlease, nettap, vmuids
 from helper import netcore as nc
 from helper.cgattach import uninterrupted
-from helper.errors import KilnError, NotFound, UsageError
+from helper.errors import KilnError, UsageError
 from helper.netconfig import NetSection
-from helper.opbase import Ctx, KilnId, Op, Req, Uid
+from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid, passed_fd
 from helper.tap import NAME_PATTERN as TAP_PATTERN
 
 RootKey = Annotated[str, Field(pattern=nc.ROOT_PATTERN,
@@ -67,15 +67,6 @@ def _sec(ctx: Ctx) -> NetSection:
 
 def _tag(ctx: Ctx, vm: str, root: str) -> nc.Tag:
     return nc.Tag(vm, root, ctx.caller_uid)
-
-
-def _check_vm_uid(ctx: Ctx, uid: int, gid: int) -> None:
-    c = ctx.cfg
-    for what, n in (("uid", uid), ("gid", gid)):
-        if not c.uid_first <= n < c.uid_first + c.uid_count or n in (0, ctx.caller_uid):
-            raise UsageError(f"{what} {n} is outside the VM range {c.uid_first}-"
-                             f"{c.uid_first + c.uid_count - 1}",
-                             "VM uids/gids come from [jails] uid_gid_range")
 
 
 def _claim_uid(ctx: Ctx, uid: int, gid: int) -> None:
@@ -162,7 +153,7 @@ def _check_isolation(ctx: Ctx, want: str, op: str) -> None:
 def tap_attach(ctx: Ctx, req: TapAttach) -> dict[str, Any]:
     _sec(ctx)
     _check_isolation(ctx, "none", "tap-attach")
-    _check_vm_uid(ctx, req.uid, req.gid)
+    check_vm_uid(ctx, req.uid, req.gid)
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
     with vmuids.locked(ctx):
         _claim_uid(ctx, req.uid, req.gid)
@@ -196,7 +187,7 @@ class NetnsCreate(Req):
 def netns_create(ctx: Ctx, req: NetnsCreate) -> dict[str, Any]:
     _sec(ctx)
     _check_isolation(ctx, "netns", "netns-create")
-    _check_vm_uid(ctx, req.uid, req.gid)
+    check_vm_uid(ctx, req.uid, req.gid)
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
     with vmuids.locked(ctx):
         _claim_uid(ctx, req.uid, req.gid)
@@ -315,11 +306,7 @@ class TapOpen(Req):
 
 def tap_open(ctx: Ctx, req: TapOpen) -> dict[str, Any]:
     sec = _sec(ctx)
-    try:
-        st = os.fstat(req.fd)
-    except OSError:
-        raise NotFound(f"file descriptor {req.fd} is not open", "pass a Unix socket") \
-            from None
+    st = passed_fd(req.fd, "pass a Unix socket")
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"file descriptor {req.fd} is not a socket", "pass a Unix socket")
     sock = socket.socket(fileno=os.dup(req.fd))

@@ -29,6 +29,7 @@ from helper.opbase import (
     RelPath,
     Req,
     VolumeId,
+    passed_fd,
     replace_in,
 )
 from helper.pool import fileops
@@ -277,11 +278,7 @@ class VolumeImport(Req):
 
 
 def volume_import(ctx: Ctx, req: VolumeImport) -> dict[str, Any]:
-    try:
-        st = os.fstat(req.fd)
-    except OSError:
-        raise NotFound(f"file descriptor {req.fd} is not open", "pass the volume open") \
-            from None
+    st = passed_fd(req.fd, "pass the volume open")
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"file descriptor {req.fd} is not a regular file", "")
     dfd = safepath.open_beneath(ctx.area, req.directory, os.O_RDONLY | os.O_DIRECTORY)

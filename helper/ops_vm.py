@@ -1,7 +1,7 @@
 """VM ops: cgroups and taps (Firecracker jails: ``helper.ops_jail``).
 
 VM uids/gids come only from the configured range, never 0 or the caller's
-(``check_vm_uid``).
+(``opbase.check_vm_uid``).
 
 Cgroup ownership. VM cgroups live in a host-wide tree under the configured parent, named
 by the VM id the caller sends, so the name alone does not say whose a cgroup is. When
@@ -30,7 +30,7 @@ from pydantic import Field
 from helper import cgattach, claims, netcore, tap
 from helper import cgroup as cg
 from helper.errors import NotFound, UsageError
-from helper.opbase import Ctx, KilnId, Op, Req, Uid
+from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid
 
 # -- cgroups and taps -----------------------------------------------------------------------
 
@@ -38,15 +38,6 @@ from helper.opbase import Ctx, KilnId, Op, Req, Uid
 def _cgroups(ctx: Ctx) -> cg.CgroupConfig:
     """Where VM cgroups live (no jail tools needed: QEMU VMs have cgroups too)."""
     return cg.CgroupConfig(parent=ctx.cfg.cgroup_parent)
-
-
-def check_vm_uid(ctx: Ctx, uid: int, gid: int) -> None:
-    c = ctx.cfg
-    for what, n in (("uid", uid), ("gid", gid)):
-        if not c.uid_first <= n < c.uid_first + c.uid_count or n in (0, ctx.caller_uid):
-            raise UsageError(f"{what} {n} is outside the VM range {c.uid_first}-"
-                             f"{c.uid_first + c.uid_count - 1}",
-                             "VM uids/gids come from [jails] uid_gid_range")
 
 
 class Limits(Req):
