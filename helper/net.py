@@ -287,12 +287,19 @@ def tap_attach(sec: NetSection, tag: nc.Tag, uid: int, gid: int) -> str:
 
 
 def tap_detach(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = None) -> None:
+    _delete_link(sec, name, uid, adopt, what="tap", link_kind="tun", kind_name="tun/tap")
+
+
+def _delete_link(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None, *, what: str,
+                 link_kind: str, kind_name: str) -> None:
+    """Delete the caller's tagged link ``name`` of ``link_kind`` (else NotFound/refused)."""
     d = link(sec.namespace, name)
     if d is None:
-        raise NotFound(f"tap {name} does not exist in {where(sec)}", "")
-    if kind(d) != "tun":
-        raise UsageError(f"{name} is not a tun/tap device", "kiln only deletes its own taps")
-    _check_owner("tap", name, nc.parse_tag(d.get("ifalias")), uid, adopt)
+        raise NotFound(f"{what} {name} does not exist in {where(sec)}", "")
+    if kind(d) != link_kind:
+        raise UsageError(f"{name} is not a {kind_name} device",
+                         f"kiln only deletes its own {what}s")
+    _check_owner(what, name, nc.parse_tag(d.get("ifalias")), uid, adopt)
     ip(sec.namespace, "link", "del", name)
 
 
@@ -352,13 +359,7 @@ def netns_delete(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = No
 
 
 def veth_delete(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = None) -> None:
-    d = link(sec.namespace, name)
-    if d is None:
-        raise NotFound(f"veth {name} does not exist in {where(sec)}", "")
-    if kind(d) != "veth":
-        raise UsageError(f"{name} is not a veth device", "kiln only deletes its own veths")
-    _check_owner("veth", name, nc.parse_tag(d.get("ifalias")), uid, adopt)
-    ip(sec.namespace, "link", "del", name)
+    _delete_link(sec, name, uid, adopt, what="veth", link_kind="veth", kind_name="veth")
 
 
 # -- NAT and forwards -----------------------------------------------------------------------
