@@ -303,9 +303,10 @@ def observe(root: Root, st: State, *, full: bool = False) -> tuple[Observed, lis
     from runner import vmcgroup, vmmchoice
 
     cfg, _ = vmmchoice.config_problem(root.path)
-    helper_parent = vmcgroup.helper_parent()  # a sudo caller's QEMU cgroups live there
-    parents = ("kiln", *((helper_parent,) if helper_parent is not None else ()),
-               *((cfg.cgroup.parent,) if cfg is not None else ()))
+    # The trusted config's cgroup parent: sudo callers' QEMU cgroups and Firecracker jails'
+    # (cfg.cgroup.parent is the same value, and exists only when this one does).
+    helper_parent = vmcgroup.helper_parent()
+    parents = ("kiln", *((helper_parent,) if helper_parent is not None else ()))
     seen = frozenset(st.seen_orphans())
     look = look_at_net(seen, full)
     obs = Observed(vms=views, root_key=root_key(root.path), vmm_pids=scan_vmms(),
