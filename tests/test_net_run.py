@@ -36,7 +36,7 @@ from helper import net, netlease
 from helper import netcore as nc
 from runner import network, qemu
 from runner.state import State, root_key
-from tests.support.cli import kiln
+from tests.support.cli import kiln, wait_for
 from tests.test_run_sudo import vmms
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -206,16 +206,6 @@ def ps(root: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in json.loads(kiln(root, "ps", "--all", "--json").stdout)}
 
 
-def wait_for(what: str, test: Callable[[], Any], timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = test()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def stdout_of(root: Path, vm: str) -> str:
     return (root / "vms" / vm / "stdout").read_text(errors="replace")
 
@@ -262,7 +252,7 @@ def test_two_vms_get_addresses_ping_each_other_and_serve_through_a_forward(
 
     # B pings A, asks A's CGI, which pings B back; B's guest holds the address ps shows.
     out = wait_for("B's report", lambda: (o := stdout_of(root, b)).endswith("\n") and
-                   "eth0 " in o and o)
+                   "eth0 " in o and o, 90)
     assert out == f"ping-ok\npong-to-{b_ip}\neth0 {b_ip}/24\n"
     # The namespace reaches A directly and through the forward on the gateway.
     assert fetch(ns, a_ip, 80) == "hello-from-a"
@@ -270,7 +260,7 @@ def test_two_vms_get_addresses_ping_each_other_and_serve_through_a_forward(
     took = time.monotonic() - t0
 
     # B's workload ended: its VM exited and left the network on its own.
-    wait_for("B to exit", lambda: ps(root)[b]["state"] == "exited")
+    wait_for("B to exit", lambda: ps(root)[b]["state"] == "exited", 90)
     rec_b = ps(root)[b]
     assert (rec_b["exit_code"], rec_b["ip"]) == (0, None)
     assert not (Path("/sys/class/net") / nc.names(b).tap).exists()

@@ -19,10 +19,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,6 +29,7 @@ from helper import cgroup as cg
 from runner import vmcgroup
 from runner.reaper import scan_cgroups, scan_vmms
 from runner.state import host_name, root_key, vm_of_host
+from tests.support.cli import wait_for
 from tests.support.oci import User, give_to
 from tests.test_helper_sudo import (
     BASE,
@@ -79,16 +78,6 @@ def mounts() -> list[str]:
     return sorted(line.split()[4] for line in
                   Path("/proc/self/mountinfo").read_text().splitlines()
                   if not line.split()[4].startswith("/tmp/"))
-
-
-def wait_for(what: str, test: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = test()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 KILN = [sys.executable, "-m", "runner"]
 
@@ -18,3 +21,14 @@ def kiln(root: Path, *args: str, env: dict[str, str] | None = None,
     if check and res.returncode != 0:
         raise AssertionError(f"kiln {' '.join(args)} exited {res.returncode}: {res.stderr}")
     return res
+
+
+def wait_for(what: str, test: Callable[[], Any], timeout: float = 60) -> Any:
+    """Poll ``test`` every 0.1 s until it returns something true (returned), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = test()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
