@@ -44,6 +44,33 @@ def test_plan_missing_module_is_an_error() -> None:
     assert e.value.message == "kernel module ext4 is neither built in nor in modules.dep"
 
 
+def test_plan_is_remembered_until_depmod_rewrites_its_inputs(tmp_path: Path) -> None:
+    mods, cache = tmp_path / "modules", tmp_path / "cache"
+    mods.mkdir()
+    (mods / "modules.dep").write_text(DEP)
+    (mods / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    first = initrd.module_plan(cache, mods)
+    assert first[-1] == "kernel/drivers/char/virtio_console.ko.zst"
+    assert len(list(cache.glob("plan-*.json"))) == 1
+    # the remembered plan is what a second call returns (not a re-parse): a planted one shows
+    remembered = next(cache.glob("plan-*.json"))
+    remembered.write_text('["planted"]')
+    assert initrd.module_plan(cache, mods) == ["planted"]
+    # depmod rewrote modules.dep (another size): planned again, from the new file
+    (mods / "modules.dep").write_text(DEP + "kernel/drivers/net/virtio_net.ko: "
+                                      f"{V}/virtio.ko {V}/virtio_ring.ko\n")
+    assert initrd.module_plan(cache, mods) == [*first, "kernel/drivers/net/virtio_net.ko"]
+    # modules.builtin too: ext4 no longer built in, and not a module either
+    (mods / "modules.builtin").write_text("")
+    with pytest.raises(NotFound) as e:
+        initrd.module_plan(cache, mods)
+    assert e.value.message == "kernel module ext4 is neither built in nor in modules.dep"
+    (mods / "modules.dep").unlink()
+    with pytest.raises(NotFound) as e:
+        initrd.module_plan(cache, mods)
+    assert e.value.message == f"no modules.dep in {mods}"
+
+
 @st.composite
 def dags(draw: st.DrawFn) -> str:
     """A random modules.dep: module i may depend only on modules < i (a DAG)."""

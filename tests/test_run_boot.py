@@ -70,6 +70,21 @@ def test_echo_prints_exactly_hi(world: tuple[Path, str, str]) -> None:
     assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
 
 
+def test_guest_kernel_command_line_follows_the_accelerator(
+        world: tuple[Path, str, str]) -> None:
+    """Under TCG the guest boots with the TSC hint and without the crypto self-tests;
+    under KVM with neither (what the guest's own /proc/cmdline says)."""
+    from runner.vmmchoice import kvm_verdict
+
+    root, busybox, _ = world
+    res = kiln(root, "run", "--rm", busybox, "--", "cat", "/proc/cmdline")
+    assert res.returncode == 0, res.stderr
+    words = res.stdout.split()
+    tcg = not kvm_verdict(Root(root))[0]
+    assert ("cryptomgr.notests" in words, any(w.startswith("tsc_early_khz=") for w in words),
+            "init=/.kiln/init" in words) == (tcg, tcg, True), words
+
+
 def test_exit_code_env_workdir_user_and_stderr(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", "-e", "FOO=bar baz", "--workdir", "/srv/app",
