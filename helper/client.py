@@ -32,7 +32,8 @@ HELPER = "/opt/kiln/bin/kiln-helper"
 SUDO = "/usr/bin/sudo"
 _ERRORS: dict[str, type[KilnError]] = {
     "UsageError": UsageError, "NotFound": errors.NotFound, "Conflict": errors.Conflict,
-    "IntegrityError": errors.IntegrityError, "UntrustedConfig": KilnError,
+    "IntegrityError": errors.IntegrityError, "UidInUse": errors.UidInUse,
+    "UntrustedConfig": KilnError,
 }
 _area_cache: dict[int, Path] = {}
 
@@ -176,12 +177,11 @@ def reclaim(area_dir: Path, keep: list[str]) -> list[str]:
 
 @dataclass
 class HelperOps:
-    """``PrivOps`` through the helper: what ``runner.firecracker`` uses when not root (and
-    ``runner.vmcgroup`` for a QEMU VM's cgroups: create, attach the VMM's child, kill).
-
-    (As root, ``runner.firecracker.InProcessOps`` calls ``helper.jail`` directly with its
-    own ``JailConfig``.) Jails, cgroups and VM uids come from the helper's trusted config;
-    staged files must lie under the caller's area or ``[jails] sources``."""
+    """``PrivOps`` through the helper's ops: what ``kiln run`` gives ``runner.firecracker``
+    (in-process as root, through sudo otherwise; and ``runner.vmcgroup`` uses it for a QEMU
+    VM's cgroups: create, attach the VMM's child, kill). Jails, cgroups and VM uids come
+    from the helper's trusted config; staged files must lie under the caller's area or
+    ``[jails] sources``."""
 
     area_dir: Path | None = None
 

@@ -35,6 +35,10 @@ class Conflict(KilnError):
     """The request is valid but clashes with current state (ambiguous id, in use, locked)."""
 
 
+class UidInUse(Conflict):
+    """A VM uid/gid another caller's VM holds: the caller records another and asks again."""
+
+
 class IntegrityError(KilnError):
     """Bytes do not match the digest or metadata they claim."""
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from helper import claims, jail, net
 from helper import netcore as nc
-from helper.errors import Conflict, KilnError, UsageError
+from helper.errors import KilnError, UidInUse, UsageError
 from helper.opbase import Ctx
 
 LEDGER = "vm-uids"  # <pool dir>/vm-uids/<vm>: the jail of every caller and its uid/gid
@@ -59,10 +59,10 @@ def locked(ctx: Ctx) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-def _in_use(what: str, n: int) -> Conflict:
-    return Conflict(f"{what} {n} is in use by another user's VM",
+def _in_use(what: str, n: int) -> UidInUse:
+    return UidInUse(f"{what} {n} is in use by another user's VM",
                     "pick another VM uid/gid from [jails] uid_gid_range (kiln retries with "
-                    "the next free one)")
+                    "another free one)")
 
 
 def _jail_holders(ctx: Ctx, jail_cfg: jail.JailConfig) -> Iterator[tuple[int, int]]:

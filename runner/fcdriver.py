@@ -47,9 +47,9 @@ from builder.root import Root, atomic_write
 from builder.store import hash_file
 from helper import cgroup as cg
 from helper import jail
-from helper.errors import KilnError, NotFound
+from helper.errors import KilnError, NotFound, UidInUse
 from runner import firecracker as fc
-from runner import supervise
+from runner import supervise, vmres
 from runner.state import LIVE, State, VMRecord, alive, proc_start_time
 from runner.vmmchoice import jail_config
 
@@ -74,9 +74,11 @@ AFTER_MARK = 2.0  # s: after the exit marker, time for the guest to power off by
 
 
 def ops_for(cfg: jail.JailConfig, root_dir: Path) -> fc.PrivOps:
-    """In-process as root; through ``sudo kiln-helper`` otherwise."""
-    if os.geteuid() == 0:
-        return fc.InProcessOps(cfg)
+    """The helper's ops: in-process as root (area: the kiln root), through ``sudo
+    kiln-helper`` otherwise — the same op functions either way, so root's jails hold their
+    VM uids in the helper's ledger too (``helper.vmuids``). ``cfg`` is the trusted config's
+    jail section those ops load themselves."""
+    del cfg
     from helper.client import HelperOps, area
 
     return HelperOps(area_dir=area(root_dir))
@@ -193,6 +195,49 @@ def vmm_exit_code(log_text: str) -> int | None:
 
 
 # -- running ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Boot:
+    """What every Firecracker VM made for one ``kiln run`` boots (``vm_for``)."""
+
+    vmlinux: Path
+    initrd: Path
+    rootfs: Path
+    cpus: int
+    memory: int
+    init: str
+
+
+def vm_for(cfg: jail.JailConfig, root: Root, st: State, rec: VMRecord, boot: Boot,
+           intent: vmres.NetIntent | None,
+           picker: vmres.UidPicker) -> tuple[fc.FirecrackerVM, VMRecord]:
+    """The VM for the record's uid: on the kiln network first with ``--net tap`` (which may
+    record another uid: ``vmres.retry_uid``), then its launch plan. Returns the record it
+    was made for."""
+    vn = None
+    if intent is not None:
+        vn, rec = vmres.net_attach(root, st, rec, intent, picker)
+    vm = make_vm(cfg, ops_for(cfg, root.path), rec, vmlinux=boot.vmlinux, initrd=boot.initrd,
+                 rootfs=boot.rootfs, cpus=boot.cpus, memory=boot.memory, init=boot.init,
+                 nets=(vn.firecracker_nic(),) if vn else (),
+                 netns=vn.spawn_netns if vn else None, kernel_args=vn.kernel_args if vn else ())
+    return vm, rec
+
+
+def own_retrying(root: Root, st: State, rec: VMRecord, files: Any, vm: fc.FirecrackerVM,
+                 remake: Callable[[State, VMRecord], tuple[fc.FirecrackerVM, VMRecord]],
+                 picker: vmres.UidPicker, **kw: Any) -> tuple[Ended, VMRecord]:
+    """``own``; when ``jail-stage`` refuses the VM uid (another caller's jail holds it),
+    ``own`` has torn the VM down: its network goes too (the tap belongs to that uid),
+    another uid is recorded, and the VM is made (``remake``) and launched again."""
+    while True:
+        try:
+            return own(st, rec, files, vm, **kw), rec
+        except UidInUse as e:
+            vmres.release_net(root, st, rec.id)
+            rec = picker.another(st, rec, e)
+            vm, rec = remake(st, rec)
+
 
 def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Path,
             initrd: Path, rootfs: Path, cpus: int, memory: int, init: str,

@@ -17,8 +17,9 @@ Stop: ``SendCtrlAltDel``, wait for the cgroup to empty, then kill the whole cgro
 (Firecracker is detached from us, so signalling one pid is not enough). Destroy: kill the
 cgroup, remove the jail (the helper refuses while mounts remain).
 
-Privileged steps go through ``PrivOps`` (in-process for root today: ``InProcessOps``; the
-``kiln-helper`` ops of issue #5 later) and never take a path to run. Only endpoints the
+Privileged steps go through ``PrivOps`` (``kiln run``: ``helper.client.HelperOps``, the
+helper's ops; ``InProcessOps`` calls ``helper.jail`` directly with a given ``JailConfig``,
+for tests of the driver itself) and never take a path to run. Only endpoints the
 1.12.1 binary has are used (no ``PUT /serial``: the console is Firecracker's stdout).
 """
 

@@ -34,6 +34,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -295,18 +296,32 @@ class State:
         return rec
 
     def _free_uid(self, db: sqlite3.Connection, first: int = UID_BASE,
-                  count: int = UID_COUNT) -> int:
+                  count: int = UID_COUNT, avoid: AbstractSet[int] = frozenset()) -> int:
         """A uid of the range no live VM of this root holds. The scan starts at a random
         offset: other callers (other users, other roots) draw from the same range and the
         helper refuses a uid another caller's VM holds, so first-free would collide."""
         used = {r[0] for r in db.execute(
             "SELECT uid FROM vms WHERE uid IS NOT NULL AND state IN ('creating', 'running')")}
+        used |= avoid
         start = secrets.randbelow(count)
         for i in range(count):
             uid = first + (start + i) % count
             if uid not in used:
                 return uid
         raise Conflict("no free VM uid", "stop some VMs first")
+
+    def reassign_uid(self, vm_id: str, uid_range: tuple[int, int],
+                     avoid: AbstractSet[int]) -> VMRecord:
+        """Record another uid for a VM whose uid the helper refused (another caller's VM
+        holds it): free in this root, not in ``avoid``. Recorded before it is used, like
+        the first."""
+        with self.tx() as db:
+            uid = self._free_uid(db, *uid_range, avoid=avoid)
+            db.execute("UPDATE vms SET uid = ? WHERE id = ?", (uid, vm_id))
+        rec = self.get(vm_id)
+        if rec is None:
+            raise NotFound(f"no VM {vm_id}", "it was removed meanwhile")
+        return rec
 
     def update(self, vm_id: str, **values: Any) -> None:
         bad = set(values) - set(_COLS)

@@ -151,6 +151,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                     spec=spec_doc, uid_range=uids, fc=fc_doc,
                     net=vmres.net_record(vm_id, intent) if intent is not None else None)
     st.update(rec.id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
+    picker = vmres.UidPicker(uids)  # where another uid comes from if the helper refuses it
     try:
         files.dir.parent.mkdir(exist_ok=True)
         files.dir.mkdir(mode=0o700)
@@ -167,13 +168,13 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         if is_fc:
             vmlinux, initrd = fcdriver.boot_kernel(boot.kernel, boot.initrd,
                                                    root.path / "kernels")
-            vn = vmres.net_attach(root, st, rec, intent) if intent is not None else None
-            fvm = fcdriver.make_vm(
-                fc_cfg, fcdriver.ops_for(fc_cfg, root.path), rec, vmlinux=vmlinux,
-                initrd=initrd, rootfs=Path(snap.path), cpus=opts.cpus, memory=opts.memory,
-                init=guest_init.INIT_PATH if work else "/sbin/init",
-                nets=(vn.firecracker_nic(),) if vn else (), netns=vn.spawn_netns if vn else None,
-                kernel_args=vn.kernel_args if vn else ())
+            fboot = fcdriver.Boot(vmlinux, initrd, Path(snap.path), opts.cpus, opts.memory,
+                                  guest_init.INIT_PATH if work else "/sbin/init")
+
+            def remake(s: State, r: VMRecord) -> tuple[Any, VMRecord]:
+                return fcdriver.vm_for(fc_cfg, root, s, r, fboot, intent, picker)
+
+            fvm, rec = remake(st, rec)
             log.debug("kiln overhead before the VMM: %.0f ms",
                       (time.monotonic() - t_entry) * 1e3)
     except BaseException as e:
@@ -181,7 +182,8 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         raise
     if is_fc:
         def body(own_st: State, ready_fd: int | None) -> int:
-            return _own_fc(root, own_st, rec, files, fvm, opts, ready_fd=ready_fd)
+            return _own_fc(root, own_st, rec, files, (fvm, remake, picker), opts,
+                           ready_fd=ready_fd)
 
         return _detach(root, st, rec, files, body, on_ready) if opts.detach else body(st, None)
     nic: vmres.QemuNic | None = None
@@ -189,7 +191,8 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         for w in vmcgroup.create(vcg):
             log.warning("%s (limits not applied)", w)
         if intent is not None:
-            nic = vmres.qemu_nic(root, vmres.net_attach(root, st, rec, intent))
+            vmnet, rec = vmres.net_attach(root, st, rec, intent, picker)
+            nic = vmres.qemu_nic(root, vmnet)
         tsc = qemu.host_tsc_khz()
         accel = _accel(root)
         spec = qemu.QemuSpec(
@@ -233,9 +236,10 @@ def _accel(root: Root) -> str:
     return "kvm" if vmmchoice.kvm_verdict(root)[0] else "tcg"
 
 
-def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
+def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, made: tuple[Any, Any, Any],
             opts: RunOptions, *, ready_fd: int | None) -> int:
-    """Run a Firecracker VM to its end (runner.fcdriver) and record the outcome."""
+    """Run a Firecracker VM to its end (runner.fcdriver) and record the outcome. ``made``:
+    the VM, how to make it again for another uid, the uids refused so far."""
     from runner import fcdriver
 
     def ready() -> None:
@@ -244,8 +248,9 @@ def _own_fc(root: Root, st: State, rec: VMRecord, files: VMFiles, fvm: Any,
             os.close(ready_fd)
 
     try:
-        end = fcdriver.own(st, rec, files, fvm, timeout=opts.timeout,
-                           stop_grace=opts.stop_grace, relay=ready_fd is None, ready=ready)
+        end, rec = fcdriver.own_retrying(
+            root, st, rec, files, *made, timeout=opts.timeout, stop_grace=opts.stop_grace,
+            relay=ready_fd is None, ready=ready)
     except BaseException as e:
         _abandon(root, st, rec, f"the VMM did not start: {e}")
         raise

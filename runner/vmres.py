@@ -12,7 +12,9 @@ Network, in the order ``runner.vm.run`` calls it:
 2. ``net_record``: the record's ``net`` document names the tap, the VM namespace and the
    forwards (step ``recorded``) in the same INSERT that creates the record;
 3. ``net_attach`` (``runner.network.attach``), then the document holds the address (step
-   ``attached``: ``kiln ps`` shows ``ip``);
+   ``attached``: ``kiln ps`` shows ``ip``). The helper refuses a VM uid another caller's
+   VM holds (``UidInUse``: each kiln draws uids from the same range): ``retry_uid``
+   records another one and asks again, up to ``UID_RETRIES`` times;
 4. ``qemu_nic``: how QEMU gets the tap — as root by name, started inside the tap's
    namespace; as a user, an fd the helper attached (``tap-open``), so QEMU never needs the
    namespace or the tap's owner;
@@ -27,11 +29,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from builder.root import Root
-from helper.errors import KilnError
+from helper.errors import KilnError, UidInUse
 from runner import qemu, vmcgroup
 from runner.state import NET_ATTACHED, NET_RECORDED, NET_RELEASED, State, VMRecord, root_key
 
@@ -39,6 +42,37 @@ if TYPE_CHECKING:
     from runner import network
 
 log = logging.getLogger("kiln.vm")
+T = TypeVar("T")
+UID_RETRIES = 8  # refusals in a row: the range is shared, not full (that is "no free VM uid")
+
+
+@dataclass
+class UidPicker:
+    """The uids the helper refused for one VM, and where another one comes from."""
+
+    uid_range: tuple[int, int]  # (first, count), as the record's first uid
+    refused: set[int] = field(default_factory=set)
+
+    def another(self, st: State, rec: VMRecord, refusal: UidInUse) -> VMRecord:
+        """Record a uid free in this root and never refused before (or re-raise
+        ``refusal`` after ``UID_RETRIES``); the record that has it."""
+        if rec.uid is None or len(self.refused) >= UID_RETRIES:
+            raise refusal
+        self.refused.add(rec.uid)
+        log.info("VM %s: uid %d is another caller's, taking another", rec.id, rec.uid)
+        return st.reassign_uid(rec.id, self.uid_range, self.refused)
+
+
+def retry_uid(st: State, rec: VMRecord, picker: UidPicker,
+              act: Callable[[VMRecord], T]) -> tuple[T, VMRecord]:
+    """``act(rec)``, again with another uid while the helper refuses the record's one
+    (``UidPicker.another``). ``act`` must leave nothing behind when it raises. Returns its
+    result and the record it ran with."""
+    while True:
+        try:
+            return act(rec), rec
+        except UidInUse as e:
+            rec = picker.another(st, rec, e)
 
 
 @dataclass(frozen=True)
@@ -81,15 +115,21 @@ def net_record(vm_id: str, intent: NetIntent) -> dict[str, Any]:
             "forwards": [f"{f.host}:{f.guest}" for f in intent.forwards]}
 
 
-def net_attach(root: Root, st: State, rec: VMRecord, intent: NetIntent) -> network.VmNet:
+def net_attach(root: Root, st: State, rec: VMRecord, intent: NetIntent,
+               picker: UidPicker) -> tuple[network.VmNet, VMRecord]:
+    """The VM on the kiln network, and its record (with another uid when the helper
+    refused the first: see ``retry_uid``)."""
     from runner import network
 
-    if rec.uid is None:
-        raise KilnError(f"VM {rec.id} has no uid", "internal error: --net tap records one")
-    vmnet = network.attach(net_call(root), rec.id, root_key(root.path), rec.uid, rec.uid,
-                           forwards=intent.forwards, bridge=intent.bridge)
+    def attach(r: VMRecord) -> network.VmNet:
+        if r.uid is None:
+            raise KilnError(f"VM {r.id} has no uid", "internal error: --net tap records one")
+        return network.attach(net_call(root), r.id, root_key(root.path), r.uid, r.uid,
+                              forwards=intent.forwards, bridge=intent.bridge)
+
+    vmnet, rec = retry_uid(st, rec, picker, attach)
     st.update(rec.id, net=json.dumps({**vmnet.doc(), "step": NET_ATTACHED}))
-    return vmnet
+    return vmnet, rec
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import pytest
 
 from helper import config, net, netlease, ops
 from helper import netcore as nc
-from helper.errors import Conflict, KilnError, NotFound, UsageError
+from helper.errors import Conflict, KilnError, NotFound, UidInUse, UsageError
 from tests.test_helper_sudo import helper_as, installed  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.root
@@ -462,7 +462,7 @@ def test_another_callers_vm_uid_is_refused_to_tap_attach_and_netns_create(
         call(c, "net-lease", {"vm": b, "root": ROOT_B}, uid=1000)
         call(c, op, {"vm": b, "uid": UID, "gid": UID}, uid=1000)
         e = refused(c, op, {"vm": a, "uid": UID, "gid": UID}, uid=1001)
-        assert (type(e), e.message) == (Conflict, held), iso
+        assert (type(e), e.message) == (UidInUse, held), iso
         e = refused(c, op, {"vm": a, "uid": UID + 1, "gid": UID}, uid=1001)
         assert e.message == f"gid {UID} is in use by another user's VM"
         assert net.link(ns, nc.names(a).tap) is None

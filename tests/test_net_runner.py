@@ -9,11 +9,21 @@ from typing import Any
 
 import pytest
 
-from helper import config, ops
+from helper import config, net, ops
 from helper import netcore as nc
 from helper.errors import Conflict
-from runner import network, qemu
-from tests.test_net_ops import ROOT_A, UID, assert_host_clean, cfg, ns, snapshot, vm_id
+from runner import network, qemu, vmres
+from runner.state import State, VMRecord
+from tests.test_net_ops import (
+    ROOT_A,
+    ROOT_B,
+    UID,
+    assert_host_clean,
+    cfg,
+    ns,
+    snapshot,
+    vm_id,
+)
 
 pytestmark = pytest.mark.root
 __all__ = ["ns"]  # the fixture, shared with test_net_ops
@@ -71,3 +81,45 @@ def test_a_failed_attach_leaves_nothing_of_the_vm(ns: str) -> None:
     assert network.reconcile(plain, ROOT_A, keep=[]) == [
         "forward:8080", f"tap:{nc.names(a).tap}", f"lease:{a}"]
     assert network.reconcile(plain, ROOT_A, keep=[]) == []
+
+
+def test_a_vm_uid_another_caller_holds_is_retried_with_another(ns: str, tmp_path: Path) -> None:
+    """What `kiln run --net tap` does (``vmres.retry_uid``) when its record's uid is one
+    another caller's tap holds: the helper refuses it (UidInUse), the record gets another
+    uid (never the refused one), the tap is attached with that; nothing of the refused
+    attempt stays. A range with no other uid ends in "no free VM uid"."""
+    from dataclasses import replace
+
+    (tmp_path / "pool").mkdir()
+    c = replace(cfg(ns), pool_dir=tmp_path / "pool")
+    before = snapshot(ns)
+    mine, theirs = caller(c, uid=1001), caller(c, uid=1000)
+    a, b = vm_id(), vm_id()
+    network.attach(theirs, b, ROOT_B, UID, UID)
+    (tmp_path / "root").mkdir()
+    st = State(tmp_path / "root")
+    rec = st.create(vm_id=a, name=None, vmm="qemu", volume="sha256:" + "0" * 64,
+                    snapshot="vm" + a, vm_dir=tmp_path / "vm", cgroups=[], want_uid=True,
+                    auto_remove=False, spec={}, uid_range=(UID, 1))
+    assert rec.uid == UID
+
+    def attach(r: VMRecord) -> network.VmNet:
+        assert r.uid is not None
+        return network.attach(mine, a, ROOT_A, r.uid, r.uid)
+
+    with pytest.raises(Conflict) as e:  # U is all this range has
+        vmres.retry_uid(st, rec, vmres.UidPicker((UID, 1)), attach)
+    assert e.value.message == "no free VM uid"
+    assert net.link(ns, nc.names(a).tap) is None
+    picker = vmres.UidPicker((UID, 3))
+    vn, now = vmres.retry_uid(st, rec, picker, attach)
+    assert (picker.refused, now.uid in (UID + 1, UID + 2)) == ({UID}, True)
+    stored = st.get(a)
+    assert (stored.uid if stored else None) == now.uid
+    tap = net.link(ns, vn.tap)
+    assert tap is not None
+    assert tap["linkinfo"]["info_data"]["user"] == now.uid
+    assert network.detach(mine, a) == ["tap-detach", "net-release"]
+    assert network.detach(theirs, b) == ["tap-detach", "net-release"]
+    caller(c)("bridge-remove", {})
+    assert snapshot(ns) == before

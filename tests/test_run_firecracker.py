@@ -453,6 +453,49 @@ def test_detach_config_roundtrip_stop_rm(world: dict[str, Any]) -> None:
 
 @pytest.mark.firecracker
 @pytest.mark.root
+def test_a_vm_uid_another_callers_jail_holds_is_retried(world: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """Another caller (a second kiln root) holds the range's first uid with a jail; this
+    kiln's scan starts there (pinned): jail-stage refuses it, the launch is torn down,
+    the record gets the next uid and the real jailer runs Firecracker as that one."""
+    from builder.source import RegistryOptions
+    from helper import config, ops
+    from runner import vm as vmcore
+    from runner.vmspec import RunOptions
+
+    cfg = config.load()
+    held = cfg.uid_first
+    (tmp_path / "other").mkdir()
+    other = ops.Ctx(cfg=cfg, area=tmp_path / "other", caller_uid=0, caller_gid=0,
+                    trusted=True)
+
+    def op(name: str, req: dict[str, Any]) -> None:
+        ops.run_op(other, name, ops.parse(name, json.dumps(req)))
+
+    op("jail-stage", {"vm": "otherjail", "uid": held, "gid": held, "items": []})
+    monkeypatch.setattr(state.secrets, "randbelow", lambda n: 0)  # the scan starts at U
+    ids: list[str] = []
+    try:
+        code = vmcore.run(Root(world["root"]), world["volume"],
+                          RunOptions(vmm="firecracker", detach=True, command=("echo", "hi")),
+                          RegistryOptions(), on_ready=ids.append)
+        assert code == 0
+        rec = state.State(world["root"]).get(ids[0])
+        assert rec is not None
+        assert (rec.state, rec.uid) == ("running", held + 1)
+        status = Path(f"/proc/{rec.pid}/status").read_text()
+        assert f"Uid:\t{held + 1}\t" in status  # Firecracker runs as the second uid
+        assert (world["jails"] / "otherjail").is_dir()  # the other caller's jail is left
+    finally:
+        for vm_id in ids:
+            kiln(world["root"], "rm", "--force", vm_id)
+        op("jail-remove", {"vm": "otherjail"})
+    assert leftovers(world, ids[0]) == []
+
+
+@pytest.mark.firecracker
+@pytest.mark.root
 def test_sigkill_of_the_owner_is_reconciled(world: dict[str, Any]) -> None:
     root = world["root"]
     res = kiln(root, "run", "--vmm", "firecracker", "--detach", world["volume"], "--",

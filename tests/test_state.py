@@ -186,3 +186,26 @@ def test_vm_uids_start_at_a_random_offset_and_never_repeat_a_live_one(tmp_path: 
             vm_dir=tmp_path / "v", cgroups=[], want_uid=True, auto_remove=False, spec={},
             uid_range=(900_000, 65_536)).uid)
     assert len(starts) > 1  # 8 fresh roots: not all on one uid (chance of failure ~1e-34)
+
+
+def test_reassign_uid_records_another_free_one_never_a_refused_one(tmp_path: Path) -> None:
+    """The helper refused the VM's uid (another caller's VM holds it): the record gets a
+    uid free in this root and not refused before; none left is "no free VM uid"."""
+    st = state.State(tmp_path)
+    mk = dict(name=None, vmm="qemu", volume="sha256:" + "0" * 64, cgroups=[], want_uid=True,
+              auto_remove=False, spec={}, uid_range=(900_000, 4))
+    other = st.create(vm_id="oa", snapshot="vmoa", vm_dir=st.vms_dir / "oa", **mk)
+    rec = st.create(vm_id="ra", snapshot="vmra", vm_dir=st.vms_dir / "ra", **mk)
+    assert rec.uid is not None
+    assert other.uid is not None
+    refused = {rec.uid}
+    seen = {other.uid, rec.uid}
+    for _ in range(2):
+        rec = st.reassign_uid("ra", (900_000, 4), refused)
+        assert rec.uid not in seen  # not the other VM's, not a refused one
+        assert st.get("ra") == rec  # recorded
+        refused.add(rec.uid)  # type: ignore[arg-type]
+        seen.add(rec.uid)  # type: ignore[arg-type]
+    assert seen == {900_000, 900_001, 900_002, 900_003}
+    with pytest.raises(Conflict, match="no free VM uid"):
+        st.reassign_uid("ra", (900_000, 4), refused)
