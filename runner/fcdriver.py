@@ -73,12 +73,11 @@ STOP_FILE = "stop"
 AFTER_MARK = 2.0  # s: after the exit marker, time for the guest to power off by itself
 
 
-def ops_for(cfg: jail.JailConfig, root_dir: Path) -> fc.PrivOps:
+def ops_for(root_dir: Path) -> fc.PrivOps:
     """The helper's ops: in-process as root (area: the kiln root), through ``sudo
     kiln-helper`` otherwise — the same op functions either way, so root's jails hold their
-    VM uids in the helper's ledger too (``helper.vmuids``). ``cfg`` is the trusted config's
-    jail section those ops load themselves."""
-    del cfg
+    VM uids in the helper's ledger too (``helper.vmuids``). They load the jail config from
+    the trusted config themselves."""
     from helper.client import HelperOps, area
 
     return HelperOps(area_dir=area(root_dir))
@@ -217,7 +216,7 @@ def vm_for(cfg: jail.JailConfig, root: Root, st: State, rec: VMRecord, boot: Boo
     vn = None
     if intent is not None:
         vn, rec = vmres.net_attach(root, st, rec, intent, picker)
-    vm = make_vm(cfg, ops_for(cfg, root.path), rec, vmlinux=boot.vmlinux, initrd=boot.initrd,
+    vm = make_vm(cfg, ops_for(root.path), rec, vmlinux=boot.vmlinux, initrd=boot.initrd,
                  rootfs=boot.rootfs, cpus=boot.cpus, memory=boot.memory, init=boot.init,
                  nets=(vn.firecracker_nic(),) if vn else (),
                  netns=vn.spawn_netns if vn else None, kernel_args=vn.kernel_args if vn else ())
@@ -424,7 +423,7 @@ def teardown(root_dir: Path, host: str, version: int | None, jail_path: str | No
     """Kill the cgroup(s) of the VM with host name ``host`` and remove its jail
     (idempotent). ``version`` None: both."""
     cfg = jail_config(root_dir)
-    ops = ops_for(cfg, root_dir)
+    ops = ops_for(root_dir)
     for v in (1, 2) if version is None else (version,):
         with contextlib.suppress(NotFound):
             ops.cgroup_kill(host, v)
