@@ -1,10 +1,11 @@
 """Moving a caller's process into that caller's VM cgroup (op ``cgroup-attach``).
 
 Privileged (root inside kiln-helper), stdlib only. The process is a sudo caller's QEMU
-child, before it execs. The pid is a number, so the check pins the process first: a
-pidfd, then ``/proc/PID`` opened as a directory, then the pidfd confirmed alive (so that
-directory is the same process); the uids (real, effective, saved, fs) read through it
-must all be the owner's. After the write the pidfd must still be alive — a pid is not
+child, before it execs. The pid is a number: a pidfd, then ``/proc/PID`` opened as a
+directory, then the pidfd confirmed alive (so that directory is the same process); the
+uids (real, effective, saved, fs) read through it must all be the owner's — checked
+before the process is pinned (seizing another user's process would already act on it)
+and again once pinned. After the write the pidfd must still be alive — a pid is not
 reused while its process exists, so the write hit that process — and still the owner's
 (no setuid exec meanwhile). Otherwise whatever now holds that pid in the VM's cgroup goes
 back (to the place it was in, when it is the checked process; else to the hierarchy root)
@@ -27,16 +28,28 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from helper.cgroup import CgroupConfig, Layout, _pids, _write, layout, vm_dirs
 from helper.errors import Conflict, NotFound, UsageError
 
 _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP,
          signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM}
+
+
+def held(op: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any, Any], dict[str, Any]]:
+    """``op`` run whole with the relayed signals held (``uninterrupted``): a caller's SIGTERM
+    through sudo can no longer cut a half-made jail or device loose from its record."""
+    @functools.wraps(op)
+    def run(ctx: Any, req: Any) -> dict[str, Any]:
+        with uninterrupted():
+            return op(ctx, req)
+    return run
 
 
 @contextlib.contextmanager
@@ -185,11 +198,30 @@ def cgroup_attach(cfg: CgroupConfig, vm_id: str, version: int, pid: int,
                              "id") from None
         raise
     try:
+        # Whose it is, before anything touches it: seizing (ptrace) another user's process
+        # would already act on it. Checked again once pinned (a setuid exec in between).
+        _check_owner(pid, pidfd, owner_uid)
         with pinned(pid):
             _attach_pinned(lay, dirs, version, pid, pidfd, owner_uid)
     finally:
         os.close(pidfd)
     return dirs
+
+
+def _check_owner(pid: int, pidfd: int, owner_uid: int) -> None:
+    """Refuse unless the process behind ``pidfd`` is alive and all its uids are the owner's."""
+    try:
+        procfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"no process {pid}", "") from None
+    try:
+        if not _alive(pidfd):  # /proc/PID may already be a newer process
+            raise NotFound(f"no process {pid}", "")
+        if any(u != owner_uid for u in _uids(procfd)):
+            raise UsageError(f"refusing process {pid}: it is not uid {owner_uid}'s",
+                             "only your own processes can join your VM's cgroup")
+    finally:
+        os.close(procfd)
 
 
 def _attach_pinned(lay: Layout, dirs: list[Path], version: int, pid: int, pidfd: int,
@@ -200,11 +232,7 @@ def _attach_pinned(lay: Layout, dirs: list[Path], version: int, pid: int, pidfd:
     except FileNotFoundError:
         raise NotFound(f"no process {pid}", "") from None
     try:
-        if not _alive(pidfd):  # the seized pid may already name a newer process
-            raise NotFound(f"no process {pid}", "")
-        if any(u != owner_uid for u in _uids(procfd)):
-            raise UsageError(f"refusing process {pid}: it is not uid {owner_uid}'s",
-                             "only your own processes can join your VM's cgroup")
+        _check_owner(pid, pidfd, owner_uid)  # again: it may have exec'd a setuid program
         before = _membership(procfd)
         try:
             for d in dirs:

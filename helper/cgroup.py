@@ -268,21 +268,27 @@ def cgroup_create(cfg: CgroupConfig, vm_id: str, version: int,
 def _make(cfg: CgroupConfig, version: int, need: list[str], files: list[tuple[str, str]],
           dirs: list[Path], made: list[Path]) -> None:
     for d in dirs:
-        hierarchy = d.parents[len(cfg.parent.split("/"))]
-        cur = hierarchy
-        for part in cfg.parent.split("/"):
-            if version == 2 and need:  # a child gets a controller only via its parent
-                _enable(cur, need)
-            cur = cur / part
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(cur, 0o755)
-        if version == 2 and need:
-            _enable(cur, need)
-        os.mkdir(d, 0o755)
+        make_leaf(cfg, d, version, need)
         made.append(d)
         for name, value in files:
             if version == 2 or (d / name).exists():  # v1: each file in its own hierarchy
                 _write(d / name, value)
+
+
+def make_leaf(cfg: CgroupConfig, d: Path, version: int, need: list[str]) -> None:
+    """mkdir ``<hierarchy>/<parent>/<leaf>`` (the parent chain as needed, v2: ``need``
+    enabled on the way). FileExistsError when the leaf exists: it is never reused."""
+    hierarchy = d.parents[len(cfg.parent.split("/"))]
+    cur = hierarchy
+    for part in cfg.parent.split("/"):
+        if version == 2 and need:  # a child gets a controller only via its parent
+            _enable(cur, need)
+        cur = cur / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(cur, 0o755)
+    if version == 2 and need:
+        _enable(cur, need)
+    os.mkdir(d, 0o755)
 
 
 def _enable(d: Path, need: list[str]) -> None:
@@ -396,3 +402,19 @@ def _rmdir_tree(d: Path, deadline: float) -> None:
                                    "a process is still exiting; retry in a moment") from None
                 time.sleep(0.02)
 
+
+
+def remove_dirs(dirs: list[Path], *, timeout: float = 10.0) -> None:
+    """SIGKILL what is left in ``dirs`` (cgroups the helper made for a jail), wait until they
+    are empty, rmdir them (children first)."""
+    deadline = time.monotonic() + timeout
+    live = [d for d in dirs if d.is_dir()]
+    while left := [p for d in live for p in _pids(d)]:
+        if time.monotonic() > deadline:
+            raise Conflict(f"processes {left} survived killing {live[0]}",
+                           "they may be stuck in the kernel (D state); retry later")
+        for pid in left:
+            _kill(pid)
+        time.sleep(0.02)
+    for d in live:
+        _rmdir_tree(d, deadline)

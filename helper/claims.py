@@ -8,19 +8,31 @@ of every directory made, plus whatever the op adds. An op acting on the object l
 requires that claim, with the same boot id and every directory still the same inode — so
 another user's object, or one a reboot or a removal recycled under the same name, is
 refused.
+
+A claim is written *before* the object it records exists (``put`` with an intent: a
+temp path, an identity still ``None``), so a helper killed half-way leaves a record that
+names what it may have made: the caller's next remove finds and deletes it.
+``host_lock``: one host-wide flock per purpose (``<[pool] directory>/<name>``) for
+check-then-create steps that several callers race for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from helper import safepath
-from helper.errors import NotFound
+from helper.errors import NotFound, UsageError
 from helper.opbase import replace_in
+
+JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (helper.ops_jail)
+CGROUPS = "cgroups"  # <area>/cgroups/<vm>: the caller's VM cgroups (helper.ops_vm)
 
 
 def boot_id() -> str:
@@ -50,7 +62,12 @@ def _dir_fd(area: Path, kind: str, *, create: bool) -> int | None:
 
 
 def write(area: Path, kind: str, name: str, dirs: list[Path], **extra: Any) -> None:
-    doc = {**extra, "boot": boot_id(), "dirs": {str(d): identity(d) for d in dirs}}
+    put(area, kind, name, {**extra, "dirs": {str(d): identity(d) for d in dirs}})
+
+
+def put(area: Path, kind: str, name: str, doc: dict[str, Any]) -> None:
+    """Write ``doc`` (plus this boot's id) as the claim, replacing any earlier version."""
+    doc = {**doc, "boot": boot_id()}
     dfd = _dir_fd(area, kind, create=True)
     assert dfd is not None
     try:
@@ -106,3 +123,32 @@ def holds(claim: dict[str, Any] | None, existing: list[Path]) -> bool:
     dirs = (claim or {}).get("dirs")
     return (isinstance(dirs, dict) and (claim or {}).get("boot") == boot_id()
             and all(dirs.get(str(d)) == identity(d) for d in existing))
+
+
+def same(recorded: Any, path: Path) -> bool:
+    """``path`` exists and is the (device, inode) recorded (``None`` never matches)."""
+    try:
+        return isinstance(recorded, list) and recorded == identity(path)
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def host_lock(pool_dir: Path, name: str) -> Iterator[None]:
+    """Hold the root-owned flock ``<pool_dir>/<name>`` (blocks until the holder is done)."""
+    pool_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # a trusted path
+    dfd = safepath.open_dir(pool_dir)
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+            raise UsageError(f"{pool_dir}/{name} is not a root-owned file",
+                             "remove it; kiln-helper recreates it")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

@@ -124,48 +124,51 @@ def rel(area_dir: Path, path: Path | str) -> str:
 # -- typed wrappers the pool backends use -----------------------------------------------------
 
 
-def loop_attach(area_dir: Path, image: Path) -> str:
-    return str(call("loop-attach", {"image": rel(area_dir, image)}, area=area_dir)["device"])
+def pool_create(area_dir: Path, size: int, fs: str) -> None:
+    """Make and mount the area's pool image (``pool/pool.img`` at ``pool/fs``)."""
+    call("pool-create", {"size": size, "fs": fs}, area=area_dir)
 
 
-def loop_detach(area_dir: Path, device: str) -> None:
-    call("loop-detach", {"device": device}, area=area_dir)
+def pool_mount(area_dir: Path) -> None:
+    call("pool-mount", {}, area=area_dir)
 
 
-def pool_image(area_dir: Path, image: Path, size: int, fs: str) -> None:
-    call("pool-image", {"image": rel(area_dir, image), "size": size, "fs": fs}, area=area_dir)
+def pool_umount(area_dir: Path) -> None:
+    call("pool-umount", {}, area=area_dir)
 
 
-def pool_mount(area_dir: Path, device: str, mountpoint: Path, fs: str) -> None:
-    call("pool-mount", {"device": device, "mountpoint": rel(area_dir, mountpoint), "fs": fs},
-         area=area_dir)
+def pool_destroy(area_dir: Path) -> None:
+    call("pool-destroy", {}, area=area_dir)
 
 
-def pool_umount(area_dir: Path, mountpoint: Path) -> None:
-    call("pool-umount", {"mountpoint": rel(area_dir, mountpoint)}, area=area_dir)
+def pool_list(area_dir: Path) -> dict[str, Any]:
+    """``{"volumes": {id: size}, "snapshots": [id], "capacity": n, "used": n}``."""
+    return call("pool-list", {}, area=area_dir)
 
 
-def pool_remove(area_dir: Path, image: Path, mountpoint: Path) -> None:
-    call("pool-remove", {"image": rel(area_dir, image), "mountpoint": rel(area_dir, mountpoint)},
-         area=area_dir)
-
-
-def volume_import(area_dir: Path, volume_id: str, src: Path, directory: Path, *,
-                  clone: bool = False) -> bool:
-    """Copy ``src`` into ``directory`` as ``<hex>.ext4``, verified against ``volume_id``."""
+def volume_import(area_dir: Path, volume_id: str, src: Path, *, clone: bool = False) -> bool:
+    """Copy ``src`` into the pool's ``volumes/`` as ``<hex>.ext4``, verified against the id."""
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        res = call("volume-import", {"volume": volume_id, "fd": fd, "clone": clone,
-                                     "directory": rel(area_dir, directory)},
+        res = call("volume-import", {"volume": volume_id, "fd": fd, "clone": clone},
                    area=area_dir, pass_fd=fd)
     finally:
         os.close(fd)
     return bool(res.get("created"))
 
 
-def volume_remove(area_dir: Path, volume_id: str, directory: Path) -> None:
-    call("volume-remove", {"volume": volume_id, "directory": rel(area_dir, directory)},
-         area=area_dir)
+def volume_remove(area_dir: Path, volume_id: str) -> None:
+    call("volume-remove", {"volume": volume_id}, area=area_dir)
+
+
+def snapshot_create(area_dir: Path, volume_id: str, snap_id: str) -> Path:
+    """A clone of the pool volume, handed to this user (0600); its path."""
+    return Path(call("snapshot-create", {"volume": volume_id, "snapshot": snap_id},
+                     area=area_dir)["path"])
+
+
+def snapshot_remove(area_dir: Path, snap_id: str) -> None:
+    call("snapshot-remove", {"snapshot": snap_id}, area=area_dir)
 
 
 def reclaim(area_dir: Path, keep: list[str]) -> list[str]:

@@ -60,6 +60,24 @@ DEFAULT_POOL_DIR = "/var/lib/kiln"
 DEFAULT_BACKEND: Final = "auto"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """``[limits]``: what one sudo caller may hold or spend (root in-process is not
+    limited; network leases and forwards have their caps in ``[net]``). Counts are per
+    caller uid; ``pool_margin_percent`` is host-wide: the sum of every area's promised
+    (sparse, not yet written) image bytes plus a new image must stay below the free space
+    of ``[pool] directory``'s filesystem minus this share of it."""
+
+    jails: int = 16  # staged Firecracker jails
+    cgroups: int = 64  # VM cgroups
+    pool_bytes: int = 64 << 30  # one pool image (reflink) or thin data file
+    pool_margin_percent: int = 5
+    import_bytes: int = 64 << 30  # one volume-import / dm-import
+    cpu_seconds: int = 900  # CPU time of one op (RLIMIT_CPU), tools included
+    request_bytes: int = 64 << 10  # one request on stdin
+    audit_bytes_per_day: int = 1 << 20  # audit log lines one uid may add per UTC day
+
+
 class UntrustedConfig(KilnError):
     """The config file (or a tool it names) could be changed by someone other than root."""
 
@@ -82,6 +100,7 @@ class Config:
     # [pool] data_device / metadata_device (dm-thin on the operator's block devices)
     data_device: Path | None = None
     metadata_device: Path | None = None
+    limits: Limits = Limits()
 
     @property
     def net(self) -> NetSection:

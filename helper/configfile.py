@@ -30,6 +30,7 @@ from helper.config import (
     DEFAULT_POOL_DIR,
     DEFAULT_UID_RANGE,
     Config,
+    Limits,
     UntrustedConfig,
 )
 from helper.netconfig import NetSection
@@ -105,6 +106,32 @@ class PoolSection(BaseModel):
         return self
 
 
+class LimitsSection(BaseModel):
+    """``[limits]``: per-caller caps for sudo callers (``helper.config.Limits``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    jails: int = Field(default=Limits.jails, ge=0, le=4096,
+                       description="Firecracker jails one caller may hold")
+    cgroups: int = Field(default=Limits.cgroups, ge=0, le=4096,
+                         description="VM cgroups one caller may hold")
+    pool_bytes: int = Field(default=Limits.pool_bytes, ge=256 << 20, le=1 << 50,
+                            description="largest pool image or thin data file of a caller")
+    pool_margin_percent: int = Field(default=Limits.pool_margin_percent, ge=0, le=90,
+                                     description="share of the pool directory's filesystem "
+                                     "kept free of every caller's promised image bytes")
+    import_bytes: int = Field(default=Limits.import_bytes, ge=1 << 20, le=1 << 50,
+                              description="largest volume a caller may import")
+    cpu_seconds: int = Field(default=Limits.cpu_seconds, ge=10, le=86400,
+                             description="CPU seconds one op may use (RLIMIT_CPU)")
+    request_bytes: int = Field(default=Limits.request_bytes, ge=1024, le=1 << 20,
+                               description="largest request a caller may send")
+    audit_bytes_per_day: int = Field(default=Limits.audit_bytes_per_day, ge=4096,
+                                     le=1 << 30, description="audit log bytes one uid may "
+                                     "add per UTC day (further lines are dropped, one "
+                                     "'rate-limited' line says so)")
+
+
 class ConfigFile(BaseModel):
     """The whole ``/etc/kiln/config.toml``."""
 
@@ -116,6 +143,7 @@ class ConfigFile(BaseModel):
     pool: PoolSection = Field(default_factory=PoolSection, description="[pool]")
     net: NetSection | None = Field(
         default=None, description="[net]; absent: no networking (`--net tap` refused)")
+    limits: LimitsSection = Field(default_factory=LimitsSection, description="[limits]")
 
 
 def parse(text: bytes, path: Path | None = None) -> Config:
@@ -152,4 +180,5 @@ def parse(text: bytes, path: Path | None = None) -> Config:
                   net_section=doc.net,
                   data_device=Path(doc.pool.data_device) if doc.pool.data_device else None,
                   metadata_device=Path(doc.pool.metadata_device)
-                  if doc.pool.metadata_device else None)
+                  if doc.pool.metadata_device else None,
+                  limits=Limits(**doc.limits.model_dump()))

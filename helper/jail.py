@@ -16,14 +16,11 @@ Privileged (runs as root inside kiln-helper; ops ``jail-stage``, ``jail-launch``
 
 Layout (the jailer's): ``BASE/<exec-file name>/ID/root`` is the chroot. Beside ``root`` we
 keep ``console.log`` (Firecracker's stdout/stderr: the serial console) and, after
-``jail_grant_api``, ``api.sock``: a hard link to the socket inside the chroot, owned by the
-caller (0660) in a directory only the caller's group may search (0710) — the chroot root
-itself stays 0700 to the VM's uid.
+``jail_grant_api``, ``api.sock``: a hard link to the socket inside the chroot, the caller
+uid's alone (0600; never its group, which other users may share), in the root-owned jail
+directory (0711: traversal, no listing) — the chroot root itself stays 0700 to the VM's uid.
 
-Staging hard-links (BASE must be on the pool's filesystem); across filesystems it copies
-and says so. A writable file (the VM's rootfs snapshot) must have exactly one link and is
-chowned to the VM; a read-only one (kernel, initrd) is never chowned: it must already be
-world-readable, else a private copy is made.
+Staging (``helper.jailstage``): what may be staged, and who ends up owning what.
 """
 
 from __future__ import annotations
@@ -40,13 +37,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helper import jailcg
 from helper.cgroup import CgroupConfig, check_parent, check_vm_id
 from helper.errors import Conflict, KilnError, NotFound, ToolError, UsageError
 
 API_SOCK = "/run/api.sock"  # inside the chroot
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_CG_FILE_RE = re.compile(r"^(cpu|cpuset|memory|pids|freezer|io|blkio)\.[a-z_.]{1,48}$")
-_CG_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 :,-]{0,63}$")
 _NETNS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 RESOURCES = ("fsize", "no-file")
 UID_MAX = 2**32 - 2
@@ -81,6 +77,7 @@ class StageItem:
 class Staged:
     root: Path
     warnings: list[str]
+    devices: list[str] = field(default_factory=list)  # dm names whose nodes it holds
 
 
 @dataclass(frozen=True)
@@ -160,10 +157,7 @@ def check_spec(cfg: JailConfig, spec: JailSpec) -> JailSpec:
     check_ids(cfg, spec.uid, spec.gid)
     if spec.cgroup_version not in (1, 2):
         raise UsageError(f"invalid cgroup version {spec.cgroup_version!r}", "use 1 or 2")
-    for fname, value in spec.cgroups:
-        if not _CG_FILE_RE.fullmatch(fname) or not _CG_VALUE_RE.fullmatch(value):
-            raise UsageError(f"refusing cgroup setting {fname!r}={value!r}",
-                             "only cpu/memory/pids/freezer/... files with plain values")
+    jailcg.check_files(spec.cgroup_version, spec.cgroups)  # limits only, in range
     if spec.parent_cgroup is not None:
         check_parent(spec.parent_cgroup)
         allowed = {cfg.cgroup.parent, f"{cfg.cgroup.parent}/{spec.jail_id}"}
@@ -261,7 +255,10 @@ def jail_launch(cfg: JailConfig, spec: JailSpec, *, timeout: float = 10.0) -> in
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},  # nothing of the caller's
-            cwd="/", start_new_session=True)  # the VM outlives us and our terminal
+            cwd="/", start_new_session=True,  # the VM outlives us and our terminal
+            # The op holds relayed signals (blocked masks are inherited): the VMM must not
+            # start with them blocked. The helper is single-threaded, so preexec_fn is safe.
+            preexec_fn=_unblock)  # noqa: PLW1509
     finally:
         os.close(out)
     try:
@@ -280,6 +277,10 @@ def jail_launch(cfg: JailConfig, spec: JailSpec, *, timeout: float = 10.0) -> in
     return int(text)
 
 
+def _unblock() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def _tail(path: Path, n: int = 10) -> str:
     try:
         with open(path, "rb") as f:
@@ -291,9 +292,9 @@ def _tail(path: Path, n: int = 10) -> str:
 
 def jail_grant_api(cfg: JailConfig, jail_id: str, caller_uid: int, caller_gid: int, *,
                    timeout: float = 5.0) -> Path:
-    """Hand the API socket to the caller: ``BASE/<fc>/ID/api.sock`` (0660, caller-owned), a
-    hard link of the chroot's socket, in a directory the caller's group may search (0710).
-    Also makes console.log readable by that group. Waits up to ``timeout`` for the socket."""
+    """Hand the API socket to the caller's uid: ``BASE/<fc>/ID/api.sock`` (0600, the caller's),
+    a hard link of the chroot's socket, in the root-owned jail directory (0711). Also makes
+    console.log the caller's (0400). Waits up to ``timeout`` for the socket."""
     check_vm_id(jail_id)
     for what, n in (("uid", caller_uid), ("gid", caller_gid)):
         if type(n) is not int or not 0 <= n <= UID_MAX:
@@ -341,16 +342,30 @@ def jail_grant_api(cfg: JailConfig, jail_id: str, caller_uid: int, caller_gid: i
         if (linked.st_ino, linked.st_dev) != (sst.st_ino, sst.st_dev):
             os.unlink("api.sock", dir_fd=jfd)
             raise Conflict(f"the API socket of jail {jail_id} changed while granting", "")
-        os.chown("api.sock", caller_uid, caller_gid, dir_fd=jfd, follow_symlinks=False)
-        # jd is root-owned and only root writes it: the names checked above stay put.
-        os.chmod("api.sock", 0o660, dir_fd=jfd)
-        os.chown("console.log", 0, caller_gid, dir_fd=jfd, follow_symlinks=False)
-        os.chmod("console.log", 0o640, dir_fd=jfd)
-        os.chown(jd, 0, caller_gid, follow_symlinks=False)
-        os.chmod(jd, 0o710)  # noqa: S103 - search for the caller's group only
+        # A socket cannot be opened to fchown it: by name, in jd, which only root writes,
+        # so the name checked above stays put. The caller's uid alone: its primary group
+        # may be shared with other users.
+        os.chown("api.sock", caller_uid, 0, dir_fd=jfd, follow_symlinks=False)
+        os.chmod("api.sock", 0o600, dir_fd=jfd)
+        _give_console(jfd, jail_id, caller_uid)
+        os.chmod(jd, 0o711)  # noqa: S103 - traversal only; what is inside guards itself
     finally:
         os.close(jfd)
     return jd / "api.sock"
+
+
+def _give_console(jfd: int, jail_id: str, caller_uid: int) -> None:
+    """console.log (made by jail-stage: root's, one link) readable by the caller alone."""
+    fd = os.open("console.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 dir_fd=jfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in (0, caller_uid):
+            raise Conflict(f"the console log of jail {jail_id} is not the one kiln made", "")
+        os.fchown(fd, caller_uid, 0)
+        os.fchmod(fd, 0o400)
+    finally:
+        os.close(fd)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -399,3 +414,22 @@ def jail_remove(cfg: JailConfig, jail_id: str) -> None:
     if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux has it
         raise KilnError("this platform cannot remove trees safely", "")
     shutil.rmtree(jd)
+
+
+def jails_holding(chroot_base: Path, rdev: int) -> list[str]:
+    """Ids of the jails (of any exec-file name) whose chroot holds a block node of device
+    ``rdev``: a dm minor is reused once its device goes, so such a node must not outlive it."""
+    out: list[str] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for sub in os.scandir(chroot_base):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for jd in os.scandir(sub.path):
+                root = os.path.join(jd.path, "root")
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    for e in os.scandir(root):
+                        st = e.stat(follow_symlinks=False)
+                        if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                            out.append(jd.name)
+                            break
+    return sorted(out)

@@ -1,12 +1,19 @@
 """``kiln-helper OP``: the only kiln program that runs as root for other users (via sudo).
 
-Protocol: one JSON request on stdin (at most 1 MiB), validated by the op's pydantic model;
-one JSON object on stdout; exit 0 done, 1 refused or failed (one line on stderr, and
+Protocol: one JSON request on stdin (at most ``[limits] request_bytes``, 64 KiB by
+default; larger exits 2 having read at most one byte more), validated by the op's pydantic
+model; one JSON object on stdout; exit 0 done, 1 refused or failed (one line on stderr, and
 ``{"error": {...}}`` on stdout), 2 malformed request or usage. ``kiln-helper --list``
 prints every op's request JSON Schema.
 
 Hardening, in order, before anything else runs:
 
+* a sudo caller's relayable signals (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGTSTP, SIGTTIN,
+  SIGTTOU, SIGUSR1/2, SIGALRM) are held (blocked) from the first line until the process
+  exits, so a caller cannot cut any op between two steps; they are never delivered (the
+  pending ones die with us). Only SIGKILL (root's, or the CPU limit's) remains, and that
+  is what the ops' records and ``reclaim`` handle. Tools start with the default mask
+  (``helper.run``);
 * ``python3 -I`` semantics: the venv's script runs ``python3 -I`` (no user site, no
   ``PYTHON*`` variables, no cwd on ``sys.path``); ``main`` checks ``sys.flags.isolated``
   and re-checks that every ``sys.path`` entry is root-owned and not writable by others;
@@ -15,16 +22,29 @@ Hardening, in order, before anything else runs:
 * the trusted config is loaded (``helper.config``: root-owned files only), and tools run
   from its absolute paths (``helper.run.which`` is pointed at ``Config.tool``);
 * the caller is ``SUDO_UID``/``SUDO_GID`` when sudo ran us (sudo sets them; a caller cannot),
-  else our real uid. Its area ``<[pool] directory>/users/<uid>`` is created root-owned.
+  else our real uid. Its area ``<[pool] directory>/users/<uid>`` and ``users/`` are
+  root-owned 0711: a caller reaches what is its own inside, never lists another's;
+* the op name is checked (``ops.valid_op``: at most 32 of a-z and '-') before it is logged
+  or echoed; a bad one is logged in a bounded, escaped form (``op_label``);
+* a sudo caller's op runs under ``RLIMIT_CPU`` = ``[limits] cpu_seconds`` (soft = hard: the
+  kernel SIGKILLs at the limit; ``helper.run.limit_cpu``), inherited by its tools.
 
-Every op is appended to ``/var/log/kiln-helper/audit.log`` (root-owned, 0600 directory):
-time, caller uid, op, outcome. Tests read it to assert which ops ran.
+Every op is appended to ``/var/log/kiln-helper/audit.log`` (root-owned 0700 directory, all
+by dirfd with ``O_NOFOLLOW``): time, caller uid, op, outcome — one bounded line. A non-root
+uid adds at most ``[limits] audit_bytes_per_day`` bytes per UTC day (counter
+``rate/<uid>``: day, bytes, whether the cap was reported; under flock); past the cap one
+"rate-limited" line says so and the rest of that day's lines are dropped. The log rotates
+at 16 MiB (``audit.log.1``, ``audit.log.2``). Tests read it to assert which ops ran.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -36,8 +56,23 @@ if TYPE_CHECKING:
     from helper.config import Config
 
 AUDIT_DIR = Path("/var/log/kiln-helper")
+AUDIT_LOG = "audit.log"
+AUDIT_ROTATE_BYTES = 16 << 20  # then audit.log -> .1 -> .2 (two generations kept)
+AUDIT_GENERATIONS = 2
+RATE_DIR = "rate"  # AUDIT_DIR/rate/<uid>: that uid's audit bytes today
 SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
-MAX_REQUEST = 1 << 20
+AREA_MODE = 0o711  # users/ and users/<uid>: traversable to one's own, never listable
+# What sudo relays from its caller (and a terminal could send): held for a whole op.
+# SIGPIPE needs no holding: Python ignores it (a closed stdout is an EPIPE error); tools
+# get it back at its default (subprocess's restore_signals).
+HELD_SIGNALS = frozenset({
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM})
+# Ops whose child outlives them (the jailer execs Firecracker, the VM): RLIMIT_CPU would
+# kill the VM after cpu_seconds of its own CPU time, and a lowered hard limit cannot be
+# raised again for the child without CAP_SYS_RESOURCE. Their own work is bounded by the
+# jailer's timeout; the VM's CPU by its cgroup.
+UNLIMITED_CPU_OPS = frozenset({"jail-launch"})
 
 
 def scrub_environment() -> None:
@@ -87,22 +122,161 @@ def _caller() -> tuple[int, int]:
 _SUDO: dict[str, str] = {}
 
 
-def audit(caller: int, op: str, outcome: str) -> None:
+# -- the audit log ---------------------------------------------------------------------------
+
+
+def op_label(op: str) -> str:
+    """``op`` as it may be logged or echoed: itself when it could name an op, else a
+    bounded, escaped stand-in (a caller chooses argv: 131 KB of it must not reach a log)."""
+    from helper.ops import MAX_OP_LEN, valid_op
+
+    if valid_op(op):
+        return op
+    shown = op[:MAX_OP_LEN].encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return f"<invalid op of {len(op)} characters: {shown[:MAX_OP_LEN]}>"
+
+
+def _bounded(text: str, most: int) -> str:
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:most]
+
+
+def _audit_line(caller: int, op: str, outcome: str) -> bytes:
+    # ASCII only, bounded: a caller's text inside a message must not stretch the line.
+    # ``op`` is a checked name or its op_label already; the bound is a second line of defence.
+    return json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "uid": caller, "op": _bounded(op, 100),
+                       "outcome": _bounded(outcome, 200)}).encode() + b"\n"
+
+
+def _root_dir(name: str, dir_fd: int | None = None) -> int:
+    """A root-only (0700) directory, made if missing, opened without following a link."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if st.st_uid != 0:
+        os.close(fd)
+        raise PermissionError(f"{name} is not root's")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def audit(caller: int, op: str, outcome: str, cap: int | None = None) -> None:
+    """Append one line for ``caller`` (a non-root caller within ``cap`` bytes a day:
+    ``[limits] audit_bytes_per_day``, the built-in default when None)."""
     try:
-        AUDIT_DIR.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(AUDIT_DIR)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            return
-        fd = os.open(AUDIT_DIR / "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "uid": caller, "op": op, "outcome": outcome[:200]})
-        try:
-            os.write(fd, line.encode() + b"\n")
-        finally:
-            os.close(fd)
+        dfd = _root_dir(str(AUDIT_DIR))
     except OSError:
-        pass  # auditing must not turn a done op into a failure
+        return  # auditing must not turn a done op into a failure
+    try:
+        line = _audit_line(caller, op, outcome)
+        admitted: bytes | None = line
+        if caller != 0:  # root could fill the disk anyway; its lines are never dropped
+            if cap is None:
+                from helper.config import Limits
+
+                cap = Limits.audit_bytes_per_day
+            admitted = _admit(dfd, caller, op, line, cap)
+        if admitted is not None:
+            _rotate(dfd)
+            _append(dfd, admitted)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def _parse_rate(raw: bytes) -> tuple[str, int, bool]:
+    """``DAY BYTES NOTED`` (fixed width); anything else reads as a fresh day."""
+    parts = raw.decode("ascii", "replace").split()
+    if len(parts) == 3 and parts[1].isdigit() and parts[2] in ("0", "1"):
+        return parts[0], int(parts[1]), parts[2] == "1"
+    return "", 0, False
+
+
+def _admit(dfd: int, uid: int, op: str, line: bytes, cap: int) -> bytes | None:
+    """What of ``line`` may be written under ``uid``'s daily cap: the line, the one
+    "rate-limited" line of the day, or nothing. Counted under the counter's flock (only
+    this uid's own helpers wait on it)."""
+    rfd = _root_dir(RATE_DIR, dfd)
+    try:
+        fd = os.open(str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=rfd)
+    finally:
+        os.close(rfd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        day, used, noted = _parse_rate(os.pread(fd, 64, 0))
+        if day != _today():
+            day, used, noted = _today(), 0, False
+        out: bytes | None = None
+        if used + len(line) <= cap:
+            out, used = line, used + len(line)
+        elif not noted:
+            noted = True
+            out = _audit_line(uid, op, f"rate-limited: uid {uid} reached {cap} audit bytes "
+                              "today; its further lines are dropped until 00:00 UTC")
+        # One fixed-width pwrite: a kill mid-update cannot leave a shorter, reset counter.
+        os.pwrite(fd, f"{day} {used:020d} {int(noted)}\n".encode(), 0)
+        return out
+    finally:
+        os.close(fd)
+
+
+def audit_spent(uid: int) -> int:
+    """Audit bytes ``uid`` added today (0 when none or unreadable)."""
+    try:
+        fd = os.open(AUDIT_DIR / RATE_DIR / str(uid),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        day, used, _ = _parse_rate(os.pread(fd, 64, 0))
+    finally:
+        os.close(fd)
+    return used if day == _today() else 0
+
+
+def _rotate(dfd: int) -> None:
+    """Past ``AUDIT_ROTATE_BYTES``: audit.log -> audit.log.1 -> audit.log.2. Whoever gets
+    the directory's flock rotates; the others just append (a writer still holding the old
+    file appends to ``.1``: nothing is lost)."""
+    try:
+        if os.stat(AUDIT_LOG, dir_fd=dfd, follow_symlinks=False).st_size < AUDIT_ROTATE_BYTES:
+            return
+        fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (FileNotFoundError, BlockingIOError):
+        return
+    try:
+        if os.stat(AUDIT_LOG, dir_fd=dfd, follow_symlinks=False).st_size < AUDIT_ROTATE_BYTES:
+            return  # rotated by someone else meanwhile
+        for n in range(AUDIT_GENERATIONS, 0, -1):  # .1 -> .2 first, the live log last
+            src = f"{AUDIT_LOG}.{n - 1}" if n > 1 else AUDIT_LOG
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, f"{AUDIT_LOG}.{n}", src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        fcntl.flock(dfd, fcntl.LOCK_UN)
+
+
+def _append(dfd: int, line: bytes) -> None:
+    fd = os.open(AUDIT_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_nlink == 1:
+            os.write(fd, line)  # one write with O_APPEND: lines never interleave
+    finally:
+        os.close(fd)
+
+
+# -- the entry point -------------------------------------------------------------------------
 
 
 def _fail(code: int, kind: str, message: str, hint: str = "") -> tuple[int, str, str]:
@@ -111,12 +285,36 @@ def _fail(code: int, kind: str, message: str, hint: str = "") -> tuple[int, str,
             f"kiln-helper: {one}" + (f" ({hint})" if hint else ""))
 
 
+def hold_signals() -> None:
+    """Block ``HELD_SIGNALS`` for the rest of the process (see the module docstring).
+    The ops' own ``cgattach.uninterrupted`` then restores a mask that still holds them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+def read_request(fd: int, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of ``fd`` (one more than allowed tells "too large"),
+    never more: os.read, not a buffered reader that reads ahead."""
+    chunks: list[bytes] = []
+    got = 0
+    while got <= limit:
+        chunk = os.read(fd, limit + 1 - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     # Keep what sudo told us about the caller, then forget the whole environment.
     for k in ("SUDO_UID", "SUDO_GID"):
         if k in os.environ:
             _SUDO[k] = os.environ[k]
+    caller_uid, caller_gid = _caller()
+    via_sudo = caller_uid != os.getuid()
+    if via_sudo:
+        hold_signals()  # first: before the request is read, until the answer is written
     scrub_environment()
     from helper import config, ops, run
     from helper.errors import KilnError
@@ -128,16 +326,23 @@ def main(argv: list[str] | None = None) -> int:
         return _emit(_fail(2, "UsageError", "usage: kiln-helper OP < request.json | "
                            "kiln-helper --list"))
     op = args[0]
-    caller_uid, caller_gid = _caller()
     try:
         check_import_path()
         cfg = config.load()
     except KilnError as e:
-        audit(caller_uid, op, f"refused: {e.message}")
+        audit(caller_uid, op_label(op), f"refused: {e.message}")
         return _emit(_fail(1, type(e).__name__, e.message, e.hint))
-    payload = sys.stdin.buffer.read(MAX_REQUEST + 1)
+    log = functools.partial(audit, cap=cfg.limits.audit_bytes_per_day)
+    if not ops.valid_op(op):  # before reading anything: a bad name is all there is to say
+        return _emit(_unknown_op(op, caller_uid, log))
+    if via_sudo and op not in UNLIMITED_CPU_OPS:
+        run.limit_cpu(cfg.limits.cpu_seconds)
+    try:
+        payload = read_request(0, cfg.limits.request_bytes)
+    except OSError:  # no stdin at all: an empty, malformed request
+        payload = b""
     run.which = cfg.tool  # type: ignore[assignment]  # tools only from the trusted config
-    return _emit(serve(op, payload, cfg, caller_uid, caller_gid))
+    return _emit(serve(op, payload, cfg, caller_uid, caller_gid, log=log))
 
 
 def _emit(result: tuple[int, str, str]) -> int:
@@ -145,27 +350,40 @@ def _emit(result: tuple[int, str, str]) -> int:
     print(out)
     if err:
         print(err, file=sys.stderr)
+    sys.stdout.flush()  # written while the signals are still held
     return code
+
+
+def _unknown_op(op: str, caller_uid: int,
+                log: Callable[[int, str, str], None]) -> tuple[int, str, str]:
+    log(caller_uid, op_label(op), "unknown op")
+    return _fail(2, "UsageError", f"unknown op {op_label(op)}", "see `kiln-helper --list`")
 
 
 def serve(op: str, payload: bytes, cfg: Config, caller_uid: int, caller_gid: int,
           log: Callable[[int, str, str], None] = audit) -> tuple[int, str, str]:
     """One request, once the process is hardened and the config loaded: (exit code,
-    stdout line, stderr line). In-process tests call this with their own ``log``."""
+    stdout line, stderr line). In-process tests call this with their own ``log``, which
+    gets the op only once ``ops.valid_op`` accepted it (else its bounded ``op_label``)."""
     from pydantic import ValidationError
 
     from helper import ops
     from helper.errors import KilnError, UsageError
 
-    if len(payload) > MAX_REQUEST:
-        return _fail(2, "UsageError", "request larger than 1 MiB")
+    if not ops.valid_op(op):
+        return _unknown_op(op, caller_uid, log)
+    limit = cfg.limits.request_bytes
+    if len(payload) > limit:
+        log(caller_uid, op, f"malformed: request larger than {limit} bytes")
+        return _fail(2, "UsageError", f"request larger than {limit} bytes",
+                     "[limits] request_bytes in the trusted config")
     try:
         req = ops.parse(op, payload)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "request"
         log(caller_uid, op, "malformed")
-        return _fail(2, "UsageError", f"malformed {op} request: {loc}: {err['msg']}",
+        return _fail(2, "UsageError", f"malformed {op} request: {loc[:200]}: {err['msg']}",
                      "see `kiln-helper --list`")
     except UsageError as e:
         log(caller_uid, op, "unknown op")
@@ -187,17 +405,21 @@ def serve(op: str, payload: bytes, cfg: Config, caller_uid: int, caller_gid: int
 
 
 def _make_area(users: Path, area: Path) -> None:
-    """``users/`` and ``users/<uid>``: root-owned 0755, never a symlink."""
+    """``users/`` and ``users/<uid>``: root-owned ``AREA_MODE`` (0711: a caller passes
+    through to what is its own, but lists or reads no other's), never a symlink. One made
+    0755 by an older helper is fixed here, by fd."""
     from helper import safepath
 
-    for d in (users.parent, users):
-        d.mkdir(mode=0o755, exist_ok=True)
-    safepath.mkdirs_beneath(users, area.name, 0o755)
-    fd = safepath.open_beneath(users, area.name, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        safepath.fstat_kind(fd, "dir", str(area), owner=0)
-    finally:
-        os.close(fd)
+    users.parent.mkdir(mode=0o755, exist_ok=True)
+    for parent, name in ((users.parent, users.name), (users, area.name)):
+        safepath.mkdirs_beneath(parent, name, AREA_MODE)
+        fd = safepath.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            st = safepath.fstat_kind(fd, "dir", str(parent / name), owner=0)
+            if stat.S_IMODE(st.st_mode) != AREA_MODE:
+                os.fchmod(fd, AREA_MODE)
+        finally:
+            os.close(fd)
 
 
 if __name__ == "__main__":

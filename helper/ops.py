@@ -1,7 +1,9 @@
 """The helper's operations: one pydantic request model and one function per op.
 
-``OPS`` maps each op name to ``(Request model, function)``; ``run_op`` validates a request
-and runs it with a ``Ctx``:
+``OPS`` maps each op name to ``(Request model, function)``, gathered from the subject
+modules (storage, dm, VM cgroups and taps, jails, network, ``usage``); an op name is at
+most 32 characters of a-z and inner '-' (``valid_op``, checked before a name is logged).
+``run_op`` validates a request and runs it with a ``Ctx``:
 
 * ``area``: the directory every caller-named path is relative to — the kiln root when
   root calls in-process, ``<[pool] directory>/users/<uid>`` (created by the helper,
@@ -20,11 +22,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from helper import ops_dm, ops_jail, ops_net, ops_storage, ops_vm
+from helper import ops_dm, ops_jail, ops_net, ops_storage, ops_usage, ops_vm
 from helper.errors import UsageError
 from helper.opbase import Ctx, Op, Req
 
-__all__ = ["OPS", "Ctx", "Req", "parse", "run_op", "schemas"]
+__all__ = ["OPS", "Ctx", "Req", "parse", "run_op", "schemas", "valid_op"]
 
 # -- area and reclaim -----------------------------------------------------------------------
 
@@ -49,8 +51,16 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     **ops_vm.OPS,
     **ops_jail.OPS,
     **ops_net.OPS,
+    **ops_usage.OPS,
 }
-_OP_RE = re.compile(r"^[a-z]+(-[a-z]+)*$")
+MAX_OP_LEN = 32  # every op name is far shorter; checked before a name is logged or echoed
+_OP_RE = re.compile(r"[a-z]+(-[a-z]+)*")
+
+
+def valid_op(op: str) -> bool:
+    """``op`` could name an op: at most 32 characters of a-z and inner '-' (the length is
+    checked first, so a huge name costs nothing)."""
+    return len(op) <= MAX_OP_LEN and _OP_RE.fullmatch(op) is not None
 
 
 def schemas() -> dict[str, Any]:
@@ -60,8 +70,8 @@ def schemas() -> dict[str, Any]:
 
 def parse(op: str, payload: bytes | str) -> Req:
     """Validate a request (raises pydantic's ValidationError, or UsageError for the op)."""
-    if not _OP_RE.fullmatch(op) or op not in OPS:
-        raise UsageError(f"unknown op {op!r}", "see `kiln-helper --list`")
+    if not valid_op(op) or op not in OPS:
+        raise UsageError(f"unknown op {op[:MAX_OP_LEN]!r}", "see `kiln-helper --list`")
     return OPS[op][0].model_validate_json(payload)
 
 

@@ -14,6 +14,12 @@ every privileged step through these, in-process as root or via sudo otherwise:
   caller passes, hashed against the id unless root asked in-process, deactivate);
 * ``dm-message``, ``dm-remove`` (with ``delete``: the thin id goes too), ``dm-status``,
   ``reclaim`` (devices no record keeps); ``thin-clear`` tears the whole pool down.
+
+A device whose node a jail still holds (``jail.jails_holding``: a block node of its
+number in any jail's chroot) is never removed: dm minors are reused, so that node would
+open whatever device gets the number next. ``dm-remove`` and ``thin-clear`` refuse it,
+``reclaim`` keeps it. Every op runs with the signals sudo relays held
+(``cgattach.held``): a caller's SIGTERM never cuts a device loose from its record.
 """
 
 
@@ -26,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from helper import dmdev, ops_storage, privileged, safepath
+from helper import cgattach, dmdev, jail, ops_storage, poolfs, privileged, safepath
 from helper.errors import Conflict, KilnError, NotFound, UsageError
 from helper.opbase import (
     Ctx,
@@ -35,7 +41,6 @@ from helper.opbase import (
     Req,
     VolumeId,
     passed_fd,
-    replace_in,
 )
 from helper.pool import dmthin_core as core
 
@@ -55,6 +60,32 @@ def _kind(ctx: Ctx, name: str, kind: str) -> str:
 def _dm_exists(name: str) -> None:
     if not os.path.exists(f"/dev/mapper/{name}"):
         raise NotFound(f"device-mapper device {name} does not exist", "")
+
+
+def _in_jails(ctx: Ctx, names: list[str]) -> dict[str, list[str]]:
+    """{device name: jails holding a node of it} for those of ``names`` some jail holds."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            rdev = os.stat(f"/dev/mapper/{name}").st_rdev
+        except FileNotFoundError:
+            continue
+        if held := jail.jails_holding(ctx.cfg.chroot_base, rdev):
+            out[name] = held
+    return out
+
+
+def _refuse_in_jails(ctx: Ctx, names: list[str]) -> None:
+    for name, jails in _in_jails(ctx, names).items():
+        raise Conflict(f"refusing to remove {name}: jail {jails[0]} still holds its node",
+                       f"remove the jail first (jail-remove {jails[0]})")
+
+
+def _area_devices(ctx: Ctx) -> list[str]:
+    prefix = f"kiln-{core.root_key(str(ctx.area))}-"
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(n for n in os.listdir("/dev/mapper") if n.startswith(prefix))
+    return []
 
 
 # -- what the host offers ----------------------------------------------------------------------
@@ -77,25 +108,51 @@ def dm_info(ctx: Ctx, req: DmInfo) -> dict[str, Any]:
 
 def make_thin_files(ctx: Ctx, data_bytes: int, metadata_bytes: int) -> None:
     """The area's sparse ``pool/thin/data.img`` and ``meta.img`` (root-owned, 0600; an
-    existing file of the same size is kept, one of another size refused)."""
+    existing file of the same size is kept, one of another size refused). A sudo caller's
+    new files are admitted against its cap and the space not yet promised to any area's
+    images (``poolfs.admitted``) before any directory or file is made."""
+    missing = _missing_thin_bytes(ctx, (data_bytes, metadata_bytes))
+    with contextlib.ExitStack() as stack:
+        if missing and not ctx.trusted:
+            stack.enter_context(poolfs.admitted(ctx.area, "the pool files", missing,
+                                                ctx.cfg.limits))
+        _make_thin_files(ctx, data_bytes, metadata_bytes)
+
+
+def _missing_thin_bytes(ctx: Ctx, sizes: tuple[int, int]) -> int:
+    try:
+        dfd = safepath.open_beneath(ctx.area, THIN_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    except NotFound:
+        return sum(sizes)
+    try:
+        return sum(size for name, size in zip(FILES, sizes, strict=True)
+                   if not _exists_at(dfd, name))
+    finally:
+        os.close(dfd)
+
+
+def _exists_at(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _make_thin_files(ctx: Ctx, data_bytes: int, metadata_bytes: int) -> None:
     safepath.mkdirs_beneath(ctx.area, THIN_DIR, 0o755)
     dfd = safepath.open_beneath(ctx.area, THIN_DIR, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        missing = 0
-        for name, size in zip(FILES, (data_bytes, metadata_bytes), strict=True):
-            with contextlib.suppress(FileNotFoundError):
-                os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                continue
-            missing += size
-        if missing:  # before any file is made: nothing half-made when refused
-            privileged.check_area_file_size(dfd, "the pool files", missing,
-                                            trusted=ctx.trusted)
         for name, size in zip(FILES, (data_bytes, metadata_bytes), strict=True):
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
-                with replace_in(dfd, name, os.O_RDWR, 0o600) as fd:
+                fd = poolfs.open_tmpfile(dfd, 0o600)  # unnamed until whole: nothing leaks
+                try:
                     os.ftruncate(fd, size)  # sparse: costs nothing until written
+                    poolfs.link_tmpfile(fd, dfd, name)
+                finally:
+                    os.close(fd)
                 continue
             if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_size != size:
                 raise Conflict(f"{THIN_DIR}/{name} exists and is not a {size}-byte "
@@ -116,6 +173,7 @@ class ThinClear(Req):
 
 def thin_clear(ctx: Ctx, req: ThinClear) -> dict[str, Any]:
     _kind(ctx, req.pool, "pool")
+    _refuse_in_jails(ctx, _area_devices(ctx))
     removed = privileged.reclaim(ctx.area, [], frozenset(dmdev.spare_devices(ctx.cfg)))
     if os.path.exists(f"/dev/mapper/{req.pool}"):
         raise Conflict(f"{req.pool} is still active: a device of it is in use",
@@ -341,6 +399,7 @@ class DmRemove(Req):
 def dm_remove(ctx: Ctx, req: DmRemove) -> dict[str, Any]:
     privileged.check_dm_name(ctx.area, req.name)
     _dm_exists(req.name)
+    _refuse_in_jails(ctx, [req.name])
     thin_id = None
     if req.delete:
         thin_id = core.thin_id_of_table(privileged.dm_table(ctx.area, req.name))
@@ -376,16 +435,17 @@ class Reclaim(Req):
 
 def reclaim(ctx: Ctx, req: Reclaim) -> dict[str, Any]:
     spare = frozenset(dmdev.spare_devices(ctx.cfg))
-    return {"removed": privileged.reclaim(ctx.area, list(req.keep), spare)}
+    keep = [*req.keep, *_in_jails(ctx, _area_devices(ctx))]  # and a device a jail holds
+    return {"removed": privileged.reclaim(ctx.area, keep, spare)}
 
 
 OPS: dict[str, tuple[type[Req], Op]] = {
     "dm-info": (DmInfo, dm_info),
-    "thin-clear": (ThinClear, thin_clear),
-    "dm-create": (DmCreate, dm_create),
-    "dm-import": (DmImport, dm_import),
-    "dm-message": (DmMessage, dm_message),
-    "dm-remove": (DmRemove, dm_remove),
+    "thin-clear": (ThinClear, cgattach.held(thin_clear)),
+    "dm-create": (DmCreate, cgattach.held(dm_create)),
+    "dm-import": (DmImport, cgattach.held(dm_import)),
+    "dm-message": (DmMessage, cgattach.held(dm_message)),
+    "dm-remove": (DmRemove, cgattach.held(dm_remove)),
     "dm-status": (DmStatus, dm_status),
-    "reclaim": (Reclaim, reclaim),
+    "reclaim": (Reclaim, cgattach.held(reclaim)),
 }

@@ -1,26 +1,30 @@
 """Firecracker jail ops: stage, launch, grant the API socket, remove (``helper.jail``,
-``helper.jailstage``).
+``helper.jailstage``, ``helper.jailcg``).
 
 Ownership. A jail lives in a host-wide directory named by the VM id the caller sends, so
 the name alone does not say whose it is. ``jail-stage`` writes a root-owned claim in the
-caller's area, ``<area>/jails/<vm>`` (``helper.claims``: the boot id and the jail
-directory's (device, inode)); ``jail-launch``, ``jail-grant-api`` and ``jail-remove``
-act only with that claim, so another user's jail — or one a reboot or a removal recycled
-under the same name — is refused. ``jail-remove`` drops the claim. Root in-process
-(``trusted``; its area is the kiln root) needs no claim. Every caller's jail (root's too)
-also holds its VM uid/gid host-wide: ``jail-stage`` refuses one another caller holds
-(``helper.vmuids``).
+caller's area, ``<area>/jails/<vm>`` (``helper.claims``: the boot id, the jail
+directory's (device, inode), the VM uid/gid, staged dm devices, cgroups made for it)
+*before* the jail directory exists (first naming its staging directory), so a helper
+killed half-way leaves a record ``jail-remove`` acts on. ``jail-launch``,
+``jail-grant-api`` and ``jail-remove`` act only with that claim. Root in-process
+(``trusted``) needs no claim. Every caller's jail also holds its VM uid/gid host-wide
+(``helper.vmuids``). A sudo caller holds at most ``[limits] jails`` jails.
 
-``jail-launch`` confines the rest of what it is told for a sudo caller: a
-``parent_cgroup`` naming a VM cgroup needs the caller's cgroup claim
-(``ops_vm.check_owner``), and ``netns`` may only be one of the caller's own VM
-namespaces (``kn-…`` whose owner tag names the caller), never another user's nor the
-[net] namespace. Staged devices are the caller area's own snapshots (``jailstage``).
+``jail-launch`` of a sudo caller: the uid/gid are the staged ones; cgroup files come from
+``jailcg``'s allowlist and must bound memory and pids; every cgroup directory the jailer
+will write or join (``jailcg.jailer_dirs``) is the caller's (its cgroup claim) or does not
+exist yet — then the helper makes it first and records it in the jail claim, and
+``jail-remove`` removes it. All of that under ``ops_vm.CG_LOCK``, so no other cgroup of
+that name appears between the check and the jailer. ``netns`` is only one of the
+caller's own VM namespaces (``kn-…`` tagged with its uid).
+
+Every op here runs with the signals sudo relays held (``cgattach.held``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,13 +32,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from helper import cgattach, claims, jail, jailcg, jailstage, net, netcore, vmuids
 from helper import cgroup as cg
-from helper import claims, jail, jailstage, net, netcore, vmuids
-from helper.errors import NotFound, UsageError
+from helper.errors import Conflict, NotFound, UsageError
 from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid
-from helper.ops_vm import check_owner
+from helper.ops_vm import CG_LOCK, check_owner
 
-JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (see the docstring)
+JAILS = claims.JAILS  # <area>/jails/<vm>: the caller's staged jails (see the docstring)
 _VM_NETNS_RE = re.compile(netcore.NETNS_PATTERN)
 
 
@@ -48,10 +52,11 @@ def jail_config(ctx: Ctx) -> jail.JailConfig:
         cgroup=cg.CgroupConfig(parent=c.cgroup_parent))
 
 
-def check_jail_owner(ctx: Ctx, vm: str) -> None:
-    """Refuse unless ``vm``'s jail (when it exists) is the one this caller staged."""
+def check_jail_owner(ctx: Ctx, vm: str) -> dict[str, Any]:
+    """``vm``'s jail claim; refuses unless the jail (when it exists) is the one this caller
+    staged. Root in-process: an empty claim."""
     if ctx.trusted:
-        return
+        return {}
     jd = jail.jail_dir(jail_config(ctx), vm)
     claim = claims.read(ctx.area, JAILS, vm)
     existing = [jd] if jd.exists() else []
@@ -59,6 +64,7 @@ def check_jail_owner(ctx: Ctx, vm: str) -> None:
             list(claim.get("dirs") or {}) != [str(jd)]:
         raise UsageError(f"refusing jail {vm}: uid {ctx.caller_uid} did not stage it",
                          "kiln-helper acts only on jails its caller staged (jail-stage)")
+    return claim
 
 
 def netns_problem(name: str, tag: netcore.Tag | None, caller_uid: int) -> str | None:
@@ -97,19 +103,44 @@ class JailStage(Req):
                                       description="empty log files owned by the VM")
 
 
+@cgattach.held
 def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
     check_vm_uid(ctx, req.uid, req.gid)
     items = [jail.StageItem(i.name, Path(i.source), i.writable) for i in req.items]
-    ctx.cfg.chroot_base.mkdir(mode=0o755, parents=True, exist_ok=True)  # trusted path
     cfg = jail_config(ctx)
+    jd = jail.jail_dir(cfg, req.vm)
+    if not ctx.trusted:
+        held, cap = claims.names(ctx.area, JAILS), ctx.cfg.limits.jails
+        if req.vm in held:
+            raise Conflict(f"jail {req.vm} is already staged (or half-made)",
+                           "remove it first (jail-remove)")
+        if len(held) >= cap:
+            raise UsageError(f"refusing jail {req.vm}: uid {ctx.caller_uid} already holds "
+                             f"{len(held)} jails (at most {cap})",
+                             "remove VMs you no longer need (kiln rm)")
+    doc: dict[str, Any] = {"uid": req.uid, "gid": req.gid}
+    tmp: list[Path] = []
+
+    def record(path: Path, ident: list[int] | None) -> None:
+        # Before the staging directory exists, then with its inode (kept by the rename).
+        tmp[:] = [path]
+        claims.put(ctx.area, JAILS, req.vm, {**doc, "tmp": str(path),
+                                             "dirs": {str(jd): ident}})
+
     with vmuids.locked(ctx):  # check and claim the VM uid as one step (helper.vmuids)
         vmuids.check_free(ctx, req.uid, req.gid, cfg)
-        staged = jailstage.jail_stage(cfg, req.vm, req.uid, req.gid, items,
-                                      caller_uid=ctx.caller_uid, logs=req.logs)
-        jd = jail.jail_dir(cfg, req.vm)
+        try:
+            staged = jailstage.jail_stage(
+                cfg, req.vm, req.uid, req.gid, items, caller_uid=ctx.caller_uid,
+                logs=req.logs, owner=None if ctx.trusted else ctx.caller_uid,
+                record=None if ctx.trusted else record)
+        except BaseException:
+            if not ctx.trusted and not (tmp and os.path.lexists(tmp[0])):
+                claims.drop(ctx.area, JAILS, req.vm)  # nothing left that it names
+            raise
         try:
             if not ctx.trusted:
-                claims.write(ctx.area, JAILS, req.vm, [jd], uid=req.uid, gid=req.gid)
+                claims.write(ctx.area, JAILS, req.vm, [jd], **doc, devices=staged.devices)
             vmuids.claim(ctx, req.vm, jd, req.uid, req.gid)
         except BaseException:
             shutil.rmtree(jd, ignore_errors=True)  # no jail without its claims
@@ -119,9 +150,10 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
     return {"root": str(staged.root), "warnings": staged.warnings}
 
 
-CgFile = Annotated[str, Field(pattern=r"^(cpu|cpuset|memory|pids|freezer|io|blkio)\.[a-z_.]"
-                              r"{1,48}=[A-Za-z0-9][A-Za-z0-9 :,-]{0,63}$",
-                              description="a cgroup FILE=VALUE for the jailer")]
+CgFile = Annotated[str, Field(pattern=r"^(cpu|memory|pids)\.[a-z_]{1,24}=[0-9][0-9 ]{0,40}$",
+                              description="a cgroup limit FILE=VALUE for the jailer "
+                              "(cpu.max, cpu.cfs_quota_us, cpu.cfs_period_us, memory.max, "
+                              "memory.limit_in_bytes, pids.max)")]
 
 
 class JailLaunch(Req):
@@ -141,32 +173,86 @@ class JailLaunch(Req):
                               "/run/netns")
 
 
+@cgattach.held
 def jail_launch(ctx: Ctx, req: JailLaunch) -> dict[str, Any]:
     check_vm_uid(ctx, req.uid, req.gid)
-    check_jail_owner(ctx, req.vm)
+    claim = check_jail_owner(ctx, req.vm)
+    if not ctx.trusted and (claim.get("uid"), claim.get("gid")) != (req.uid, req.gid):
+        raise UsageError(f"refusing jail {req.vm}: it was staged for uid {claim.get('uid')} "
+                         f"gid {claim.get('gid')}", "launch it as the uid/gid it was staged for")
     cfg = jail_config(ctx)
-    if not ctx.trusted:
-        if req.parent_cgroup is not None and req.parent_cgroup != cfg.cgroup.parent:
-            # parent/<vm> (anything else jail.check_spec refuses): the VM's own cgroup.
-            check_owner(ctx, req.vm, req.cgroup_version)
-        if req.netns is not None:
-            tag = net.netns_tag(req.netns) if _VM_NETNS_RE.fullmatch(req.netns) else None
-            if why := netns_problem(req.netns, tag, ctx.caller_uid):
-                raise UsageError(why, "give your VM's own namespace (netns-create) or none")
-    cgroups = tuple(tuple(c.split("=", 1)) for c in req.cgroups)
+    files = tuple((k, v) for k, _, v in (c.partition("=") for c in req.cgroups))
     spec = jail.JailSpec(jail_id=req.vm, uid=req.uid, gid=req.gid,
-                         cgroup_version=req.cgroup_version,
-                         cgroups=cgroups,  # type: ignore[arg-type]
+                         cgroup_version=req.cgroup_version, cgroups=files,
                          parent_cgroup=req.parent_cgroup, netns=req.netns)
-    return {"pid": jail.jail_launch(cfg, spec)}
+    jail.check_spec(cfg, spec)  # the allowlist of cgroup files, before anything is made
+    if not ctx.trusted and req.netns is not None:
+        tag = net.netns_tag(req.netns) if _VM_NETNS_RE.fullmatch(req.netns) else None
+        if why := netns_problem(req.netns, tag, ctx.caller_uid):
+            raise UsageError(why, "give your VM's own namespace (netns-create) or none")
+    with claims.host_lock(ctx.cfg.pool_dir, CG_LOCK):  # no cgroup appears until it ran
+        if not ctx.trusted:
+            make = _jailer_cgroups(ctx, cfg, spec, claim)
+            if make:
+                _make_cgroups(ctx, cfg, spec, claim, make)
+        return {"pid": jail.jail_launch(cfg, spec)}
+
+
+def _jailer_cgroups(ctx: Ctx, cfg: jail.JailConfig, spec: jail.JailSpec,
+                    claim: dict[str, Any]) -> list[Path]:
+    """Refuse unless every cgroup the jailer will write or join is the caller's; the ones
+    that do not exist yet (the helper makes them first)."""
+    top, vm, version = cfg.cgroup.parent, spec.jail_id, spec.cgroup_version
+    if not spec.cgroups:  # v2: the jailer only joins <parent>, when it exists
+        if version != 2 or spec.parent_cgroup != f"{top}/{vm}":
+            raise UsageError(f"refusing jail {vm}: no memory and pids limits",
+                             f"send cgroup limits with parent_cgroup {top!r}, or (v2) "
+                             f"join your VM cgroup: parent_cgroup {top}/{vm}")
+        check_owner(ctx, vm, 2)
+        if not cg.cgroup_exists(cfg.cgroup, vm, 2):
+            raise NotFound(f"VM {vm} has no cgroup", "create it first (cgroup-create)")
+        return []
+    if spec.parent_cgroup != top:
+        raise UsageError(f"refusing parent cgroup {spec.parent_cgroup!r} with cgroup files",
+                         f"send parent_cgroup {top!r}: the jailer's cgroup is {top}/{vm}")
+    jailcg.check_bounded(version, spec.cgroups, vm)
+    mine = claims.read(ctx.area, claims.CGROUPS, vm)
+    mine = mine if (mine or {}).get("version") == version else None
+    jailed = claim.get("cgroups") or {}
+    make: list[Path] = []
+    for d in jailcg.jailer_dirs(cfg.cgroup, version, top, vm, spec.cgroups,
+                                cfg.firecracker.name):
+        if not os.path.lexists(d):
+            make.append(d)
+        elif not ((mine and claims.holds(mine, [d])) or claims.same(jailed.get(str(d)), d)):
+            raise UsageError(f"refusing cgroup {d}: uid {ctx.caller_uid} did not create it",
+                             "launch into your own VM cgroup (cgroup-create) or a new one")
+    return make
+
+
+def _make_cgroups(ctx: Ctx, cfg: jail.JailConfig, spec: jail.JailSpec,
+                  claim: dict[str, Any], make: list[Path]) -> None:
+    """mkdir the jailer's cgroups, each named in the jail claim before it exists."""
+    made = dict(claim.get("cgroups") or {})
+    need = cg.controllers(spec.cgroups) if spec.cgroup_version == 2 else []
+    for d in make:
+        made[str(d)] = None
+        claims.put(ctx.area, JAILS, spec.jail_id, {**claim, "cgroups": made})
+        try:
+            cg.make_leaf(cfg.cgroup, d, spec.cgroup_version, need)
+        except FileExistsError:
+            raise Conflict(f"cgroup {d} appeared meanwhile", "retry") from None
+        made[str(d)] = claims.identity(d)
+        claims.put(ctx.area, JAILS, spec.jail_id, {**claim, "cgroups": made})
 
 
 class JailGrantApi(Req):
-    """Give the VM's API socket to the caller (0660, parent 0710)."""
+    """Give the VM's API socket to the caller's uid (0600, in the root-owned 0711 jail)."""
 
     vm: KilnId = Field(description="the VM (= jail) id (a jail the caller staged)")
 
 
+@cgattach.held
 def jail_grant_api(ctx: Ctx, req: JailGrantApi) -> dict[str, Any]:
     check_jail_owner(ctx, req.vm)
     sock = jail.jail_grant_api(jail_config(ctx), req.vm, ctx.caller_uid, ctx.caller_gid)
@@ -179,19 +265,42 @@ class JailRemove(Req):
     vm: KilnId = Field(description="the VM (= jail) id (a jail the caller staged)")
 
 
+@cgattach.held
 def jail_remove(ctx: Ctx, req: JailRemove) -> dict[str, Any]:
     cfg = jail_config(ctx)
-    if not ctx.trusted and not jail.jail_dir(cfg, req.vm).exists() and \
-            claims.read(ctx.area, JAILS, req.vm) is not None:
-        claims.drop(ctx.area, JAILS, req.vm)  # removed meanwhile (root, a reboot): forget it
+    jd = jail.jail_dir(cfg, req.vm)
+    if ctx.trusted:
+        jail.jail_remove(cfg, req.vm)
+        vmuids.drop(ctx, req.vm)
+        return {}
+    claim = claims.read(ctx.area, JAILS, req.vm)
+    if claim is None and not jd.exists():
         raise NotFound(f"jail {req.vm} does not exist", "")
-    check_jail_owner(ctx, req.vm)
-    jail.jail_remove(cfg, req.vm)
-    vmuids.drop(ctx, req.vm)  # its uid is free again
-    if not ctx.trusted:
-        with contextlib.suppress(FileNotFoundError):
-            claims.drop(ctx.area, JAILS, req.vm)
+    existed = jd.exists()
+    if existed:
+        claim = check_jail_owner(ctx, req.vm)
+        jail.jail_remove(cfg, req.vm)  # refuses while mounted or Firecracker runs
+    found = _remove_half_made(cfg, req.vm, claim or {})
+    if (claim or {}).get("boot") == claims.boot_id():  # cgroup inodes are per boot
+        cg.remove_dirs([Path(d) for d, ident in (claim or {}).get("cgroups", {}).items()
+                        if claims.same(ident, Path(d))])
+    vmuids.drop(ctx, req.vm)  # its uid is free again (only when the entry is ours)
+    claims.drop(ctx.area, JAILS, req.vm)
+    if not existed and not found:  # removed meanwhile (root, a reboot): claim forgotten
+        raise NotFound(f"jail {req.vm} does not exist", "")
     return {}
+
+
+def _remove_half_made(cfg: jail.JailConfig, vm: str, claim: dict[str, Any]) -> bool:
+    """The staging directory a killed jail-stage left (its claim names it): whether any."""
+    tmp = Path(str(claim.get("tmp") or "/"))
+    if tmp.parent != cfg.chroot_base / jailstage.STAGING or not tmp.name.startswith(f"{vm}."):
+        return False
+    ident = (claim.get("dirs") or {}).get(str(jail.jail_dir(cfg, vm)))
+    if not os.path.lexists(tmp) or not (ident is None or claims.same(ident, tmp)):
+        return False  # gone, or renamed into place (the jail removed above)
+    shutil.rmtree(tmp)
+    return True
 
 
 OPS: dict[str, tuple[type[Req], Op]] = {

@@ -1,30 +1,38 @@
-"""Storage ops: loop devices, the loop-backed reflink pool filesystem, imported volumes.
+"""Storage ops: a caller's loop-backed reflink pool, its volumes and its snapshots.
 
-Every path a caller names is relative to its area and resolved by ``safepath`` without
-following symlinks; files are acted on through the fd that was checked.
+A caller names no path: the pool's objects have fixed names in its area (``helper.poolfs``
+says where and how each is reached by fd), volumes are named by id and snapshots by kiln
+id. ``pool-create`` makes the image (recorded before mkfs runs) and mounts it;
+``pool-mount`` mounts it again after a reboot, only if it is still exactly what was
+recorded; ``pool-umount`` / ``pool-destroy`` take it down. ``volume-import`` copies a
+volume from a passed fd (re-hashed against its id) into root's ``volumes/``;
+``snapshot-create`` clones one into ``snapshots/`` and hands the clone to the caller
+(single link, 0600); ``pool-list`` tells the caller what its pool holds (it cannot list
+root's directories). ``loop_attach`` remains for ``ops_dm`` (the thin pool's own files).
 """
 
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
+import json
 import os
+import re
 import stat
-from pathlib import Path
+import uuid as uuid_mod
 from typing import Any
 
 from pydantic import Field
 
-from helper import privileged, safepath
+from helper import poolfs, privileged, run, safepath
 from helper.errors import Conflict, IntegrityError, NotFound, UsageError
 from helper.opbase import (
     Ctx,
     FsName,
-    LoopDev,
+    KilnId,
     Op,
     RelPath,
     Req,
@@ -92,188 +100,249 @@ def attach_fd(fd: int) -> str:
     raise Conflict("no free loop device after 16 tries", "retry in a moment")
 
 
-class LoopDetach(Req):
-    """Detach a loop device backed by a file under the area."""
 
-    device: LoopDev = Field(description="the loop device, /dev/loopN")
+# -- the pool filesystem ----------------------------------------------------------------------
 
-
-def loop_detach(ctx: Ctx, req: LoopDetach) -> dict[str, Any]:
-    privileged.loop_detach(ctx.area, req.device)
-    return {}
+POOL, IMAGE, FS, RECORD = "pool", "pool.img", "fs", "pool.json"
+VOLUMES, SNAPSHOTS = "volumes", "snapshots"
+_SNAP_FILE_RE = re.compile(r"^([a-z2-7]{1,32})\.ext4$")
+_VOL_FILE_RE = re.compile(r"^([0-9a-f]{64})\.ext4$")
 
 
+def _pool_dir(ctx: Ctx, *, create: bool) -> int:
+    """``area/pool`` (root-owned 0711: the caller reaches its snapshots, lists nothing)."""
+    area = safepath.open_dir(ctx.area)
+    try:
+        return poolfs.dir_fd(area, POOL, create=create)
+    except NotFound:
+        raise NotFound("this caller has no pool", "run `kiln pool init`") from None
+    finally:
+        os.close(area)
 
-# -- pool filesystem ------------------------------------------------------------------------
 
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
-_UMOUNT_NOFOLLOW = 8
-_libc = ctypes.CDLL(None, use_errno=True)
+def _read_record(pfd: int) -> dict[str, Any] | None:
+    try:
+        fd = os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(os.read(fd, 1 << 16))
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+    return doc if isinstance(doc, dict) else None
 
 
-class PoolImage(Req):
-    """Create a sparse pool image (root-owned, 0600) with a reflink filesystem on it."""
+def _write_record(pfd: int, doc: dict[str, Any]) -> None:
+    with replace_in(pfd, RECORD, os.O_WRONLY, 0o600) as fd:
+        os.write(fd, json.dumps(doc, sort_keys=True).encode())
 
-    image: RelPath = Field(description="where the image goes, relative to the area")
+
+class PoolCreate(Req):
+    """Make the caller's pool: a sparse root-owned image (``pool/pool.img``) with a reflink
+    filesystem the helper makes, mounted at ``pool/fs`` (nodev, nosuid, noexec)."""
+
     size: int = Field(ge=256 << 20, le=1 << 50, description="image size in bytes")
     fs: FsName = Field(description="filesystem to make: btrfs or xfs")
 
 
-def pool_image(ctx: Ctx, req: PoolImage) -> dict[str, Any]:
-    parent, _, name = req.image.rpartition("/")
-    if parent:
-        safepath.mkdirs_beneath(ctx.area, parent, 0o755)
-    dfd = safepath.open_beneath(ctx.area, parent, os.O_PATH | os.O_DIRECTORY) if parent \
-        else safepath.open_dir(ctx.area)
+def pool_create(ctx: Ctx, req: PoolCreate) -> dict[str, Any]:
+    lim = ctx.cfg.limits
+    if not ctx.trusted and req.size > lim.pool_bytes:
+        raise UsageError(f"refusing a pool image of {req.size >> 20} MiB: a caller's pool is "
+                         f"at most {lim.pool_bytes >> 20} MiB ([limits] pool_bytes)",
+                         "use a smaller --size, or ask the operator for [pool] data_device "
+                         "and metadata_device")
+    if not ctx.trusted:
+        poolfs.check_root_chain(ctx.area)
+    with contextlib.ExitStack() as stack:
+        if not ctx.trusted:  # checked and made under one host-wide lock
+            stack.enter_context(poolfs.admitted(ctx.area, "a pool image", req.size,
+                                                ctx.cfg.limits))
+        with contextlib.suppress(NotFound):
+            pfd = _pool_dir(ctx, create=False)
+            try:
+                if _read_record(pfd) is not None or _exists(pfd, IMAGE):
+                    raise Conflict("this caller already has a pool image",
+                                   "`kiln pool destroy` it first")
+            finally:
+                os.close(pfd)
+        pfd = _pool_dir(ctx, create=True)
+        stack.callback(os.close, pfd)
+        _make_image(pfd, req)
+    return _mount(ctx)
+
+
+def _exists(dfd: int, name: str) -> bool:
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            raise Conflict(f"{req.image} already exists", "destroy the pool first")
-        privileged.check_area_file_size(dfd, "the pool image", req.size, trusted=ctx.trusted)
-        with replace_in(dfd, name, os.O_RDWR, 0o600) as fd:
-            os.ftruncate(fd, req.size)  # sparse: costs nothing until written
-            # mkfs writes through a path; /proc/self/fd of *our* fd names exactly this file.
-            real = os.readlink(safepath.fd_path(fd))
-            privileged.pool_mkfs(Path(real).parent, Path(real), req.fs)
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _make_image(pfd: int, req: PoolCreate) -> None:
+    """Record, then make the image unnamed, mkfs it, name it, complete the record."""
+    fs_uuid = str(uuid_mod.uuid4())
+    rec: dict[str, Any] = {"fs": req.fs, "size": req.size, "uuid": fs_uuid, "state": "making"}
+    _write_record(pfd, rec)  # a record before the resource
+    fd = poolfs.open_tmpfile(pfd, 0o600)
+    try:
+        os.ftruncate(fd, req.size)  # sparse: costs nothing until written
+        tool, args = poolfs.mkfs_argv(req.fs, fs_uuid, fd)
+        run.run(tool, args, timeout=300, pass_fds=(fd,))
+        if poolfs.superblock_uuid(fd, req.fs) != fs_uuid:
+            raise IntegrityError(f"{tool} did not write the filesystem asked for", "")
+        st = os.fstat(fd)
+        rec.update(state="made", dev=st.st_dev, ino=st.st_ino)
+        _write_record(pfd, rec)
+        poolfs.link_tmpfile(fd, pfd, IMAGE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(RECORD, dir_fd=pfd)
+        raise
     finally:
-        os.close(dfd)
-    return {}
+        os.close(fd)
 
 
 class PoolMount(Req):
-    """Mount the area's pool loop device at a directory under the area (nodev, nosuid,
-    noexec) and prepare ``volumes/`` (root) and ``snapshots/`` (the caller)."""
-
-    device: LoopDev = Field(description="the pool image's loop device")
-    mountpoint: RelPath = Field(description="the mount point, relative to the area")
-    fs: FsName = Field(description="the image's filesystem")
-
-
-def _is_mount_root(fd: int) -> bool:
-    mnt = os.readlink(safepath.fd_path(fd))
-    return any(m.mountpoint == mnt for m in privileged.mounts())
+    """Mount the caller's pool image at ``pool/fs`` unless it is mounted (after a reboot):
+    only the image this helper made and recorded."""
 
 
 def pool_mount(ctx: Ctx, req: PoolMount) -> dict[str, Any]:
-    loops = {lp.device: lp for lp in privileged.loop_list(ctx.area)}
-    if req.device not in loops:
-        raise NotFound(f"{req.device} is not a loop device backed by a file under the area",
-                       "attach the pool image first (loop-attach)")
-    back = os.lstat(loops[req.device].back_file)
-    if back.st_uid != 0:
-        raise UsageError(f"{req.device} is backed by a file root does not own", "")
-    safepath.mkdirs_beneath(ctx.area, req.mountpoint, 0o755)
-    fd = safepath.open_beneath(ctx.area, req.mountpoint, os.O_PATH | os.O_DIRECTORY)
+    del req
+    return _mount(ctx)
+
+
+def _mount(ctx: Ctx) -> dict[str, Any]:
+    pfd = _pool_dir(ctx, create=False)
     try:
-        if not _is_mount_root(fd):
-            r = _libc.mount(req.device.encode(), safepath.fd_path(fd).encode(),
-                            req.fs.encode(), _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
-            if r != 0:
-                e = ctypes.get_errno()
-                raise UsageError(f"mounting {req.device} failed: {os.strerror(e)}", "")
-    finally:
-        os.close(fd)
-    _prepare_pool_dirs(ctx, req.mountpoint)
-    return {}
-
-
-def _prepare_pool_dirs(ctx: Ctx, mountpoint: str) -> None:
-    for sub, owner, mode in (("volumes", 0, 0o755),
-                             ("snapshots", ctx.caller_uid, 0o755)):
-        safepath.mkdirs_beneath(ctx.area, f"{mountpoint}/{sub}", mode)
-        fd = safepath.open_beneath(ctx.area, f"{mountpoint}/{sub}",
-                                   os.O_RDONLY | os.O_DIRECTORY)
+        rec = _read_record(pfd)
+        if rec is None or rec.get("state") != "made":
+            raise NotFound("this caller's pool has no record kiln-helper made",
+                           "`kiln pool destroy --force`, then `kiln pool init` (pools made "
+                           "by an older kiln-helper are re-made once)")
+        mfd = poolfs.dir_fd(pfd, FS, create=True)
         try:
-            st = os.fstat(fd)
-            if st.st_uid != owner:
-                os.fchown(fd, owner, ctx.caller_gid if owner else 0)
+            if not poolfs.is_mount_root(mfd, pfd):
+                _mount_image(pfd, mfd, rec)
         finally:
-            os.close(fd)
+            os.close(mfd)
+        _prepare(pfd)
+    finally:
+        os.close(pfd)
+    return {"fs": rec["fs"], "uuid": rec["uuid"]}
+
+
+def _mount_image(pfd: int, mfd: int, rec: dict[str, Any]) -> None:
+    ifd = safepath.open_beneath(pfd, IMAGE, os.O_RDWR)
+    try:
+        poolfs.verify_image(ifd, rec)
+        lfd = poolfs.loop_configure(ifd)
+        try:
+            poolfs.mount_loop(lfd, mfd, str(rec["fs"]))
+        finally:
+            os.close(lfd)  # AUTOCLEAR: the mount holds the loop now, and frees it on umount
+    finally:
+        os.close(ifd)
+
+
+def _prepare(pfd: int) -> None:
+    """The mounted filesystem's root and ``volumes/``, ``snapshots/``: root's, 0711."""
+    mfd = poolfs.dir_fd(pfd, FS, create=False)
+    try:
+        for sub in (VOLUMES, SNAPSHOTS):
+            os.close(poolfs.dir_fd(mfd, sub, create=True))
+    finally:
+        os.close(mfd)
 
 
 class PoolUmount(Req):
-    """Unmount the area's pool filesystem."""
-
-    mountpoint: RelPath = Field(description="the mount point, relative to the area")
-
-
-def _umount_at(rel: str, ctx: Ctx, *, must: bool) -> None:
-    """Unmount the mount whose root is ``area/rel``. The fd that proves it (opened
-    beneath the area, no symlinks) would pin the mount, so it is closed first and the
-    kernel's own name for it is unmounted with UMOUNT_NOFOLLOW; every component of that
-    name is root-owned, so nobody can swap it in between."""
-    try:
-        fd = safepath.open_beneath(ctx.area, rel, os.O_PATH | os.O_DIRECTORY)
-    except NotFound:
-        if must:
-            raise
-        return
-    try:
-        mounted = _is_mount_root(fd)
-        real = os.readlink(safepath.fd_path(fd))
-    finally:
-        os.close(fd)
-    if not mounted:
-        if must:
-            raise NotFound(f"nothing is mounted at {rel}", "")
-        return
-    if _libc.umount2(real.encode(), _UMOUNT_NOFOLLOW) != 0:
-        e = ctypes.get_errno()
-        raise Conflict(f"cannot unmount {rel}: {os.strerror(e)}",
-                       "stop whatever uses it (a running VM?), then retry")
+    """Unmount the caller's pool filesystem (nothing mounted: done)."""
 
 
 def pool_umount(ctx: Ctx, req: PoolUmount) -> dict[str, Any]:
-    _umount_at(req.mountpoint, ctx, must=True)
+    del req
+    _umount(ctx)
     return {}
 
 
-class PoolRemove(Req):
-    """Tear down a loop-backed pool: unmount, detach its loop devices, delete the image
-    and the (empty) mount point. Missing pieces are skipped; no image at all is NotFound."""
-
-    image: RelPath = Field(description="the pool image, relative to the area")
-    mountpoint: RelPath = Field(description="its mount point, relative to the area")
-
-
-def pool_remove(ctx: Ctx, req: PoolRemove) -> dict[str, Any]:
-    _umount_at(req.mountpoint, ctx, must=False)
-    ifd = _open_image(ctx, req.image)
+def _umount(ctx: Ctx) -> None:
+    pfd = _pool_dir(ctx, create=False)
     try:
-        real = os.readlink(safepath.fd_path(ifd))
-    finally:
-        os.close(ifd)
-    for loop in privileged.loop_list(ctx.area):
-        if loop.back_file == real:
-            privileged.loop_detach(ctx.area, loop.device)
-    parent, _, name = req.image.rpartition("/")
-    dfd = safepath.open_beneath(ctx.area, parent, os.O_PATH | os.O_DIRECTORY) if parent \
-        else safepath.open_dir(ctx.area)
-    try:
-        os.unlink(name, dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    mparent, _, mname = req.mountpoint.rpartition("/")
-    with contextlib.suppress(OSError):
-        mfd = safepath.open_beneath(ctx.area, mparent, os.O_PATH | os.O_DIRECTORY) \
-            if mparent else safepath.open_dir(ctx.area)
         try:
-            os.rmdir(mname, dir_fd=mfd)
+            mfd = safepath.open_beneath(pfd, FS, os.O_PATH | os.O_DIRECTORY)
+        except NotFound:
+            return
+        try:
+            mounted = poolfs.is_mount_root(mfd, pfd)
+        finally:
+            os.close(mfd)  # an open fd would keep the mount busy
+    finally:
+        os.close(pfd)
+    if mounted:
+        path = ctx.area / POOL / FS
+        if not ctx.trusted:
+            poolfs.check_root_chain(path.parent)  # the name is root's all the way up
+        poolfs.umount_trusted(path)
+
+
+class PoolDestroy(Req):
+    """Tear the caller's pool down: unmount, delete the image (and its volumes and
+    snapshots with it), the record and the mount point."""
+
+
+def pool_destroy(ctx: Ctx, req: PoolDestroy) -> dict[str, Any]:
+    del req
+    _umount(ctx)
+    pfd = _pool_dir(ctx, create=False)
+    try:
+        try:
+            ifd = safepath.open_beneath(pfd, IMAGE, os.O_RDONLY)
+        except NotFound:
+            ifd = -1
+        if ifd >= 0:
+            try:  # only the helper's own kind of file: root's, one link
+                safepath.fstat_kind(ifd, "reg", IMAGE, owner=0, single_link=True)
+            finally:
+                os.close(ifd)
+            os.unlink(IMAGE, dir_fd=pfd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(RECORD, dir_fd=pfd)
+        with contextlib.suppress(OSError):
+            os.rmdir(FS, dir_fd=pfd)
+        os.fsync(pfd)
+    finally:
+        os.close(pfd)
+    return {}
+
+
+# -- volumes and snapshots --------------------------------------------------------------------
+
+
+def _pool_sub(ctx: Ctx, sub: str) -> int:
+    """``pool/fs/<sub>`` of a mounted pool (a sudo caller's: its mounted image only)."""
+    pfd = _pool_dir(ctx, create=False)
+    try:
+        mfd = poolfs.dir_fd(pfd, FS, create=False)
+        try:
+            if not ctx.trusted and not poolfs.is_mount_root(mfd, pfd):
+                raise NotFound("this caller's pool is not mounted", "run `kiln pool status`")
+            return poolfs.dir_fd(mfd, sub, create=ctx.trusted)
         finally:
             os.close(mfd)
-    return {}
-
-
-# -- volumes --------------------------------------------------------------------------------
+    finally:
+        os.close(pfd)
 
 
 class VolumeImport(Req):
-    """Copy a volume the caller passes open (an inherited fd) into a root-owned directory
-    under the area as ``<hex>.ext4`` (0444), hashing what is copied against the id."""
+    """Copy a volume the caller passes open (an inherited fd) into the pool's root-owned
+    ``volumes/`` as ``<hex>.ext4`` (0400), hashing what is copied against the id."""
 
     volume: VolumeId = Field(description="the volume's id (sha256 of its bytes)")
     fd: int = Field(ge=3, le=255, description="the open volume file descriptor")
-    directory: RelPath = Field(description="destination directory, relative to the area")
     clone: bool = Field(default=False, description="try a reflink clone of the fd first")
 
 
@@ -281,33 +350,49 @@ def volume_import(ctx: Ctx, req: VolumeImport) -> dict[str, Any]:
     st = passed_fd(req.fd, "pass the volume open")
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"file descriptor {req.fd} is not a regular file", "")
-    dfd = safepath.open_beneath(ctx.area, req.directory, os.O_RDONLY | os.O_DIRECTORY)
+    dfd = _pool_sub(ctx, VOLUMES)
     try:
-        safepath.fstat_kind(dfd, "dir", req.directory, owner=0)
+        if not ctx.trusted:
+            cap = min(ctx.cfg.limits.import_bytes, _capacity(dfd))
+            if st.st_size > cap:
+                raise UsageError(f"refusing a volume of {st.st_size} bytes: at most {cap}",
+                                 "the pool or [limits] import_bytes is smaller")
         name = f"{req.volume[7:]}.ext4"
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if _exists(dfd, name):
             return {"created": False}
-        with replace_in(dfd, name, os.O_WRONLY, 0o600) as out:
-            cloned = False
-            if req.clone:
-                with contextlib.suppress(OSError):
-                    fcntl.ioctl(out, FICLONE, req.fd)
-                    cloned = True
-            if cloned and ctx.trusted:  # root's own build: same as before the helper
-                got = req.volume
-            elif cloned:
-                got = _hash_fd(out)  # hash what landed in the pool, not the caller's fd
-            else:
-                size, got = fileops.hashing_copy(req.fd, out)
-                os.ftruncate(out, size)  # a trailing hole
-            if got != req.volume:
-                raise IntegrityError(f"volume bytes hash to {got[:19]}, not {req.volume[:19]}",
-                                     "the file is not the volume it claims to be")
-            os.fchmod(out, 0o444)
+        out = poolfs.open_tmpfile(dfd, 0o600)  # unnamed until verified: nothing to leak
+        try:
+            _fill(ctx, req, out)
+            os.fchmod(out, 0o400 if not ctx.trusted else 0o444)
+            poolfs.link_tmpfile(out, dfd, name)
+        finally:
+            os.close(out)
     finally:
         os.close(dfd)
     return {"created": True}
+
+
+def _fill(ctx: Ctx, req: VolumeImport, out: int) -> None:
+    cloned = False
+    if req.clone:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(out, FICLONE, req.fd)
+            cloned = True
+    if cloned and ctx.trusted:  # root's own build: same as before the helper
+        got = req.volume
+    elif cloned:
+        got = _hash_fd(out)  # hash what landed in the pool, not the caller's fd
+    else:
+        size, got = fileops.hashing_copy(req.fd, out)
+        os.ftruncate(out, size)  # a trailing hole
+    if got != req.volume:
+        raise IntegrityError(f"volume bytes hash to {got[:19]}, not {req.volume[:19]}",
+                             "the file is not the volume it claims to be")
+
+
+def _capacity(dfd: int) -> int:
+    st = os.fstatvfs(dfd)
+    return st.f_blocks * st.f_frsize
 
 
 def _hash_fd(fd: int) -> str:
@@ -320,33 +405,124 @@ def _hash_fd(fd: int) -> str:
 
 
 class VolumeRemove(Req):
-    """Remove an imported volume from a directory under the area."""
+    """Remove an imported volume from the caller's pool."""
 
     volume: VolumeId = Field(description="the volume's id")
-    directory: RelPath = Field(description="the directory it was imported to")
 
 
 def volume_remove(ctx: Ctx, req: VolumeRemove) -> dict[str, Any]:
-    dfd = safepath.open_beneath(ctx.area, req.directory, os.O_RDONLY | os.O_DIRECTORY)
+    dfd = _pool_sub(ctx, VOLUMES)
     try:
-        safepath.fstat_kind(dfd, "dir", req.directory, owner=0)
         try:
             os.unlink(f"{req.volume[7:]}.ext4", dir_fd=dfd)
         except FileNotFoundError:
-            raise NotFound(f"volume {req.volume[:19]} is not in {req.directory}", "") from None
+            raise NotFound(f"volume {req.volume[:19]} is not in the pool", "") from None
         os.fsync(dfd)
     finally:
         os.close(dfd)
     return {}
 
 
+class SnapshotCreate(Req):
+    """Clone a pool volume into ``snapshots/<id>.ext4``, handed to the caller (0600, one
+    link); the caller grows and boots it as its own file."""
+
+    volume: VolumeId = Field(description="the base volume's id")
+    snapshot: KilnId = Field(description="the snapshot's id")
+
+
+def snapshot_create(ctx: Ctx, req: SnapshotCreate) -> dict[str, Any]:
+    vfd = _pool_sub(ctx, VOLUMES)
+    try:
+        try:
+            src = os.open(f"{req.volume[7:]}.ext4", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=vfd)
+        except FileNotFoundError:
+            raise NotFound(f"volume {req.volume[:19]} is not in the pool",
+                           "import it first") from None
+    finally:
+        os.close(vfd)
+    sfd = _pool_sub(ctx, SNAPSHOTS)
+    try:
+        out = poolfs.open_tmpfile(sfd, 0o600)
+        try:
+            try:
+                fcntl.ioctl(out, FICLONE, src)
+            except OSError:
+                fileops.sparse_copy_fd(src, out)
+            os.fchown(out, ctx.caller_uid, ctx.caller_gid)  # our own unnamed file, by fd
+            os.fchmod(out, 0o600)
+            poolfs.link_tmpfile(out, sfd, f"{req.snapshot}.ext4")
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+        os.close(sfd)
+    return {"path": str(ctx.area / POOL / FS / SNAPSHOTS / f"{req.snapshot}.ext4")}
+
+
+class SnapshotRemove(Req):
+    """Remove one of the caller's snapshots (not while a VM's jail holds it)."""
+
+    snapshot: KilnId = Field(description="the snapshot's id")
+
+
+def snapshot_remove(ctx: Ctx, req: SnapshotRemove) -> dict[str, Any]:
+    sfd = _pool_sub(ctx, SNAPSHOTS)
+    name = f"{req.snapshot}.ext4"
+    try:
+        try:
+            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise NotFound(f"no snapshot {req.snapshot}", "`kiln snapshot ls`") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"snapshot {req.snapshot} is not a regular file", "")
+        if st.st_uid != ctx.caller_uid or st.st_nlink != 1:
+            raise Conflict(f"snapshot {req.snapshot} is staged in a VM's jail",
+                           "stop the VM first")
+        os.unlink(name, dir_fd=sfd)
+        os.fsync(sfd)
+    finally:
+        os.close(sfd)
+    return {}
+
+
+class PoolList(Req):
+    """What the caller's pool holds: volume ids with sizes, snapshot ids, capacity, used."""
+
+
+def pool_list(ctx: Ctx, req: PoolList) -> dict[str, Any]:
+    del req
+    out: dict[str, Any] = {"volumes": {}, "snapshots": []}
+    for sub, pattern in ((VOLUMES, _VOL_FILE_RE), (SNAPSHOTS, _SNAP_FILE_RE)):
+        dfd = _pool_sub(ctx, sub)
+        try:
+            for name in sorted(os.listdir(dfd)):
+                m = pattern.fullmatch(name)
+                if m is None:
+                    continue
+                if sub == VOLUMES:
+                    size = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
+                    out["volumes"]["sha256:" + m.group(1)] = size
+                else:
+                    out["snapshots"].append(m.group(1))
+            if sub == VOLUMES:
+                st = os.fstatvfs(dfd)
+                out["capacity"] = st.f_blocks * st.f_frsize
+                out["used"] = (st.f_blocks - st.f_bfree) * st.f_frsize
+        finally:
+            os.close(dfd)
+    return out
+
+
 OPS: dict[str, tuple[type[Req], Op]] = {
-    "loop-attach": (LoopAttach, loop_attach),
-    "loop-detach": (LoopDetach, loop_detach),
-    "pool-image": (PoolImage, pool_image),
+    "pool-create": (PoolCreate, pool_create),
     "pool-mount": (PoolMount, pool_mount),
     "pool-umount": (PoolUmount, pool_umount),
-    "pool-remove": (PoolRemove, pool_remove),
+    "pool-destroy": (PoolDestroy, pool_destroy),
+    "pool-list": (PoolList, pool_list),
     "volume-import": (VolumeImport, volume_import),
     "volume-remove": (VolumeRemove, volume_remove),
+    "snapshot-create": (SnapshotCreate, snapshot_create),
+    "snapshot-remove": (SnapshotRemove, snapshot_remove),
 }

@@ -13,7 +13,11 @@ matches the caller's claim, so another user's cgroup (or one a reboot or a remov
 recycled under the same name) is refused. ``cgroup-kill`` drops the claim. Root in-process
 (``trusted``) needs no claim. A sudo caller's cgroup always has a memory limit (required)
 and a pids limit (``DEFAULT_PIDS`` when none is sent), and one caller holds at most
-``MAX_CGROUP_CLAIMS`` VM cgroups: what the helper makes for a caller is bounded.
+``[limits] cgroups`` VM cgroups: what the helper makes for a caller is bounded. A VM
+cgroup directory a jail-launch made for the caller's jail (recorded in its jail claim)
+counts as the caller's too. ``cgroup-create`` and ``cgroup-kill`` hold the host-wide
+``CG_LOCK`` that ``jail-launch`` holds from its ownership check until its jailer is done,
+so no cgroup of that name appears or goes in between.
 
 Taps (``tap-create``/``tap-delete``): a tap made for a sudo caller carries the alias tag
 ``kiln vm=<tap> root=<area key> uid=<caller>`` (the ``helper.netcore`` format), and
@@ -57,8 +61,8 @@ class CgroupCreate(Req):
     limits: Limits = Field(default_factory=Limits, description="resource limits")
 
 
-_CLAIMS = "cgroups"  # <area>/cgroups/<vm>: the caller's VM cgroups (see the docstring)
-MAX_CGROUP_CLAIMS = 64  # VM cgroups one sudo caller may hold at once
+_CLAIMS = claims.CGROUPS  # <area>/cgroups/<vm>: the caller's VM cgroups (see the docstring)
+CG_LOCK = "vm-cgroups.lock"  # <[pool] directory>/…: cgroup-create/-kill vs jail-launch
 DEFAULT_PIDS = 4096  # the pids limit of a sudo caller's VM cgroup when it sends none
 
 
@@ -68,9 +72,20 @@ def check_owner(ctx: Ctx, vm: str, version: int) -> None:
         return
     existing = [d for d in cg.vm_dirs(_cgroups(ctx), vm, version) if d.is_dir()]
     claim = claims.read(ctx.area, _CLAIMS, vm)
-    if not (claims.holds(claim, existing) and (claim or {}).get("version") == version):
+    mine = claim is not None and claim.get("version") == version
+    jailed = jail_cgroups(ctx, vm)
+    if (not mine and not jailed) or not all(
+            (mine and claims.holds(claim, [d])) or claims.same(jailed.get(str(d)), d)
+            for d in existing):
         raise UsageError(f"refusing cgroup {vm}: uid {ctx.caller_uid} did not create it",
                          "kiln-helper acts only on cgroups its caller made (cgroup-create)")
+
+
+def jail_cgroups(ctx: Ctx, vm: str) -> dict[str, Any]:
+    """{directory: identity} of the cgroups jail-launch made for the caller's jail ``vm``."""
+    doc = claims.read(ctx.area, claims.JAILS, vm) or {}
+    got = doc.get("cgroups") if doc.get("boot") == claims.boot_id() else None
+    return got if isinstance(got, dict) else {}
 
 
 def cgroup_create(ctx: Ctx, req: CgroupCreate) -> dict[str, Any]:
@@ -80,14 +95,15 @@ def cgroup_create(ctx: Ctx, req: CgroupCreate) -> dict[str, Any]:
             raise UsageError(f"refusing cgroup {req.vm}: no memory limit",
                              "a sudo caller's VM cgroup needs limits.memory_bytes")
         pids = pids or DEFAULT_PIDS
-        held = claims.names(ctx.area, _CLAIMS)
-        if len(held) >= MAX_CGROUP_CLAIMS:
+        held, cap = claims.names(ctx.area, _CLAIMS), ctx.cfg.limits.cgroups
+        if len(held) >= cap:
             raise UsageError(f"refusing cgroup {req.vm}: uid {ctx.caller_uid} already holds "
-                             f"{len(held)} VM cgroups (at most {MAX_CGROUP_CLAIMS})",
+                             f"{len(held)} VM cgroups (at most {cap})",
                              "remove VMs you no longer need (kiln rm)")
     lim = cg.Limits(req.limits.cpus, req.limits.memory_bytes, pids)
     cfg = _cgroups(ctx)
-    with cgattach.uninterrupted():  # the cgroup and its claim come together
+    with cgattach.uninterrupted(), claims.host_lock(ctx.cfg.pool_dir, CG_LOCK):
+        # the cgroup and its claim come together
         dirs = cg.cgroup_create(cfg, req.vm, req.version, lim)
         if not ctx.trusted:
             try:
@@ -126,7 +142,8 @@ class CgroupKill(Req):
 
 def cgroup_kill(ctx: Ctx, req: CgroupKill) -> dict[str, Any]:
     cfg = _cgroups(ctx)
-    with cgattach.uninterrupted():  # killed and removed, then unclaimed: never half of it
+    # killed and removed, then unclaimed: never half of it
+    with cgattach.uninterrupted(), claims.host_lock(ctx.cfg.pool_dir, CG_LOCK):
         if not cg.cgroup_exists(cfg, req.vm, req.version):
             if not ctx.trusted and (claims.read(ctx.area, _CLAIMS, req.vm) or {}).get(
                     "version") == req.version:

@@ -30,7 +30,6 @@ from helper.pool import dmthin_core as core
 from helper.pool.fileops import materialise
 
 _LOOP_RE = re.compile(r"^/dev/loop[0-9]{1,4}$")
-FILESYSTEMS = ("btrfs", "xfs")
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -114,24 +113,6 @@ def loop_list(root: Path) -> list[Loop]:
     return out
 
 
-def loop_attach(root: Path, image: Path) -> str:
-    """Attach ``image`` (a regular file under the root) to a loop device, or return the one
-    it is already attached to."""
-    img = confine(root, image)
-    if not stat.S_ISREG(os.lstat(img).st_mode):
-        raise UsageError(f"{img} is not a regular file", "")
-    for loop in loop_list(root):
-        if loop.back_file == str(img):
-            return loop.device
-    res = run.run("losetup", [
-        "--find",
-        "--show",  # print the device it chose
-        "--nooverlap",  # reuse an existing attachment of the same file instead of a second one
-        str(img),
-    ], timeout=60)
-    return res.text.strip()
-
-
 def loop_detach(root: Path, device: str) -> None:
     """Detach ``device`` if, and only if, it is a loop device backed by a file under root."""
     if not _LOOP_RE.fullmatch(device):
@@ -181,58 +162,6 @@ def is_mounted(mountpoint: Path) -> bool:
     return any(m.mountpoint == str(mountpoint) for m in mounts())
 
 
-def pool_mkfs(root: Path, image: Path, fs: str) -> None:
-    """Make a reflink-capable filesystem on the pool image (a file under the root)."""
-    img = confine(root, image)
-    if fs not in FILESYSTEMS:
-        raise UsageError(f"unknown pool filesystem {fs!r}", "use --fs btrfs or --fs xfs")
-    if fs == "btrfs":
-        args = [
-            "--quiet",
-            "--label", "kiln-pool",
-            "--metadata", "single",  # one image file: duplicate metadata buys nothing
-            str(img),
-        ]
-        run.run("mkfs.btrfs", args, timeout=300)
-    else:
-        args = [
-            "-q",
-            "-L", "kiln-pool",
-            "-m", "reflink=1,crc=1",  # reflink needs the v5 (crc) format
-            str(img),
-        ]
-        run.run("mkfs.xfs", args, timeout=300)
-
-
-def pool_mount(root: Path, device: str, mountpoint: Path, fs: str) -> None:
-    """Mount the pool's loop device (backed by a file under the root) at a directory under
-    the root. Already mounted there → nothing to do."""
-    mp = confine(root, mountpoint)
-    if fs not in FILESYSTEMS:
-        raise UsageError(f"unknown pool filesystem {fs!r}", "use btrfs or xfs")
-    if not _LOOP_RE.fullmatch(device) or not any(lp.device == device for lp in loop_list(root)):
-        raise UsageError(f"{device!r} is not a loop device backed by a file under {root}", "")
-    if is_mounted(mp):
-        return
-    run.run("mount", [
-        "--types", fs,
-        "--options", "nodev,nosuid,noexec",  # the pool holds images, never programs
-        device,
-        str(mp),
-    ], timeout=120)
-
-
-def pool_umount(root: Path, mountpoint: Path) -> None:
-    mp = confine(root, mountpoint)
-    if not is_mounted(mp):
-        return
-    try:
-        run.run("umount", [str(mp)], timeout=120)
-    except KilnError as e:
-        raise Conflict(f"cannot unmount the pool at {mp}: {e.message}",
-                       "stop whatever uses it (a running VM?), then retry") from None
-
-
 def volume_import(root: Path, src: Path, dst: Path, *, allow_clone: bool = True) -> bool:
     """Create ``dst`` under the root with ``src``'s bytes (clone when possible)."""
     s = confine(root, src)
@@ -240,27 +169,6 @@ def volume_import(root: Path, src: Path, dst: Path, *, allow_clone: bool = True)
     if d.exists():
         raise Conflict(f"{d} already exists", "")
     return materialise(s, d, allow_clone=allow_clone)
-
-
-def chown(root: Path, path: Path, uid: int, gid: int) -> None:
-    p = confine(root, path)
-    if uid < 0 or gid < 0:
-        raise UsageError("uid and gid must be non-negative", "")
-    os.chown(p, uid, gid, follow_symlinks=False)
-
-
-def check_area_file_size(dfd: int, what: str, size: int, *, trusted: bool) -> None:
-    """Refuse a root-owned sparse file of ``size`` bytes in the directory ``dfd`` of a sudo
-    caller's area (``dmthin_core.area_file_problem``: its quota does not apply). Root
-    in-process (``trusted``) sizes its own pool as it likes."""
-    if trusted:
-        return
-    st = os.fstatvfs(dfd)
-    problem = core.area_file_problem(what, size, st.f_bavail * st.f_frsize,
-                                     st.f_blocks * st.f_frsize)
-    if problem is not None:
-        raise UsageError(problem, "use a smaller --size, or ask the operator for [pool] "
-                         "data_device and metadata_device")
 
 
 # -- device-mapper ------------------------------------------------------------------------

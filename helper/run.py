@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -76,12 +77,40 @@ def tool_env(allow: tuple[str, ...] = ENV_ALLOW) -> dict[str, str]:
     return env
 
 
+def limit_cpu(seconds: int) -> None:
+    """Cap this process' CPU time for a sudo caller's op (``helper.main``). Soft = hard:
+    at the limit the kernel sends SIGKILL (it checks the hard limit first), so there is no
+    SIGXCPU to handle and the op dies like any killed op (its records and ``reclaim`` deal
+    with what it leaves). No core dumps either: a root helper's memory is not for disk.
+    Children inherit both, so a tool a caller makes spin is bounded too. Irreversible
+    without CAP_SYS_RESOURCE (containers lack it): an op whose child outlives it (a VM) is
+    never limited (``helper.main.UNLIMITED_CPU_OPS``)."""
+    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def unblock_signals() -> None:
+    """In a child before exec: the default (empty) signal mask. ``helper.main`` holds the
+    signals sudo relays for the whole op, and a blocked mask survives exec; a tool must
+    still die of its own SIGTERM/SIGINT (subprocess's ``restore_signals`` resets only the
+    dispositions of SIGPIPE and SIGXFSZ, never the mask)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 def die_with_parent() -> None:
-    """In the child: SIGKILL us when the caller dies, so no tool outlives a killed kiln."""
+    """In the child: SIGKILL us when the caller dies, so no tool outlives a killed kiln;
+    the default signal mask (``unblock_signals``)."""
     import ctypes
 
+    unblock_signals()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def vmm_child() -> None:
+    """``preexec_fn`` of a child that outlives the op (the jailer, then Firecracker): the
+    default signal mask, without the PDEATHSIG a tool gets."""
+    unblock_signals()
 
 
 def _tail(data: bytes, lines: int = 15) -> str:
@@ -90,8 +119,10 @@ def _tail(data: bytes, lines: int = 15) -> str:
 
 def run(tool: str, args: Iterable[str], *, timeout: float = DEFAULT_TIMEOUT,
         stdin: bytes | None = None, ok_codes: tuple[int, ...] = (0,), hint: str = "",
-        extra_env: Mapping[str, str] | None = None) -> Result:
-    """Run ``tool args`` to completion and return its output."""
+        extra_env: Mapping[str, str] | None = None,
+        pass_fds: tuple[int, ...] = ()) -> Result:
+    """Run ``tool args`` to completion and return its output. ``pass_fds``: open files
+    the tool gets at the same numbers (it is given ``/proc/self/fd/N``, never a name)."""
     argv = [which(tool), *[str(a) for a in args]]
     log.debug("run: %s", shlex.join(argv))
     env = tool_env()
@@ -103,6 +134,7 @@ def run(tool: str, args: Iterable[str], *, timeout: float = DEFAULT_TIMEOUT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        pass_fds=pass_fds,
         start_new_session=True,  # the timeout kill reaches the whole process group
         preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads are started in the child
     )

@@ -22,15 +22,12 @@ A caller is (uid, area): two kiln roots run by root are two callers.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from helper import claims, jail, net
 from helper import netcore as nc
-from helper.errors import KilnError, UidInUse, UsageError
+from helper.errors import KilnError, UidInUse
 from helper.opbase import Ctx
 
 LEDGER = "vm-uids"  # <pool dir>/vm-uids/<vm>: the jail of every caller and its uid/gid
@@ -40,23 +37,8 @@ LOCK = "vm-uids.lock"
 @contextlib.contextmanager
 def locked(ctx: Ctx) -> Iterator[None]:
     """Hold the host-wide VM uid lock (blocks until the other holder is done)."""
-    pool = ctx.cfg.pool_dir
-    pool.mkdir(mode=0o755, parents=True, exist_ok=True)  # a trusted path
-    dfd = jail.open_dir_nofollow(pool)
-    try:
-        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
-            raise UsageError(f"{pool}/{LOCK} is not a root-owned file",
-                             "remove it; kiln-helper recreates it")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with claims.host_lock(ctx.cfg.pool_dir, LOCK):
         yield
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def _in_use(what: str, n: int) -> UidInUse:
@@ -120,4 +102,9 @@ def claim(ctx: Ctx, vm: str, jd: Path, uid: int, gid: int) -> None:
 
 
 def drop(ctx: Ctx, vm: str) -> None:
-    claims.drop(ctx.cfg.pool_dir, LEDGER, vm)
+    """Drop ``vm``'s ledger entry when it is this caller's: a jail id is host-wide, so after
+    a half-made jail of ours the entry may already be another caller's jail of that id."""
+    doc = claims.read(ctx.cfg.pool_dir, LEDGER, vm)
+    if doc is None or (doc.get("caller"), doc.get("caller_area")) == (ctx.caller_uid,
+                                                                     str(ctx.area)):
+        claims.drop(ctx.cfg.pool_dir, LEDGER, vm)

@@ -7,7 +7,7 @@ creates anything, so the state layer can record the resource first):
 2. ``jail``    — stage the chroot: kernel, initrd, rootfs file or block node, log file;
 3. ``launch``  — the jailer (``--new-pid-ns``) drops to the VM's uid/gid and execs
    Firecracker, whose serial console goes to ``console.log`` beside the chroot;
-4. ``api``     — the API socket is handed to us (hard link, 0660, our uid/gid);
+4. ``api``     — the API socket is handed to us (hard link, 0600, our uid alone);
 5. ``configure`` — logger, boot-source, machine-config, drives, network interfaces; each
    body is what ``api_requests`` (pure) builds, and ``GET /vm/config`` must then show
    exactly what was sent (``config_mismatches``) — a silently ignored field is an error;
@@ -233,7 +233,8 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
         cgroups: tuple[tuple[str, str], ...] = ()
         parent = f"{cfg.cgroup.parent}/{vm_id}"
     else:
-        # The jailer joins each v1 hierarchy it is given a file for: freezer too (teardown).
+        # The jailer joins each v1 hierarchy it is given a file for: freezer too (teardown
+        # freezes it to kill without a race; the helper allows exactly THAWED there).
         cgroups = (*cg.limit_files(1, limits), ("freezer.state", "THAWED"))
         parent = cfg.cgroup.parent
     spec = JailSpec(jail_id=vm_id, uid=uid, gid=uid, cgroup_version=cgroup_version,

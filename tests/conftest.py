@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.support.registry",
     "tests.support.images",
     "tests.support.oci",
+    "tests.support.sudo",
 ]
 
 # marker -> probe; a test carrying the marker is skipped with the probe's reason.

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helper import poolfs
 from helper.pool import dmthin_core as core
 
 RK = core.root_key("/var/lib/kiln")
@@ -295,21 +296,27 @@ def test_unformatted_devices_only_ever_reach_their_own_claimant(
     assert (problem is None) is (holder == "/a" or (fresh and not (holder and exists)))
 
 
-def test_area_file_size_limits_exact() -> None:
+def test_promised_space_exact() -> None:
+    """A new sparse image fits when free space less the margin less what other images
+    may still grow by covers it (``poolfs.promise_problem``)."""
     gib = 1 << 30
-    assert core.area_file_problem("the pool files", 20 * gib, 100 * gib, 200 * gib) is None
-    assert core.area_file_problem("the pool files", 64 * gib, 100 * gib, 200 * gib) is None
-    assert core.area_file_problem("the pool files", 64 * gib + 1, 1 << 50, 1 << 51) == \
-        "the pool files of 68719476737 bytes is over the limit of 68719476736 bytes " \
-        "(64 GiB) for a file in a user's area"
-    # 10 GiB free on a 100 GiB filesystem, 5 GiB of it the reserve.
-    assert core.area_file_problem("the pool image", 5 * gib, 10 * gib, 100 * gib) is None
-    assert core.area_file_problem("the pool image", 5 * gib + 1, 10 * gib, 100 * gib) == \
-        "the pool image of 5368709121 bytes is more than the 5368709120 bytes free on the " \
-        "area's filesystem (less a 5 % reserve of 5368709120 bytes)"
-    assert core.area_file_problem("the pool image", 1, 0, 100 * gib) == \
-        "the pool image of 1 bytes is more than the 0 bytes free on the area's filesystem " \
-        "(less a 5 % reserve of 5368709120 bytes)"
+    # 10 GiB free on a 100 GiB filesystem, 5 GiB of it the margin, 2 GiB promised.
+    assert poolfs.promise_problem("a pool image", 3 * gib, 2 * gib, 10 * gib, 100 * gib,
+                                  5) is None
+    assert poolfs.promise_problem("a pool image", 3 * gib + 1, 2 * gib, 10 * gib, 100 * gib,
+                                  5) == (
+        "refusing a pool image of 3072 MiB: the pool directory's filesystem has 3072 MiB not "
+        "yet promised to other images (free 10240 MiB, promised 2048 MiB, 5% kept free)")
+    assert poolfs.promise_problem("a pool image", 1, 0, 0, 100 * gib, 5) is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 1 << 44), st.integers(0, 1 << 44), st.integers(0, 1 << 44),
+       st.integers(1, 1 << 45), st.integers(0, 90))
+def test_promises_never_exceed_free_space(size: int, promised: int, free: int,
+                                          capacity: int, margin: int) -> None:
+    if poolfs.promise_problem("x", size, promised, free, capacity, margin) is None:
+        assert size + promised <= free - capacity * margin // 100
 
 
 @given(st.sampled_from([f"kiln-{RK}-pool", f"kiln-{RK}-snap-abcd", f"kiln-{RK}-vol-{HEX}",

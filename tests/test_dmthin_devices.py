@@ -423,36 +423,34 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 def test_pool_files_are_capped_for_a_sudo_caller(small_fs: Path) -> None:
     """Root-owned sparse files escape the caller's disk quota: dm-create (files) and
-    pool-image refuse more than 64 GiB, or more than the area's filesystem has free less a
-    5 % reserve, before any file exists. Root in-process sizes its own pool."""
+    pool-create refuse more than [limits] pool_bytes (64 GiB), or more than the space of
+    the areas' filesystem not yet promised to any area's images less a 5 % margin, before
+    any file exists. Root in-process sizes its own pool."""
     area = small_fs / "area"
     area.mkdir()
     ctx = _ctx(area)
     pool = core.pool_name(core.root_key(str(area)))
-    hint = ("use a smaller --size, or ask the operator for [pool] data_device and "
-            "metadata_device")
-    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
-    reserve = (64 << 20) // 20
+    st = os.statvfs(small_fs)
+    room = (st.f_bavail * st.f_frsize - (64 << 20) * 5 // 100) >> 20
     for op, request, want in (
         ("dm-create", {"name": pool, "kind": "thin-pool", "fresh": True,
                        "data_bytes": 1 << 50, "metadata_bytes": 16 << 20},
-         f"the pool files of {(1 << 50) + (16 << 20)} bytes is over the limit of "
-         "68719476736 bytes (64 GiB) for a file in a user's area"),
+         f"refusing the pool files of {((1 << 50) + (16 << 20)) >> 20} MiB: a caller's pool "
+         "is at most 65536 MiB ([limits] pool_bytes)"),
         ("dm-create", {"name": pool, "kind": "thin-pool", "fresh": True,
                        "data_bytes": 62 << 20, "metadata_bytes": 2 << 20},
-         f"the pool files of {64 << 20} bytes is more than the {free - reserve} bytes free "
-         f"on the area's filesystem (less a 5 % reserve of {reserve} bytes)"),
-        ("pool-image", {"image": "pool/pool.img", "size": 65 << 30, "fs": "btrfs"},
-         f"the pool image of {65 << 30} bytes is over the limit of 68719476736 bytes "
-         "(64 GiB) for a file in a user's area"),
-        ("pool-image", {"image": "pool/pool.img", "size": 256 << 20, "fs": "btrfs"},
-         f"the pool image of {256 << 20} bytes is more than the {free - reserve} bytes free "
-         f"on the area's filesystem (less a 5 % reserve of {reserve} bytes)"),
+         f"refusing the pool files of 64 MiB: the pool directory's filesystem has {room} MiB "
+         f"not yet promised to other images (free {st.f_bavail * st.f_frsize >> 20} MiB, "
+         "promised 0 MiB, 5% kept free)"),
+        ("pool-create", {"size": 65 << 30, "fs": "btrfs"},
+         f"refusing a pool image of {65 << 10} MiB: a caller's pool is at most 65536 MiB "
+         "([limits] pool_bytes)"),
     ):
         with pytest.raises(UsageError) as e:
             _run(ctx, op, request)
-        assert (e.value.message, e.value.hint) == (want, hint)
-        assert sorted(p.name for p in (area / "pool").rglob("*") if p.is_file()) == []
+        assert e.value.message == want
+        assert e.value.hint.startswith("use a smaller --size")
+        assert sorted(p.name for p in area.rglob("*")) == []  # refused: nothing made
     ops_dm.make_thin_files(ctx, 32 << 20, 2 << 20)  # within the limits: made
     assert (area / "pool/thin/data.img").stat().st_size == 32 << 20
     # Root in-process (trusted) is not capped: its own pool, its own disk.

@@ -23,15 +23,13 @@ import pytest
 from helper import cgroup as cg
 from runner.kernel_elf import ensure_vmlinux
 from tests.support.oci import User, run_as
-from tests.test_helper_sudo import (
+from tests.support.sudo import (
     BASE,
     GOOD_CONFIG,
     REPO,
     _audit_len,
     _ops_ran,
     _write_config,
-    installed,  # noqa: F401  (fixture)
-    sudo_user,  # noqa: F401  (fixture)
 )
 
 BIN_DIR = Path("/opt/kiln-test/firecracker")
@@ -39,7 +37,7 @@ pytestmark = [pytest.mark.firecracker, pytest.mark.root]
 
 
 @pytest.fixture
-def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:  # noqa: F811
+def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:
     res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
                          capture_output=True, text=True, check=False, timeout=300)
     if res.returncode != 0:
@@ -51,8 +49,17 @@ def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:  # noqa: F811
     src.mkdir(mode=0o755, parents=True, exist_ok=True)
     vmlinux = ensure_vmlinux(Path(bz[-1]), src)
     vmlinux.chmod(0o644)
-    snap = src / f"snap-{secrets.token_hex(4)}.ext4"
+    # A writable disk is only the caller's own snapshot, shaped as the pool makes it:
+    # <area>/pool/fs/snapshots/<id>.ext4, the caller's, 0600, in root-owned 0711 directories.
+    snaps = BASE / "users" / str(sudo_user.uid) / "pool/fs/snapshots"
+    snaps.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for d in (snaps, snaps.parent, snaps.parent.parent):
+        d.chmod(0o711)
+    snaps.parent.parent.parent.chmod(0o755)  # the area, as the helper makes it
+    snap = snaps / f"{''.join(secrets.choice('abcdefgh') for _ in range(8))}.ext4"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "fchelper", str(snap), "32M"], check=True)
+    os.chown(snap, sudo_user.uid, sudo_user.gid)
+    snap.chmod(0o600)
     parent = f"kilnhtest{secrets.token_hex(4)}"
     _write_config(GOOD_CONFIG + f"""sources = ["{src}"]
 cgroup_parent = "{parent}"
@@ -104,7 +111,7 @@ print(json.dumps({"info": info, "config": got, "sock": str(sock), "pid": pid}))
 
 
 def test_jail_ops_through_the_helper_with_the_real_binaries(
-        sudo_user: User, fc_config: dict[str, str]) -> None:  # noqa: F811
+        sudo_user: User, fc_config: dict[str, str]) -> None:
     vm_id = "h" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz234567") for _ in range(9))
     start = _audit_len()
     res = run_as(sudo_user, [sys.executable, "-c", SCRIPT, json.dumps(

@@ -100,8 +100,9 @@ def test_stage_copies_across_filesystems_and_private_files(cfg: jail.JailConfig)
             "(slow, uses space); put the jail base on the pool's filesystem",
             f"{cfg.sources[1]}/secret is not world-readable: staged a private copy"]
         for name, data in (("initrd.img", b"initrd"), ("secret", b"s")):
-            st = os.stat(staged.root / name)
-            assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_nlink) == (UID, 0o400, 1)
+            st = os.stat(staged.root / name)  # root's copy, the VM's group reads it
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_nlink) == \
+                (0, UID, 0o440, 1)
             assert (staged.root / name).read_bytes() == data
         jail.jail_remove(c2, "abd")
     finally:
@@ -145,8 +146,7 @@ def test_hard_link_planted_as_writable_disk_is_refused(cfg: jail.JailConfig) -> 
     assert e.value.message == (f"{pool}/planted has 2 links; a VM's writable disk must have "
                                "exactly one")
     assert os.stat(pool / "snap.ext4").st_uid == 0  # never chowned
-    assert list(cfg.chroot_base.iterdir()) == [cfg.chroot_base / "firecracker"]
-    assert list((cfg.chroot_base / "firecracker").iterdir()) == []
+    assert list(cfg.chroot_base.iterdir()) == []  # refused before the first mkdir
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -217,9 +217,12 @@ def test_grant_api_links_socket_for_the_caller(cfg: jail.JailConfig) -> None:
         assert path == staged.root.parent / "api.sock"
         st = os.lstat(path)
         assert stat.S_ISSOCK(st.st_mode)
-        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (900_999, 900_998, 0o660)
+        # the caller's uid alone (its primary group may be shared)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (900_999, 0, 0o600)
         d = os.stat(path.parent)
-        assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (0, 900_998, 0o710)
+        assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (0, 0, 0o711)
+        c = os.stat(path.parent / "console.log")
+        assert (c.st_uid, stat.S_IMODE(c.st_mode)) == (900_999, 0o400)
         assert stat.S_IMODE(os.stat(staged.root).st_mode) == 0o700  # chroot stays private
         assert jail.jail_grant_api(cfg, "abi", 900_999, 900_998) == path  # idempotent
         with pytest.raises(UsageError) as e:
@@ -382,9 +385,7 @@ def test_another_users_jail_is_refused_to_every_jail_op(cfg: jail.JailConfig,
     users.mkdir()
     a = _sudo_ctx(cfg, users / str(ME), ME)
     b = _sudo_ctx(cfg, users / str(OTHER), OTHER)
-    (users / str(OTHER) / "snap.ext4").write_bytes(b"rootfs")
-    _op(b, "jail-stage", {"vm": "bjail", "uid": UID, "gid": UID, "items": [
-        {"name": "rootfs", "source": f"{users}/{OTHER}/snap.ext4", "writable": True}]})
+    _stage(b, "bjail", UID)
     assert (users / str(OTHER) / "jails/bjail").stat().st_uid == 0
     refused = f"refusing jail bjail: uid {ME} did not stage it"
     for op, req in [("jail-grant-api", {"vm": "bjail"}), ("jail-remove", {"vm": "bjail"}),
@@ -395,7 +396,7 @@ def test_another_users_jail_is_refused_to_every_jail_op(cfg: jail.JailConfig,
     assert jail.jail_dir(cfg, "bjail").is_dir()
     # B's own launch into a VM cgroup it never created: the cgroup claim is required.
     with pytest.raises(UsageError) as e:
-        _op(b, "jail-launch", {"vm": "bjail", "uid": UID, "gid": UID, "cgroup_version": 1,
+        _op(b, "jail-launch", {"vm": "bjail", "uid": UID, "gid": UID, "cgroup_version": 2,
                                "parent_cgroup": "kiln/bjail"})
     assert e.value.message == f"refusing cgroup bjail: uid {OTHER} did not create it"
     # Network namespaces: only the caller's own kn-… one.
@@ -417,9 +418,20 @@ def test_netns_problem_refuses_another_users_namespace() -> None:
         f"refusing network namespace kn-abc: it belongs to uid {OTHER}"
 
 
-def _stage(ctx: Any, vm: str, uid: int) -> dict[str, Any]:
-    snap = ctx.area / f"{vm}.ext4"
+def snapshot_of(ctx: Any, sid: str) -> Path:
+    """A snapshot as the pool makes one for a sudo caller: ``pool/fs/snapshots/ID.ext4``,
+    the caller's, 0600, one link, in root-owned 0711 directories."""
+    d = ctx.area / "pool/fs/snapshots"
+    d.mkdir(mode=0o711, parents=True, exist_ok=True)
+    snap = d / f"{sid}.ext4"
     snap.write_bytes(b"rootfs")
+    os.chown(snap, ctx.caller_uid, ctx.caller_uid)
+    snap.chmod(0o600)
+    return snap
+
+
+def _stage(ctx: Any, vm: str, uid: int) -> dict[str, Any]:
+    snap = snapshot_of(ctx, vm)
     return _op(ctx, "jail-stage", {"vm": vm, "uid": uid, "gid": uid, "items": [
         {"name": "rootfs", "source": str(snap), "writable": True}]})
 

@@ -25,7 +25,7 @@ import pytest
 from helper import config, net, netlease, ops
 from helper import netcore as nc
 from helper.errors import Conflict, KilnError, NotFound, UidInUse, UsageError
-from tests.test_helper_sudo import helper_as, installed  # noqa: F401  (fixture)
+from tests.support.sudo import helper_as
 
 pytestmark = pytest.mark.root
 
@@ -430,7 +430,7 @@ def test_reclaim_keeps_live_vms_other_roots_and_other_callers(ns: str) -> None:
     ("netns-delete", {"name": "kn-nosuchthing"}, 1,
      "kiln-helper: network namespace kn-nosuchthing does not exist"),
 ])
-def test_the_real_helper_exits_1_or_2(installed: str, op: str,  # noqa: F811
+def test_the_real_helper_exits_1_or_2(installed: str, op: str,
                                       request_: dict[str, Any],
                                       code: int, stderr: str) -> None:
     """The installed kiln-helper (its root-owned venv: a checkout's own venv may sit under

@@ -18,13 +18,11 @@ from helper import netcore as nc
 from helper import netlease
 from runner import network
 from tests.support.oci import User, give_to
-from tests.test_helper_sudo import (
+from tests.support.sudo import (
     BASE,
     _audit_len,
     _ops_ran,
-    installed,  # noqa: F401  (fixture)
     kiln_as,
-    sudo_user,  # noqa: F401  (fixture)
 )
 from tests.test_net_run import Net, netns_env, sh, world  # noqa: F401  (fixtures)
 from tests.test_run_sudo import vmms
@@ -36,7 +34,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def user_world(sudo_user: User) -> tuple[User, Path, str]:  # noqa: F811
+def user_world(sudo_user: User) -> tuple[User, Path, str]:
     """(user, its kiln root with a copy pool, the busybox volume id)."""
     user = sudo_user
     layout = user.scratch / "netlayout"

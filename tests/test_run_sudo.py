@@ -31,15 +31,13 @@ from runner.reaper import scan_cgroups, scan_vmms
 from runner.state import host_name, root_key, vm_of_host
 from tests.support.cli import wait_for
 from tests.support.oci import User, give_to
-from tests.test_helper_sudo import (
+from tests.support.sudo import (
     BASE,
     _audit_len,
     _ops_ran,
     helper_as,
-    installed,  # noqa: F401  (fixture)
     kiln_as,
     loop_table,
-    sudo_user,  # noqa: F401  (fixture)
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.loop, pytest.mark.slow]
@@ -81,7 +79,7 @@ def mounts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def flow(sudo_user: User) -> Iterator[tuple[User, Path, str]]:  # noqa: F811
+def flow(sudo_user: User) -> Iterator[tuple[User, Path, str]]:
     """(user, its kiln root, the busybox volume id): build → reflink pool → snapshot."""
     user = sudo_user
     layout = user.scratch / "layout"

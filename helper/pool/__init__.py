@@ -197,14 +197,10 @@ def _clear_leftovers(root_dir: Path) -> None:
     image, fs_dir = area / "pool" / "pool.img", area / "pool" / "fs"
     if os.path.lexists(image) or privileged.is_mounted(fs_dir):
         with contextlib.suppress(NotFound):
-            client.pool_remove(area, image, fs_dir)
+            client.pool_destroy(area)
     from helper.pool import dmthin
 
     dmthin.clear_leftovers(root_dir)
-    prefix = str((area / "pool").resolve()) + "/"
-    for loop in privileged.loop_list(area):
-        if loop.back_file.startswith(prefix) and not privileged.loop_in_use(loop.device):
-            client.loop_detach(area, loop.device)
     remove_tree(d)
 
 

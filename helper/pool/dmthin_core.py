@@ -386,25 +386,6 @@ def claim_problem(claimed_by: str | None, area: str, claimant_exists: bool,
     return f"the [pool] devices were claimed by {claimed_by}, not by this pool"
 
 
-MAX_AREA_FILE_BYTES = 64 << 30  # a sudo caller's sparse pool files: bigger = operator devices
-
-
-def area_file_problem(what: str, size: int, free_bytes: int, fs_bytes: int) -> str | None:
-    """Why a root-owned sparse file of ``size`` bytes may not go into a sudo caller's area,
-    or None. Root owns it, so the caller's disk quota never sees what the caller writes
-    into it: at most ``MAX_AREA_FILE_BYTES``, and at most what the filesystem has free
-    less a reserve of 5 % of its size (the file fills as the caller writes)."""
-    if size > MAX_AREA_FILE_BYTES:
-        return (f"{what} of {size} bytes is over the limit of {MAX_AREA_FILE_BYTES} bytes "
-                "(64 GiB) for a file in a user's area")
-    reserve = fs_bytes // 20
-    if size > free_bytes - reserve:
-        return (f"{what} of {size} bytes is more than the {max(0, free_bytes - reserve)} "
-                f"bytes free on the area's filesystem (less a 5 % reserve of {reserve} "
-                "bytes)")
-    return None
-
-
 def grant_problem(name: str, thin_id: int, base_ids: Iterable[int]) -> str | None:
     """Only a snapshot's device is handed to the caller, never a base or the pool."""
     parsed = parse_name(name)

@@ -1,8 +1,15 @@
 """What the reflink and copy backends share: volumes and snapshots as files in ``fs/``.
 
 A base volume is ``fs/volumes/<hex>.ext4`` (0444); a snapshot is ``fs/snapshots/<id>.ext4``
-(0644), made by ``_copy_file`` (a clone or a sparse copy) through a temp name and a rename;
-a larger snapshot is extended with ``truncate`` and its ext4 grown with resize2fs.
+(0644), made by ``fileops.materialise`` (a clone or a sparse copy) through a temp name and
+a rename; a larger snapshot is extended with ``truncate`` and its ext4 grown with
+resize2fs (by whoever owns the file).
+
+In a sudo caller's helper area (a loop-mounted pool image, ``_helper_dir``) both
+directories are root's and unlistable (0711): volumes enter by ``volume-import``
+(re-hashed, 0400: only root reads them), snapshots are made and removed by the helper
+(``snapshot-create``: a clone handed to the caller, 0600, one link) and listed by
+``pool-list``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class FilePool(Pool):
         return self._volume_path(volume_id).is_file()
 
     def _volume_ids(self) -> list[str]:
+        if self._helper_dir():
+            return sorted(client.pool_list(self.area_dir)["volumes"])
         out: list[str] = []
         with contextlib.suppress(FileNotFoundError):
             for name in sorted(os.listdir(self.vol_dir)):
@@ -63,12 +72,15 @@ class FilePool(Pool):
         """Whether volumes live in a root-owned helper area (a sudo caller's loop pool)."""
         return not client.privileged() and os.stat(self.vol_dir).st_uid != os.getuid()
 
+    @property
+    def area_dir(self) -> Path:
+        return client.area(self.root_dir)
+
     def _import(self, volume_id: str, src: Path) -> Path:
         dst = self._volume_path(volume_id)
         if self._helper_dir():
             # Through the helper: it copies from our open fd and re-hashes against the id.
-            client.volume_import(client.area(self.root_dir), volume_id, src, self.vol_dir,
-                                 clone=self.clone_ok)
+            client.volume_import(self.area_dir, volume_id, src, clone=self.clone_ok)
         elif client.privileged():
             privileged.volume_import(self.root_dir, src, dst, allow_clone=self.clone_ok)
         else:  # the caller's own directory (host reflink / copy): plain file work
@@ -78,7 +90,7 @@ class FilePool(Pool):
     def _remove_volume(self, volume_id: str) -> None:
         if self._helper_dir():
             with contextlib.suppress(NotFound):
-                client.volume_remove(client.area(self.root_dir), volume_id, self.vol_dir)
+                client.volume_remove(self.area_dir, volume_id)
             return
         with contextlib.suppress(FileNotFoundError):
             self._volume_path(volume_id).unlink()
@@ -88,6 +100,9 @@ class FilePool(Pool):
         return self.snap_dir / f"{snap_id}.ext4"
 
     def _make_snapshot(self, snap: Snapshot) -> None:
+        if self._helper_dir():
+            client.snapshot_create(self.area_dir, snap.volume, snap.id)
+            return
         fileops.materialise(self._volume_path(snap.volume), Path(snap.path),
                             allow_clone=self.clone_ok, mode=0o644)
 
@@ -101,13 +116,21 @@ class FilePool(Pool):
         fileops.grow_ext4(Path(snap.path))
 
     def _remove_snapshot_data(self, snap: Snapshot) -> None:
+        if self._helper_dir():
+            with contextlib.suppress(NotFound):
+                client.snapshot_remove(self.area_dir, snap.id)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(snap.path)
 
     def _sweep(self, recorded: set[str]) -> None:
-        # A helper-owned volumes/ is the helper's to clean (its temp files never outlive it).
-        dirs = (self.snap_dir,) if self._helper_dir() else (self.vol_dir, self.snap_dir)
-        for d in dirs:
+        if self._helper_dir():  # the helper's files are unnamed until whole: no temp files
+            for sid in client.pool_list(self.area_dir)["snapshots"]:
+                if sid not in recorded:
+                    with contextlib.suppress(NotFound):
+                        client.snapshot_remove(self.area_dir, sid)
+            return
+        for d in (self.vol_dir, self.snap_dir):
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(d):
                     p = d / name

@@ -7,12 +7,12 @@ after a reboot ``ensure_mounted`` (run by every pool operation) attaches and mou
 again. Loop devices backed by files under the root that nothing mounts are detached by
 reclaim.
 
-Privileged steps (image + mkfs, loop attach, mount, teardown) go through
-``helper.client``: in-process as root, ``kiln-helper`` via sudo otherwise. For a sudo
-caller the image and its mount point live in the helper-made area
-(``/var/lib/kiln/users/<uid>/pool/``): root-owned, with ``fs/volumes`` root-owned (volumes
-enter by ``volume-import``, re-hashed) and ``fs/snapshots`` owned by the caller, who
-clones snapshots there unprivileged.
+Privileged steps (``pool-create``: image + mkfs + mount; ``pool-mount`` after a reboot;
+``pool-destroy``) go through ``helper.client``: in-process as root, ``kiln-helper`` via
+sudo otherwise. The helper names nothing the caller chooses: the image and its mount
+point have fixed names in the area (the kiln root for root; for a sudo caller the
+helper-made ``/var/lib/kiln/users/<uid>/pool/``, root's all the way up), and the
+snapshots of a sudo caller are made by the helper (``helper.pool.files``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from helper import client, privileged
-from helper.errors import KilnError, NotFound
+from helper.errors import NotFound
 from helper.pool.base import PoolConfig, pool_dir
 from helper.pool.files import FilePool
 
@@ -55,21 +55,11 @@ class ReflinkPool(FilePool):
             return
         if privileged.is_mounted(self.fs_dir):
             return
-        dev = client.loop_attach(self.area, self.image)
-        client.pool_mount(self.area, dev, self.fs_dir, self.config.fs)
+        client.pool_mount(self.area)
 
     def _activate(self) -> None:
         self.ensure_mounted()
         super()._activate()
-
-    def _sweep(self, recorded: set[str]) -> None:
-        super()._sweep(recorded)
-        if self.loop_backed:
-            # A command killed between attach and mount leaves a loop device nobody uses.
-            for loop in privileged.loop_list(self.area):
-                if not privileged.loop_in_use(loop.device):
-                    with contextlib.suppress(KilnError):
-                        client.loop_detach(self.area, loop.device)
 
     def _usage(self) -> tuple[int, int]:
         if not self.loop_backed:
@@ -81,7 +71,7 @@ class ReflinkPool(FilePool):
         if not self.loop_backed:
             return
         with contextlib.suppress(NotFound):  # no image: nothing left to tear down
-            client.pool_remove(self.area, self.image, self.fs_dir)
+            client.pool_destroy(self.area)
 
 
 def create(root_dir: Path, config: PoolConfig) -> ReflinkPool:
@@ -90,7 +80,7 @@ def create(root_dir: Path, config: PoolConfig) -> ReflinkPool:
     d.mkdir(parents=True, exist_ok=True)
     pool = ReflinkPool(root_dir, config)
     if pool.loop_backed:
-        # Sparse image + mkfs under a temp name, renamed when whole (the helper does it).
-        client.pool_image(pool.area, pool.image, config.size, config.fs)
+        # Sparse image + mkfs, unnamed until whole, then mounted (the helper does it).
+        client.pool_create(pool.area, config.size, config.fs)
     pool._activate()
     return pool

@@ -12,6 +12,7 @@ runs as a real non-root user (``run_as``), not as root pretending.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -210,12 +211,10 @@ def run_as(user: User, argv: Sequence[str], *, cwd: Path | None = None,
     return res
 
 
-@pytest.fixture(scope="session")
-def unprivileged_user() -> Iterator[User]:
-    """A fresh system user with a home and a scratch directory, removed at session end."""
-    if os.geteuid() != 0 or not probes.can_mknod().ok:
-        pytest.skip("creating a user needs root")
-    name = f"kilnt{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def make_user(prefix: str = "kilnt") -> Iterator[User]:
+    """A fresh system user with a home and a scratch directory, removed afterwards."""
+    name = f"{prefix}{secrets.token_hex(4)}"
     home = Path(f"/tmp/{name}-home")
     subprocess.run(["useradd", "--system", "--create-home", "--home-dir", str(home),
                     "--shell", "/bin/sh", "--user-group", name], check=True,
@@ -231,6 +230,24 @@ def unprivileged_user() -> Iterator[User]:
         subprocess.run(["chmod", "-R", "u+rwX", str(home)], check=False, capture_output=True)
         subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
         subprocess.run(["rm", "-rf", "--one-file-system", str(home)], check=False)
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user() -> Iterator[User]:
+    """A throw-away user for the whole session."""
+    if os.geteuid() != 0 or not probes.can_mknod().ok:
+        pytest.skip("creating a user needs root")
+    with make_user() as user:
+        yield user
+
+
+@pytest.fixture(scope="session")
+def second_user() -> Iterator[User]:
+    """Another throw-away user (a victim for attack tests)."""
+    if os.geteuid() != 0 or not probes.can_mknod().ok:
+        pytest.skip("creating a user needs root")
+    with make_user("kilnv") as user:
+        yield user
 
 
 def give_to(user: User, path: Path) -> None:
