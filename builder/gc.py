@@ -95,8 +95,12 @@ def collect(store: Store, referenced: Callable[[Volume], bool]) -> list[VolumeFa
 
 def run_gc(root: Root, *, keep_seconds: float, dry_run: bool,
            referenced: Callable[[Volume], bool] | None = None,
-           now: float | None = None) -> GcReport:
-    """Remove crash leftovers, stale volumes and unneeded blobs (or report them)."""
+           now: float | None = None,
+           recover: Callable[[], list[Path]] | None = None) -> GcReport:
+    """Remove crash leftovers, stale volumes and unneeded blobs (or report them).
+
+    ``recover`` removes the crash leftovers (default ``Root.recover``: the build stage's;
+    ``kiln gc`` passes ``runner.tempfiles.recover``, which adds the run stage's)."""
     root.ensure()
     store = Store(root)
     report = GcReport(dry_run=dry_run)
@@ -108,7 +112,7 @@ def run_gc(root: Root, *, keep_seconds: float, dry_run: bool,
             return v.id in refs
 
     if not dry_run:
-        report.removed_leftovers = [p.name for p in root.recover()]
+        report.removed_leftovers = [p.name for p in (recover or root.recover)()]
         for key in store.dangling_keys():
             with contextlib.suppress(FileNotFoundError):
                 key.unlink()

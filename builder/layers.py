@@ -17,13 +17,16 @@ unpack is the content source the tree is checked against:
   directories, in which case only the directory's metadata (mode, owner, xattrs) changes;
 * ``.wh.NAME`` deletes NAME and ``.wh..wh..opq`` empties its directory, but only of what
   lower layers put there: paths this layer already wrote (and their ancestors) survive;
-* a hard link resolves its target like a parent directory and shares that inode; umoci
-  clobbers before linking, so later layers replacing one name split it off the group;
+* a hard link resolves its target like a parent directory (the last component is never
+  followed) and shares that inode, whatever its kind but a directory: hard links to
+  symlinks, devices and fifos are valid in layers (containerd and umoci make them, as
+  ``link(2)`` does); umoci clobbers before linking, so later layers replacing one name split
+  it off the group;
 * missing parent directories are created 0755 root:root (umoci's ``MkdirAll(dir, 0777)``
   under umask 022; the rootfs itself is ``mkdir 0755`` + ``chown 0:0``).
 
 Where umoci fails, or does something a tree of ``Entry`` cannot carry (hard links to
-symlinks or devices, a root entry that is not a directory, a path below a regular file,
+directories, a root entry that is not a directory, a path below a regular file,
 whiteouts named ``.wh.``/``.wh..``), the layer is rejected with one ``BuildError`` line
 naming the layer and the entry. Symlink modes are normalised to 0777 (Linux has no other).
 """
@@ -241,9 +244,8 @@ class Flattener:
         node = self.nodes.get(target)
         if node is None:
             raise Rejected(f"hard link target {linkname!r} does not exist")
-        if node.kind is not Kind.REG:
-            raise Rejected(f"hard link target {linkname!r} is a {node.kind.value}, "
-                           "only regular files are supported")
+        if node.kind is Kind.DIR:
+            raise Rejected(f"hard link target {linkname!r} is a directory")
         return node
 
     def _whiteout(self, dir_parts: list[str], file: str) -> None:
@@ -269,7 +271,7 @@ class Flattener:
     def tree(self) -> Tree:
         groups: dict[int, list[str]] = {}
         for path, node in self.nodes.items():
-            if node.kind is Kind.REG:
+            if node.kind is not Kind.DIR:
                 groups.setdefault(id(node), []).append(path)
         first: dict[str, str] = {}
         for paths in groups.values():

@@ -7,7 +7,9 @@ one decides the order, what runs concurrently (the layer flattening runs beside
 
 * The **build key** is the sha256 of canonical JSON of (kiln's format version, the source
   manifest digest, the recipe's key material, the tool versions). Same key → the existing
-  volume is returned with ``cached=True``, with no pull and no mkfs.
+  volume is returned with ``cached=True``, with no pull and no mkfs. Where the image came
+  from (registry, port, mirror, tag or digest spelling) is deliberately absent from the key
+  and from the UUID/hash-seed material (``content_seed``): one image is one volume.
 * One flock per build key serialises concurrent builds of one source: the second waits,
   then finds the first one's volume.
 * Everything happens in a locked ``ROOT/tmp/`` work directory; the only visible effect is

@@ -10,8 +10,9 @@ docs/distribution.md has the details and the figures.
 HTTP goes through ``oras.provider.Registry`` (session, auth files, token auth, HEAD-first
 chunked upload). ``Client`` overrides ``do_request`` only: oras's retry decorator sleeps
 3+5+11+29+83 s on *any* error, and its token backend would fetch a "token" from a Basic
-realm. Ours retries 429/5xx/timeouts with ``source.backoff`` inside a budget, answers Basic
-challenges itself and reports upload progress.
+realm. Ours retries 429/5xx/timeouts with ``source.backoff`` inside a budget (never a TLS
+handshake that cannot succeed: ``source.tls_failure``), answers Basic challenges itself and
+reports upload progress.
 
 Pull trusts nothing: manifest digest (by-digest refs), each blob's digest and size, then the
 sha256 of the decompressed bytes against the advertised id; only then ``Store.commit``.
@@ -36,7 +37,7 @@ from builder import proc
 from builder.events import Event, Listener, Progress
 from builder.export import unzstd_hashed
 from builder.root import Root, atomic_write
-from builder.source import REFUSED_ATTEMPTS, RegistryOptions, backoff, check_digest
+from builder.source import REFUSED_ATTEMPTS, RegistryOptions, backoff, check_digest, tls_failure
 from builder.store import Store, Volume, hash_file, hex_of
 from helper.errors import IntegrityError, KilnError, RegistryError, UsageError
 
@@ -208,6 +209,10 @@ class Client(oras.provider.Registry):  # type: ignore[misc]
                     return resp
                 why = f"HTTP {resp.status_code}"
                 resp.close()
+            except requests.exceptions.SSLError as e:  # before ConnectionError, its base
+                why = "TLS handshake failed"
+                if (tls := tls_failure(self.host, str(e))) is not None:
+                    raise tls from None
             except requests.exceptions.ConnectionError as e:
                 if isinstance(e, requests.exceptions.ConnectTimeout) or "refused" not in str(e):
                     why = "connection failed"
@@ -302,14 +307,9 @@ def _compressed_record(root: Root, volume_id: str) -> Path:
 
 
 def _compress(volume: Volume, out: Path) -> tuple[str, int]:
-    proc.run("zstd", [
-        f"-{ZSTD_LEVEL}",
-        "-T0",  # all cores
-        "--quiet",
-        "--force",  # never prompt (zstd asks before overwriting, even without a TTY)
-        "-o", str(out),
-        str(volume.path),
-    ], timeout=3600)
+    # -T0: all cores; --force: never prompt (zstd asks before overwriting, even without a TTY)
+    proc.run("zstd", [f"-{ZSTD_LEVEL}", "-T0", "--quiet", "--force", "-o", str(out),
+                      str(volume.path)], timeout=3600)
     return hash_file(out), out.stat().st_size
 
 

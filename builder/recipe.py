@@ -12,7 +12,8 @@ the file and the key, plus a hint:
 
 ``key_material`` is the canonical, JSON-able summary of everything in the recipe that
 changes the output, with file sources replaced by their content hashes: moving a recipe
-directory keeps it, editing a file changes it. The pipeline adds the image digest.
+directory keeps it, editing a file changes it. The pipeline adds the image digest; where the
+image came from (``source``, ``platform``) is not in it.
 
 Module layout (imports point one way: recipe_doc -> recipe -> claims -> recipe_rules):
 pure value rules and ``Bad`` live in ``builder.recipe_rules``, the file-claims checks in
@@ -445,6 +446,8 @@ def key_material(recipe: Recipe) -> dict[str, Any]:
 
     File sources are replaced by the sha256 of their content and sorted by dst; sizes are
     bytes; modes are four octal digits. The image digest is NOT here: the pipeline adds it.
+    Neither are ``source`` and ``platform``: they only say where to find the image, which
+    the digest pins (one image from two registries, or spelled two ways, is one volume).
     """
     files = []
     for spec in recipe.files:
@@ -457,9 +460,7 @@ def key_material(recipe: Recipe) -> dict[str, Any]:
     elif recipe.headroom_bytes is not None:
         headroom = {"bytes": recipe.headroom_bytes}
     return {
-        "format": 1,
-        "source": recipe.source,
-        "platform": recipe.platform,
+        "format": 2,  # 1 held source and platform
         "size": recipe.size_bytes,
         "headroom": headroom,
         "files": sorted(files, key=lambda f: str(f["dst"])),

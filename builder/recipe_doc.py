@@ -59,6 +59,28 @@ owner = "0:0"
 """
 
 
+IDENTITY_DOC = """\
+A volume's id is the sha256 of its ext4 bytes, and those bytes (filesystem UUID and
+directory hash seed included) are, for one kiln format version, a function of two things
+only:
+
+- the image's **platform-manifest digest**, the one `source` resolves to (`source_digest`
+  in `kiln build --json`);
+- the recipe's **content**: `size`/`headroom`, each `[[files]]` entry's destination, mode,
+  owner and the sha256 of its bytes, `env`, `entrypoint`, `cmd`, `workdir`, `user`,
+  `labels`, in a canonical form (order and equivalent spellings such as `"2048M"`/`"2G"`
+  or `"644"`/`"0644"` do not matter).
+
+Where the image came from is not part of it: `source` and `platform` only choose the
+image, and the digest pins it. The same image pulled from two registries or mirrors, on any
+port, by tag or by digest (`localhost:5000/x:1` and `127.0.0.1:5000/x@sha256:...`) gives
+one volume, and the second build is a cache hit. The cache key (`build_key`) adds the
+versions of skopeo, umoci and mke2fs to the same material, so a tool upgrade rebuilds (to
+the same bytes when the tools' output did not change). Moving the recipe's directory
+changes nothing; editing a file it copies changes the id.
+"""
+
+
 def recipe_reference_markdown() -> str:
     """The recipe reference (docs/recipes.md), generated from the schema."""
     schema = recipe_schema()
@@ -90,6 +112,10 @@ def recipe_reference_markdown() -> str:
         "## What files must be",
         "",
         CLAIMS_DOC.rstrip(),
+        "",
+        "## A volume's identity",
+        "",
+        IDENTITY_DOC.rstrip(),
         "",
         "## Errors",
         "",

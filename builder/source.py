@@ -11,7 +11,9 @@ so kiln rejects any digest that is not ``sha256:<64 hex>`` (``check_digest``,
 
 Registry failures are classified from skopeo's stderr (``classify``, pure): 429, 5xx,
 resets and timeouts are retried with exponential backoff inside a time budget
-(``run_skopeo``); 401, 404 and refused connections fail fast with a message that says which.
+(``run_skopeo``); 401, 404, refused connections and TLS handshakes that cannot succeed (an
+HTTPS client facing a plain-HTTP registry, a certificate that does not verify) fail fast
+with a message that says which.
 
 Dependency direction: ``builder.blobcache`` imports this module, never the reverse at
 import time. The pull-side names (``pull``, ``Pulled``, ``BlobProgress``, ``blob_path``,
@@ -289,7 +291,18 @@ def copy_argv(src: str, ref: ImageRef, opts: RegistryOptions, *, platform: str, 
 
 # -- failures (pure classification) ----------------------------------------------------------
 
+# A TLS handshake that cannot succeed however often it is retried: an HTTPS client talking
+# to a plain-HTTP registry (skopeo's Go text; OpenSSL's through requests), or a certificate
+# that does not verify.
+_PLAIN_HTTP = re.compile(r"server gave HTTP response to HTTPS client|WRONG_VERSION_NUMBER|"
+                         r"record layer failure", re.I)
+_BAD_CERT = re.compile(r"x509:|CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.I)
+PLAIN_HTTP_HINT = ("it speaks plain HTTP: pass --tls-verify=false (or --no-tls-verify) to "
+                   "use it without TLS")
+
 _KINDS = (
+    ("plainhttp", _PLAIN_HTTP),
+    ("badcert", _BAD_CERT),
     ("integrity", re.compile(r"digest did not match|digest mismatch|size mismatch|"
                              r"does not match config's DiffID", re.I)),
     ("auth", re.compile(r"unauthorized|authentication required|invalid username/password|"
@@ -305,8 +318,9 @@ _KINDS = (
 
 
 def classify(stderr: str) -> str:
-    """Kind of a skopeo failure: integrity, auth, notfound, refused, timeout, transient or
-    other. Only timeout and transient are worth retrying (refused, briefly)."""
+    """Kind of a skopeo failure: plainhttp, badcert, integrity, auth, notfound, refused,
+    timeout, transient or other. Only timeout and transient are worth retrying (refused,
+    briefly)."""
     for kind, pattern in _KINDS:
         if pattern.search(stderr):
             return kind
@@ -321,8 +335,23 @@ def backoff(attempt: int, base: float = 0.5, cap: float = 8.0) -> float:
 REFUSED_ATTEMPTS = 3  # a registry that refuses connections 3 times over 1.5 s is down
 
 
+def tls_failure(host: str, detail: str) -> RegistryError | None:
+    """The error for a TLS failure retrying cannot fix (``detail``: the tool's text), else
+    None (pure; the HTTP client of ``builder.publish`` uses it too)."""
+    if _PLAIN_HTTP.search(detail):
+        return RegistryError(f"registry {host} answered HTTPS with plain HTTP", PLAIN_HTTP_HINT)
+    if _BAD_CERT.search(detail):
+        return RegistryError(f"registry {host} has a TLS certificate that does not verify",
+                             "install the CA that signed it, or pass --tls-verify=false to "
+                             "skip verification")
+    return None
+
+
 def _failure(kind: str, ref: ImageRef, last: str, budget: float) -> KilnError:
     host = registry_host(ref)
+    tls = tls_failure(host, last) if kind in ("plainhttp", "badcert") else None
+    if tls is not None:
+        return tls
     if kind == "auth":
         return RegistryError(f"authentication failed for {host} ({ref})",
                              "pass --authfile FILE with credentials for this registry "

@@ -18,6 +18,13 @@ Choices that matter to mke2fs 1.47 (``misc/create_inode_libarchive.c``):
   others afterwards.
 * Names that are not valid UTF-8 are written with ``hdrcharset=BINARY`` so libarchive
   takes the bytes verbatim.
+* A name or link target that does not fit its ustar field travels in a pax ``path`` /
+  ``linkpath`` record, and the field holds an ASCII stand-in of its first bytes (the
+  record wins). The link field must never be left empty: libarchive 3.6 then files the
+  first such entry's ``linkpath`` as a hard-link target, so mke2fs 1.47.2 segfaults on a
+  symlink (its target is NULL) or cannot find a hard link's target.
+* Hard links may join any non-directory (symlinks, devices, fifos too): mke2fs links the
+  entry's name to the inode it finds at ``linkname`` whatever its type.
 
 The unpacked directory comes from an untrusted image, so files are opened with an
 openat-style walk: every component ``O_NOFOLLOW``, directories ``O_DIRECTORY``. Content
@@ -126,13 +133,19 @@ def entry_header(e: Entry) -> bytes:
         out = _header(b"././@PaxHeader", mode=0o644, uid=0, gid=0, size=len(data), mtime=0,
                       typeflag=b"x")
         out += data + _pad(len(data))
-    # When the pax record carries the name, the ustar field gets an ASCII stand-in.
-    short = name if _fits(name, 100) else bytes(c if 0 < c < 128 else 0x5F for c in name[:99])
-    short_link = link if _fits(link, 100) else b""
+    # When a pax record carries the name or link, its ustar field gets an ASCII stand-in;
+    # an empty link field crashes mke2fs (see the module docstring).
+    short = name if _fits(name, 100) else _stand_in(name, 99)
+    short_link = link if _fits(link, 100) else _stand_in(link, 100)
     out += _header(short, mode=e.mode & 0o7777, uid=min(uid, _OCTAL_MAX[8]),
                    gid=min(gid, _OCTAL_MAX[8]), size=min(size, _OCTAL_MAX[12]), mtime=mtime,
                    typeflag=typeflag, linkname=short_link, major=e.major, minor=e.minor)
     return out
+
+
+def _stand_in(text: bytes, width: int) -> bytes:
+    """The first ``width`` bytes of ``text`` with every non-ASCII (or NUL) byte as ``_``."""
+    return bytes(c if 0 < c < 128 else 0x5F for c in text[:width])
 
 
 def _is_utf8(b: bytes) -> bool:

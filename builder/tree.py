@@ -36,7 +36,8 @@ class Entry:
     ``mode`` holds the permission bits only (``0o7777``, setuid/setgid/sticky included);
     the type is ``kind``. For hard links, every path of the group carries the same
     metadata and ``link`` names the group's first path in ``sort_key`` order (the one
-    that is written as the regular file); the first path itself has ``link == ""``.
+    that is written as the file, symlink, device or fifo itself; a group is never a
+    directory); the first path itself has ``link == ""``.
     """
 
     path: str

@@ -123,8 +123,6 @@ def scan(rootfs: Path, *, hashes: bool = False, xattrs: bool = False) -> Tree:
             fields["size"] = st.st_size
             if hashes:
                 fields["sha256"] = _sha256(os.fsdecode(full))
-            if st.st_nlink > 1:
-                inodes.setdefault((st.st_dev, st.st_ino), []).append(path)
         elif kind is Kind.SYMLINK:
             fields["target"] = os.fsdecode(os.readlink(full))
         elif kind in (Kind.CHR, Kind.BLK):
@@ -138,6 +136,8 @@ def scan(rootfs: Path, *, hashes: bool = False, xattrs: bool = False) -> Tree:
             path=path, kind=kind, mode=0o777 if kind is Kind.SYMLINK else st.st_mode & 0o7777,
             uid=st.st_uid, gid=st.st_gid, mtime=int(st.st_mtime), **fields,  # type: ignore[arg-type]
         )
+        if kind is not Kind.DIR and st.st_nlink > 1:
+            inodes.setdefault((st.st_dev, st.st_ino), []).append(path)
         if kind is Kind.DIR:
             with os.scandir(full) as it:
                 stack.extend(os.path.join(rel, e.name) if rel else e.name for e in it)

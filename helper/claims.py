@@ -71,22 +71,23 @@ def put(area: Path, kind: str, name: str, doc: dict[str, Any]) -> None:
     dfd = _dir_fd(area, kind, create=True)
     assert dfd is not None
     try:
-        with replace_in(dfd, name, os.O_WRONLY, 0o600) as fd:
-            os.write(fd, json.dumps(doc).encode())
+        write_at(dfd, name, doc)
     finally:
         os.close(dfd)
 
 
-def read(area: Path, kind: str, name: str) -> dict[str, Any] | None:
-    dfd = _dir_fd(area, kind, create=False)
-    if dfd is None:
-        return None
+def write_at(dfd: int, name: str, doc: dict[str, Any]) -> None:
+    """A root-only JSON record ``name`` in directory ``dfd``, replaced all or nothing."""
+    with replace_in(dfd, name, os.O_WRONLY, 0o600) as fd:
+        os.write(fd, json.dumps(doc, sort_keys=True).encode())
+
+
+def read_at(dfd: int, name: str) -> dict[str, Any] | None:
+    """The JSON object in ``dfd/name`` (no symlink followed); None if absent or not one."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
         return None
-    finally:
-        os.close(dfd)
     try:
         doc = json.loads(os.read(fd, 1 << 16))
     except ValueError:
@@ -94,6 +95,16 @@ def read(area: Path, kind: str, name: str) -> dict[str, Any] | None:
     finally:
         os.close(fd)
     return doc if isinstance(doc, dict) else None
+
+
+def read(area: Path, kind: str, name: str) -> dict[str, Any] | None:
+    dfd = _dir_fd(area, kind, create=False)
+    if dfd is None:
+        return None
+    try:
+        return read_at(dfd, name)
+    finally:
+        os.close(dfd)
 
 
 def names(area: Path, kind: str) -> list[str]:

@@ -69,6 +69,7 @@ class Limits:
     of ``[pool] directory``'s filesystem minus this share of it."""
 
     jails: int = 16  # staged Firecracker jails
+    jail_bytes: int = 64 << 30  # what the helper copies into a caller's jails, together
     cgroups: int = 64  # VM cgroups
     pool_bytes: int = 64 << 30  # one pool image (reflink) or thin data file
     pool_margin_percent: int = 5

@@ -113,6 +113,9 @@ class LimitsSection(BaseModel):
 
     jails: int = Field(default=Limits.jails, ge=0, le=4096,
                        description="Firecracker jails one caller may hold")
+    jail_bytes: int = Field(default=Limits.jail_bytes, ge=0, le=1 << 50,
+                            description="bytes the helper may copy into one caller's jails "
+                            "(private copies of its snapshots and unreadable files)")
     cgroups: int = Field(default=Limits.cgroups, ge=0, le=4096,
                          description="VM cgroups one caller may hold")
     pool_bytes: int = Field(default=Limits.pool_bytes, ge=256 << 20, le=1 << 50,

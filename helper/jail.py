@@ -393,6 +393,47 @@ def jail_pid(cfg: JailConfig, jail_id: str) -> int | None:
         else None
 
 
+def uid_processes(uid: int) -> list[int]:
+    """Live (not zombie) processes any of whose real, effective, saved or fs uids is
+    ``uid``: what a VM uid runs, whatever pid file or namespace it hides behind."""
+    out: list[int] = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _runs_as(int(name), uid):
+            out.append(int(name))
+    return out
+
+
+def _runs_as(pid: int, uid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return False
+    uids = fields.get("Uid", "").split()
+    return not fields.get("State", "").strip().startswith("Z") and str(uid) in uids
+
+
+def kill_uid(uid: int, timeout: float = 30.0) -> int:
+    """SIGKILL every process of the VM uid ``uid`` (held by this caller: nobody else's
+    process has it) and wait until none is left; how many were killed. Each is pinned by
+    a pidfd and its uid checked again through it before the signal."""
+    killed, deadline = 0, time.monotonic() + timeout
+    while procs := uid_processes(uid):
+        for pid in procs:
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:
+                    if _runs_as(pid, uid):  # still that process (the fd pins the number)
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        killed += 1
+                finally:
+                    os.close(fd)
+        if time.monotonic() > deadline:
+            raise Conflict(f"processes of VM uid {uid} survive SIGKILL", "retry in a moment")
+        time.sleep(0.05)
+    return killed
+
+
 def jail_remove(cfg: JailConfig, jail_id: str) -> None:
     """Delete the jail directory. Refuses while something is mounted inside it or its
     Firecracker still runs (kill the VM's cgroup first)."""

@@ -206,7 +206,8 @@ Record = Callable[[Path, "list[int] | None"], None]
 
 def jail_stage(cfg: JailConfig, jail_id: str, uid: int, gid: int, items: Sequence[StageItem],
                *, caller_uid: int | None = None, logs: Sequence[str] = (),
-               owner: int | None = None, record: Record | None = None) -> Staged:
+               owner: int | None = None, record: Record | None = None,
+               budget: Budget | None = None) -> Staged:
     """Create ``BASE/<fc>/ID/root`` holding ``items`` (readable by uid:gid) and empty
     ``logs`` files owned by the VM; plus ``console.log`` beside ``root``.
 
@@ -214,12 +215,17 @@ def jail_stage(cfg: JailConfig, jail_id: str, uid: int, gid: int, items: Sequenc
     Everything is checked before anything is made. The jail is built in
     ``BASE/.staging/ID.<random>`` and renamed into place (same inode): ``record(path,
     identity)`` is called before that directory exists (identity None) and right after,
-    so a record names a half-made jail before there is one."""
+    so a record names a half-made jail before there is one. ``budget``: the bytes the
+    copies may take together (a sudo caller's; a larger copy is refused)."""
     check_config(cfg)
     check_ids(cfg, uid, gid, caller_uid)
     names = [check_name(i.name) for i in items] + [check_name(n) for n in logs]
-    if len(set(names)) != len(names) or {"firecracker", "dev", "run"} & set(names):
-        raise UsageError("staged names must be unique and not firecracker, dev or run", "")
+    if len(set(names)) != len(names) or any(reserved_name(cfg, n) for n in names):
+        raise UsageError(f"staged names must be unique and none may be dev, run, "
+                         f"{cfg.firecracker.name} or {cfg.firecracker.name}.pid",
+                         "the jailer makes those (its binary, pid file, devices)")
+    if len({i.source for i in items}) != len(items):
+        raise UsageError("a source may be staged once per jail", "stage each file once")
     jd = jail_dir(cfg, jail_id)
     if os.path.lexists(jd):
         raise Conflict(f"jail {jd} already exists", "remove the old VM first")
@@ -238,7 +244,8 @@ def jail_stage(cfg: JailConfig, jail_id: str, uid: int, gid: int, items: Sequenc
                 if record is not None:
                     st = os.fstat(jfd)
                     record(cfg.chroot_base / STAGING / tmp, [st.st_dev, st.st_ino])
-                warnings, devices = _populate(cfg, jfd, items, uid, gid, logs, owner)
+                warnings, devices = _populate(cfg, jfd, items, uid, gid, logs, owner,
+                                              budget or Budget(None))
             finally:
                 os.close(jfd)
             _rename_noreplace(stage_fd, tmp, sub_fd, jail_id, jd)
@@ -252,6 +259,13 @@ def jail_stage(cfg: JailConfig, jail_id: str, uid: int, gid: int, items: Sequenc
 
 
 STAGING = ".staging"  # BASE/.staging/: jails being built (root 0700)
+
+
+def reserved_name(cfg: JailConfig, name: str) -> bool:
+    """Names the jailer makes in the chroot: a staged file there would stand in for its
+    pid file (a Firecracker the helper then loses track of) or its devices."""
+    fc = cfg.firecracker.name
+    return name in ("dev", "run", fc, f"{fc}.pid")
 _libc = ctypes.CDLL(None, use_errno=True)
 _RENAME_NOREPLACE = 1
 
@@ -288,8 +302,26 @@ def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str, jd: Path) 
         raise OSError(err, f"rename {src} to {jd}: {os.strerror(err)}")
 
 
+@dataclass
+class Budget:
+    """Bytes the jail's copies may still take (None: no limit, root in-process)."""
+
+    left: int | None
+
+    def spend(self, size: int, what: str) -> None:
+        if self.left is None:
+            return
+        if size > self.left:
+            raise UsageError(f"refusing to copy {what} ({size >> 20} MiB) into the jail: "
+                             f"{self.left >> 20} MiB left of the caller's jail space and "
+                             "the disk's unpromised space",
+                             "remove VMs you no longer need, or raise [limits] jail_bytes")
+        self.left -= size
+
+
 def _populate(cfg: JailConfig, jfd: int, items: Sequence[StageItem], uid: int, gid: int,
-              logs: Sequence[str], owner: int | None) -> tuple[list[str], list[str]]:
+              logs: Sequence[str], owner: int | None,
+              budget: Budget) -> tuple[list[str], list[str]]:
     """``root/`` with the items and logs, ``console.log``: (warnings, staged dm names)."""
     warnings: list[str] = []
     devices: list[str] = []
@@ -303,7 +335,7 @@ def _populate(cfg: JailConfig, jfd: int, items: Sequence[StageItem], uid: int, g
             if _is_device(cfg, item.source):
                 _stage_device(cfg, rfd, item, uid, gid)
                 devices.append(item.source.name)
-            elif w := _stage_file(cfg, rfd, item, uid, gid, owner):
+            elif w := _stage_file(cfg, rfd, item, uid, gid, owner, budget):
                 warnings.append(w)
         for n in logs:
             fd = os.open(n, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -351,18 +383,23 @@ def _stage_device(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int
 
 
 def _stage_file(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int,
-                owner: int | None) -> str:
+                owner: int | None, budget: Budget) -> str:
     """Place one file: a link, or a private copy. Only root in-process hands its own
     writable file over (link + fchown); a sudo caller's snapshot is copied for the VM, so
     nothing the caller (or anyone) can reach ever changes owner."""
     src = _open_source(cfg, item.source)
     try:
         st = _check_source(src, item, owner)
+        def copy(to_uid: int, mode: int) -> None:
+            size = os.fstat(src.fd).st_size
+            budget.spend(size, str(item.source))
+            _copy_fd(src.fd, rfd, item.name, to_uid, gid, mode, size)
+
         if item.writable and owner is not None:
-            _copy_fd(src.fd, rfd, item.name, uid, gid, 0o600)
+            copy(uid, 0o600)
             return f"{item.source}: staged a private copy for the VM"
         if not item.writable and not st.st_mode & stat.S_IROTH:
-            _copy_fd(src.fd, rfd, item.name, 0, gid, 0o440)  # root's copy, the VM reads it
+            copy(0, 0o440)  # root's copy, the VM reads it
             return f"{item.source} is not world-readable: staged a private copy"
         try:
             os.link(src.name, item.name, src_dir_fd=src.dfd, dst_dir_fd=rfd,
@@ -371,9 +408,9 @@ def _stage_file(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int,
             if e.errno != errno.EXDEV:
                 raise
             if item.writable:
-                _copy_fd(src.fd, rfd, item.name, uid, gid, 0o600)
+                copy(uid, 0o600)
             else:
-                _copy_fd(src.fd, rfd, item.name, 0, gid, 0o440)
+                copy(0, 0o440)
             return (f"{item.source} is on another filesystem than {cfg.chroot_base}: copied "
                     "it (slow, uses space); put the jail base on the pool's filesystem")
         linked = os.stat(item.name, dir_fd=rfd, follow_symlinks=False)
@@ -388,13 +425,15 @@ def _stage_file(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int,
         src.close()
 
 
-def _copy_fd(src: int, rfd: int, name: str, uid: int, gid: int, mode: int) -> None:
+def _copy_fd(src: int, rfd: int, name: str, uid: int, gid: int, mode: int,
+             limit: int) -> None:
     """Copy ``src`` into a new ``name``, data extents only: holes stay holes, so a sparse
-    image costs the jail what it really holds."""
+    image costs the jail what it really holds; never more than the ``limit`` bytes that
+    were admitted (a caller growing its file meanwhile gets a cut copy, not more)."""
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=rfd)
     try:
-        size = fileops.sparse_copy_fd(src, out)
+        size = fileops.sparse_copy_fd(src, out, limit)
         os.ftruncate(out, size)  # a trailing hole
         os.fsync(out)
         os.fchown(out, uid, gid)

@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     via_sudo = caller_uid != os.getuid()
     if via_sudo:
         hold_signals()  # first: before the request is read, until the answer is written
+        from helper import procguard
+
+        try:  # before anything heavy is imported: a caller's rlimits could kill it
+            procguard.check_rlimits()
+        except procguard.LimitTooLow as e:
+            return _emit(_fail(1, "UsageError", e.message, e.hint))
     scrub_environment()
     from helper import config, ops, run
     from helper.errors import KilnError
@@ -335,14 +341,34 @@ def main(argv: list[str] | None = None) -> int:
     log = functools.partial(audit, cap=cfg.limits.audit_bytes_per_day)
     if not ops.valid_op(op):  # before reading anything: a bad name is all there is to say
         return _emit(_unknown_op(op, caller_uid, log))
-    if via_sudo and op not in UNLIMITED_CPU_OPS:
-        run.limit_cpu(cfg.limits.cpu_seconds)
+    if via_sudo:
+        try:
+            _guard(cfg, op)
+        except KilnError as e:
+            log(caller_uid, op, f"refused: {e.message}")
+            return _emit(_fail(1, type(e).__name__, e.message, e.hint))
     try:
         payload = read_request(0, cfg.limits.request_bytes)
     except OSError:  # no stdin at all: an empty, malformed request
         payload = b""
     run.which = cfg.tool  # type: ignore[assignment]  # tools only from the trusted config
     return _emit(serve(op, payload, cfg, caller_uid, caller_gid, log=log))
+
+
+def _guard(cfg: Config, op: str) -> None:
+    """A sudo caller's process: CPU capped (the caller's hard limit must allow the cap:
+    ``helper.procguard``), and out of the caller's cgroups."""
+    from helper import cgroup, procguard, run
+    from helper.errors import UsageError
+
+    try:
+        procguard.check_rlimits(cfg.limits.cpu_seconds)
+    except procguard.LimitTooLow as e:
+        raise UsageError(e.message, e.hint) from None
+    if op not in UNLIMITED_CPU_OPS:
+        run.limit_cpu(cfg.limits.cpu_seconds)
+    lay = cgroup.layout(cgroup.CgroupConfig(parent=cfg.cgroup_parent))
+    procguard.leave_cgroups([*lay.v1.values(), *([lay.v2] if lay.v2 else [])])
 
 
 def _emit(result: tuple[int, str, str]) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from helper import ops_dm, ops_jail, ops_net, ops_storage, ops_usage, ops_vm
+from helper import ops_admin, ops_dm, ops_jail, ops_net, ops_storage, ops_usage, ops_vm
 from helper.errors import UsageError
 from helper.opbase import Ctx, Op, Req
 
@@ -52,6 +52,7 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     **ops_jail.OPS,
     **ops_net.OPS,
     **ops_usage.OPS,
+    **ops_admin.OPS,
 }
 MAX_OP_LEN = 32  # every op name is far shorter; checked before a name is logged or echoed
 _OP_RE = re.compile(r"[a-z]+(-[a-z]+)*")

@@ -126,17 +126,9 @@ def _missing_thin_bytes(ctx: Ctx, sizes: tuple[int, int]) -> int:
         return sum(sizes)
     try:
         return sum(size for name, size in zip(FILES, sizes, strict=True)
-                   if not _exists_at(dfd, name))
+                   if not poolfs.exists_at(dfd, name))
     finally:
         os.close(dfd)
-
-
-def _exists_at(dfd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _make_thin_files(ctx: Ctx, data_bytes: int, metadata_bytes: int) -> None:

@@ -24,15 +24,17 @@ Every op here runs with the signals sudo relays held (``cgattach.held``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from helper import cgattach, claims, jail, jailcg, jailstage, net, netcore, vmuids
+from helper import cgattach, claims, jail, jailcg, jailstage, net, netcore, poolfs, vmuids
 from helper import cgroup as cg
 from helper.errors import Conflict, NotFound, UsageError
 from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid
@@ -127,13 +129,14 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
         claims.put(ctx.area, JAILS, req.vm, {**doc, "tmp": str(path),
                                              "dirs": {str(jd): ident}})
 
-    with vmuids.locked(ctx):  # check and claim the VM uid as one step (helper.vmuids)
-        vmuids.check_free(ctx, req.uid, req.gid, cfg)
+    with vmuids.locked(ctx), contextlib.ExitStack() as stack:  # uid: checked and claimed
+        vmuids.check_free(ctx, req.uid, req.gid, cfg)  # as one step (helper.vmuids)
+        budget = None if ctx.trusted else _copy_budget(ctx, cfg, stack)
         try:
             staged = jailstage.jail_stage(
                 cfg, req.vm, req.uid, req.gid, items, caller_uid=ctx.caller_uid,
                 logs=req.logs, owner=None if ctx.trusted else ctx.caller_uid,
-                record=None if ctx.trusted else record)
+                record=None if ctx.trusted else record, budget=budget)
         except BaseException:
             if not ctx.trusted and not (tmp and os.path.lexists(tmp[0])):
                 claims.drop(ctx.area, JAILS, req.vm)  # nothing left that it names
@@ -148,6 +151,31 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
                 claims.drop(ctx.area, JAILS, req.vm)
             raise
     return {"root": str(staged.root), "warnings": staged.warnings}
+
+
+def _copy_budget(ctx: Ctx, cfg: jail.JailConfig,
+                 stack: contextlib.ExitStack) -> jailstage.Budget:
+    """What a sudo caller's jail copies may take: the rest of its ``[limits] jail_bytes``
+    (its jails' copies so far counted) and of the disk space no area's images were
+    promised; the host-wide promise lock is held (on ``stack``) until the copies are made."""
+    lim = ctx.cfg.limits
+    users = stack.enter_context(poolfs.promise_lock(ctx.area.parent))
+    st = os.fstatvfs(users)
+    unpromised = (st.f_bavail * st.f_frsize - st.f_blocks * st.f_frsize
+                  * lim.pool_margin_percent // 100 - poolfs.promised_bytes(users))
+    mine = sum(_copied_bytes(jail.chroot(cfg, vm)) for vm in claims.names(ctx.area, JAILS))
+    return jailstage.Budget(max(0, min(lim.jail_bytes - mine, unpromised)))
+
+
+def _copied_bytes(root: Path) -> int:
+    """Bytes a jail's private copies take (single-link files: a hard link costs nothing)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                total += st.st_blocks * 512
+    return total
 
 
 CgFile = Annotated[str, Field(pattern=r"^(cpu|memory|pids)\.[a-z_]{1,24}=[0-9][0-9 ]{0,40}$",
@@ -195,7 +223,12 @@ def jail_launch(ctx: Ctx, req: JailLaunch) -> dict[str, Any]:
             make = _jailer_cgroups(ctx, cfg, spec, claim)
             if make:
                 _make_cgroups(ctx, cfg, spec, claim, make)
-        return {"pid": jail.jail_launch(cfg, spec)}
+        try:
+            return {"pid": jail.jail_launch(cfg, spec)}
+        except BaseException:
+            if not ctx.trusted:  # a jailer that failed late may have started Firecracker:
+                jail.kill_uid(req.uid)  # a refused launch leaves no process (uid held)
+            raise
 
 
 def _jailer_cgroups(ctx: Ctx, cfg: jail.JailConfig, spec: jail.JailSpec,
@@ -279,6 +312,7 @@ def jail_remove(ctx: Ctx, req: JailRemove) -> dict[str, Any]:
     existed = jd.exists()
     if existed:
         claim = check_jail_owner(ctx, req.vm)
+        _check_idle(claim)
         jail.jail_remove(cfg, req.vm)  # refuses while mounted or Firecracker runs
     found = _remove_half_made(cfg, req.vm, claim or {})
     if (claim or {}).get("boot") == claims.boot_id():  # cgroup inodes are per boot
@@ -289,6 +323,15 @@ def jail_remove(ctx: Ctx, req: JailRemove) -> dict[str, Any]:
     if not existed and not found:  # removed meanwhile (root, a reboot): claim forgotten
         raise NotFound(f"jail {req.vm} does not exist", "")
     return {}
+
+
+def _check_idle(claim: dict[str, Any]) -> None:
+    """The VM uid is released with the jail only when nothing runs as it any more (a
+    Firecracker may outlive its pid file, or sit in the caller's own cgroup)."""
+    uid = claim.get("uid")
+    if isinstance(uid, int) and jail.uid_processes(uid):
+        raise Conflict(f"processes of the jail's VM uid {uid} still run",
+                       "stop the VM first (cgroup-kill its cgroup)")
 
 
 def _remove_half_made(cfg: jail.JailConfig, vm: str, claim: dict[str, Any]) -> bool:

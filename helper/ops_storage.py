@@ -18,7 +18,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import re
 import stat
@@ -27,7 +26,7 @@ from typing import Any
 
 from pydantic import Field
 
-from helper import poolfs, privileged, run, safepath
+from helper import claims, poolfs, privileged, run, safepath
 from helper.errors import Conflict, IntegrityError, NotFound, UsageError
 from helper.opbase import (
     Ctx,
@@ -38,7 +37,6 @@ from helper.opbase import (
     Req,
     VolumeId,
     passed_fd,
-    replace_in,
 )
 from helper.pool import fileops
 from helper.pool.fileops import FICLONE
@@ -71,10 +69,11 @@ def loop_attach(ctx: Ctx, req: LoopAttach) -> dict[str, Any]:
     fd = _open_image(ctx, req.image)
     try:
         real = os.readlink(safepath.fd_path(fd))
-        for loop in privileged.loop_list(ctx.area):
-            if loop.back_file == real:
-                return {"device": loop.device}
-        return {"device": attach_fd(fd)}
+        with privileged.loops_locked():
+            for loop in privileged.loop_list(ctx.area):
+                if loop.back_file == real:
+                    return {"device": loop.device}
+            return {"device": attach_fd(fd)}
     finally:
         os.close(fd)
 
@@ -121,22 +120,11 @@ def _pool_dir(ctx: Ctx, *, create: bool) -> int:
 
 
 def _read_record(pfd: int) -> dict[str, Any] | None:
-    try:
-        fd = os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(os.read(fd, 1 << 16))
-    except ValueError:
-        return None
-    finally:
-        os.close(fd)
-    return doc if isinstance(doc, dict) else None
+    return claims.read_at(pfd, RECORD)
 
 
 def _write_record(pfd: int, doc: dict[str, Any]) -> None:
-    with replace_in(pfd, RECORD, os.O_WRONLY, 0o600) as fd:
-        os.write(fd, json.dumps(doc, sort_keys=True).encode())
+    claims.write_at(pfd, RECORD, doc)
 
 
 class PoolCreate(Req):
@@ -163,7 +151,10 @@ def pool_create(ctx: Ctx, req: PoolCreate) -> dict[str, Any]:
         with contextlib.suppress(NotFound):
             pfd = _pool_dir(ctx, create=False)
             try:
-                if _read_record(pfd) is not None or _exists(pfd, IMAGE):
+                rec = _read_record(pfd)
+                # A record still "making" with no image is a create killed mid-way (the
+                # image was unnamed): taken over by this one.
+                if poolfs.exists_at(pfd, IMAGE) or (rec or {}).get("state") == "made":
                     raise Conflict("this caller already has a pool image",
                                    "`kiln pool destroy` it first")
             finally:
@@ -172,14 +163,6 @@ def pool_create(ctx: Ctx, req: PoolCreate) -> dict[str, Any]:
         stack.callback(os.close, pfd)
         _make_image(pfd, req)
     return _mount(ctx)
-
-
-def _exists(dfd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _make_image(pfd: int, req: PoolCreate) -> None:
@@ -240,11 +223,12 @@ def _mount_image(pfd: int, mfd: int, rec: dict[str, Any]) -> None:
     ifd = safepath.open_beneath(pfd, IMAGE, os.O_RDWR)
     try:
         poolfs.verify_image(ifd, rec)
-        lfd = poolfs.loop_configure(ifd)
-        try:
-            poolfs.mount_loop(lfd, mfd, str(rec["fs"]))
-        finally:
-            os.close(lfd)  # AUTOCLEAR: the mount holds the loop now, and frees it on umount
+        with privileged.loops_locked():  # no reclaim sees it unmounted in between
+            lfd = poolfs.loop_configure(ifd)
+            try:
+                poolfs.mount_loop(lfd, mfd, str(rec["fs"]))
+            finally:
+                os.close(lfd)  # AUTOCLEAR: the mount holds it now, and frees it on umount
     finally:
         os.close(ifd)
 
@@ -358,7 +342,7 @@ def volume_import(ctx: Ctx, req: VolumeImport) -> dict[str, Any]:
                 raise UsageError(f"refusing a volume of {st.st_size} bytes: at most {cap}",
                                  "the pool or [limits] import_bytes is smaller")
         name = f"{req.volume[7:]}.ext4"
-        if _exists(dfd, name):
+        if poolfs.exists_at(dfd, name):
             return {"created": False}
         out = poolfs.open_tmpfile(dfd, 0o600)  # unnamed until verified: nothing to leak
         try:

@@ -71,6 +71,15 @@ def mkfs_argv(fs: str, fs_uuid: str, fd: int) -> tuple[str, list[str]]:
                         target]
 
 
+def exists_at(dfd: int, name: str) -> bool:
+    """Whether ``dfd/name`` exists (as anything; a symlink is not followed)."""
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def open_tmpfile(dfd: int, mode: int) -> int:
     """An unnamed file in directory ``dfd`` (``O_TMPFILE``): gone if we die before
     ``link_tmpfile``."""

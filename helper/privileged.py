@@ -17,10 +17,13 @@ Nothing here decides policy (which devices to keep, what size); the backends do.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import stat
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +116,57 @@ def loop_list(root: Path) -> list[Loop]:
     return out
 
 
+LOOP_LOCK_DIR = Path("/run/kiln-helper")
+_LOOP_GET_STATUS64 = 0x4C05
+_LOOP_CLR_FD = 0x4C01
+
+
+@contextlib.contextmanager
+def loops_locked() -> Iterator[None]:
+    """The host-wide lock every kiln loop attach and detach holds: a loop number checked
+    under it cannot be detached and bound to another file before it is acted on."""
+    LOOP_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)  # /run: root's, never a caller's
+    fd = os.open(LOOP_LOCK_DIR / "loops.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_uid != 0:
+            raise UsageError(f"{LOOP_LOCK_DIR}/loops.lock is not root's", "remove it")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def loop_detach(root: Path, device: str) -> None:
-    """Detach ``device`` if, and only if, it is a loop device backed by a file under root."""
+    """Detach ``device`` if, and only if, it is a loop device backed by a file under root:
+    checked and detached through one open fd of the device, under ``loops_locked``."""
     if not _LOOP_RE.fullmatch(device):
         raise UsageError(f"{device!r} is not a loop device", "give /dev/loopN")
-    if not any(loop.device == device for loop in loop_list(root)):
-        raise NotFound(f"{device} is not backed by a file under {root}",
-                       "kiln only detaches its own loop devices")
-    run.run("losetup", ["--detach", device], timeout=60)
+    with loops_locked():
+        loop = next((lp for lp in loop_list(root) if lp.device == device), None)
+        if loop is None or not _detach_if_backed_by(loop):
+            raise NotFound(f"{device} is not backed by a file under {root}",
+                           "kiln only detaches its own loop devices")
+
+
+def _detach_if_backed_by(loop: Loop) -> bool:
+    """Open the loop, check its backing (device, inode) is ``loop.back_file``'s, clear it."""
+    try:
+        want = os.stat(loop.back_file, follow_symlinks=False)
+    except FileNotFoundError:
+        want = None  # unlinked ("(deleted)"): nothing else can be bound to that name
+    fd = os.open(loop.device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(232))
+        dev, ino = struct.unpack_from("=QQ", info, 0)
+        if want is not None and (dev, ino) != (want.st_dev, want.st_ino):
+            return False
+        fcntl.ioctl(fd, _LOOP_CLR_FD, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def loop_in_use(device: str) -> bool:
@@ -272,9 +318,9 @@ def reclaim(root: Path, keep: list[str], spare: frozenset[str] = frozenset()) ->
             if len(failed) == len(pending):
                 break  # no progress: leave the rest for the next command
             pending = failed
-    for loop in loop_list(root):
-        if loop.device not in spare and not loop_in_use(loop.device):
-            with contextlib.suppress(KilnError):
-                run.run("losetup", ["--detach", loop.device], timeout=60)
+    with loops_locked():
+        for loop in loop_list(root):
+            if loop.device not in spare and not loop_in_use(loop.device) \
+                    and _detach_if_backed_by(loop):
                 done.append(loop.device)
     return done

@@ -53,17 +53,35 @@ class Ctx:
     debug: bool
 
 
+# Columns whose cells a user copies into the next command: never wrapped, never cut.
+WHOLE_COLUMNS = frozenset({"ID", "NAME", "VOLUME"})
+
+
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """One table on stdout (rich.table is imported here: most commands print none, and
-    every import counts in `kiln run`'s start-up)."""
+    every import counts in `kiln run`'s start-up).
+
+    Nothing is cut with "…": ``WHOLE_COLUMNS`` stay on one line, the other columns wrap
+    (folding a word longer than their width), and when the whole columns alone are wider
+    than the terminal the table is printed wider than it rather than cutting them."""
     from rich.table import Table
 
     table = Table(show_header=True, header_style="bold")
-    for col in columns:
-        table.add_column(col)
+    whole = [c in WHOLE_COLUMNS for c in columns]
+    for col, keep in zip(columns, whole, strict=True):
+        table.add_column(col, no_wrap=keep, overflow="ignore" if keep else "fold")
     for row in rows:
         table.add_row(*row)
-    out_console.print(table)
+    # borders and padding: 3 per column + 1; a wrapping column needs a few cells at least
+    need = 3 * len(columns) + 1 + sum(
+        max([len(col), *(len(r[i]) for r in rows)]) if keep else 4
+        for i, (col, keep) in enumerate(zip(columns, whole, strict=True)))
+    if need <= out_console.width:
+        out_console.print(table)
+    else:  # Console.print(width=) cannot exceed the console's own width: a wider console
+        from rich.console import Console
+
+        Console(width=need, highlight=False, soft_wrap=True).print(table)
 
 
 def print_json(obj: Any) -> None:
@@ -96,6 +114,10 @@ class KilnGroup(click.Group):
             sys.exit(130)
 
 
+# Commands that never touch the root, and gc (it recovers itself, and not with --dry-run).
+_NO_RECOVERY = frozenset({"version", "doctor", "recipe", "gc"})
+
+
 @click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", "root", type=click.Path(path_type=Path), envvar="KILN_ROOT",
               default=None, help="kiln's state directory [default: /var/lib/kiln as root, "
@@ -111,6 +133,10 @@ def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
     )
     r = Root((root or default_root()).absolute())
     ctx.obj = Ctx(root=r, debug=debug)
+    if ctx.invoked_subcommand not in _NO_RECOVERY:
+        from runner.tempfiles import recover
+
+        recover(r)  # what a killed kiln command left (docs/architecture.md)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

@@ -183,10 +183,11 @@ def volume_verify(ctx: Ctx, volume_id: str) -> None:
 def gc(ctx: Ctx, dry_run: bool, keep: str, as_json: bool) -> None:
     """Remove unneeded cache blobs, crash leftovers and volumes unused for longer than --keep."""
     from builder.gc import run_gc
-    from runner import reaper
+    from runner import reaper, tempfiles
 
     reaper.reconcile(ctx.root, full=True)  # also lists the kiln network
-    report = run_gc(ctx.root, keep_seconds=parse_duration(keep, "--keep"), dry_run=dry_run)
+    report = run_gc(ctx.root, keep_seconds=parse_duration(keep, "--keep"), dry_run=dry_run,
+                    recover=lambda: tempfiles.recover(ctx.root))
     if as_json:
         print_json(report.as_json())
         return
@@ -221,28 +222,31 @@ def recipe_schema() -> None:
 @pass_ctx
 def demo(ctx: Ctx, recipe_path: Path | None, no_boot: bool, as_json: bool) -> None:
     """Offline demo: local registry, busybox image, build recipes/demo.toml, boot it."""
-    from runner.demo import DEMO_RECIPE, run_demo
+    from runner.demo import DEMO_RECIPE, next_steps, run_demo
+    from runner.progress import ProgressView
 
-    def announce(res: BuildResult) -> None:
+    boot = not (no_boot or as_json)
+
+    def announce(res: BuildResult, pool: dict[str, object]) -> None:
         v = res.volume
         state = "cached" if res.cached else "built"
         out_console.print(f"volume    [bold]{v.id}[/] ({state}, {format_size(v.size)})")
         out_console.print(f"path      {v.path}")
-        out_console.print(f"booting   kiln run --rm {v.id[7:19]}  (the guest's output follows)")
-
-    from runner.progress import ProgressView
-
+        out_console.print(f"pool      {pool['backend']} (thin: {pool['thin']})")
+        if boot:
+            out_console.print(f"booting   kiln run --rm {v.id[7:19]}  (the guest's output "
+                              "follows)")
+        out_console.file.flush()  # before the guest's output, which bypasses rich
 
     with ProgressView(enabled=None if not as_json else False) as view:
-        res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view,
-                       boot=not (no_boot or as_json), before_boot=announce)
+        res = run_demo(ctx.root, recipe_path or DEMO_RECIPE, listener=view, boot=boot,
+                       ready=None if as_json else announce)
     if as_json:
         print_json({**res.build.as_json(), "pool": res.pool})
         return
-    if res.exit_code is None:
-        announce(res.build)
-    out_console.print(f"pool      {res.pool['backend']} (thin: {res.pool['thin']})")
     if res.exit_code is not None:
         out_console.print(f"the VM exited with {res.exit_code}")
-        if res.exit_code != 0:
-            raise SystemExit(res.exit_code)
+    out_console.print("next      " + "\n          ".join(next_steps(res.build.volume.id)),
+                      markup=False)
+    if res.exit_code:
+        raise SystemExit(res.exit_code)

@@ -6,6 +6,7 @@ code, 124 on ``--timeout``, 125 when kiln or the VMM failed (any KilnError here)
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from runner.cli import (
 @click.option("--name", default=None, help="a name for the VM (ps, stop, rm, logs)")
 @click.option("-e", "--env", "env", multiple=True, metavar="K=V",
               help="set an environment variable (repeatable)")
+@click.option("--entrypoint", default=None, metavar="CMD",
+              help="replace the image's entrypoint (and its default command: docker's "
+              "rule); --entrypoint '' clears it")
 @click.option("--workdir", "-w", default=None, help="working directory of the command")
 @click.option("--user", "-u", default=None, help="NAME|UID[:GROUP|GID] to run as")
 @click.option("--init", "init", type=click.Choice(["kiln", "image"]), default="kiln",
@@ -61,7 +65,8 @@ from runner.cli import (
 @pass_ctx
 def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, memory: str,
         disk_size: str | None, kernel: Path | None, initrd: Path | None, name: str | None,
-        env: tuple[str, ...], workdir: str | None, user: str | None, init: str, net: str,
+        env: tuple[str, ...], entrypoint: str | None, workdir: str | None, user: str | None,
+        init: str, net: str,
         publish: tuple[str, ...], rm: bool, interactive: bool, detach: bool,
         timeout: float | None, tls_verify: bool, no_tls_verify: bool,
         authfile: Path | None) -> None:
@@ -79,7 +84,7 @@ def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, me
             disk_size=parse_size(disk_size, "--disk-size") if disk_size else None,
             kernel=kernel, initrd=initrd, name=name, env=env, workdir=workdir, user=user,
             init=init, net=net, publish=publish, rm=rm, interactive=interactive,
-            detach=detach, timeout=timeout, command=command)
+            detach=detach, timeout=timeout, command=command, entrypoint=entrypoint)
         reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
                               authfile=authfile.absolute() if authfile else None)
         code = vm.run(ctx.root, source, opts, reg, on_ready=click.echo)
@@ -109,7 +114,14 @@ def ps(ctx: Ctx, all_vms: bool, as_json: bool) -> None:
     print_table(("ID", "NAME", "STATE", "EXIT", "VMM", "VOLUME", "REASON"), [
         (r["id"], r["name"] or "", r["state"],
          "" if r["exit_code"] is None else str(r["exit_code"]), r["vmm"], r["volume"][7:19],
-         r["reason"]) for r in rows])
+         table_reason(r["reason"])) for r in rows])
+
+
+def table_reason(reason: str) -> str:
+    """REASON in `kiln ps`'s table: the sentence without its parenthesised detail, and
+    without "--vmm auto chose VMM: " (the VMM column says it); `--json` has it whole."""
+    head = reason.split(" (", 1)[0]
+    return re.sub(r"^--vmm \w+ chose [\w-]+: ", "", head)
 
 
 @cli.command()

@@ -35,8 +35,11 @@ class DemoResult:
 
 
 def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *, listener: Listener | None = None,
-             boot: bool = True, before_boot: Callable[[BuildResult], None] | None = None,
+             boot: bool = True,
+             ready: Callable[[BuildResult, dict[str, object]], None] | None = None,
              ) -> DemoResult:
+    """Build the demo volume and make the pool; ``ready(build, pool status)`` is called
+    then — before the boot, whose workload writes to our stdout."""
     from builder.demoimage import make_busybox_image, push
     from builder.localregistry import LocalRegistry
     from builder.source import RegistryOptions
@@ -62,11 +65,25 @@ def run_demo(root: Root, recipe: Path = DEMO_RECIPE, *, listener: Listener | Non
     # VMs boot copy-on-write snapshots: make the pool (auto backend; re-running keeps it),
     # then boot the volume as `kiln run --rm` does; its workload writes to our stdout.
     pool = init_pool(root.path)
+    status = pool.status()
+    if ready is not None:
+        ready(result, status)
     code = None
     if boot:
-        if before_boot is not None:
-            before_boot(result)
         code = vm.run(root, result.volume.id, vm.RunOptions(rm=True, timeout=120),
                       RegistryOptions(tls_verify=False))
-    return DemoResult(build=result, registry=reg.address, image=image, pool=pool.status(),
+    return DemoResult(build=result, registry=reg.address, image=image, pool=status,
                       exit_code=code)
+
+
+def next_steps(volume_id: str) -> list[str]:
+    """What to try after the demo, with its volume (a unique 12-digit prefix); each line
+    pastes into a shell as is."""
+    v = volume_id.removeprefix("sha256:")[:12]
+    return [
+        f"kiln run --rm {v}                        # the recipe's greeting",
+        f"kiln run --rm {v} -- sh -c 'exit 3'      # your command, its exit code",
+        f"kiln run -d --name demo {v} -- sleep 60  # then: kiln ps; kiln rm -f demo",
+        f"kiln snapshot create {v}                 # a private writable copy",
+        f"kiln volume inspect {v}",
+    ]

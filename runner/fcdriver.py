@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.root import Root, atomic_write
+from builder.root import Root
 from builder.store import hash_file
 from helper import cgroup as cg
 from helper import jail
@@ -51,6 +51,7 @@ from helper.errors import KilnError, NotFound, UidInUse
 from runner import firecracker as fc
 from runner import supervise, vmres
 from runner.state import LIVE, State, VMRecord, alive, proc_start_time
+from runner.tempfiles import locked_temp, write_atomic
 from runner.vmmchoice import jail_config
 
 log = logging.getLogger("kiln.vm")
@@ -129,10 +130,10 @@ def cached_copy(src: Path, cache_dir: Path, prefix: str) -> Path:
     dest = cache_dir / f"{prefix}-{hash_file(src)[7:39]}"
     if not dest.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, dest)
+        with locked_temp(dest) as tmp:
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, dest)
     return dest
 
 
@@ -302,7 +303,7 @@ class Channels:
 
 def request_stop(vm_dir: Path, grace: float) -> None:
     """``kiln stop``: ask the owner to stop the VM (it polls for this file)."""
-    atomic_write(vm_dir / STOP_FILE, f"{grace}\n".encode())
+    write_atomic(vm_dir / STOP_FILE, f"{grace}\n".encode())
 
 
 def _stop_requested(vm_dir: Path) -> float | None:
@@ -407,7 +408,7 @@ def _save_log(vm: fc.FirecrackerVM, dest: Path) -> str:
     except OSError:
         return ""
     with contextlib.suppress(OSError):
-        atomic_write(dest, data)
+        write_atomic(dest, data)
     return data[-4096:].decode("utf-8", "replace")
 
 

@@ -23,15 +23,12 @@ import contextlib
 import hashlib
 import json
 import lzma
-import os
-import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import proc
-from builder.root import fsync_dir
 from helper.errors import KilnError, NotFound
 
 FORMAT = 1  # bump when the layout or the script changes
@@ -294,14 +291,6 @@ def ensure_initrd(cache_dir: Path, modules_dir: Path, *, busybox: Path = BUSYBOX
 
 
 def _atomic_write(dest: Path, data: bytes) -> None:
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, dest)
-    fsync_dir(dest.parent)
+    from runner.tempfiles import write_atomic  # a flock-ed temp file: crash recovery finds it
+
+    write_atomic(dest, data)

@@ -50,7 +50,7 @@ def describe(path: Path) -> str:
 
 def _describe_cached(path: Path, cache_dir: Path) -> str:
     """``describe(path)``, remembered in ``cache_dir/describe.json`` by file identity."""
-    from builder.root import atomic_write
+    from runner.tempfiles import write_atomic as atomic_write
 
     try:
         st = os.stat(path)

@@ -19,9 +19,7 @@ python-magic tells the formats apart, with the header magic as a cross-check.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from builder import proc
 from builder.root import fsync_dir
 from builder.store import hash_file
 from helper.errors import KilnError, UsageError
+from runner.tempfiles import locked_temp
 
 ELF_MAGIC = b"\x7fELF"
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"  # 0x184C2102 little-endian
@@ -122,10 +121,6 @@ def read_payload(path: Path) -> tuple[Payload, bytes]:
     return payload_location(header, size, data[:8]), data
 
 
-def _tmp_beside(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-
-
 def _commit(tmp: Path, dest: Path, expected: int) -> None:
     """Check the decoded file (size, ELF magic), fsync it and rename it into place."""
     size = tmp.stat().st_size
@@ -148,15 +143,11 @@ def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Pa
     ``dest``'s directory)."""
     fmt = kernel_format(src)
     if fmt == "elf":
-        tmp = _tmp_beside(dest)
-        try:
+        with locked_temp(dest) as tmp:  # flock-ed until renamed: crash recovery finds it
             with open(src, "rb") as i, open(tmp, "wb") as o:
                 while chunk := i.read(1 << 20):
                     o.write(chunk)
             _commit(tmp, dest, src.stat().st_size)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
         return dest
     if fmt != "bzimage":
         raise KernelFormatError(f"{src} is neither a bzImage nor an x86-64 ELF kernel",
@@ -165,14 +156,13 @@ def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Pa
     # The last 4 bytes are the uncompressed size: the build's trailer (lz4, xz, zstd) or
     # gzip's own ISIZE field.
     expected = struct.unpack("<I", data[-4:])[0]
-    tmp = _tmp_beside(dest)
-    stripped = (tmp_dir or dest.parent) / f".{dest.name}.{secrets.token_hex(4)}.lz4"
-    try:
+    with locked_temp(dest) as tmp, \
+            locked_temp((tmp_dir or dest.parent) / dest.name, "lz4") as stripped:
         if loc.compression == "lz4-legacy":
             stripped.write_bytes(data[:-4])  # without the trailer, lz4 exits 0
             proc.run("lz4", [
                 "--decompress",
-                "--force",  # tmp is ours; a leftover of the same random name is stale
+                "--force",  # tmp is ours (flock-ed, made empty just now)
                 "--quiet",
                 str(stripped),
                 str(tmp),
@@ -189,10 +179,6 @@ def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Pa
                 "use a kernel compressed with LZ4 or gzip (Debian's are LZ4), or pass an "
                 "ELF vmlinux")
         _commit(tmp, dest, expected)
-    finally:
-        for p in (tmp, stripped):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
     return dest
 
 

@@ -63,27 +63,12 @@ from runner.state import (
     root_key,
 )
 from runner.vmspec import RunOptions, VMFiles, outcome, tail
+from runner.volref import resolve_volume
 
 __all__ = ["RunOptions", "logs", "ps", "remove", "resolve_volume", "run", "stop"]
 
 log = logging.getLogger("kiln.vm")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_VOLUME_REF = re.compile(r"^(?:sha256:)?[0-9a-f]{4,64}$")
-
-
-def resolve_volume(root: Root, source: str, registry_opts: Any) -> Any:
-    """A volume id/prefix names a stored volume; anything else is built (cache permitting)."""
-    from builder.store import Store
-
-    if _VOLUME_REF.fullmatch(source.strip().lower()):
-        try:
-            return Store(root).get(source)
-        except NotFound:
-            if source.startswith("sha256:"):
-                raise
-    from builder.pipeline import build
-
-    return build(root, source, registry_opts).volume
 
 
 def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
@@ -123,11 +108,13 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     work = None
     if opts.init == "kiln":
         work = guest_init.workload(volume.meta.get("config") or {}, command=opts.command,
+                                   entrypoint=opts.entrypoint,
                                    env=opts.env, workdir=opts.workdir, user=opts.user,
                                    hostname=opts.name.lower().replace("_", "-").replace(
                                        ".", "-") if opts.name else vm_id)
-    elif opts.command:
-        raise UsageError("a command cannot be given with --init image",
+    elif opts.command or opts.entrypoint is not None:
+        what = "a command" if opts.command else "--entrypoint"
+        raise UsageError(f"{what} cannot be given with --init image",
                          "the image's /sbin/init decides what runs")
     files = VMFiles(st.vms_dir / vm_id)
     as_root = os.geteuid() == 0

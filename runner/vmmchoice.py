@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder.root import Root, atomic_write
+from builder.root import Root
 from helper.errors import KilnError, NotFound, UsageError
+from runner.tempfiles import write_atomic
 
 if TYPE_CHECKING:
     from helper.jail import JailConfig
@@ -53,6 +55,13 @@ def choose(requested: str, fc_problem: str | None, kvm_problem: str | None
     return "firecracker", "--vmm auto chose firecracker: configured, and KVM runs a guest"
 
 
+def kvm_problem(detail: str) -> str:
+    """The KVM probe's finding without its claim that no guest would boot: QEMU boots
+    guests without KVM, under TCG (as ``builder.doctor.kvm_problem``; importing the doctor
+    here would cost `kiln run`'s start-up)."""
+    return re.sub(r"[;:,]?\s*a guest kernel would not boot", "", detail).rstrip(" ;:,")
+
+
 def kvm_verdict(root: Root) -> tuple[bool, str]:
     """(KVM runs a guest, why not). The probe costs ~0.7 s when KVM is emulated, so the
     verdict is cached for the current boot (keyed by the boot id)."""
@@ -66,13 +75,13 @@ def kvm_verdict(root: Root) -> tuple[bool, str]:
     if boot_id:
         with contextlib.suppress(OSError, ValueError, KeyError):
             doc = json.loads(cache.read_text())
-            return bool(doc["ok"]), str(doc["reason"])
+            return bool(doc["ok"]), kvm_problem(str(doc["reason"]))
     p = probes.kvm()
-    verdict = (bool(p.ok), "" if p.ok else str(p.detail))
+    verdict = (bool(p.ok), "" if p.ok else kvm_problem(str(p.detail)))
     if boot_id:
         with contextlib.suppress(OSError):
             cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, json.dumps({"ok": verdict[0], "reason": verdict[1]}).encode())
+            write_atomic(cache, json.dumps({"ok": verdict[0], "reason": verdict[1]}).encode())
     return verdict
 
 

@@ -39,6 +39,7 @@ class RunOptions:
     detach: bool = False
     timeout: float | None = None
     command: tuple[str, ...] = ()
+    entrypoint: str | None = None  # None: the image's; "": none
     stop_grace: float = 10.0
 
 

@@ -42,7 +42,9 @@ have_all() {
 }
 
 if ! have_all; then
-  log "installing Debian packages"
+  log "installing Debian packages with apt-get (a minute or two; quiet until it is done):"
+  log "  QEMU, a cloud kernel, skopeo, umoci, a registry, filesystem and device-mapper tools,"
+  log "  busybox-static, python3, e2fsprogs from bookworm-backports: ${PKGS[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
@@ -58,7 +60,7 @@ fi
 stamp=.venv/.kiln-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  log "installing kiln and its Python dependencies into .venv"
+  log "installing kiln and its Python dependencies into .venv (pip; under a minute)"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"

@@ -394,3 +394,99 @@ def test_a_device_node_in_a_jail_is_found(tmp_path: Path) -> None:
     os.mknod(root / "rootfs", stat.S_IFBLK | 0o600, os.makedev(7, 200))
     assert jail.jails_holding(tmp_path, os.makedev(7, 200)) == ["abc"]
     assert jail.jails_holding(tmp_path, os.makedev(7, 201)) == []
+
+
+# -- the adversarial review's findings -----------------------------------------------------
+
+
+def test_jail_copies_are_capped_and_counted(sudo_user: User, parent: str) -> None:
+    """Review F1: jail-stage copied the caller's snapshot once per item (16 items, 16
+    jails) onto the host filesystem, counted nowhere. Now each source is staged once per
+    jail, and the copies of all of a caller's jails share ``[limits] jail_bytes``."""
+    _write_config(GOOD_CONFIG + f'cgroup_parent = "{parent}"\n\n[tools]\n'
+                  f'firecracker = "{BIN_DIR}/firecracker"\njailer = "{BIN_DIR}/jailer"\n'
+                  "\n[limits]\njail_bytes = 12582912\n")  # 12 MiB
+    snap = snapshot(sudo_user, "fill", 8 << 20, data=True)
+    twice = [{"name": f"d{i}", "source": str(snap), "writable": True} for i in range(2)]
+    assert "a source may be staged once per jail" in refused(sudo_user, "jail-stage", {
+        "vm": vm_id(), "uid": VMUID, "gid": VMUID, "items": twice})
+    first, second = vm_id(), vm_id()
+    ok(sudo_user, "jail-stage", {"vm": first, "uid": VMUID, "gid": VMUID,
+                                 "items": twice[:1]})
+    try:
+        err = refused(sudo_user, "jail-stage", {"vm": second, "uid": VMUID + 1,
+                                                "gid": VMUID + 1, "items": twice[:1]})
+        assert "refusing to copy" in err
+        assert jail_leftovers(second) == []
+    finally:
+        ok(sudo_user, "jail-remove", {"vm": first})
+
+
+def test_the_jailers_names_cannot_be_staged(sudo_user: User) -> None:
+    """Review F2: an item named ``firecracker.pid`` stood in for the jailer's pid file, so
+    a Firecracker outlived its jail and its VM uid was handed out again."""
+    snap = snapshot(sudo_user, "pidf")
+    for name in ("firecracker.pid", "firecracker", "dev", "run"):
+        err = refused(sudo_user, "jail-stage", {
+            "vm": vm_id(), "uid": VMUID, "gid": VMUID,
+            "items": [{"name": name, "source": str(snap)}]})
+        assert "staged names must be unique" in err, name
+
+
+def test_a_vm_uid_is_not_released_while_it_runs(sudo_user: User) -> None:
+    """Review F2, the mechanism: whatever pid file says, jail-remove keeps the jail (and
+    its VM uid) while any process runs as that uid."""
+    vm = vm_id()
+    ok(sudo_user, "jail-stage", {"vm": vm, "uid": VMUID, "gid": VMUID, "items": []})
+    squatter = subprocess.Popen(["setpriv", f"--reuid={VMUID}", f"--regid={VMUID}",
+                                 "--clear-groups", "sleep", "300"])
+    try:
+        err = refused(sudo_user, "jail-remove", {"vm": vm})
+        assert f"processes of the jail's VM uid {VMUID} still run" in err
+    finally:
+        squatter.kill()
+        squatter.wait()
+    ok(sudo_user, "jail-remove", {"vm": vm})
+    assert jail_leftovers(vm) == []
+
+
+def test_the_callers_rlimits_and_cgroup_do_not_reach_the_helper(sudo_user: User) -> None:
+    """Review F3: ``ulimit -f 1`` kept ops out of the audit log (EFBIG swallowed); a caller
+    could also limit or kill the helper through its own cgroup. Now a too-low hard limit
+    is refused before anything runs, and the helper leaves the caller's cgroups."""
+    script = ("ulimit -f 1; echo '{}' | /usr/bin/sudo -n " + HELPER + " area; echo rc=$?")
+    res = subprocess.run(["setpriv", f"--reuid={sudo_user.uid}", f"--regid={sudo_user.gid}",
+                          "--clear-groups", "/bin/sh", "-c", script], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert "rc=1" in res.stdout, res.stdout
+    assert "file size limit (512) is below what kiln-helper needs" in res.stderr  # 1 block
+    # The caller's process sits in a cgroup of its own (as in its VM cgroup); the helper
+    # must have left it before it reads the request.
+    lay = cg.layout(cg.CgroupConfig(parent="kiln"))
+    mnt = lay.v1.get("pids") or lay.v2
+    if mnt is None:
+        pytest.skip("no pids or cgroup2 hierarchy")
+    box = mnt / f"kilnprobe{secrets.token_hex(3)}"
+    box.mkdir()
+    try:
+        p = subprocess.Popen(
+            ["/bin/sh", "-c", f'echo $$ > {box}/cgroup.procs; exec setpriv '
+             f'--reuid={sudo_user.uid} --regid={sudo_user.gid} --clear-groups '
+             f'/usr/bin/sudo -n {HELPER} usage'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            deadline, where = time.monotonic() + 60, "not started"
+            while time.monotonic() < deadline:
+                kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+                if kids:
+                    where = Path(f"/proc/{kids[0]}/cgroup").read_text()
+                    if box.name not in where:
+                        break
+                time.sleep(0.05)
+            assert kids, "the helper never started"
+            assert box.name not in where, where
+        finally:
+            p.communicate("{}", timeout=60)
+        assert p.returncode == 0
+    finally:
+        box.rmdir()

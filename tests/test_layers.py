@@ -67,8 +67,8 @@ def F(data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0,
     return ("reg", oct(mode), uid, gid, data, link)
 
 
-def L(target: str) -> tuple[object, ...]:
-    return ("symlink", "0o777", 0, 0, target, "")
+def L(target: str, link: str = "") -> tuple[object, ...]:
+    return ("symlink", "0o777", 0, 0, target, link)
 
 
 ROOT = {"": D()}
@@ -123,6 +123,15 @@ SEMANTICS: dict[str, tuple[list[list[TarMember]], dict[str, tuple[object, ...]]]
     "hard link group survives the first name's whiteout": (
         [[reg("a", b"1"), hardlink("b", "a"), hardlink("c", "a")], [whiteout("a")]],
         {**ROOT, "b": F(b"1"), "c": F(b"1", link="b")}),
+    "hard links to a symlink, a device and a fifo share their inodes": (
+        [[symlink("z", "/" + "t" * 150), device("dev", "chr", 1, 3, 0o666), fifo("p", 0o600)],
+         [hardlink("a", "z"), hardlink("b", "/a"), hardlink("dev2", "dev"),
+          hardlink("p2", "p")]],
+        {**ROOT, "a": L("/" + "t" * 150), "b": L("/" + "t" * 150, link="a"),
+         "z": L("/" + "t" * 150, link="a"),
+         "dev": ("chr", oct(0o666), 0, 0, (1, 3), ""),
+         "dev2": ("chr", oct(0o666), 0, 0, (1, 3), "dev"),
+         "p": ("fifo", oct(0o600), 0, 0, "", ""), "p2": ("fifo", oct(0o600), 0, 0, "", "p")}),
     "devices, fifos, setuid and owners": (
         [[mkdir("dev"), device("dev/null", "chr", 1, 3, 0o666), device("dev/sda", "blk", 8, 0),
           fifo("dev/p", 0o600), reg("ping", b"x", mode=0o4755),
@@ -408,7 +417,7 @@ class Ref:
                 del self.state[k]
         if kind == "hardlink":
             t = self.state.get(str(arg))
-            if t is None or t[0] != "file":
+            if t is None or t[0] == "dir":
                 raise Rejected(str(arg))
             self.state[p] = t
         elif kind == "dir" and p in self.state:
@@ -463,11 +472,12 @@ def test_flattener_matches_reference_model(stack: list[list[tuple[str, str, obje
         assert e.kind.value == {"file": "reg"}.get(str(node[0]), str(node[0])), p
         if node[0] == "file":
             assert e.sha256 == hashlib.sha256(node[1]).hexdigest()  # type: ignore[arg-type]
-            groups.setdefault(id(node), set()).add(p)
         elif node[0] == "dir":
             assert e.mode == node[1]
         else:
             assert e.target == node[1]
+        if node[0] != "dir":
+            groups.setdefault(id(node), set()).add(p)
     for g in groups.values():
         first = min(g, key=lambda q: [os.fsencode(x) for x in q.split("/")])
         assert {tree[q].link or q for q in g} == {first}

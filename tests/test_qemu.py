@@ -23,7 +23,8 @@ def spec(**kw: object) -> qemu.QemuSpec:
 
 
 APPEND_TCG = ("console=ttyS0 root=/dev/vda rootfstype=ext4 rw init=/.kiln/init panic=-1 "
-              "reboot=t quiet pci=off random.trust_cpu=on cryptomgr.notests tsc_early_khz=2600000")
+              "reboot=t quiet pci=off initcall_blacklist=pci_arch_init random.trust_cpu=on "
+              "cryptomgr.notests tsc_early_khz=2600000")
 
 
 def test_argv_exact_unprivileged_tcg() -> None:

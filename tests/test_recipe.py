@@ -330,7 +330,7 @@ def test_demo_recipe_shows_features() -> None:
     r = load_recipe(REPO / "recipes" / "demo.toml", {"KILN_DEMO_REGISTRY": "127.0.0.1:5000"})
     assert r.source == "docker://127.0.0.1:5000/demo/busybox:1"
     assert {f.dst for f in r.files} == {"/etc/motd", "/usr/local/bin/hello"}
-    assert r.entrypoint == ("/usr/local/bin/hello",)
+    assert (r.entrypoint, r.cmd) == (None, ("/usr/local/bin/hello", "from kiln"))
 
 
 # --- claims (libmagic) ----------------------------------------------------------------------
@@ -415,6 +415,16 @@ def test_key_material_survives_a_move_and_sees_edits(tmp_path: Path) -> None:
     after = key_material(load_recipe(b / "r.toml", {}))
     assert after != before
     assert json.loads(json.dumps(after)) == after  # JSON-able
+
+
+def test_key_material_ignores_where_the_image_comes_from(rdir: Path) -> None:
+    files = {"m": b"x\n"}
+    rest = 'cmd = ["/bin/sh"]\n[[files]]\nsrc = "m"\ndst = "/etc/m"\n'
+    one = load_recipe(write(rdir, 'source = "docker://localhost:5000/x:1"\n' + rest, files), {})
+    two = load_recipe(write(rdir, 'source = "docker://127.0.0.1:41000/x@sha256:' + "a" * 64
+                            + '"\nplatform = "linux/amd64"\n' + rest, files), {})
+    assert key_material(one) == key_material(two)
+    assert R.key_digest(one) == R.key_digest(two)
 
 
 def test_key_material_normalizes_equivalent_spellings(rdir: Path) -> None:

@@ -29,8 +29,21 @@ def test_merge_image_config_and_overrides() -> None:
     assert workload({"Cmd": ["sh"]}, hostname="h").path == DEFAULT_PATH
 
 
+@pytest.mark.parametrize(("entrypoint", "command", "argv"), [
+    (None, (), ("/app", "--serve")),
+    ("/bin/sh", (), ("/bin/sh",)),  # --entrypoint: the image's Cmd goes too (docker)
+    ("/bin/sh", ("-c", "exit 3"), ("/bin/sh", "-c", "exit 3")),
+    ("", ("sh", "-c", "exit 3"), ("sh", "-c", "exit 3")),  # '' clears the entrypoint
+])
+def test_entrypoint_override(entrypoint: str | None, command: tuple[str, ...],
+                             argv: tuple[str, ...]) -> None:
+    w = workload(IMAGE, command=command, entrypoint=entrypoint, hostname="h")
+    assert w.argv == argv
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({}, "nothing to run: the image has no Entrypoint or Cmd"),
+    ({"entrypoint": ""}, "nothing to run: --entrypoint ''"),
     ({"command": ["x"], "env": ["1A=b"]}, "invalid environment entry '1A=b' in -e"),
     ({"command": ["x"], "workdir": "rel"}, "working directory 'rel' is not absolute"),
     ({"command": ["x"], "user": "a b"}, "invalid user 'a b'"),

@@ -271,12 +271,33 @@ CLASSIFY = [
     ('writing blob: happened during read: Digest did not match, expected sha256:aa, got '
      'sha256:bb"', "integrity"),
     ('something else entirely"', "other"),
+    ('Error parsing image name \\"docker://127.0.0.1:5000/x:1\\": pinging container registry '
+     '127.0.0.1:5000: Get \\"https://127.0.0.1:5000/v2/\\": http: server gave HTTP response to '
+     'HTTPS client"', "plainhttp"),
+    ('pinging container registry h: Get \\"https://h/v2/\\": tls: failed to verify certificate: '
+     'x509: certificate signed by unknown authority"', "badcert"),
 ]
 
 
 @pytest.mark.parametrize(("msg", "kind"), CLASSIFY)
 def test_classify(msg: str, kind: str) -> None:
     assert src.classify(PREFIX + msg) == kind
+
+
+def test_tls_failures_are_one_line_with_the_flag_as_hint() -> None:
+    requests_text = ("HTTPSConnectionPool(host='h', port=5000): Max retries exceeded with url: "
+                     "/v2/ (Caused by SSLError(SSLError(1, '[SSL: WRONG_VERSION_NUMBER] wrong "
+                     "version number (_ssl.c:1006)')))")
+    err = src.tls_failure("h:5000", requests_text)
+    assert err is not None
+    assert (err.message, err.hint) == (
+        "registry h:5000 answered HTTPS with plain HTTP",
+        "it speaks plain HTTP: pass --tls-verify=false (or --no-tls-verify) to use it without "
+        "TLS")
+    cert = src.tls_failure("h", "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert cert is not None
+    assert "--tls-verify=false" in cert.hint
+    assert src.tls_failure("h", "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred") is None
 
 
 def test_skopeo_message() -> None:

@@ -77,10 +77,12 @@ def sparse_copy(src: Path, dst_fd: int) -> None:
         os.close(fd)
 
 
-def sparse_copy_fd(src_fd: int, dst_fd: int) -> int:
-    """``sparse_copy`` from an open file; returns the source's size (a file destination
-    needs ``ftruncate`` to it for a trailing hole)."""
+def sparse_copy_fd(src_fd: int, dst_fd: int, limit: int | None = None) -> int:
+    """``sparse_copy`` from an open file, of its first ``limit`` bytes at most; returns the
+    size copied (a file destination needs ``ftruncate`` to it for a trailing hole)."""
     size = os.fstat(src_fd).st_size
+    if limit is not None:
+        size = min(size, limit)
     for start, end in extents(src_fd, size):
         _copy_range(src_fd, dst_fd, start, end)
     return size

@@ -73,8 +73,12 @@ def parse_env(items: Sequence[str], what: str) -> list[tuple[str, str]]:
 
 def workload(config: Mapping[str, Any], *, command: Sequence[str] = (),
              env: Sequence[str] = (), workdir: str | None = None, user: str | None = None,
-             hostname: str) -> Workload:
-    """Merge the image's runtime config with the CLI's overrides (pure)."""
+             hostname: str, entrypoint: str | None = None) -> Workload:
+    """Merge the image's runtime config with the CLI's overrides (pure).
+
+    docker's rules: the command replaces the image's Cmd; ``entrypoint`` (``--entrypoint``)
+    replaces the image's Entrypoint — ``""`` clears it — and then the image's Cmd is not
+    used either (only the command given)."""
     merged: dict[str, str] = {}
     for k, v in parse_env(list(config.get("Env") or []), "the image's Env"):
         merged[k] = v
@@ -82,10 +86,15 @@ def workload(config: Mapping[str, Any], *, command: Sequence[str] = (),
         merged[k] = v
     merged.setdefault("PATH", DEFAULT_PATH)
     merged.setdefault("HOSTNAME", hostname)
-    entry = list(config.get("Entrypoint") or [])
-    argv = entry + (list(command) if command else list(config.get("Cmd") or []))
+    if entrypoint is None:
+        entry = list(config.get("Entrypoint") or [])
+        default_cmd = list(config.get("Cmd") or [])
+    else:
+        entry, default_cmd = ([entrypoint] if entrypoint else []), []
+    argv = entry + (list(command) if command else default_cmd)
     if not argv:
-        raise UsageError("nothing to run: the image has no Entrypoint or Cmd",
+        what = "--entrypoint ''" if entrypoint == "" else "the image has no Entrypoint or Cmd"
+        raise UsageError(f"nothing to run: {what}",
                          "give a command after the source: kiln run SOURCE -- CMD ARG…")
     if any("\0" in a for a in argv):
         raise UsageError("a command argument contains a NUL byte", "remove it")
