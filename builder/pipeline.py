@@ -218,21 +218,23 @@ def build(root: Root, source: str, opts: Any, *, listener: Listener | None = Non
     if recipe is not None:
         material = key_material(recipe)
     key = build_key(resolved.digest, material, tool_versions())
+    cached = True
     hit = store.lookup_key(key)
-    if hit is not None:
+    if hit is None:
+        with root.lock(f"build-{key[7:]}"):
+            hit = store.lookup_key(key)
+            if hit is None:
+                cached = False
+                with root.workdir("build") as wd, _disk_errors(root):
+                    hit = _build_fresh(root, store, wd, resolved=resolved, recipe=recipe,
+                                       material=material, key=key, opts=opts,
+                                       progress=progress, verify=verify)
+                store.set_key(key, hit.id)
+    if cached:
         store.touch(hit.id)
-        return BuildResult(hit, True, progress.timings)
-    with root.lock(f"build-{key[7:]}"):
-        hit = store.lookup_key(key)
-        if hit is not None:
-            store.touch(hit.id)
-            return BuildResult(hit, True, progress.timings)
-        with root.workdir("build") as wd, _disk_errors(root):
-            vol = _build_fresh(root, store, wd, resolved=resolved, recipe=recipe,
-                               material=material, key=key, opts=opts, progress=progress,
-                               verify=verify)
-        store.set_key(key, vol.id)
-    return BuildResult(vol, False, progress.timings)
+    if recipe is not None:
+        store.note_recipe(hit, recipe.path)
+    return BuildResult(hit, cached, progress.timings)
 
 
 def _build_fresh(root: Root, store: Store, wd: Path, *, resolved: sources.Resolved,

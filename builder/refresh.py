@@ -13,7 +13,8 @@ written inside) so a cron run overlapping a slow previous run exits at once with
 "refresh already running (pid N)" instead of doing the work twice; ``wait=True`` queues.
 
 "Every recipe built before under this root" comes from the volumes' metadata: the
-pipeline records the recipe path in ``meta["recipe"]``.
+pipeline records the recipe path in ``meta["recipe"]``, and every other recipe that builds
+the same volume (same image digest, same content) in ``meta["recipes"]``.
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def latest_by_recipe(volumes: Sequence[Volume]) -> dict[Path, Volume]:
     """The newest volume built from each recipe path (pure: volumes' metadata only)."""
     out: dict[Path, Volume] = {}
     for v in volumes:
-        rec = v.meta.get("recipe")
-        if not isinstance(rec, str) or not rec:
-            continue
-        p = Path(rec).absolute()
-        old = out.get(p)
-        if old is None or str(v.meta.get("created", "")) >= str(old.meta.get("created", "")):
-            out[p] = v
+        more = v.meta.get("recipes")  # other recipes that build the same volume
+        for rec in [v.meta.get("recipe"), *(more if isinstance(more, list) else [])]:
+            if not isinstance(rec, str) or not rec:
+                continue
+            p = Path(rec).absolute()
+            old = out.get(p)
+            if old is None or str(v.meta.get("created", "")) >= str(old.meta.get("created", "")):
+                out[p] = v
     return out
 
 
@@ -154,7 +156,8 @@ def refresh_one(root: Root, path: Path, opts: sources.RegistryOptions, *,
         resolved = sources.resolve(sources.parse_ref(recipe.image_ref), opts)
         new = resolved.digest
         key = build_key(resolved.digest, key_material(recipe), tool_versions())
-        vol = Store(root).lookup_key(key)
+        store = Store(root)
+        vol = store.lookup_key(key)
         if vol is None:
             result = build(root, str(path), opts, listener=listener)
             vol = result.volume
@@ -163,6 +166,7 @@ def refresh_one(root: Root, path: Path, opts: sources.RegistryOptions, *,
             action = "unchanged" if result.cached else "rebuilt"
         else:
             action = "unchanged"
+            store.note_recipe(vol, path)  # another recipe may have built it
         if push_prefix is not None:
             tag = push_tag(key)
             target = publish.parse_target(f"{push_prefix}/{path.stem.lower()}:{tag}")

@@ -9,6 +9,8 @@ bytes: nothing is lost).
 ``ROOT/keys/<hex>`` maps a build key to a volume id; it is written after the volume is
 committed, so a crash in between costs one rebuild at most, never a dangling volume.
 ``ROOT/used/<hex>`` records when a volume was last used (its mtime), for ``gc --keep``.
+``meta.json`` is rewritten (atomically) only to add a recipe that builds the same volume
+(``note_recipe``).
 """
 
 from __future__ import annotations
@@ -180,6 +182,27 @@ class Store:
         assert vol is not None
         self.touch(vol.id)
         return vol
+
+    def note_recipe(self, vol: Volume, recipe: Path) -> None:
+        """Record in ``vol``'s metadata (``recipes``) that ``recipe`` builds it too.
+
+        One volume serves every recipe with the same image and content (a volume's id does
+        not depend on where the image came from); ``meta["recipe"]`` names only the first,
+        and ``kiln refresh`` must find them all.
+        """
+        path = str(recipe.absolute())
+        with self.root.lock("meta"):
+            current = self._load(hex_of(vol.id))
+            if current is None:
+                return
+            meta = current.meta
+            others = meta.get("recipes")
+            known = [meta.get("recipe"), *(others if isinstance(others, builtins.list) else [])]
+            if path in {str(Path(p).absolute()) for p in known if isinstance(p, str) and p}:
+                return
+            meta["recipes"] = sorted({*(p for p in known[1:] if isinstance(p, str)), path})
+            atomic_write(vol.dir / META_FILE,
+                         json.dumps(meta, indent=2, sort_keys=True).encode(), mode=0o444)
 
     def set_key(self, build_key: str, volume_id: str) -> None:
         atomic_write(self.root.keys / hex_of(build_key), volume_id.encode() + b"\n")

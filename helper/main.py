@@ -26,8 +26,12 @@ Hardening, in order, before anything else runs:
   root-owned 0711: a caller reaches what is its own inside, never lists another's;
 * the op name is checked (``ops.valid_op``: at most 32 of a-z and '-') before it is logged
   or echoed; a bad one is logged in a bounded, escaped form (``op_label``);
-* a sudo caller's op runs under ``RLIMIT_CPU`` = ``[limits] cpu_seconds`` (soft = hard: the
-  kernel SIGKILLs at the limit; ``helper.run.limit_cpu``), inherited by its tools.
+* a sudo caller's resource limits are checked before anything heavy is imported
+  (``helper.procguard``: a hard limit below what the helper needs is refused, nothing
+  done), its op runs under ``RLIMIT_CPU`` = ``[limits] cpu_seconds`` (soft = hard: the
+  kernel SIGKILLs at the limit; ``helper.run.limit_cpu``), inherited by its tools, and the
+  process leaves the caller's cgroups for each hierarchy's root before it reads the
+  request (the caller cannot limit or kill it through them).
 
 Every op is appended to ``/var/log/kiln-helper/audit.log`` (root-owned 0700 directory, all
 by dirfd with ``O_NOFOLLOW``): time, caller uid, op, outcome — one bounded line. A non-root

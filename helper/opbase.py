@@ -27,15 +27,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from helper import safepath
 from helper.config import Config
 from helper.errors import NotFound, UsageError
 
 # -- field types --------------------------------------------------------------------------
 
-RelPath = Annotated[str, Field(pattern=safepath.REL_PATTERN, max_length=1024,
-                               description="a path relative to the caller's area")]
-LoopDev = Annotated[str, Field(pattern=r"^/dev/loop[0-9]{1,4}$", description="/dev/loopN")]
 DmName = Annotated[str, Field(
     pattern=r"^kiln-[0-9a-f]{8}-(pool|vol-[0-9a-f]{64}|snap-[a-z2-7]{1,32})$",
     description="a kiln device-mapper name of the caller's area")]

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from helper import cgattach, dmdev, jail, ops_storage, poolfs, privileged, safepath
+from helper import cgattach, dmdev, jail, poolfs, privileged, safepath
 from helper.errors import Conflict, KilnError, NotFound, UsageError
 from helper.opbase import (
     Ctx,
@@ -281,8 +281,7 @@ def _pool_on_files(ctx: Ctx, req: DmCreate) -> dict[str, Any]:
     loops: dict[str, str] = {}
     try:
         for name in FILES:
-            loops[name] = str(ops_storage.loop_attach(ctx, ops_storage.LoopAttach(
-                image=f"{THIN_DIR}/{name}"))["device"])
+            loops[name] = poolfs.attach_image(ctx.area, f"{THIN_DIR}/{name}")
         table = core.thin_pool_table(loops["meta.img"], loops["data.img"], sectors,
                                      req.block_sectors)
         path = privileged.dm_create(ctx.area, req.name, table)

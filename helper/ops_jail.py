@@ -178,10 +178,11 @@ def _copied_bytes(root: Path) -> int:
     return total
 
 
-CgFile = Annotated[str, Field(pattern=r"^(cpu|memory|pids)\.[a-z_]{1,24}=[0-9][0-9 ]{0,40}$",
-                              description="a cgroup limit FILE=VALUE for the jailer "
-                              "(cpu.max, cpu.cfs_quota_us, cpu.cfs_period_us, memory.max, "
-                              "memory.limit_in_bytes, pids.max)")]
+CgFile = Annotated[str, Field(
+    pattern=r"^((cpu|memory|pids)\.[a-z_]{1,24}=[0-9][0-9 ]{0,40}|freezer\.state=THAWED)$",
+    description="a cgroup limit FILE=VALUE for the jailer (cpu.max, cpu.cfs_quota_us, "
+    "cpu.cfs_period_us, memory.max, memory.limit_in_bytes, pids.max; v1 also "
+    "freezer.state=THAWED)")]
 
 
 class JailLaunch(Req):

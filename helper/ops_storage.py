@@ -8,14 +8,13 @@ recorded; ``pool-umount`` / ``pool-destroy`` take it down. ``volume-import`` cop
 volume from a passed fd (re-hashed against its id) into root's ``volumes/``;
 ``snapshot-create`` clones one into ``snapshots/`` and hands the clone to the caller
 (single link, 0600); ``pool-list`` tells the caller what its pool holds (it cannot list
-root's directories). ``loop_attach`` remains for ``ops_dm`` (the thin pool's own files).
+root's directories).
 """
 
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -33,72 +32,12 @@ from helper.opbase import (
     FsName,
     KilnId,
     Op,
-    RelPath,
     Req,
     VolumeId,
     passed_fd,
 )
 from helper.pool import fileops
 from helper.pool.fileops import FICLONE
-
-# -- loop devices ---------------------------------------------------------------------------
-
-_LOOP_CTL_GET_FREE = 0x4C82
-_LOOP_SET_FD = 0x4C00
-_LOOP_CLR_FD = 0x4C01
-
-
-class LoopAttach(Req):
-    """Attach a root-owned image file under the area to a loop device (reuse if attached)."""
-
-    image: RelPath = Field(description="the image file, relative to the area")
-
-
-def _open_image(ctx: Ctx, rel: str) -> int:
-    fd = safepath.open_beneath(ctx.area, rel, os.O_RDWR)
-    try:
-        # Root-owned only: a caller-made file could hold a hostile filesystem image.
-        safepath.fstat_kind(fd, "reg", rel, owner=0, single_link=True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def loop_attach(ctx: Ctx, req: LoopAttach) -> dict[str, Any]:
-    fd = _open_image(ctx, req.image)
-    try:
-        real = os.readlink(safepath.fd_path(fd))
-        with privileged.loops_locked():
-            for loop in privileged.loop_list(ctx.area):
-                if loop.back_file == real:
-                    return {"device": loop.device}
-            return {"device": attach_fd(fd)}
-    finally:
-        os.close(fd)
-
-
-def attach_fd(fd: int) -> str:
-    """Bind the open file ``fd`` to a free loop device by ioctl (acts on the fd itself)."""
-    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for _ in range(16):
-            n = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
-            dev = f"/dev/loop{n}"
-            lfd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(lfd, _LOOP_SET_FD, fd)
-                return dev
-            except OSError as e:
-                if e.errno != errno.EBUSY:  # another process took it between the two calls
-                    raise
-            finally:
-                os.close(lfd)
-    finally:
-        os.close(ctl)
-    raise Conflict("no free loop device after 16 tries", "retry in a moment")
-
-
 
 # -- the pool filesystem ----------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from helper import safepath
+from helper import privileged, safepath
 from helper.config import Limits
 from helper.errors import Conflict, IntegrityError, UsageError
 
@@ -118,11 +118,13 @@ def is_mount_root(fd: int, parent_fd: int) -> bool:
     return os.fstat(fd).st_dev != os.fstat(parent_fd).st_dev
 
 
-def loop_configure(image_fd: int) -> int:
-    """A loop device bound to the open image (``AUTOCLEAR``): its open fd. It lives while
-    this fd or a mount holds it, and detaches itself afterwards."""
+def loop_configure(image_fd: int, *, autoclear: bool = True) -> int:
+    """A loop device bound to the open image: its open fd. With ``autoclear`` it lives
+    while this fd or a mount holds it and detaches itself afterwards; without, it stays
+    until detached (``privileged.loop_detach``)."""
+    flags = _LO_FLAGS_AUTOCLEAR if autoclear else 0
     cfg = struct.pack("=II", image_fd, 0) + struct.pack("=QQQQQIIII", 0, 0, 0, 0, 0, 0, 0, 0,
-                                                        _LO_FLAGS_AUTOCLEAR)
+                                                        flags)
     cfg += bytes(232 - 56) + bytes(64)  # the rest of loop_info64, then __reserved[8]
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -139,6 +141,27 @@ def loop_configure(image_fd: int) -> int:
     finally:
         os.close(ctl)
     raise Conflict("no free loop device after 16 tries", "retry in a moment")
+
+
+def attach_image(area: Path, rel: str) -> str:
+    """The loop device of ``area/rel`` (the thin pool's own files: root's, one link),
+    attached by fd unless it already is; under the host-wide loop lock."""
+    fd = safepath.open_beneath(area, rel, os.O_RDWR)
+    try:
+        # Root-owned only: a caller-made file could hold a hostile filesystem image.
+        safepath.fstat_kind(fd, "reg", rel, owner=0, single_link=True)
+        real = os.readlink(safepath.fd_path(fd))
+        with privileged.loops_locked():
+            for loop in privileged.loop_list(area):
+                if loop.back_file == real:
+                    return loop.device
+            lfd = loop_configure(fd, autoclear=False)
+            try:
+                return os.readlink(safepath.fd_path(lfd))
+            finally:
+                os.close(lfd)
+    finally:
+        os.close(fd)
 
 
 def mount_loop(loop_fd: int, target_fd: int, fs: str) -> None:

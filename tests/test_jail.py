@@ -149,6 +149,10 @@ def test_hard_link_planted_as_writable_disk_is_refused(cfg: jail.JailConfig) -> 
     assert list(cfg.chroot_base.iterdir()) == []  # refused before the first mkdir
 
 
+RESERVED = ("staged names must be unique and none may be dev, run, firecracker or "
+            "firecracker.pid")
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({"uid": 0}, "uid 0 is outside the VM range 900000-900999"),
     ({"gid": 0}, "gid 0 is outside the VM range 900000-900999"),
@@ -158,7 +162,8 @@ def test_hard_link_planted_as_writable_disk_is_refused(cfg: jail.JailConfig) -> 
     ({"items": [jail.StageItem("../x", Path("/x"))]}, "invalid file name '../x'"),
     ({"items": [jail.StageItem("-x", Path("/x"))]}, "invalid file name '-x'"),
     ({"items": [jail.StageItem(".x", Path("/x"))]}, "invalid file name '.x'"),
-    ({"logs": ["dev"]}, "staged names must be unique and not firecracker, dev or run"),
+    ({"logs": ["dev"]}, RESERVED),
+    ({"logs": ["firecracker.pid"]}, RESERVED),
 ])
 def test_hostile_stage_arguments(cfg: jail.JailConfig, kw: dict[str, object],
                                  message: str) -> None:

@@ -43,10 +43,13 @@ def upstream(tmp_path: Path) -> Iterator[LocalRegistry]:
         yield reg
 
 
-def recipe(d: Path, name: str, source: str) -> Path:
+def recipe(d: Path, name: str, source: str, *, label: bool = True) -> Path:
+    """A recipe; with ``label`` its content differs from every other name's (one image with
+    the same content is one volume, whatever the source says)."""
     d.mkdir(exist_ok=True)
     p = d / f"{name}.toml"
-    p.write_text(f'source = "{source}"\nplatform = "linux/amd64"\n')
+    extra = f'labels = {{ recipe = "{name}" }}\n' if label else ""
+    p.write_text(f'source = "{source}"\nplatform = "linux/amd64"\n{extra}')
     return p
 
 
@@ -119,6 +122,27 @@ def test_moved_tag_rebuilds_exactly_that_recipe(upstream: LocalRegistry, recipes
     assert a.volume_id != first[0].volume_id
     assert b.volume_id == first[1].volume_id
     assert len(Store(root).list()) == 3
+
+
+def test_recipes_sharing_a_volume_are_all_refreshed(upstream: LocalRegistry,
+                                                    tmp_path: Path) -> None:
+    """a and b: the same image from two repositories, the same content: one volume, and
+    both recipes are remembered for a refresh without arguments."""
+    paths = [recipe(tmp_path / "same", n, f"docker://{upstream.address}/up/{n}:1", label=False)
+             for n in ("a", "b")]
+    root = Root(tmp_path / "root")
+    first = refresh.refresh(root, paths, PLAIN, jobs=1)
+    assert [r.action for r in first] == ["rebuilt", "unchanged"], [r.error for r in first]
+    assert first[0].volume_id == first[1].volume_id
+    again = refresh.refresh(root, [], PLAIN)
+    assert [(Path(r.recipe).name, r.action) for r in again] == [("a.toml", "unchanged"),
+                                                                 ("b.toml", "unchanged")]
+    push(busybox_layout(), "2", f"docker://{upstream.address}/up/b:1")  # upstream moves b:1
+    moved = refresh.refresh(root, [], PLAIN)
+    assert [(Path(r.recipe).name, r.action) for r in moved] == [("a.toml", "unchanged"),
+                                                                 ("b.toml", "rebuilt")]
+    assert moved[0].volume_id == first[0].volume_id != moved[1].volume_id
+    assert len(Store(root).list()) == 2
 
 
 def test_registry_down_fails_only_its_recipes(upstream: LocalRegistry, recipes: list[Path],
