@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from helper import cgroup as cg
 from helper.errors import Conflict, UsageError
+from tests.support.timing import limit
 
 HYBRID = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -131,7 +132,7 @@ def _spawn_into(dirs: list[Path]) -> subprocess.Popen[bytes]:
     assert p.stdin is not None
     p.stdin.write(b"go\n")
     p.stdin.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + limit(5)
     while len((dirs[0] / "cgroup.procs").read_text().split()) < 3:
         assert time.monotonic() < deadline, "the test shell did not fork"
         time.sleep(0.01)

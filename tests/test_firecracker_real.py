@@ -27,6 +27,7 @@ from helper import jail
 from helper.errors import Conflict
 from runner import firecracker as fc
 from runner.kernel_elf import ensure_vmlinux
+from tests.support.timing import limit
 from tests.test_firecracker import load_swagger, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +283,7 @@ def test_boot_to_marker(env: jail.JailConfig, kernel_files: dict[str, Path]) -> 
                  "pci=off rdinit=/bin/kiln-no-such-init")
     try:
         vm.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + limit(30)
         while time.monotonic() < deadline:
             if "Linux version" in vm.console_log.read_text(errors="replace"):
                 break

@@ -22,6 +22,7 @@ from helper import cgattach, config
 from helper import cgroup as cg
 from helper.errors import Conflict
 from helper.main import serve
+from tests.support.timing import limit
 
 pytestmark = pytest.mark.root
 ME, OTHER = 61_235, 61_236  # the caller and another user (no account needed: setpriv)
@@ -64,7 +65,7 @@ def spawn(w: dict[str, Any], *setpriv: str) -> int:
     """A ``sleep`` (not a shell: dash drops a setuid-style euid) under ``setpriv``."""
     p = subprocess.Popen(["setpriv", *setpriv, "--", "/bin/sleep", "60"])
     w["procs"].append(p)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + limit(5)
     while Path(f"/proc/{p.pid}/comm").read_text() != "sleep\n":  # setpriv has switched
         assert time.monotonic() < deadline
         time.sleep(0.005)

@@ -33,6 +33,7 @@ from helper import net
 from helper import netcore as nc
 from runner import guest_init, kernel, network, qemu
 from tests.support.images import busybox_layout
+from tests.support.timing import limit
 from tests.test_net_ops import ROOT_A, UID, assert_host_clean, call, cfg, ns, snapshot, vm_id
 from tests.test_net_runner import caller
 
@@ -52,7 +53,7 @@ print(data.decode().split("\\r\\n\\r\\n", 1)[-1].strip())
 
 def fetch(netns: str, host: str, port: int) -> str:
     res = subprocess.run([sys.executable, "-c", HTTP, host, str(port)], capture_output=True,
-                         text=True, timeout=30, check=False,
+                         text=True, timeout=limit(30), check=False,
                          preexec_fn=lambda: net.join_netns(netns))
     return res.stdout.strip() or res.stderr.strip().splitlines()[-1]
 
@@ -123,7 +124,7 @@ class Guest:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=limit(30))
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from helper import netcore as nc
 from runner import network, qemu
 from runner.state import State, root_key
 from tests.support.cli import kiln, wait_for
+from tests.support.timing import limit
 from tests.test_run_sudo import vmms
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -260,7 +261,7 @@ def test_two_vms_get_addresses_ping_each_other_and_serve_through_a_forward(
     took = time.monotonic() - t0
 
     # B's workload ended: its VM exited and left the network on its own.
-    wait_for("B to exit", lambda: ps(root)[b]["state"] == "exited", 90)
+    wait_for("B to exit", lambda: ps(root)[b]["state"] == "exited", limit(90))
     rec_b = ps(root)[b]
     assert (rec_b["exit_code"], rec_b["ip"]) == (0, None)
     assert not (Path("/sys/class/net") / nc.names(b).tap).exists()
@@ -352,7 +353,7 @@ def test_sigkill_of_kiln_run_and_a_failed_setup_leave_nothing(
     rec = ps(root)[vm]  # the reaper runs first: kills QEMU, fails the VM, releases
     assert (rec["state"], rec["reason"], rec["ip"]) == (
         "failed", "kiln run (the VM's owner) died", None)
-    wait_for("QEMU to die", lambda: not Path(f"/proc/{pid}").exists(), 10)
+    wait_for("QEMU to die", lambda: not Path(f"/proc/{pid}").exists(), limit(10))
     netns_env.drop_bridge(root)
     assert netns_env.snapshot() == before
     kiln(root, "rm", vm)

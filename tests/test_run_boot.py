@@ -20,6 +20,7 @@ from builder.source import RegistryOptions
 from runner.state import State, host_name, root_key, vm_of_host
 from tests.support.images import busybox_layout
 from tests.support.oci import make_layout, mkdir, reg
+from tests.support.timing import limit
 
 KILN = [sys.executable, "-c",
         "import runner.commands, runner.commands_pool, runner.commands_run; "
@@ -165,7 +166,7 @@ def test_detach_logs_stop(world: tuple[Path, str, str]) -> None:
     vm_id = res.stdout.strip()
     assert res.stdout == vm_id + "\n"
     assert VM_ID.fullmatch(vm_id)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + limit(60)
     logs = ""
     while time.monotonic() < deadline and "started" not in logs:
         logs = kiln(root, "logs", vm_id).stdout
@@ -221,26 +222,27 @@ def test_net_user_forwards_a_port(world: tuple[Path, str, str]) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([*KILN, "--root", str(root), "run", "--rm", "--net", "user", "-p",
-                          f"{port}:8080", "--timeout", "60", busybox, "--", "sh", "-c",
-                          "echo hello-net | nc -l -p 8080"],
+                          f"{port}:8080", "--timeout", str(int(limit(60))), busybox, "--",
+                          "sh", "-c", "echo hello-net | nc -l -p 8080"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          stdin=subprocess.DEVNULL)
     got = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and b"hello-net" not in got:
+    deadline = time.monotonic() + limit(60)
+    # Until the reply, or the VM ended (nothing more will listen), or the hang guard.
+    while time.monotonic() < deadline and b"hello-net" not in got and p.poll() is None:
         try:  # slirp accepts before the guest listens, then resets: retry
             with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
                 got = c.recv(100)
         except OSError:
             pass
         time.sleep(0.3)
-    _out, err = p.communicate(timeout=60)
+    _out, err = p.communicate(timeout=limit(60))
     assert got == b"hello-net\n"
     assert p.returncode == 0, err
 
 
 def _wait_running(root: Path, name: str) -> dict[str, object]:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + limit(60)
     while time.monotonic() < deadline:
         for r in json.loads(kiln(root, "ps", "--json").stdout):
             if r["name"] == name and r["state"] == "running":
@@ -260,7 +262,7 @@ def test_sigterm_stops_the_vm_gracefully(world: tuple[Path, str, str]) -> None:
     assert p.stdout is not None
     assert p.stdout.readline() == "up\n"  # the workload runs (its trap is set)
     p.terminate()
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=limit(60))
     assert (p.returncode, out) == (3, "bye\n"), err
     assert str(rec["id"]) not in vmm_pids(root)
 
@@ -271,7 +273,7 @@ def test_sigint_to_init_stops_the_workload_gracefully(world: tuple[Path, str, st
     so the workload sends that SIGINT itself: init must SIGTERM the workload and report
     the status the workload exits with (not the 130 of its own interrupted wait)."""
     root, busybox, _ = world
-    res = kiln(root, "run", "--rm", "--timeout", "60", busybox, "--", "sh", "-c",
+    res = kiln(root, "run", "--rm", "--timeout", str(int(limit(60))), busybox, "--", "sh", "-c",
                "trap 'echo bye; exit 3' TERM; cat /proc/sys/kernel/ctrl-alt-del; "
                "kill -INT 1; while :; do sleep 1; done")
     assert (res.returncode, res.stdout) == (3, "0\nbye\n"), res.stderr
@@ -289,7 +291,7 @@ def test_sigkill_of_kiln_run_is_reconciled(world: tuple[Path, str, str]) -> None
     after = next(r for r in json.loads(kiln(root, "ps", "--all", "--json").stdout)
                  if r["id"] == rec["id"])
     assert (after["state"], after["reason"]) == ("failed", "kiln run (the VM's owner) died")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + limit(10)
     while str(rec["id"]) in vmm_pids(root) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert str(rec["id"]) not in vmm_pids(root)  # the reaper killed the orphaned VMM

@@ -35,6 +35,7 @@ from helper import cgroup as cg
 from helper.errors import KilnError, NotFound
 from runner import fcdriver, reaper, state, vmmchoice
 from runner import firecracker as fc
+from tests.support.timing import limit
 from tests.test_run_boot import KILN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -507,7 +508,7 @@ def test_sigkill_of_the_owner_is_reconciled(world: dict[str, Any]) -> None:
     assert rec.owner_pid is not None
     assert leftovers(world, vm_id)  # running: process, cgroups, jail
     os.kill(rec.owner_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + limit(5)
     while state.alive(rec.owner_pid, rec.owner_start) and time.monotonic() < deadline:
         time.sleep(0.05)
     after = ps_all(root)[vm_id]  # the reaper runs on every kiln start

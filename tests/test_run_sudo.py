@@ -39,6 +39,7 @@ from tests.support.sudo import (
     kiln_as,
     loop_table,
 )
+from tests.support.timing import limit
 
 pytestmark = [pytest.mark.root, pytest.mark.loop, pytest.mark.slow]
 VM_ID = re.compile(r"^[a-z2-7]{12}$")
@@ -188,7 +189,7 @@ def test_sigkill_of_kiln_run_is_failed_and_cleaned_up_by_the_next_command(
         if run.poll() is None:
             run.kill()
             run.wait()
-    wait_for("QEMU to die with its owner", lambda: not Path(f"/proc/{pid}").exists(), 10)
+    wait_for("QEMU to die with its owner", lambda: not Path(f"/proc/{pid}").exists(), limit(10))
     assert all(Path(d).is_dir() for d in dirs)  # the orphaned cgroup, until the next command
     ps = json.loads(kiln_as(user, root, "ps", "--all", "--json").stdout)
     assert [(r["id"], r["name"], r["state"], r["reason"]) for r in ps] == [

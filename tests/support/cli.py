@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.timing import limit
+
 KILN = [sys.executable, "-m", "runner"]
 
 
@@ -17,13 +19,13 @@ def kiln(root: Path, *args: str, env: dict[str, str] | None = None,
          check: bool = True) -> subprocess.CompletedProcess[str]:
     """``kiln --root ROOT ARGS…``; with ``check``, a non-zero exit fails the test with stderr."""
     res = subprocess.run([*KILN, "--root", str(root), *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=300, check=False)
+                         env={**os.environ, **(env or {})}, timeout=limit(300), check=False)
     if check and res.returncode != 0:
         raise AssertionError(f"kiln {' '.join(args)} exited {res.returncode}: {res.stderr}")
     return res
 
 
-def wait_for(what: str, test: Callable[[], Any], timeout: float = 60) -> Any:
+def wait_for(what: str, test: Callable[[], Any], timeout: float = limit(60)) -> Any:
     """Poll ``test`` every 0.1 s until it returns something true (returned), or fail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
