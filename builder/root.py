@@ -28,7 +28,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +87,22 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(path.parent)
+
+
+def locked_new(make: Callable[[], tuple[Path, int]]) -> tuple[Path, int]:
+    """A new entry made by ``make`` (its path and an open fd), flock-ed by this process.
+    Recovery removes only unlocked entries, so it may remove this one between ``make`` and
+    the flock: then another is made. Once locked and still ours, it is safe."""
+    while True:
+        path, fd = make()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return path, fd
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -159,20 +175,13 @@ class Root:
     def workdir(self, purpose: str) -> Iterator[Path]:
         """A fresh directory under ``tmp/``, locked while in use and removed afterwards."""
         self.ensure()
-        while True:
+
+        def make() -> tuple[Path, int]:
             path = self.tmp / f"{purpose}-{os.getpid()}-{secrets.token_hex(4)}"
             path.mkdir(mode=0o700)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            # A concurrent recover() may have removed the directory between mkdir and flock;
-            # it only removes unlocked entries, so once locked and still ours, it is safe.
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
+            return path, os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+        path, fd = locked_new(make)
         try:
             yield path
         finally:

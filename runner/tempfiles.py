@@ -20,7 +20,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from builder.root import Root, fsync_dir
+from builder.root import Root, fsync_dir, locked_new
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.(?:tmp|lz4)$")
 
@@ -38,18 +38,11 @@ def _fault_point(dest: Path) -> None:
 def locked_temp(dest: Path, suffix: str = "tmp") -> Iterator[Path]:
     """A new temp file beside ``dest``, flock-ed by this process until the block ends (and
     removed then, unless the block renamed it away)."""
-    while True:
+    def make() -> tuple[Path, int]:
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.{suffix}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # A sweep may have removed it between open and flock (it was unlocked then).
-        try:
-            same = os.stat(tmp).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    tmp, fd = locked_new(make)  # a sweep removes only unlocked ones
     try:
         yield tmp
     finally:
