@@ -329,10 +329,7 @@ def cgroup_kill(cfg: CgroupConfig, vm_id: str, version: int, *, timeout: float =
         if freezer is not None:
             killed += _freeze_kill(freezer, "freezer.state", "FROZEN", "THAWED", dirs)
         else:
-            for d in dirs:
-                for pid in _pids(d):
-                    _kill(pid)
-                    killed.append(pid)
+            killed += kill_members(dirs)
     deadline = time.monotonic() + timeout
     while True:
         left = [p for d in dirs for p in _pids(d)]
@@ -342,9 +339,8 @@ def cgroup_kill(cfg: CgroupConfig, vm_id: str, version: int, *, timeout: float =
         if time.monotonic() > deadline:
             raise Conflict(f"processes {left} survived killing cgroup {vm_id}",
                            "they may be stuck in the kernel (D state); retry later")
-        for pid in left:  # v1 without freezer: a fork may have raced us
-            if version == 1 and freezer is None:
-                _kill(pid)
+        if version == 1 and freezer is None:  # a fork may have raced us
+            kill_members(dirs)
         time.sleep(0.02)
     if remove:
         for d in dirs:
@@ -359,9 +355,35 @@ def _populated(d: Path) -> bool:
         return False
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+_PIDFD_BATCH = 256  # pidfds open at once (the helper's open-file limit is >= 1024)
+
+
+def kill_members(dirs: list[Path]) -> list[int]:
+    """SIGKILL every process in the cgroups ``dirs``; the pids signalled.
+
+    A pid read from ``cgroup.procs`` may belong to someone else by the time it is signalled
+    (the process exited, the number was reused). So each is pinned by a pidfd first, the
+    membership read again after, and the signal sent through the pidfd: if that process
+    still lives when signalled it held the number all along, so the second read was about
+    it; if it died, the signal fails (ESRCH) and nothing else is hit."""
+    pids = sorted({p for d in dirs for p in _pids(d)})
+    killed: list[int] = []
+    for i in range(0, len(pids), _PIDFD_BATCH):
+        fds: dict[int, int] = {}
+        try:
+            for pid in pids[i:i + _PIDFD_BATCH]:
+                with contextlib.suppress(OSError):
+                    fds[pid] = os.pidfd_open(pid)
+            members = {p for d in dirs for p in _pids(d)}
+            for pid, fd in fds.items():
+                if pid in members:
+                    with contextlib.suppress(OSError):  # ESRCH: it exited meanwhile
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        killed.append(pid)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+    return killed
 
 
 def _freeze_kill(ctl: Path, fname: str, frozen: str, thawed: str, dirs: list[Path]) -> list[int]:
@@ -375,9 +397,7 @@ def _freeze_kill(ctl: Path, fname: str, frozen: str, thawed: str, dirs: list[Pat
         if fname == "cgroup.freeze" and "frozen 1" in _read(ctl / "cgroup.events"):
             break
         time.sleep(0.01)
-    pids = sorted({p for d in dirs for p in _pids(d)})
-    for pid in pids:
-        _kill(pid)
+    pids = kill_members(dirs)  # frozen tasks cannot exit; pinned anyway (FREEZING, timeout)
     _write(ctl / fname, thawed)  # frozen tasks only die once thawed
     return pids
 
@@ -413,8 +433,7 @@ def remove_dirs(dirs: list[Path], *, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise Conflict(f"processes {left} survived killing {live[0]}",
                            "they may be stuck in the kernel (D state); retry later")
-        for pid in left:
-            _kill(pid)
+        kill_members(live)
         time.sleep(0.02)
     for d in live:
         _rmdir_tree(d, deadline)

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _guard(cfg: Config, op: str) -> None:
     """A sudo caller's process: CPU capped (the caller's hard limit must allow the cap:
-    ``helper.procguard``), and out of the caller's cgroups."""
+    ``helper.procguard``), out of the caller's cgroups, its scheduling the default's."""
     from helper import cgroup, procguard, run
     from helper.errors import UsageError
 
@@ -373,6 +373,10 @@ def _guard(cfg: Config, op: str) -> None:
         run.limit_cpu(cfg.limits.cpu_seconds)
     lay = cgroup.layout(cgroup.CgroupConfig(parent=cfg.cgroup_parent))
     procguard.leave_cgroups([*lay.v1.values(), *([lay.v2] if lay.v2 else [])])
+    try:  # after leaving the caller's cpuset: init's CPUs are ours again
+        procguard.reset_scheduling()
+    except procguard.LimitTooLow as e:
+        raise UsageError(e.message, e.hint) from None
 
 
 def _emit(result: tuple[int, str, str]) -> int:

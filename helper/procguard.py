@@ -8,7 +8,9 @@ could then stop the audit log (``RLIMIT_FSIZE``: EFBIG, swallowed), or make an o
 helper needs where the hard one allows, and otherwise refuses to run at all (nothing
 done, a clear message): failing closed.
 
-The helper also starts in the caller's cgroup, which the caller may limit (memory, pids)
+Its scheduling (policy, nice, CPU affinity, I/O class) comes along as well and would let
+a caller slow an op enough to widen any race window: ``reset_scheduling`` restores the
+defaults. The helper also starts in the caller's cgroup, which the caller may limit (memory, pids)
 or kill (``cgroup-kill`` of its own VM cgroup) at a moment it picks. ``leave_cgroups``
 moves the process to the root of every hierarchy the helper's VM cgroups live in, before
 it reads the request; its tools inherit that.
@@ -17,6 +19,7 @@ it reads the request; its tools inherit that.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 from pathlib import Path
@@ -35,9 +38,10 @@ NEEDED: dict[int, tuple[str, int]] = {
 
 
 class LimitTooLow(Exception):
-    def __init__(self, what: str, have: int, need: int) -> None:
-        self.message = (f"refusing to run: the caller's {what} limit ({_show(have)}) is below "
-                        f"what kiln-helper needs ({_show(need)})")
+    def __init__(self, what: str, have: int, need: int, detail: str = "") -> None:
+        self.message = (f"refusing to run: cannot reset the caller's {what} ({detail})"
+                        if detail else f"refusing to run: the caller's {what} limit "
+                        f"({_show(have)}) is below what kiln-helper needs ({_show(need)})")
         self.hint = "run kiln with the system's default resource limits (ulimit -a shows them)"
         super().__init__(self.message)
 
@@ -76,3 +80,26 @@ def leave_cgroups(roots: list[Path]) -> None:
                 os.write(fd, pid)
             finally:
                 os.close(fd)
+
+
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+_IOPRIO_DEFAULT = (2 << 13) | 4  # best effort, level 4: what a process gets by default
+_PR_SET_TIMERSLACK = 29
+
+
+def reset_scheduling() -> None:
+    """The caller's scheduling passes through sudo too: SCHED_IDLE, nice 19, one busy CPU
+    of affinity or the idle I/O class would stretch every window between an op's check and
+    its act to seconds. Back to the defaults (policy, nice, init's CPU set, I/O class, timer
+    slack); ``LimitTooLow`` when one cannot be restored."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        os.sched_setaffinity(0, os.sched_getaffinity(1))
+    except OSError as e:
+        raise LimitTooLow("scheduling", 0, 0, detail=e.strerror or str(e)) from None
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = _IOPRIO_SET.get(os.uname().machine)
+    if nr is not None and libc.syscall(nr, 1, 0, _IOPRIO_DEFAULT) != 0:  # IOPRIO_WHO_PROCESS
+        raise LimitTooLow("I/O priority", 0, 0, detail=os.strerror(ctypes.get_errno()))
+    libc.prctl(_PR_SET_TIMERSLACK, 0, 0, 0, 0)  # 0: back to the default slack

@@ -238,3 +238,24 @@ def test_vmcgroup_targets_are_existing_vm_cgroups_only(parent: str, tmp_path: Pa
         for name, version in want:
             cg.cgroup_kill(cfg, name, version)
     assert vmcgroup.targets([str(d) for d in made]) == set()
+
+
+def test_a_pid_reused_after_listing_is_never_killed(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: cgroup-kill read cgroup.procs, then SIGKILLed each number; a member that
+    exited in between left its pid to someone else's process, which root then killed.
+    Here the first read lists a bystander's pid (as a reused number would be) and the
+    membership read after pinning no longer does: the bystander must live."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    member = subprocess.Popen(["sleep", "60"])
+    reads = iter([[bystander.pid, member.pid], [member.pid]])
+    monkeypatch.setattr(cg, "_pids", lambda d: next(reads, []))
+    try:
+        assert cg.kill_members([tmp_path]) == [member.pid]
+        assert member.wait(timeout=limit(5)) == -9
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        member.kill()
+        bystander.wait()
+        member.wait()

@@ -30,6 +30,7 @@ import pytest
 from helper import cgroup as cg
 from tests.support.oci import User
 from tests.support.sudo import BASE, GOOD_CONFIG, HELPER, REPO, _write_config, helper_as
+from tests.support.timing import limit
 
 BIN_DIR = Path("/opt/kiln-test/firecracker")
 JAILS = BASE / "jails"
@@ -469,24 +470,31 @@ def test_the_callers_rlimits_and_cgroup_do_not_reach_the_helper(sudo_user: User)
     box = mnt / f"kilnprobe{secrets.token_hex(3)}"
     box.mkdir()
     try:
+        # ... and slows itself down as far as it can: SCHED_IDLE, nice 19, one CPU.
         p = subprocess.Popen(
-            ["/bin/sh", "-c", f'echo $$ > {box}/cgroup.procs; exec setpriv '
-             f'--reuid={sudo_user.uid} --regid={sudo_user.gid} --clear-groups '
-             f'/usr/bin/sudo -n {HELPER} usage'],
+            ["/bin/sh", "-c", f'echo $$ > {box}/cgroup.procs; exec taskset -c 0 chrt -i 0 '
+             f'nice -n 19 setpriv --reuid={sudo_user.uid} --regid={sudo_user.gid} '
+             f'--clear-groups /usr/bin/sudo -n {HELPER} usage'],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            deadline, where = time.monotonic() + 60, "not started"
+            deadline, where, sched = time.monotonic() + limit(60), "not started", None
+            want = (os.SCHED_OTHER, 0, os.sched_getaffinity(1))
             while time.monotonic() < deadline:
                 kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
                 if kids:
-                    where = Path(f"/proc/{kids[0]}/cgroup").read_text()
-                    if box.name not in where:
+                    helper = int(kids[0])
+                    where = Path(f"/proc/{helper}/cgroup").read_text()
+                    sched = (os.sched_getscheduler(helper),
+                             os.getpriority(os.PRIO_PROCESS, helper),
+                             os.sched_getaffinity(helper))
+                    if box.name not in where and sched == want:
                         break
                 time.sleep(0.05)
             assert kids, "the helper never started"
             assert box.name not in where, where
+            assert sched == want, sched
         finally:
-            p.communicate("{}", timeout=60)
+            p.communicate("{}", timeout=limit(60))
         assert p.returncode == 0
     finally:
         box.rmdir()
