@@ -79,9 +79,13 @@ def _ptrace(request: int, pid: int, data: int = 0) -> int:
 
 
 @contextlib.contextmanager
-def pinned(pid: int) -> Iterator[None]:
+def pinned(pid: int, pidfd: int | None = None) -> Iterator[None]:
     """Hold ``pid``'s number: the process is ptrace-seized, so even if it exits it stays a
-    zombie (nobody can reap it, the number cannot be reused) until this context ends."""
+    zombie (nobody can reap it, the number cannot be reused) until this context ends.
+
+    ``pidfd``: the process meant. If it is gone once seized, the number may already be
+    someone else's process: that one is never stopped (no ``PTRACE_INTERRUPT``); the kernel
+    detaches it, unstopped, when the helper exits moments later."""
     err = _ptrace(_PTRACE_SEIZE, pid)
     if err == errno.ESRCH:
         raise NotFound(f"no process {pid}", "")
@@ -93,7 +97,8 @@ def pinned(pid: int) -> Iterator[None]:
     try:
         yield
     finally:
-        _release(pid)
+        if pidfd is None or _alive(pidfd):
+            _release(pid)
 
 
 def _release(pid: int) -> None:
@@ -201,7 +206,7 @@ def cgroup_attach(cfg: CgroupConfig, vm_id: str, version: int, pid: int,
         # Whose it is, before anything touches it: seizing (ptrace) another user's process
         # would already act on it. Checked again once pinned (a setuid exec in between).
         _check_owner(pid, pidfd, owner_uid)
-        with pinned(pid):
+        with pinned(pid, pidfd):
             _attach_pinned(lay, dirs, version, pid, pidfd, owner_uid)
     finally:
         os.close(pidfd)
