@@ -44,6 +44,7 @@ DEFAULT_TOOLS: dict[str, str] = {
     "thin_check": "/usr/sbin/thin_check",
     "ip": "/usr/sbin/ip",
     "iptables": "/usr/sbin/iptables",  # [net]: NAT and port forwards
+    "ebtables": "/usr/sbin/ebtables",  # [net]: each tap speaks only as its VM
     "sysctl": "/usr/sbin/sysctl",  # [net]: ip_forward in kiln's namespaces
     "qemu": "/usr/bin/qemu-system-x86_64",
     "firecracker": "/usr/local/bin/firecracker",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from helper import netcore as nc
-from helper import netlease, run
+from helper import netguard, netlease, run
 from helper.errors import Conflict, KilnError, NotFound, UsageError
 from helper.netconfig import NetSection
 
@@ -269,25 +269,41 @@ def _check_owner(what: str, name: str, tag: nc.Tag | None, uid: int,
                          "only its owner removes it")
 
 
-def tap_attach(sec: NetSection, tag: nc.Tag, uid: int, gid: int) -> str:
-    """``kt-ID`` owned by ``uid``/``gid`` on the bridge (isolation = none)."""
+def tap_attach(sec: NetSection, got: nc.Lease, uid: int, gid: int) -> str:
+    """``kt-ID`` owned by ``uid``/``gid`` on the bridge (isolation = none), guarded before
+    it joins the bridge: it speaks only as the VM's MAC and leased address (netguard)."""
     bridge_ensure(sec)
-    n = nc.names(tag.vm)
+    n = nc.names(got.tag.vm)
     name = n.tap
     if link(sec.namespace, name) is not None:
         raise Conflict(f"network device {name} already exists", "remove it first (tap-detach)")
-    _new_tap(sec.namespace, n, tag, uid, gid)
+    _new_tap(sec.namespace, n, got.tag, uid, gid)
     try:
+        guard(sec.namespace, name, nc.mac_for(got.tag.vm), got.ip)
         ip(sec.namespace, "link", "set", name, "master", sec.bridge)
         ip(sec.namespace, "link", "set", name, "up")
     except BaseException:
         ip(sec.namespace, "link", "del", name, ok_codes=(0, 1, 2))
+        unguard(sec.namespace, name)
         raise
     return name
 
 
+def guard(ns: str, tap: str, mac: str, addr: str) -> None:
+    """The tap's anti-spoofing chain (``helper.netguard``), a leftover replaced."""
+    unguard(ns, tap)
+    for args in netguard.plan(tap, mac, addr):
+        in_ns(ns, "ebtables", args)
+
+
+def unguard(ns: str, tap: str) -> None:
+    for args in netguard.unplan(tap):
+        in_ns(ns, "ebtables", args, ok_codes=(0, 1, 2))  # 1, 2: already gone
+
+
 def tap_detach(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None = None) -> None:
     _delete_link(sec, name, uid, adopt, what="tap", link_kind="tun", kind_name="tun/tap")
+    unguard(sec.namespace, name)
 
 
 def _delete_link(sec: NetSection, name: str, uid: int, adopt: nc.Tag | None, *, what: str,
@@ -436,12 +452,18 @@ def forward_remove(sec: NetSection, vm: str, uid: int, host_port: int | None) ->
             if f.tag.uid != uid:
                 raise UsageError(f"refusing the forward of port {f.host_port}: it belongs to "
                                  f"uid {f.tag.uid}", "only its owner removes it")
-        for f in doomed:
-            ipt(sec.namespace, ["-t", "nat", "-D", nc.DNAT_CHAIN, *nc.forward_rule(sec, f)])
+        drop_forwards(sec, doomed)
+    return [f.host_port for f in doomed]
+
+
+def drop_forwards(sec: NetSection, doomed: list[nc.Forward]) -> None:
+    """Delete these forwards' rules; the chain goes with the last (lease lock held)."""
+    for f in doomed:
+        ipt(sec.namespace, ["-t", "nat", "-D", nc.DNAT_CHAIN, *nc.forward_rule(sec, f)])
+    if doomed:
         cur = rules(sec.namespace, ("nat",))
         if not nc.chain_rules(cur["nat"], nc.DNAT_CHAIN):
             apply(sec.namespace, nc.remove_chain_plan(cur, "nat", nc.DNAT_CHAIN))
-    return [f.host_port for f in doomed]
 
 
 # -- reconcile ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pydantic import Field
 from helper import net, netlease, nettap, vmuids
 from helper import netcore as nc
 from helper.cgattach import uninterrupted
-from helper.errors import KilnError, UsageError
+from helper.errors import Conflict, KilnError, UsageError
 from helper.netconfig import NetSection
 from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid, passed_fd
 from helper.tap import NAME_PATTERN as TAP_PATTERN
@@ -131,7 +131,20 @@ class NetRelease(Req):
 
 
 def net_release(ctx: Ctx, req: NetRelease) -> dict[str, Any]:
-    return {"ip": netlease.release(ctx.cfg.net, req.vm, ctx.caller_uid).ip}
+    """The address goes back only with nothing left that leads to it or holds it: the
+    VM's forwards are removed in the same step (under the lease lock), and its tap or
+    namespace must be gone. Otherwise the next holder of the address — another user's VM —
+    would inherit a forward its owner chose, or meet the old link on the bridge."""
+    sec = ctx.cfg.net
+    n = nc.names(req.vm)
+    with netlease.lease_book(sec) as box:  # tap-attach and netns-create need the lease
+        box[0], gone = nc.release(box[0], req.vm, ctx.caller_uid)  # the owner's only
+        if net.link(sec.namespace, n.tap) is not None or net.link(
+                sec.namespace, n.veth) is not None or n.netns in net.netns_names():
+            raise Conflict(f"VM {req.vm} still has its tap or namespace",
+                           "remove them first (tap-detach, netns-delete)")
+        net.drop_forwards(sec, [f for f in net.forwards(sec) if f.tag.vm == req.vm])
+    return {"ip": gone.ip}
 
 
 class TapAttach(Req):
@@ -157,7 +170,7 @@ def tap_attach(ctx: Ctx, req: TapAttach) -> dict[str, Any]:
     got = netlease.owned_lease(ctx.cfg.net, req.vm, ctx.caller_uid)
     with vmuids.locked(ctx):
         _claim_uid(ctx, req.uid, req.gid)
-        return {"tap": net.tap_attach(ctx.cfg.net, got.tag, req.uid, req.gid)}
+        return {"tap": net.tap_attach(ctx.cfg.net, got, req.uid, req.gid)}
 
 
 TapName = Annotated[str, Field(pattern=TAP_PATTERN, max_length=15,

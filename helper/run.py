@@ -40,6 +40,8 @@ PACKAGES = {
     "e2fsck": "e2fsprogs",
     "dumpe2fs": "e2fsprogs",
     "thin_check": "thin-provisioning-tools",
+    "iptables": "iptables",
+    "ebtables": "iptables",
 }
 
 DEFAULT_TIMEOUT = 300.0

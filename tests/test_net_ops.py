@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -484,3 +485,90 @@ def test_another_callers_vm_uid_is_refused_to_tap_attach_and_netns_create(
             call(c, "netns-delete", {"name": nc.names(r).netns})
         for vm, uid in ((a, 1001), (b, 1000), (r, 0)):
             call(c, "net-release", {"vm": vm}, uid=uid)
+
+
+def test_a_released_address_takes_its_forwards_along(ns: str) -> None:
+    """Review: net-release left the VM's forwards in place; the address went to the next
+    VM leased (another user's, the attacker steering the cursor), and the attacker's
+    forward then led into it. Now the forwards go with the lease, in one step, and a
+    lease whose tap or namespace still exists is not released."""
+    c = cfg(ns)
+    call(c, "bridge-ensure", {})
+    atk, vm = 4101, vm_id()
+    call(c, "net-lease", {"vm": vm, "root": ROOT_A}, uid=atk)
+    call(c, "forward-add", {"vm": vm, "host_port": 9000, "guest_port": 22}, uid=atk)
+    # A link of the VM's tap name still there: the release waits for it.
+    tap = nc.names(vm).tap
+    sh("ip", "-n", ns, "link", "add", tap, "type", "veth", "peer", "name", "tpeer")
+    e = refused(c, "net-release", {"vm": vm}, uid=atk)
+    assert e.message == f"VM {vm} still has its tap or namespace"
+    assert vm in {x.vm for x in netlease.read_book(c.net).leases}
+    sh("ip", "-n", ns, "link", "del", tap)
+    call(c, "net-release", {"vm": vm}, uid=atk)
+    assert [f for f in net.forwards(c.net) if f.tag.vm == vm] == []
+    assert "KILN" not in sh("ip", "netns", "exec", ns, "iptables-save")
+
+
+def _counts(ns: str, chain: str) -> dict[str, int]:
+    """Packets each rule of an ebtables chain matched: rule text -> count."""
+    out = sh("ip", "netns", "exec", ns, "ebtables", "-L", chain, "--Lc")
+    got: dict[str, int] = {}
+    for line in out.splitlines():
+        if ", pcnt = " in line:
+            rule, _, rest = line.partition(" , pcnt = ")
+            got[rule.strip()] = int(rest.split()[0])
+    return got
+
+
+def test_a_tap_speaks_only_as_its_vm(ns: str) -> None:
+    """Review: with isolation = none a tap fd (tap-open, or a guest its user controls)
+    could answer ARP for another VM's address and take its traffic. Each tap now has an
+    ebtables chain, made before it joins the bridge: frames from another MAC, ARP or IPv4
+    from another address, and IPv6 are dropped; the chain goes with the tap."""
+    from helper import netguard, nettap
+
+    c = cfg(ns)
+    call(c, "bridge-ensure", {})
+    atk, vm = 4102, vm_id()
+    lease = call(c, "net-lease", {"vm": vm, "root": ROOT_A}, uid=atk)
+    tap = call(c, "tap-attach", {"vm": vm, "uid": UID, "gid": UID}, uid=atk)["tap"]
+    mac = bytes.fromhex(nc.mac_for(vm).replace(":", ""))
+    victim_ip = bytes([10, 231, 7, 200])  # another VM's address in SUBNET
+    own_ip = bytes(int(x) for x in lease["ip"].split("."))
+    fd = nettap.tap_open(c.net, vm, atk)
+    try:
+        def arp(src_mac: bytes, sender_ip: bytes) -> bytes:  # a gratuitous ARP reply
+            return (b"\xff" * 6 + src_mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x02"
+                    + src_mac + sender_ip + b"\xff" * 6 + sender_ip)
+        vnet = bytes(10)  # IFF_VNET_HDR: a virtio-net header before each frame
+        os.write(fd, vnet + arp(mac, victim_ip))  # its own MAC, another VM's address
+        os.write(fd, vnet + arp(b"\x02\xde\xad\xbe\xef\x01", own_ip))  # a forged MAC
+        os.write(fd, vnet + arp(mac, own_ip))  # what it may say
+    finally:
+        os.close(fd)
+    counts = _counts(ns, netguard.chain(tap))
+    assert counts[f"-p ARP --arp-ip-src ! {lease['ip']} -j DROP"] == 1, counts
+    assert counts[f"-s ! {nc.mac_for(vm)} -j DROP"] == 1, counts
+    assert sum(counts.values()) == 2  # the honest frame passed every rule
+    call(c, "tap-detach", {"name": tap}, uid=atk)
+    assert netguard.chain(tap) not in sh("ip", "netns", "exec", ns, "ebtables", "-L")
+    call(c, "net-release", {"vm": vm}, uid=atk)
+
+
+def test_guard_plan_exact_argv() -> None:
+    from helper import netguard
+
+    assert netguard.plan("kt-abc", "02:aa:bb:cc:dd:ee", "10.0.0.7") == [
+        ["-N", "kg-abc", "-P", "RETURN"],
+        ["-A", "kg-abc", "-s", "!", "02:aa:bb:cc:dd:ee", "-j", "DROP"],
+        ["-A", "kg-abc", "-p", "ARP", "--arp-mac-src", "!", "02:aa:bb:cc:dd:ee", "-j", "DROP"],
+        ["-A", "kg-abc", "-p", "ARP", "--arp-ip-src", "!", "10.0.0.7", "-j", "DROP"],
+        ["-A", "kg-abc", "-p", "IPv4", "--ip-src", "!", "10.0.0.7", "-j", "DROP"],
+        ["-A", "kg-abc", "-p", "IPv6", "-j", "DROP"],
+        ["-A", "INPUT", "-i", "kt-abc", "-j", "kg-abc"],
+        ["-A", "FORWARD", "-i", "kt-abc", "-j", "kg-abc"],
+    ]
+    assert netguard.unplan("kt-abc") == [
+        ["-D", "INPUT", "-i", "kt-abc", "-j", "kg-abc"],
+        ["-D", "FORWARD", "-i", "kt-abc", "-j", "kg-abc"],
+        ["-F", "kg-abc"], ["-X", "kg-abc"]]
