@@ -28,6 +28,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ _LOOP_CONFIGURE = 0x4C0A
 _LO_FLAGS_AUTOCLEAR = 4
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _UMOUNT_NOFOLLOW = 8
+UMOUNT_TRIES = 60  # x 50 ms
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # Where each filesystem keeps its magic and UUID (offsets into the image).
@@ -177,12 +179,20 @@ def mount_loop(loop_fd: int, target_fd: int, fs: str) -> None:
 def umount_trusted(path: Path) -> None:
     """Unmount ``path``, a name every component of which is root's (the caller cannot
     swap any of it: ``check_root_chain``); ``UMOUNT_NOFOLLOW`` for the last one too."""
-    if _libc.umount2(str(path).encode(), _UMOUNT_NOFOLLOW) != 0:
+    # EBUSY also comes from a mere path lookup passing through the mount at that instant
+    # (anyone may look up names in a 0711 area): retried for a moment; an open file (a
+    # running VM) stays busy and is reported.
+    for _ in range(UMOUNT_TRIES):
+        if _libc.umount2(str(path).encode(), _UMOUNT_NOFOLLOW) == 0:
+            return
         e = ctypes.get_errno()
         if e == errno.EINVAL:  # not a mount point (any more)
             return
-        raise Conflict(f"cannot unmount the pool: {os.strerror(e)}",
-                       "stop whatever uses it (a running VM?), then retry")
+        if e != errno.EBUSY:
+            break
+        time.sleep(0.05)
+    raise Conflict(f"cannot unmount the pool: {os.strerror(e)}",
+                   "stop whatever uses it (a running VM?), then retry")
 
 
 def check_root_chain(path: Path) -> None:
