@@ -38,8 +38,13 @@ from typing import Any
 from helper.cgroup import CgroupConfig, Layout, _pids, _write, layout, vm_dirs
 from helper.errors import Conflict, NotFound, UsageError
 
-_HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP,
-         signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM}
+# What sudo relays from its caller (and a terminal could send): held for a critical step
+# (``uninterrupted``), or a whole op of a sudo caller (``helper.main.hold_signals``).
+# SIGPIPE needs no holding: Python ignores it (a closed stdout is an EPIPE error); tools
+# get it back at its default (subprocess's restore_signals).
+HELD = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                  signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                  signal.SIGUSR2, signal.SIGALRM})
 
 
 def held(op: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any, Any], dict[str, Any]]:
@@ -56,7 +61,7 @@ def held(op: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any, Any], dict[
 def uninterrupted() -> Iterator[None]:
     """Hold (block) the signals a caller can have sudo relay to us, for one critical step;
     they are delivered afterwards."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     try:
         yield
     finally:

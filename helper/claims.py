@@ -12,23 +12,20 @@ refused.
 A claim is written *before* the object it records exists (``put`` with an intent: a
 temp path, an identity still ``None``), so a helper killed half-way leaves a record that
 names what it may have made: the caller's next remove finds and deletes it.
-``host_lock``: one host-wide flock per purpose (``<[pool] directory>/<name>``) for
-check-then-create steps that several callers race for.
+Check-then-create steps that several callers race for hold one host-wide flock per
+purpose (``safepath.root_lock`` on ``<[pool] directory>/<name>``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from helper import safepath
-from helper.errors import NotFound, UsageError
+from helper.errors import NotFound
 from helper.opbase import replace_in
 
 JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (helper.ops_jail)
@@ -46,19 +43,11 @@ def identity(d: Path) -> list[int]:
 
 
 def _dir_fd(area: Path, kind: str, *, create: bool) -> int | None:
-    """``<area>/<kind>`` (root-owned, made only when a claim is written), or None."""
-    if create:
-        safepath.mkdirs_beneath(area, kind, 0o700)
+    """``<area>/<kind>`` (root-owned 0700, made only when a claim is written), or None."""
     try:
-        fd = safepath.open_beneath(area, kind, os.O_RDONLY | os.O_DIRECTORY)
+        return safepath.root_dir(area, kind, create=create, mode=0o700)
     except NotFound:
         return None
-    try:
-        safepath.fstat_kind(fd, "dir", f"{area}/{kind}", owner=0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def write(area: Path, kind: str, name: str, dirs: list[Path], **extra: Any) -> None:
@@ -142,24 +131,3 @@ def same(recorded: Any, path: Path) -> bool:
         return isinstance(recorded, list) and recorded == identity(path)
     except FileNotFoundError:
         return False
-
-
-@contextlib.contextmanager
-def host_lock(pool_dir: Path, name: str) -> Iterator[None]:
-    """Hold the root-owned flock ``<pool_dir>/<name>`` (blocks until the holder is done)."""
-    pool_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # a trusted path
-    dfd = safepath.open_dir(pool_dir)
-    try:
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
-            raise UsageError(f"{pool_dir}/{name} is not a root-owned file",
-                             "remove it; kiln-helper recreates it")
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the flock

@@ -66,12 +66,6 @@ AUDIT_GENERATIONS = 2
 RATE_DIR = "rate"  # AUDIT_DIR/rate/<uid>: that uid's audit bytes today
 SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 AREA_MODE = 0o711  # users/ and users/<uid>: traversable to one's own, never listable
-# What sudo relays from its caller (and a terminal could send): held for a whole op.
-# SIGPIPE needs no holding: Python ignores it (a closed stdout is an EPIPE error); tools
-# get it back at its default (subprocess's restore_signals).
-HELD_SIGNALS = frozenset({
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM})
 # Ops whose child outlives them (the jailer execs Firecracker, the VM): RLIMIT_CPU would
 # kill the VM after cpu_seconds of its own CPU time, and a lowered hard limit cannot be
 # raised again for the child without CAP_SYS_RESOURCE. Their own work is bounded by the
@@ -290,9 +284,11 @@ def _fail(code: int, kind: str, message: str, hint: str = "") -> tuple[int, str,
 
 
 def hold_signals() -> None:
-    """Block ``HELD_SIGNALS`` for the rest of the process (see the module docstring).
+    """Block ``cgattach.HELD`` for the rest of the process (see the module docstring).
     The ops' own ``cgattach.uninterrupted`` then restores a mask that still holds them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    from helper.cgattach import HELD
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
 
 
 def read_request(fd: int, limit: int) -> bytes:
@@ -446,14 +442,7 @@ def _make_area(users: Path, area: Path) -> None:
 
     users.parent.mkdir(mode=0o755, exist_ok=True)
     for parent, name in ((users.parent, users.name), (users, area.name)):
-        safepath.mkdirs_beneath(parent, name, AREA_MODE)
-        fd = safepath.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            st = safepath.fstat_kind(fd, "dir", str(parent / name), owner=0)
-            if stat.S_IMODE(st.st_mode) != AREA_MODE:
-                os.fchmod(fd, AREA_MODE)
-        finally:
-            os.close(fd)
+        os.close(safepath.root_dir(parent, name, create=True, mode=AREA_MODE))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from helper import cgattach, claims, jail, jailcg, jailstage, net, netcore, poolfs, vmuids
+from helper import (
+    cgattach,
+    claims,
+    jail,
+    jailcg,
+    jailstage,
+    net,
+    netcore,
+    poolfs,
+    safepath,
+    vmuids,
+)
 from helper import cgroup as cg
 from helper.errors import Conflict, NotFound, UsageError
 from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid
@@ -160,9 +171,7 @@ def _copy_budget(ctx: Ctx, cfg: jail.JailConfig,
     promised; the host-wide promise lock is held (on ``stack``) until the copies are made."""
     lim = ctx.cfg.limits
     users = stack.enter_context(poolfs.promise_lock(ctx.area.parent))
-    st = os.fstatvfs(users)
-    unpromised = (st.f_bavail * st.f_frsize - st.f_blocks * st.f_frsize
-                  * lim.pool_margin_percent // 100 - poolfs.promised_bytes(users))
+    unpromised = poolfs.unpromised(users, lim.pool_margin_percent)
     mine = sum(_copied_bytes(jail.chroot(cfg, vm)) for vm in claims.names(ctx.area, JAILS))
     return jailstage.Budget(max(0, min(lim.jail_bytes - mine, unpromised)))
 
@@ -219,7 +228,7 @@ def jail_launch(ctx: Ctx, req: JailLaunch) -> dict[str, Any]:
         tag = net.netns_tag(req.netns) if _VM_NETNS_RE.fullmatch(req.netns) else None
         if why := netns_problem(req.netns, tag, ctx.caller_uid):
             raise UsageError(why, "give your VM's own namespace (netns-create) or none")
-    with claims.host_lock(ctx.cfg.pool_dir, CG_LOCK):  # no cgroup appears until it ran
+    with safepath.root_lock(ctx.cfg.pool_dir, CG_LOCK):  # no cgroup appears until it ran
         if not ctx.trusted:
             make = _jailer_cgroups(ctx, cfg, spec, claim)
             if make:

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from helper import net, netlease, nettap, vmuids
 from helper import netcore as nc
-from helper.cgattach import uninterrupted
+from helper.cgattach import held
 from helper.errors import Conflict, KilnError, UsageError
 from helper.netconfig import NetSection
 from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid, passed_fd
@@ -337,15 +337,6 @@ def tap_open(ctx: Ctx, req: TapOpen) -> dict[str, Any]:
     return {"tap": nc.names(req.vm).tap}
 
 
-def _held(op: Op) -> Op:
-    def run(ctx: Ctx, req: Any) -> dict[str, Any]:
-        with uninterrupted():
-            return op(ctx, req)
-
-    run.__doc__, run.__name__ = op.__doc__, getattr(op, "__name__", "op")
-    return run
-
-
 _OPS: dict[str, tuple[type[Req], Op]] = {
     "bridge-ensure": (BridgeEnsure, bridge_ensure),
     "bridge-remove": (BridgeRemove, bridge_remove),
@@ -363,4 +354,4 @@ _OPS: dict[str, tuple[type[Req], Op]] = {
     "net-list": (NetList, net_list),
     "net-reclaim": (NetReclaim, net_reclaim),
 }
-OPS: dict[str, tuple[type[Req], Op]] = {k: (r, _held(f)) for k, (r, f) in _OPS.items()}
+OPS: dict[str, tuple[type[Req], Op]] = {k: (r, held(f)) for k, (r, f) in _OPS.items()}

@@ -41,8 +41,10 @@ from helper.pool.fileops import FICLONE
 
 # -- the pool filesystem ----------------------------------------------------------------------
 
-POOL, IMAGE, FS, RECORD = "pool", "pool.img", "fs", "pool.json"
+POOL, IMAGE = poolfs.POOL, poolfs.IMAGE
+FS, RECORD = "fs", "pool.json"
 VOLUMES, SNAPSHOTS = "volumes", "snapshots"
+DIR_MODE = 0o711  # root's; the caller reaches its snapshots by name, lists nothing
 _SNAP_FILE_RE = re.compile(r"^([a-z2-7]{1,32})\.ext4$")
 _VOL_FILE_RE = re.compile(r"^([0-9a-f]{64})\.ext4$")
 
@@ -51,7 +53,7 @@ def _pool_dir(ctx: Ctx, *, create: bool) -> int:
     """``area/pool`` (root-owned 0711: the caller reaches its snapshots, lists nothing)."""
     area = safepath.open_dir(ctx.area)
     try:
-        return poolfs.dir_fd(area, POOL, create=create)
+        return safepath.root_dir(area, POOL, create=create, mode=DIR_MODE)
     except NotFound:
         raise NotFound("this caller has no pool", "run `kiln pool init`") from None
     finally:
@@ -75,18 +77,11 @@ class PoolCreate(Req):
 
 
 def pool_create(ctx: Ctx, req: PoolCreate) -> dict[str, Any]:
-    lim = ctx.cfg.limits
-    if not ctx.trusted and req.size > lim.pool_bytes:
-        raise UsageError(f"refusing a pool image of {req.size >> 20} MiB: a caller's pool is "
-                         f"at most {lim.pool_bytes >> 20} MiB ([limits] pool_bytes)",
-                         "use a smaller --size, or ask the operator for [pool] data_device "
-                         "and metadata_device")
-    if not ctx.trusted:
-        poolfs.check_root_chain(ctx.area)
     with contextlib.ExitStack() as stack:
-        if not ctx.trusted:  # checked and made under one host-wide lock
+        if not ctx.trusted:  # the cap first, then checked and made under one host-wide lock
             stack.enter_context(poolfs.admitted(ctx.area, "a pool image", req.size,
                                                 ctx.cfg.limits))
+            poolfs.check_root_chain(ctx.area)
         with contextlib.suppress(NotFound):
             pfd = _pool_dir(ctx, create=False)
             try:
@@ -146,7 +141,7 @@ def _mount(ctx: Ctx) -> dict[str, Any]:
             raise NotFound("this caller's pool has no record kiln-helper made",
                            "`kiln pool destroy --force`, then `kiln pool init` (pools made "
                            "by an older kiln-helper are re-made once)")
-        mfd = poolfs.dir_fd(pfd, FS, create=True)
+        mfd = safepath.root_dir(pfd, FS, create=True, mode=DIR_MODE)
         try:
             if not poolfs.is_mount_root(mfd, pfd):
                 _mount_image(pfd, mfd, rec)
@@ -174,10 +169,10 @@ def _mount_image(pfd: int, mfd: int, rec: dict[str, Any]) -> None:
 
 def _prepare(pfd: int) -> None:
     """The mounted filesystem's root and ``volumes/``, ``snapshots/``: root's, 0711."""
-    mfd = poolfs.dir_fd(pfd, FS, create=False)
+    mfd = safepath.root_dir(pfd, FS, create=False, mode=DIR_MODE)
     try:
         for sub in (VOLUMES, SNAPSHOTS):
-            os.close(poolfs.dir_fd(mfd, sub, create=True))
+            os.close(safepath.root_dir(mfd, sub, create=True, mode=DIR_MODE))
     finally:
         os.close(mfd)
 
@@ -249,11 +244,11 @@ def _pool_sub(ctx: Ctx, sub: str) -> int:
     """``pool/fs/<sub>`` of a mounted pool (a sudo caller's: its mounted image only)."""
     pfd = _pool_dir(ctx, create=False)
     try:
-        mfd = poolfs.dir_fd(pfd, FS, create=False)
+        mfd = safepath.root_dir(pfd, FS, create=False, mode=DIR_MODE)
         try:
             if not ctx.trusted and not poolfs.is_mount_root(mfd, pfd):
                 raise NotFound("this caller's pool is not mounted", "run `kiln pool status`")
-            return poolfs.dir_fd(mfd, sub, create=ctx.trusted)
+            return safepath.root_dir(mfd, sub, create=ctx.trusted, mode=DIR_MODE)
         finally:
             os.close(mfd)
     finally:

@@ -22,14 +22,11 @@ per-user maxima, which the network ops enforce.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from helper import claims, safepath
-from helper.errors import KilnError, NotFound
+from helper import claims
+from helper.errors import KilnError
 from helper.netconfig import NetSection
 from helper.opbase import Ctx, Op, Req
 
@@ -82,26 +79,9 @@ def forwards(sec: NetSection | None, uid: int) -> int | None:
 
 def pool_bytes(area: Path) -> int:
     """Apparent bytes of the area's pool image and thin-pool files (0 when absent)."""
-    total = 0
-    with contextlib.suppress(NotFound):
-        # O_PATH: the size without opening the image for I/O. openat2 refuses a symlink
-        # (ELOOP); the O_NOFOLLOW walk would return the link itself, which is not S_ISREG.
-        fd = safepath.open_beneath(area, "pool/pool.img", os.O_PATH)
-        try:
-            st = os.fstat(fd)
-            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-        finally:
-            os.close(fd)
-    with contextlib.suppress(NotFound):
-        dfd = safepath.open_beneath(area, "pool/thin", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for name in os.listdir(dfd):
-                with contextlib.suppress(FileNotFoundError):  # removed since the listing
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-        finally:
-            os.close(dfd)
-    return total
+    from helper import poolfs
+
+    return sum(st.st_size for st in poolfs.area_images(area))
 
 
 OPS: dict[str, tuple[type[Req], Op]] = {"usage": (Usage, usage)}

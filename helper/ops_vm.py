@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from helper import cgattach, claims, netcore, tap
+from helper import cgattach, claims, netcore, safepath, tap
 from helper import cgroup as cg
 from helper.errors import NotFound, UsageError
 from helper.opbase import Ctx, KilnId, Op, Req, Uid, check_vm_uid
@@ -102,7 +102,7 @@ def cgroup_create(ctx: Ctx, req: CgroupCreate) -> dict[str, Any]:
                              "remove VMs you no longer need (kiln rm)")
     lim = cg.Limits(req.limits.cpus, req.limits.memory_bytes, pids)
     cfg = _cgroups(ctx)
-    with cgattach.uninterrupted(), claims.host_lock(ctx.cfg.pool_dir, CG_LOCK):
+    with cgattach.uninterrupted(), safepath.root_lock(ctx.cfg.pool_dir, CG_LOCK):
         # the cgroup and its claim come together
         dirs = cg.cgroup_create(cfg, req.vm, req.version, lim)
         if not ctx.trusted:
@@ -143,7 +143,7 @@ class CgroupKill(Req):
 def cgroup_kill(ctx: Ctx, req: CgroupKill) -> dict[str, Any]:
     cfg = _cgroups(ctx)
     # killed and removed, then unclaimed: never half of it
-    with cgattach.uninterrupted(), claims.host_lock(ctx.cfg.pool_dir, CG_LOCK):
+    with cgattach.uninterrupted(), safepath.root_lock(ctx.cfg.pool_dir, CG_LOCK):
         if not cg.cgroup_exists(cfg, req.vm, req.version):
             if not ctx.trusted and (claims.read(ctx.area, _CLAIMS, req.vm) or {}).get(
                     "version") == req.version:

@@ -35,8 +35,9 @@ from pathlib import Path
 
 from helper import privileged, safepath
 from helper.config import Limits
-from helper.errors import Conflict, IntegrityError, UsageError
+from helper.errors import Conflict, IntegrityError, KilnError, UsageError
 
+POOL, IMAGE = "pool", "pool.img"  # an area's pool directory and its image
 _LOOP_CTL_GET_FREE = 0x4C82
 _LOOP_CONFIGURE = 0x4C0A
 _LO_FLAGS_AUTOCLEAR = 4
@@ -96,23 +97,6 @@ def link_tmpfile(fd: int, dfd: int, name: str) -> None:
     except FileExistsError:
         raise Conflict(f"{name} already exists", "remove it first") from None
     os.fsync(dfd)
-
-
-def dir_fd(parent: int, name: str, *, create: bool, mode: int = 0o711) -> int:
-    """``parent/name`` as an ``O_RDONLY`` directory fd: root-owned, not writable by others
-    (fixed to ``mode`` when it is root's but looser, as areas made by older helpers are)."""
-    if create:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, mode, dir_fd=parent)
-    fd = safepath.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        st = safepath.fstat_kind(fd, "dir", name, owner=0)
-        if stat.S_IMODE(st.st_mode) != mode:
-            os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def is_mount_root(fd: int, parent_fd: int) -> bool:
@@ -240,40 +224,53 @@ def promise_lock(users_dir: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def promised_bytes(users_fd: int) -> int:
-    """Bytes every area's root-owned images may still grow by (size - allocated): each
-    ``users/<uid>/pool/pool.img`` and ``users/<uid>/pool/thin/*``."""
-    total = 0
-    for uid in os.listdir(users_fd):
-        if not uid.isdigit():
+def area_images(base: Path | int, area: str = "") -> list[os.stat_result]:
+    """The root-owned image files of an area: ``pool/pool.img`` and ``pool/thin/*``
+    (``area``: the area's path beneath ``base``, e.g. ``"1000/"``, or "" when ``base`` is
+    the area), found by fd without following a symlink."""
+    out: list[os.stat_result] = []
+    for rel, only in ((POOL, IMAGE), (f"{POOL}/thin", None)):
+        try:
+            dfd = safepath.open_beneath(base, f"{area}{rel}", os.O_RDONLY | os.O_DIRECTORY)
+        except (KilnError, OSError):  # no such directory (or not one): no images there
             continue
-        for rel in ("pool", "pool/thin"):
-            with contextlib.suppress(OSError, UsageError, Exception):
-                dfd = safepath.open_beneath(users_fd, f"{uid}/{rel}",
-                                            os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    total += _sparse_in(dfd)
-                finally:
-                    os.close(dfd)
-    return total
+        try:
+            for name in [only] if only else os.listdir(dfd):
+                with contextlib.suppress(FileNotFoundError):  # removed since the listing
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+                        out.append(st)
+        finally:
+            os.close(dfd)
+    return out
 
 
-def _sparse_in(dfd: int) -> int:
-    total = 0
-    for name in os.listdir(dfd):
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
-            total += max(0, st.st_size - st.st_blocks * 512)
-    return total
+def promised_bytes(users_fd: int) -> int:
+    """Bytes every area's images may still grow by (size - allocated)."""
+    return sum(max(0, st.st_size - st.st_blocks * 512)
+               for uid in os.listdir(users_fd) if uid.isdigit()
+               for st in area_images(users_fd, f"{uid}/"))
+
+
+def room(free: int, capacity: int, promised: int, margin_percent: int) -> int:
+    """Bytes a new image may still be promised (pure; negative: none)."""
+    return free - capacity * margin_percent // 100 - promised
+
+
+def unpromised(users_fd: int, margin_percent: int) -> int:
+    """``room`` on the filesystem of ``users/`` now (call with ``promise_lock`` held)."""
+    st = os.fstatvfs(users_fd)
+    return room(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize,
+                promised_bytes(users_fd), margin_percent)
 
 
 def promise_problem(what: str, size: int, promised: int, free: int, capacity: int,
                     margin_percent: int) -> str | None:
     """Why a new sparse image of ``size`` bytes may not be made (pure), or None."""
-    room = free - capacity * margin_percent // 100 - promised
-    if size > room:
+    left = room(free, capacity, promised, margin_percent)
+    if size > left:
         return (f"refusing {what} of {size >> 20} MiB: the pool directory's filesystem has "
-                f"{max(room, 0) >> 20} MiB not yet promised to other images "
+                f"{max(left, 0) >> 20} MiB not yet promised to other images "
                 f"(free {free >> 20} MiB, promised {promised >> 20} MiB, "
                 f"{margin_percent}% kept free)")
     return None
@@ -284,7 +281,7 @@ def admitted(area: Path, what: str, size: int, limits: Limits) -> Iterator[None]
     """Refuse, or admit and hold the host-wide lock while, a sudo caller's new sparse
     image(s) of ``size`` bytes are made in ``area`` (a ``users/<uid>`` directory): at most
     ``limits.pool_bytes``, and within the space not yet promised (``check_promise``)."""
-    if size > limits.pool_bytes:  # (pool-create says so before its other checks)
+    if size > limits.pool_bytes:
         raise UsageError(f"refusing {what} of {size >> 20} MiB: a caller's pool is at most "
                          f"{limits.pool_bytes >> 20} MiB ([limits] pool_bytes)",
                          "use a smaller --size, or ask the operator for [pool] data_device "

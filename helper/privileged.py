@@ -23,11 +23,10 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from helper import run
+from helper import run, safepath
 from helper.errors import Conflict, KilnError, NotFound, UsageError
 from helper.pool import dmthin_core as core
 from helper.pool.fileops import materialise
@@ -121,20 +120,10 @@ _LOOP_GET_STATUS64 = 0x4C05
 _LOOP_CLR_FD = 0x4C01
 
 
-@contextlib.contextmanager
-def loops_locked() -> Iterator[None]:
+def loops_locked() -> contextlib.AbstractContextManager[None]:
     """The host-wide lock every kiln loop attach and detach holds: a loop number checked
     under it cannot be detached and bound to another file before it is acted on."""
-    LOOP_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)  # /run: root's, never a caller's
-    fd = os.open(LOOP_LOCK_DIR / "loops.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o600)
-    try:
-        if os.fstat(fd).st_uid != 0:
-            raise UsageError(f"{LOOP_LOCK_DIR}/loops.lock is not root's", "remove it")
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return safepath.root_lock(LOOP_LOCK_DIR, "loops.lock", 0o700)  # /run: root's
 
 
 def loop_detach(root: Path, device: str) -> None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from helper.errors import NotFound, UsageError
@@ -158,6 +160,53 @@ def fstat_kind(fd: int, kind: str, path: str, *, owner: int | None = None,
         raise UsageError(f"{path} has {st.st_nlink} hard links",
                          "the helper only takes files with exactly one link")
     return st
+
+
+def root_dir(parent: Path | int, name: str, *, create: bool, mode: int) -> int:
+    """``parent/name`` (one plain name, no symlink) as an ``O_RDONLY`` directory fd, made
+    with ``mode`` if missing and ``create``; it must be root-owned, and its mode is set to
+    ``mode`` when it differs (directories made by older helpers were looser)."""
+    check_rel(name)
+    pfd = open_dir(parent) if isinstance(parent, Path) else parent
+    try:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, mode, dir_fd=pfd)
+        fd = open_beneath(pfd, name, os.O_RDONLY | os.O_DIRECTORY)
+    finally:
+        if isinstance(parent, Path):
+            os.close(pfd)
+    try:
+        label = str(parent / name) if isinstance(parent, Path) else name
+        st = fstat_kind(fd, "dir", label, owner=0)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def root_lock(directory: Path, name: str, mode: int = 0o755) -> Iterator[None]:
+    """Hold the root-owned flock ``<directory>/<name>`` (blocks until the holder is done);
+    ``directory`` is a trusted path, made with ``mode`` if missing."""
+    directory.mkdir(mode=mode, parents=True, exist_ok=True)
+    dfd = open_dir(directory)
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+            raise UsageError(f"{directory}/{name} is not a root-owned file",
+                             "remove it; kiln-helper recreates it")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def fd_path(fd: int) -> str:

@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from helper import claims, jail, net
+from helper import claims, jail, net, safepath
 from helper import netcore as nc
 from helper.errors import KilnError, UidInUse
 from helper.opbase import Ctx
@@ -37,7 +37,7 @@ LOCK = "vm-uids.lock"
 @contextlib.contextmanager
 def locked(ctx: Ctx) -> Iterator[None]:
     """Hold the host-wide VM uid lock (blocks until the other holder is done)."""
-    with claims.host_lock(ctx.cfg.pool_dir, LOCK):
+    with safepath.root_lock(ctx.cfg.pool_dir, LOCK):
         yield
 
 
