@@ -47,16 +47,7 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402 - needs the checkout on sys.path first
-    Suite,
-    Target,
-    loadavg,
-    machine,
-    ratio,
-    run_timed,
-    table,
-    timed,
-)
+from bench.common import Suite, Target, loadavg, machine, ratio, run_timed, table, timed  # noqa: E402 - needs the checkout on sys.path first
 
 KILN = str(ROOT / ".venv" / "bin" / "kiln")
 RAW_STEPS = ("skopeo", "umoci", "mke2fs", "sha256sum")

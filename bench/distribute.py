@@ -39,19 +39,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402 - needs the checkout on sys.path first
-    Suite,
-    Target,
-    loadavg,
-    machine,
-    ratio,
-    run_timed,
-    table,
-)
+from bench.common import Suite, Target, loadavg, machine, ratio, run_timed, table  # noqa: E402 - needs the checkout on sys.path first
 
 KILN = [sys.executable, "-c",
-        "import runner.commands, runner.commands_pool, runner.commands_run, "
-        "runner.commands_dist; from runner.cli import cli; cli(prog_name='kiln')"]
+        "from runner.cli import cli; cli(prog_name='kiln')"]
 RECIPES = 20
 TARGET_REFRESH = 5.0
 

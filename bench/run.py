@@ -9,7 +9,7 @@ temporary root:
   with the same kernel, the same (minimal) initrd and a copy of a kiln snapshot (kiln's
   init in it, so the same workload prints the same marker on the serial console);
 * ``bare-tuned``: the same bare command with kiln's kernel command line
-  (``runner.qemu.kernel_cmdline``: ``pci=off``, ``random.trust_cpu=on`` and, under TCG,
+  (``runner.vmm.qemu.kernel_cmdline``: ``pci=off``, ``random.trust_cpu=on`` and, under TCG,
   ``cryptomgr.notests``): kiln/bare-tuned is what kiln's own work costs, apart from the
   boot it chose;
 * ``to-exec``: kiln's own time from process start to the VMM's fork+exec (from the two
@@ -82,7 +82,7 @@ def start_ticks(pid: int) -> int:
 
 def kiln_to_exec(root: Path, volume: str) -> float:
     """Seconds from the kiln process's start to its VMM's start (both from /proc)."""
-    from runner.reaper import scan_vmms
+    from runner.vm.reaper import scan_vmms
 
     p = subprocess.Popen([*KILN, "--root", str(root), "run", "--rm", volume, "--", "true"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -106,11 +106,8 @@ def kiln_to_exec(root: Path, volume: str) -> float:
 
 def in_process(root: Path, volume: str) -> float:
     """Seconds from ``cli.main``'s entry to ``supervise.spawn``, in this process."""
-    import runner.commands
-    import runner.commands_pool
-    import runner.commands_run  # noqa: F401
-    from runner import supervise
     from runner.cli import cli
+    from runner.vmm import process as supervise
 
     marks: list[float] = []
     real = supervise.spawn
@@ -138,10 +135,11 @@ def main() -> None:
 
     from builder.demoimage import make_busybox_image
     from builder.pipeline import build
+    from builder.pool import init_pool
     from builder.root import Root
     from builder.source import RegistryOptions
-    from helper.pool import init_pool
-    from runner import guest_init, kernel, qemu
+    from runner import guest_init, kernel
+    from runner.vmm import qemu
 
     # kiln's bytecode, as an installed kiln has it (pip compiles at install; an editable
     # install writes it on first import, unless PYTHONDONTWRITEBYTECODE is set, when every
@@ -219,7 +217,7 @@ def main() -> None:
                 "targets": {t.name: {"value": t.value, "limit": t.limit, "met": t.met}
                             for t in targets}}, indent=2))
     finally:
-        from helper.pool import destroy_pool
+        from builder.pool import destroy_pool
 
         destroy_pool(work / "root", force=True)
         shutil.rmtree(work, ignore_errors=True)

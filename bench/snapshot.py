@@ -30,11 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from builder.pool import init_pool
 from builder.units import format_size, parse_size
-from helper.pool import init_pool
 
-KILN = [sys.executable, "-c", "import runner.commands, runner.commands_pool; "
-        "from runner.cli import cli; cli(prog_name='kiln')"]
+KILN = [sys.executable, "-c", "from runner.cli import cli; cli(prog_name='kiln')"]
 
 
 def make_base(root: Path, size: int) -> tuple[str, Path]:

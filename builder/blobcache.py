@@ -48,7 +48,7 @@ from builder.source import (
     run_skopeo,
 )
 from builder.store import hash_file
-from helper.errors import IntegrityError
+from helper.base.errors import IntegrityError
 
 # layer media type suffix -> MIME types libmagic reports for such content
 LAYER_MAGIC = {

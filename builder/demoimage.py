@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from builder import proc
 from builder.source import host_platform
-from helper.errors import UsageError
+from helper.base.errors import UsageError
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "ash", "echo", "cat", "ls", "cp", "mv", "rm", "mkdir", "ln", "uname",

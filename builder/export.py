@@ -26,7 +26,7 @@ from pathlib import Path
 from builder import proc
 from builder.root import fsync_dir
 from builder.store import Volume
-from helper.errors import UsageError
+from helper.base.errors import UsageError
 
 FORMATS = ("raw", "qcow2")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.tree import Entry, Kind, Tree, sort_key
-from helper.errors import IntegrityError
+from helper.base.errors import IntegrityError
 
 ROOT_INO = 2
 _EXTENTS_FL = 0x80000

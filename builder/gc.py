@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.pool import snapshot_refs
 from builder.root import Root
 from builder.store import Store, Volume
-from helper.errors import Conflict
-from helper.pool import snapshot_refs
+from helper.base.errors import Conflict
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from typing import BinaryIO
 
 from builder import proc
 from builder.tree import Entry, Kind, Tree, sort_key
-from helper.errors import BuildError, KilnError, ToolError
+from helper.base.errors import BuildError, KilnError, ToolError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

@@ -32,7 +32,7 @@ from types import TracebackType
 
 from builder import proc
 from builder.root import atomic_write, rmtree
-from helper.errors import KilnError
+from helper.base.errors import KilnError
 
 # One access-log line as distribution 2.8 writes it (Apache combined format):
 # 127.0.0.1 - - [23/Nov/2026:11:56:39 +0000] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 349 "" "ua"

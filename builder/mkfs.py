@@ -38,7 +38,7 @@ from typing import BinaryIO
 
 from builder import ext4, proc
 from builder.tree import Kind, Tree
-from helper.errors import BuildError, ToolError, ToolNotFound
+from helper.base.errors import BuildError, ToolError, ToolNotFound
 
 MIB = 1 << 20
 INODE_SIZE = 256

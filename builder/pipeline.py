@@ -35,12 +35,12 @@ from builder import blobcache, ext4, layers, mkfs, proc, tarball, unpack
 from builder import source as sources
 from builder import verify as verify_mod
 from builder.events import Event, Listener, Progress
+from builder.pool import open_pool
 from builder.recipe import Recipe, key_material, load_recipe
 from builder.root import Root
 from builder.store import Store, Volume, hash_file
 from builder.tree import Entry, Kind, Tree, parent
-from helper.errors import BuildError, UsageError
-from helper.pool import open_pool
+from helper.base.errors import BuildError, UsageError
 
 # Bump when a change to kiln makes different bytes from the same inputs.
 FORMAT_VERSION = 1

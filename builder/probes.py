@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import proc
-from helper.errors import KilnError
+from helper.base.errors import KilnError
 
 
 @dataclass(frozen=True)

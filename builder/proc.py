@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 
 import sh
 
-from helper import run as helper_run
-from helper.errors import ToolError, ToolNotFound, ToolTimeout
-from helper.run import SEARCH_PATH, Result
+from helper.base import run as helper_run
+from helper.base.errors import ToolError, ToolNotFound, ToolTimeout
+from helper.base.run import SEARCH_PATH, Result
 
 # Result is re-exported: callers type against proc.Result.
 __all__ = ["Result", "run", "tool_env", "version_of", "which"]

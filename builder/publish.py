@@ -39,7 +39,7 @@ from builder.export import unzstd_hashed
 from builder.root import Root, atomic_write
 from builder.source import REFUSED_ATTEMPTS, RegistryOptions, backoff, check_digest, tls_failure
 from builder.store import Store, Volume, hash_file, hex_of
-from helper.errors import IntegrityError, KilnError, RegistryError, UsageError
+from helper.base.errors import IntegrityError, KilnError, RegistryError, UsageError
 
 ARTIFACT_TYPE = "application/vnd.kiln.volume.v1"
 LAYER_TYPE = "application/vnd.kiln.volume.ext4.v1+zstd"
@@ -491,7 +491,7 @@ def pull_volume(root: Root, ref: str, opts: RegistryOptions, *,
 
 
 def _into_pool(root: Root, vol: Volume) -> None:
-    from helper.pool import open_pool
+    from builder.pool import open_pool
 
     pool = open_pool(root.path)
     if pool is not None and not pool.has_volume(vol.id):

@@ -8,7 +8,7 @@ the file and the key, plus a hint:
 2. ``${VAR}`` expansion in ``source`` only (``$$`` is a literal ``$``), then pydantic
    validation of shape and pure rules (``extra="forbid"``, frozen models);
 3. checks that touch the disk: each ``[[files]]`` src must be a regular file inside the
-   recipe's directory, and must be what it claims to be (``builder.claims``; libmagic).
+   recipe's directory, and must be what it claims to be (``builder.recipe_files``; libmagic).
 
 ``key_material`` is the canonical, JSON-able summary of everything in the recipe that
 changes the output, with file sources replaced by their content hashes: moving a recipe
@@ -17,7 +17,7 @@ image came from (``source``, ``platform``) is not in it.
 
 Module layout (imports point one way: recipe_doc -> recipe -> claims -> recipe_rules):
 pure value rules and ``Bad`` live in ``builder.recipe_rules``, the file-claims checks in
-``builder.claims``, the generated reference in ``builder.recipe_doc``. recipe_doc imports
+``builder.recipe_files``, the generated reference in ``builder.recipe_doc``. recipe_doc imports
 this module, so ``recipe_reference_markdown`` is re-exported lazily at the bottom.
 """
 
@@ -43,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from builder.claims import check_claims, read_src
+from builder.recipe_files import check_claims, read_src
 from builder.recipe_rules import (
     PATH_TRANSPORTS,
     Bad,
@@ -54,7 +54,7 @@ from builder.recipe_rules import (
     size_or_none,
 )
 from builder.units import parse_size
-from helper.errors import UsageError
+from helper.base.errors import UsageError
 
 SCHEMA_DOC = "docs/recipes.md"
 
@@ -393,7 +393,7 @@ def _one_line(path: Path, err: ValidationError) -> RecipeError:
     return RecipeError(f"{path}: {msg}", hint)
 
 
-# --- files: on-disk checks (the rules live in builder.claims) -----------------------------
+# --- files: on-disk checks (the rules live in builder.recipe_files) -----------------------------
 
 
 def _check_files(recipe: Recipe) -> None:
@@ -490,7 +490,7 @@ def recipe_schema() -> dict[str, Any]:
 
 if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below resolves it
     # "X as X" marks an explicit re-export for strict mypy
-    from builder.recipe_doc import recipe_reference_markdown as recipe_reference_markdown  # noqa: PLC0414
+    pass
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """The recipe reference (docs/recipes.md), generated from the recipe's JSON Schema.
 
 ``recipe_reference_markdown`` renders the models' descriptions as tables, an example and
-the file rules (``builder.claims.CLAIMS_DOC``), so the reference cannot drift from the code
+the file rules (``builder.recipe_files.CLAIMS_DOC``), so the reference cannot drift from the code
 (a test compares docs/recipes.md with it). Regenerate with
 ``.venv/bin/python -m builder.recipe > docs/recipes.md`` (or ``-m builder.recipe_doc``).
 
@@ -15,8 +15,8 @@ import json
 import sys
 from typing import Any
 
-from builder.claims import CLAIMS_DOC
 from builder.recipe import recipe_schema
+from builder.recipe_files import CLAIMS_DOC
 
 
 def _type_of(prop: dict[str, Any]) -> str:

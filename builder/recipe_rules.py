@@ -5,8 +5,8 @@ expansion, image-reference syntax, absolute-path and size checks, mode normaliza
 ``Bad`` is the validation failure carrying its own hint; pydantic keeps the instance in the
 error's ``ctx``, and ``builder.recipe`` turns it into kiln's one-line ``RecipeError``.
 
-Dependency direction: ``builder.recipe`` and ``builder.claims`` import this module; it
-imports only ``builder.units`` and ``helper.errors``.
+Dependency direction: ``builder.recipe`` and ``builder.recipe_files`` import this module; it
+imports only ``builder.units`` and ``helper.base.errors``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 
 from builder.units import parse_size
-from helper.errors import KilnError
+from helper.base.errors import KilnError
 
 
 class Bad(ValueError):

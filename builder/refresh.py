@@ -35,7 +35,7 @@ from builder.events import Listener
 from builder.recipe import key_material, load_recipe
 from builder.root import Root
 from builder.store import Store, Volume
-from helper.errors import Conflict, KilnError, UsageError
+from helper.base.errors import Conflict, KilnError, UsageError
 
 ACTIONS = ("unchanged", "rebuilt", "failed")
 

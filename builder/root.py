@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from helper.errors import Conflict, KilnError
+from helper.base.errors import Conflict, KilnError
 
 
 def default_root() -> Path:

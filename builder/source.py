@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder import proc
-from helper.errors import (
+from helper.base.errors import (
     IntegrityError,
     KilnError,
     NotFound,
@@ -466,15 +466,7 @@ def resolve(ref: ImageRef, opts: RegistryOptions, *, budget: float = 60.0) -> Re
 
 if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below resolves them
     # "X as X" marks each name an explicit re-export for strict mypy
-    from builder.blobcache import LAYER_MAGIC as LAYER_MAGIC  # noqa: PLC0414
-    from builder.blobcache import PULL_TIMEOUT as PULL_TIMEOUT  # noqa: PLC0414
-    from builder.blobcache import BlobProgress as BlobProgress  # noqa: PLC0414
-    from builder.blobcache import Pulled as Pulled  # noqa: PLC0414
-    from builder.blobcache import blob_path as blob_path  # noqa: PLC0414
-    from builder.blobcache import check_layer_type as check_layer_type  # noqa: PLC0414
-    from builder.blobcache import layer_kind as layer_kind  # noqa: PLC0414
-    from builder.blobcache import pull as pull  # noqa: PLC0414
-    from builder.blobcache import sha256_file as sha256_file  # noqa: PLC0414
+    pass
 
 _IN_BLOBCACHE = frozenset({"LAYER_MAGIC", "PULL_TIMEOUT", "BlobProgress", "Pulled", "blob_path",
                            "check_layer_type", "layer_kind", "pull", "sha256_file"})

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.root import Root, atomic_write, fsync_dir
-from helper.errors import Conflict, IntegrityError, NotFound, UsageError
+from helper.base.errors import Conflict, IntegrityError, NotFound, UsageError
 
 VOLUME_FILE = "volume.ext4"
 META_FILE = "meta.json"

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from builder.tree import Entry, Kind, Tree, sort_key
-from helper.errors import BuildError
+from helper.base.errors import BuildError
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)

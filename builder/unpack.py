@@ -25,7 +25,7 @@ from pathlib import Path
 from builder import proc
 from builder.tree import Entry, Kind, Tree, sort_key
 from builder.verify import show_path
-from helper.errors import BuildError, ToolError
+from helper.base.errors import BuildError, ToolError
 
 ROOTFS = "rootfs"
 ROOTLESS_XATTR = "user.rootlesscontainers"

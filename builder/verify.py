@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from builder.tree import COMPARED, Entry, Tree, sort_key
-from helper.errors import BuildError
+from helper.base.errors import BuildError
 
 
 def show_path(path: str) -> str:

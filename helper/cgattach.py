@@ -20,7 +20,7 @@ exits stays a zombie — its pid taken — until its tracer waits for it. The ch
 write and the verification all happen while pinned; then ``PTRACE_INTERRUPT``, a wait for
 that stop (or for the exit), and ``PTRACE_DETACH`` re-injecting any signal caught meanwhile.
 
-Whose cgroup it is (the claim) is checked by the op (``helper.ops_vm``).
+Whose cgroup it is (the claim) is checked by the op (``helper.ops.vm``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from helper.base.errors import Conflict, NotFound, UsageError
 from helper.cgroup import CgroupConfig, Layout, _pids, _write, layout, vm_dirs
-from helper.errors import Conflict, NotFound, UsageError
 
 # What sudo relays from its caller (and a terminal could send): held for a critical step
 # (``uninterrupted``), or a whole op of a sudo caller (``helper.main.hold_signals``).

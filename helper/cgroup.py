@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helper.errors import Conflict, NotFound, UsageError
+from helper.base.errors import Conflict, NotFound, UsageError
 
 VM_ID_RE = re.compile(r"^[a-z2-7]{1,32}$")
 _PARENT_PART_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")

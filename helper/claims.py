@@ -24,12 +24,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from helper import safepath
-from helper.errors import NotFound
-from helper.opbase import replace_in
+from helper.base import safepath
+from helper.base.errors import NotFound
+from helper.ops.base import replace_in
 
-JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (helper.ops_jail)
-CGROUPS = "cgroups"  # <area>/cgroups/<vm>: the caller's VM cgroups (helper.ops_vm)
+JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (helper.ops.jail)
+CGROUPS = "cgroups"  # <area>/cgroups/<vm>: the caller's VM cgroups (helper.ops.vm)
 
 
 def boot_id() -> str:

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from helper.errors import KilnError, NotFound
+from helper.base.errors import KilnError, NotFound
 
 if TYPE_CHECKING:
-    from helper.netconfig import NetSection
+    from helper.net.config import NetSection
 
 CANDIDATES = (Path("/etc/kiln/test-config.toml"), Path("/etc/kiln/config.toml"))
 
@@ -97,7 +97,7 @@ class Config:
     pool_dir: Path
     backend: str
     path: Path | None  # the file it came from (None: built-in defaults)
-    # [net] (helper/netconfig.py); None: its defaults, made on first use (``net``)
+    # [net] (helper/net/config.py); None: its defaults, made on first use (``net``)
     net_section: NetSection | None = None
     # [pool] data_device / metadata_device (dm-thin on the operator's block devices)
     data_device: Path | None = None
@@ -116,13 +116,13 @@ class Config:
         return self.users_dir() / str(uid)
 
     def tool(self, name: str) -> str:
-        """The checked absolute path of tool ``name`` (for ``helper.run``)."""
+        """The checked absolute path of tool ``name`` (for ``helper.base.run``)."""
         return check_tool(name, self.tools.get(name) or Path(DEFAULT_TOOLS.get(name, "")))
 
 
 @functools.cache
 def _default_net() -> NetSection:
-    from helper.netconfig import NetSection
+    from helper.net.config import NetSection
 
     return NetSection()
 

@@ -13,14 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from helper.config import (
     BASENAMES,
@@ -33,7 +26,7 @@ from helper.config import (
     Limits,
     UntrustedConfig,
 )
-from helper.netconfig import NetSection
+from helper.net.config import NetSection
 
 _ABS_RE = r"^/[A-Za-z0-9._+/-]{1,255}$"
 _CGROUP_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}(/[a-z0-9][a-z0-9_.-]{0,63}){0,7}$"

@@ -13,14 +13,14 @@ Hardening, in order, before anything else runs:
   exits, so a caller cannot cut any op between two steps; they are never delivered (the
   pending ones die with us). Only SIGKILL (root's, or the CPU limit's) remains, and that
   is what the ops' records and ``reclaim`` handle. Tools start with the default mask
-  (``helper.run``);
+  (``helper.base.run``);
 * ``python3 -I`` semantics: the venv's script runs ``python3 -I`` (no user site, no
   ``PYTHON*`` variables, no cwd on ``sys.path``); ``main`` checks ``sys.flags.isolated``
   and re-checks that every ``sys.path`` entry is root-owned and not writable by others;
 * ``os.environ`` is cleared down to a fixed ``PATH`` and ``LC_ALL``; ``umask 022``;
   cwd ``/``;
 * the trusted config is loaded (``helper.config``: root-owned files only), and tools run
-  from its absolute paths (``helper.run.which`` is pointed at ``Config.tool``);
+  from its absolute paths (``helper.base.run.which`` is pointed at ``Config.tool``);
 * the caller is ``SUDO_UID``/``SUDO_GID`` when sudo ran us (sudo sets them; a caller cannot),
   else our real uid. Its area ``<[pool] directory>/users/<uid>`` and ``users/`` are
   root-owned 0711: a caller reaches what is its own inside, never lists another's;
@@ -29,7 +29,7 @@ Hardening, in order, before anything else runs:
 * a sudo caller's resource limits are checked before anything heavy is imported
   (``helper.procguard``: a hard limit below what the helper needs is refused, nothing
   done), its op runs under ``RLIMIT_CPU`` = ``[limits] cpu_seconds`` (soft = hard: the
-  kernel SIGKILLs at the limit; ``helper.run.limit_cpu``), inherited by its tools, and the
+  kernel SIGKILLs at the limit; ``helper.base.run.limit_cpu``), inherited by its tools, and the
   process leaves the caller's cgroups for each hierarchy's root before it reads the
   request (the caller cannot limit or kill it through them).
 
@@ -126,7 +126,7 @@ _SUDO: dict[str, str] = {}
 def op_label(op: str) -> str:
     """``op`` as it may be logged or echoed: itself when it could name an op, else a
     bounded, escaped stand-in (a caller chooses argv: 131 KB of it must not reach a log)."""
-    from helper.ops import MAX_OP_LEN, valid_op
+    from helper.ops.registry import MAX_OP_LEN, valid_op
 
     if valid_op(op):
         return op
@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         except procguard.LimitTooLow as e:
             return _emit(_fail(1, "UsageError", e.message, e.hint))
     scrub_environment()
-    from helper import config, ops, run
-    from helper.errors import KilnError
+    from helper import config
+    from helper.base import run
+    from helper.base.errors import KilnError
+    from helper.ops import registry as ops
 
     if args == ["--list"]:
         print(json.dumps(ops.schemas(), sort_keys=True))
@@ -358,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
 def _guard(cfg: Config, op: str) -> None:
     """A sudo caller's process: CPU capped (the caller's hard limit must allow the cap:
     ``helper.procguard``), out of the caller's cgroups, its scheduling the default's."""
-    from helper import cgroup, procguard, run
-    from helper.errors import UsageError
+    from helper import cgroup, procguard
+    from helper.base import run
+    from helper.base.errors import UsageError
 
     try:
         procguard.check_rlimits(cfg.limits.cpu_seconds)
@@ -397,8 +400,8 @@ def serve(op: str, payload: bytes, cfg: Config, caller_uid: int, caller_gid: int
     gets the op only once ``ops.valid_op`` accepted it (else its bounded ``op_label``)."""
     from pydantic import ValidationError
 
-    from helper import ops
-    from helper.errors import KilnError, UsageError
+    from helper.base.errors import KilnError, UsageError
+    from helper.ops import registry as ops
 
     if not ops.valid_op(op):
         return _unknown_op(op, caller_uid, log)
@@ -438,7 +441,7 @@ def _make_area(users: Path, area: Path) -> None:
     """``users/`` and ``users/<uid>``: root-owned ``AREA_MODE`` (0711: a caller passes
     through to what is its own, but lists or reads no other's), never a symlink. One made
     0755 by an older helper is fixed here, by fd."""
-    from helper import safepath
+    from helper.base import safepath
 
     users.parent.mkdir(mode=0o755, exist_ok=True)
     for parent, name in ((users.parent, users.name), (users, area.name)):

@@ -25,10 +25,13 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from helper import claims, jail, net, safepath
-from helper import netcore as nc
-from helper.errors import KilnError, UidInUse
-from helper.opbase import Ctx
+from helper import claims
+from helper.base import safepath
+from helper.base.errors import KilnError, UidInUse
+from helper.jail import jailer as jail
+from helper.net import core as nc
+from helper.net import host as net
+from helper.ops.base import Ctx
 
 LEDGER = "vm-uids"  # <pool dir>/vm-uids/<vm>: the jail of every caller and its uid/gid
 LOCK = "vm-uids.lock"

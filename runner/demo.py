@@ -17,10 +17,10 @@ from pathlib import Path
 
 from builder.events import Listener
 from builder.pipeline import BuildResult, build
+from builder.pool import init_pool
 from builder.root import Root
-from helper.errors import NotFound
-from helper.pool import init_pool
-from runner import vm
+from helper.base.errors import NotFound
+from runner.vm import lifecycle as vm
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
 

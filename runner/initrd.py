@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import proc
-from helper.errors import KilnError, NotFound
+from helper.base.errors import KilnError, NotFound
 
 FORMAT = 1  # bump when the layout or the script changes
 BUSYBOX = Path("/bin/busybox")

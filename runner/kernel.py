@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from helper.errors import NotFound, UsageError
+from helper.base.errors import NotFound, UsageError
 
 MODULES_ROOT = Path("/lib/modules")
 _VERSION = re.compile(r"\bversion (\S+)")

@@ -31,7 +31,7 @@ import magic
 from builder import proc
 from builder.root import fsync_dir
 from builder.store import hash_file
-from helper.errors import KilnError, UsageError
+from helper.base.errors import KilnError, UsageError
 from runner.tempfiles import locked_temp
 
 ELF_MAGIC = b"\x7fELF"

@@ -6,8 +6,8 @@ the trusted config turns NAT on), ``net-lease``, then ``tap-attach`` (isolation 
 it made if a step fails. The ``VmNet`` it returns is everything the VMM side needs:
 
 * ``kernel_args``: ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` for the guest's init;
-* ``qemu_tap()`` → ``runner.qemu.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
-* ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.join_netns`` in
+* ``qemu_tap()`` → ``runner.vmm.qemu.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
+* ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.host.join_netns`` in
   the child before exec, as root; Firecracker: the jailer's ``--netns``) — the VM's own
   ``kn-ID``, the configured ``[net] namespace``, or None for the host's;
 * ``ip``: the address the VM is reached at (``kiln ps``), ``forwards``.
@@ -24,7 +24,7 @@ records anything, so a missing ``[net]`` or an overlapping subnet leaves nothing
 ``open_tap`` is for a VMM the caller runs itself (QEMU under an ordinary user): the helper
 attaches the tap as root, in its namespace, and sends the fd back over a socket pair.
 
-``call`` defaults to ``helper.client.call`` (in-process as root, ``sudo kiln-helper``
+``call`` defaults to ``builder.helperclient.call`` (in-process as root, ``sudo kiln-helper``
 otherwise); tests pass one that runs the same ops with a config naming their namespace.
 """
 
@@ -37,14 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helper.errors import KilnError, NotFound
-from runner import firecracker, qemu
+from helper.base.errors import KilnError, NotFound
+from runner.vmm import fcapi as firecracker
+from runner.vmm import qemu
 
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 def helper_call(area: Path) -> Call:
-    from helper import client
+    from builder import helperclient as client
 
     return lambda op, req: client.call(op, req, area=area)
 
@@ -118,7 +119,7 @@ def attach(call: Call, vm: str, root_key: str, uid: int, gid: int,
 def detach(call: Call, vm: str) -> list[str]:
     """Remove the VM's forwards, tap or namespace and lease (whatever exists), then the NAT
     rules if no VM is left. Returns what went."""
-    from helper import netcore
+    from helper.net import core as netcore
 
     names = netcore.names(vm)
     gone: list[str] = []
@@ -152,7 +153,7 @@ def open_tap(vm: str, area: Path) -> int:
     VMM the caller spawns. The socket end the helper writes to is passed to it open."""
     import socket
 
-    from helper import client
+    from builder import helperclient as client
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from helper.errors import NotFound
+from helper.base.errors import NotFound
 
 if TYPE_CHECKING:
     from builder.root import Root

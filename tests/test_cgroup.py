@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helper import cgroup as cg
-from helper.errors import Conflict, UsageError
+from helper.base.errors import Conflict, UsageError
 from tests.support.timing import limit
 
 HYBRID = """\
@@ -199,11 +199,11 @@ def test_v1_create_with_limits_freeze_kill(parent: str) -> None:
     assert not any(d.exists() for d in dirs)
 
 
-# -- runner.vmcgroup: a QEMU VM's cgroups for a caller that is not root ---------------------
+# -- runner.vm.cgroup: a QEMU VM's cgroups for a caller that is not root ---------------------
 
 
 def test_vmcgroup_choice() -> None:
-    from runner import vmcgroup
+    from runner.vm import cgroup as vmcgroup
 
     hybrid, unified = cg.parse_layout(HYBRID), cg.parse_layout(UNIFIED)
     lim = cg.Limits(cpus=2.5, memory_bytes=1 << 30, pids=vmcgroup.QEMU_PIDS)
@@ -218,7 +218,7 @@ def test_vmcgroup_choice() -> None:
 def test_vmcgroup_targets_are_existing_vm_cgroups_only(parent: str, tmp_path: Path) -> None:
     """What teardown hands the helper: (host name, version) of existing VM directories in
     a mounted hierarchy; nothing for other paths or directories already gone."""
-    from runner import vmcgroup
+    from runner.vm import cgroup as vmcgroup
 
     cfg = cg.CgroupConfig(parent=parent)
     lay = cg.layout(cfg)

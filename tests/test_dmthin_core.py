@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helper import poolfs
-from helper.pool import dmthin_core as core
+from helper.storage import dmthin_core as core
+from helper.storage import poolfs
 
 RK = core.root_key("/var/lib/kiln")
 OTHER = core.root_key("/srv/other-root")

@@ -1,5 +1,5 @@
 """The dm-thin ops' parts that need no device-mapper, for real on this host: the operator's
-``[pool]`` devices looked at by ``helper.dmdev`` (real loop devices, a mounted one, a
+``[pool]`` devices looked at by ``helper.storage.dmdev`` (real loop devices, a mounted one, a
 regular file, a missing path), the devices' claim, the pool files and ``thin-clear``,
 the checks ``dm-create`` and ``dm-import`` make before any dmsetup call, and the verified
 copy of a volume. What needs dm-thin runs in the QEMU guest (``test_dmthin_vm.py``)."""
@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from helper import config, dmdev, ops, ops_dm
-from helper.errors import Conflict, IntegrityError, KilnError, NotFound, UsageError
-from helper.pool import dmthin_core as core
+from helper import config
+from helper.base.errors import Conflict, IntegrityError, KilnError, NotFound, UsageError
+from helper.ops import dm as ops_dm
+from helper.ops import registry as ops
+from helper.storage import dmdev
+from helper.storage import dmthin_core as core
 
 pytestmark = pytest.mark.root
 

@@ -30,7 +30,6 @@ from tests.support.dmthin_guest import GUEST_PROGRAM, PROJECT, guest_layout, par
 from tests.support.timing import limit
 
 KILN = [sys.executable, "-c",
-        "import runner.commands, runner.commands_pool, runner.commands_run; "
         "from runner.cli import cli; cli(prog_name='kiln')"]
 # A hang guard: the program takes ~70 s under TCG on an idle machine here, ~3x that busy.
 GUEST_TIMEOUT = int(limit(240))
@@ -76,7 +75,7 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if why is not None:
         pytest.skip(why)
     from builder.pipeline import build
-    from helper.pool import init_pool
+    from builder.pool import init_pool
 
     base = tmp_path_factory.mktemp("dmthin-vm")
     t0 = time.monotonic()
@@ -151,7 +150,7 @@ def test_on_host(tmp_path: Path) -> None:
 def test_dm_node_env_follows_udev(tmp_path: Path) -> None:
     """Without udev, dmsetup must make the /dev/mapper nodes itself (found in the guest:
     Debian's libdevmapper otherwise skips them, "trust_udev")."""
-    from helper.privileged import dm_node_env
+    from helper.storage.privileged import dm_node_env
 
     control = tmp_path / "control"
     assert dm_node_env(str(control)) == {"DM_DISABLE_UDEV": "1"}
@@ -173,7 +172,8 @@ def test_test_layer_contents(tmp_path: Path) -> None:
     assert (mods / "modules.dep").is_file()
     assert (mods / "kernel" / "drivers" / "md" / "dm-thin-pool.ko").is_file()
     guest = tmp_path / "s" / "kiln-tests"
-    assert (guest / "helper" / "pool" / "dmthin.py").is_file()
+    assert (guest / "builder" / "pool" / "dmthin.py").is_file()
+    assert (guest / "helper" / "ops" / "dm.py").is_file()
     for program in ("run_dmthin.py", "run_helper.py", "guestlib.py"):
         assert (guest / program).read_bytes() == (GUEST_PROGRAM.parent / program).read_bytes()
     assert list((guest / "site-packages" / "pydantic_core").glob("_pydantic_core.cpython-311-*"))

@@ -17,12 +17,11 @@ from builder.pipeline import build
 from builder.root import Root
 from builder.source import RegistryOptions
 from builder.store import Volume, hash_file
-from helper.errors import ToolError, UsageError
+from helper.base.errors import ToolError, UsageError
 from tests.support.images import push_busybox
 
 KILN_DIST = [sys.executable, "-c",
-             "import runner.commands, runner.commands_pool, runner.commands_run, "
-             "runner.commands_dist; from runner.cli import cli; cli(prog_name='kiln')"]
+             "from runner.cli import cli; cli(prog_name='kiln')"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from builder import ext4, mkfs, proc, tarball
 from builder.tree import COMPARED, Entry, Kind, Tree
-from helper.errors import IntegrityError
+from helper.base.errors import IntegrityError
 
 CAP = bytes.fromhex("01000002" "00200000" "00000000" "00000000" "00000000")  # cap_net_bind
 ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for t, p, i in (

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helper.base.errors import UsageError
 from helper.cgroup import CgroupConfig, Limits
-from helper.errors import UsageError
-from helper.jail import JailConfig, jailer_argv
-from runner import firecracker as fc
+from helper.jail.jailer import JailConfig, jailer_argv
+from runner.vmm import fcapi as fc
 
 # Firecracker's API definition trimmed to what kiln uses and brought back to 1.12.1, the release
 # kiln runs (its header says what changed and how it was checked against the real binary).
@@ -239,7 +239,7 @@ def test_no_endpoint_missing_from_1_12() -> None:
 
 
 def test_tap_nic_body_validates_and_carries_the_vm_mac(swagger: dict[str, Any]) -> None:
-    from helper import netcore
+    from helper.net import core as netcore
 
     p = plan(nets=(fc.vm_nic("kt-abcdefghijkl", "abcdefghijkl"),))
     req = fc.api_requests(p.vm)[-1]

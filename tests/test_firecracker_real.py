@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from helper import cgroup as cg
-from helper import jail
-from helper.errors import Conflict
-from runner import firecracker as fc
+from helper.base.errors import Conflict
+from helper.jail import jailer as jail
 from runner.kernel_elf import ensure_vmlinux
+from runner.vmm import fcapi as fc
 from tests.support.timing import limit
 from tests.test_firecracker import load_swagger, validate
 

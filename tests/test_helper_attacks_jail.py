@@ -388,7 +388,7 @@ def test_cgroup_attach_checks_the_owner_before_it_seizes(
 def test_a_device_node_in_a_jail_is_found(tmp_path: Path) -> None:
     """dm-remove/reclaim/thin-clear refuse or keep a device some jail still holds a node of
     (minors are reused): ``jails_holding`` finds such a node in any jail (pure scan)."""
-    from helper import jail
+    from helper.jail import jailer as jail
 
     root = tmp_path / "firecracker" / "abc" / "root"
     root.mkdir(parents=True)

@@ -28,13 +28,7 @@ from typing import Any
 import pytest
 
 from tests.support.oci import User, run_as
-from tests.support.sudo import (
-    BASE,
-    GOOD_CONFIG,
-    HELPER,
-    _write_config,
-    helper_as,
-)
+from tests.support.sudo import BASE, GOOD_CONFIG, HELPER, _write_config, helper_as
 
 pytestmark = [pytest.mark.root, pytest.mark.loop]
 

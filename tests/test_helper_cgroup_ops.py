@@ -20,7 +20,7 @@ import pytest
 
 from helper import cgattach, config
 from helper import cgroup as cg
-from helper.errors import Conflict
+from helper.base.errors import Conflict
 from helper.main import serve
 from tests.support.timing import limit
 
@@ -377,7 +377,7 @@ def test_a_pinned_pid_cannot_be_reaped_so_its_number_cannot_be_reused() -> None:
 
 
 def test_pinning_reports_a_missing_or_already_traced_process(world: dict[str, Any]) -> None:
-    from helper.errors import NotFound
+    from helper.base.errors import NotFound
 
     gone = free_pid()
     with pytest.raises(NotFound) as e, cgattach.pinned(gone):

@@ -20,9 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from helper import client, config, ops, safepath, tap
-from helper.errors import KilnError, NotFound, UsageError
-from helper.pool.dmthin_core import root_key
+from builder import helperclient as client
+from helper import config
+from helper.base import safepath
+from helper.base.errors import KilnError, NotFound, UsageError
+from helper.net import tap
+from helper.ops import registry as ops
+from helper.storage.dmthin_core import root_key
 
 REQUIRED_OPS = {"pool-create", "pool-mount", "pool-umount", "pool-destroy", "pool-list",
                 "snapshot-create", "snapshot-remove", "dm-create", "dm-message", "dm-remove",

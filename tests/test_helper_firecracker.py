@@ -1,6 +1,6 @@
 """Firecracker through kiln-helper: an unprivileged user drives the real v1.12.1 jailer.
 
-The user runs ``runner.firecracker.FirecrackerVM`` with ``helper.client.HelperOps``: every
+The user runs ``runner.vmm.fcapi.FirecrackerVM`` with ``builder.helperclient.HelperOps``: every
 privileged step (cgroup-create, jail-stage, jail-launch, jail-grant-api, cgroup-kill,
 jail-remove) goes through ``sudo kiln-helper``; the API round-trip happens as the user, on
 the socket the helper granted. Guests do not boot here (no usable KVM), so this stops
@@ -23,14 +23,7 @@ import pytest
 from helper import cgroup as cg
 from runner.kernel_elf import ensure_vmlinux
 from tests.support.oci import User, run_as
-from tests.support.sudo import (
-    BASE,
-    GOOD_CONFIG,
-    REPO,
-    _audit_len,
-    _ops_ran,
-    _write_config,
-)
+from tests.support.sudo import BASE, GOOD_CONFIG, REPO, _audit_len, _ops_ran, _write_config
 
 BIN_DIR = Path("/opt/kiln-test/firecracker")
 pytestmark = [pytest.mark.firecracker, pytest.mark.root]
@@ -87,8 +80,10 @@ jailer = "{BIN_DIR}/jailer"
 SCRIPT = """
 import json, sys
 from pathlib import Path
-from helper import cgroup as cg, client, jail
-from runner import fcdriver, firecracker as fc
+from helper import cgroup as cg
+from builder import helperclient as client
+from helper.jail import jailer as jail
+from runner.vmm import firecracker as fcdriver, fcapi as fc
 a = json.loads(sys.argv[1])
 cfg = jail.JailConfig(jailer=Path(a["bin"]) / "jailer",
                       firecracker=Path(a["bin"]) / "firecracker",

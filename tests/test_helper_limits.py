@@ -107,7 +107,7 @@ def test_huge_op_name_is_refused_and_logged_bounded(sudo_user: User) -> None:
 
 
 def test_every_op_name_passes_the_name_check() -> None:
-    from helper import ops
+    from helper.ops import registry as ops
 
     assert [n for n in ops.OPS if not ops.valid_op(n)] == []
     assert not ops.valid_op("a" * 33)
@@ -270,13 +270,13 @@ def test_a_sudo_callers_op_runs_under_the_cpu_limit(sudo_user: User) -> None:
 
 def test_the_cpu_limit_kills_outright() -> None:
     """Soft = hard: at the limit the kernel sends SIGKILL (no SIGXCPU left to handle)."""
-    code = ("from helper import run\nrun.limit_cpu(1)\nwhile True:\n    pass\n")
+    code = ("from helper.base import run\nrun.limit_cpu(1)\nwhile True:\n    pass\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=300, check=False)
     assert res.returncode == -signal.SIGKILL
 
 
 def test_tools_and_vmms_start_with_no_signal_blocked() -> None:
-    code = ("import json, subprocess\nfrom helper import main, run\nmain.hold_signals()\n"
+    code = ("import json, subprocess\nfrom helper import main\nfrom helper.base import run\nmain.hold_signals()\n"
             "tool = run.run('grep', ['-E', '^SigBlk', '/proc/self/status']).text.split()[1]\n"
             "vmm = subprocess.run(['grep', '-E', '^SigBlk', '/proc/self/status'],\n"
             "                     preexec_fn=run.vmm_child, capture_output=True, text=True,\n"

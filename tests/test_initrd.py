@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helper.errors import NotFound
+from helper.base.errors import NotFound
 from runner import initrd
 
 V = "kernel/drivers/virtio"

@@ -1,4 +1,4 @@
-"""helper/jail.py without the real binaries: staging (hard link, copy, chown rules),
+"""helper/jail/jailer.py without the real binaries: staging (hard link, copy, chown rules),
 API-socket hand-over, removal, and hostile inputs refused with the host unchanged."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from helper import jail, jailstage
+from helper.base.errors import Conflict, NotFound, UidInUse, UsageError
 from helper.cgroup import CgroupConfig
-from helper.errors import Conflict, NotFound, UidInUse, UsageError
+from helper.jail import jailer as jail
+from helper.jail import stage as jailstage
 
 UID = 900_123
 
@@ -292,7 +293,7 @@ ME, OTHER = 61_245, 61_246  # sudo callers (no account needed)
 def test_only_the_callers_own_snapshot_devices_may_be_staged(tmp_path: Path) -> None:
     """Another area's snapshot, the area's own pool (its I/O reaches every volume), a base
     and a non-kiln name are refused; only the area's own snapshots pass (pure)."""
-    from helper.pool.dmthin_core import root_key
+    from helper.storage.dmthin_core import root_key
 
     mine, theirs = root_key(str(tmp_path / "a")), root_key(str(tmp_path / "b"))
     area = tmp_path / "a"
@@ -314,7 +315,8 @@ def test_only_the_callers_own_snapshot_devices_may_be_staged(tmp_path: Path) -> 
 def _sudo_ctx(cfg: jail.JailConfig, area: Path, uid: int) -> Any:
     from dataclasses import replace
 
-    from helper import config, ops
+    from helper import config
+    from helper.ops import registry as ops
 
     c = replace(config.parse(b""), tools={"jailer": cfg.jailer, "firecracker": cfg.firecracker},
                 chroot_base=cfg.chroot_base, uid_first=cfg.uid_first, uid_count=cfg.uid_count,
@@ -326,7 +328,7 @@ def _sudo_ctx(cfg: jail.JailConfig, area: Path, uid: int) -> Any:
 def _op(ctx: Any, op: str, req: dict[str, Any]) -> dict[str, Any]:
     import json
 
-    from helper import ops
+    from helper.ops import registry as ops
 
     return ops.run_op(ctx, op, ops.parse(op, json.dumps(req)))
 
@@ -334,7 +336,7 @@ def _op(ctx: Any, op: str, req: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.root
 def test_jail_stage_op_refuses_foreign_devices_before_touching_any(
         cfg: jail.JailConfig, tmp_path: Path) -> None:
-    from helper.pool.dmthin_core import root_key
+    from helper.storage.dmthin_core import root_key
 
     area = tmp_path / "users" / str(ME)
     ctx = _sudo_ctx(cfg, area.parent, ME)
@@ -415,8 +417,8 @@ def test_another_users_jail_is_refused_to_every_jail_op(cfg: jail.JailConfig,
 
 
 def test_netns_problem_refuses_another_users_namespace() -> None:
-    from helper import ops_jail
-    from helper.netcore import Tag
+    from helper.net.core import Tag
+    from helper.ops import jail as ops_jail
 
     assert ops_jail.netns_problem("kn-abc", Tag("abc", "aaaaaaaa", ME), ME) is None
     assert ops_jail.netns_problem("kn-abc", Tag("abc", "aaaaaaaa", OTHER), ME) == \
@@ -447,7 +449,7 @@ def test_another_users_vm_uid_is_refused_until_its_jail_goes(cfg: jail.JailConfi
     """The attack: A stages a jail with B's VM uid (so A's Firecracker could open B's tap
     and signal B's VMM). Refused; U+1 works; once B's jail is removed, U is A's to take.
     Root in-process is one more caller: refused too."""
-    from helper import ops
+    from helper.ops import registry as ops
 
     users = tmp_path / "users"
     users.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder.doctor import find_kernel
-from helper.errors import NotFound, UsageError
+from helper.base.errors import NotFound, UsageError
 from runner import kernel
 
 

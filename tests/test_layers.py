@@ -22,10 +22,8 @@ from builder.layers import Flattener, Member, Rejected, clean_path, flatten
 from builder.tree import Kind, Tree
 from builder.unpack import scan, unpack
 from builder.verify import diff_trees
-from helper.errors import BuildError
-from tests.support.oci import (
-    Member as TarMember,
-)
+from helper.base.errors import BuildError
+from tests.support.oci import Member as TarMember
 from tests.support.oci import (
     device,
     fifo,

@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 
-from helper import config, net, nettap, ops
-from helper import netcore as nc
-from helper.errors import Conflict, KilnError
+from helper import config
+from helper.base.errors import Conflict, KilnError
+from helper.net import core as nc
+from helper.net import host as net
+from helper.net import tapfd as nettap
+from helper.ops import registry as ops
 from tests.test_net_ops import (
     GATEWAY,
     ROOT_A,

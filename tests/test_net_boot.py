@@ -4,8 +4,8 @@ helper made inside a network namespace this test creates.
 Guest A has its own VM namespace (isolation = netns: the guest holds 172.16.0.2, reached at
 its lease through NAT in that namespace), guest B sits on the bridge (isolation = none). Both
 are put on the network by ``runner.network.attach`` (what ``kiln run --net tap`` calls) and
-taken off by ``detach``; the argv is ``runner.qemu.argv`` with the ``TapNic`` it gives, and
-QEMU starts in its ``spawn_netns`` (``helper.net.join_netns``). Proven from outside: each
+taken off by ``detach``; the argv is ``runner.vmm.qemu.argv`` with the ``TapNic`` it gives, and
+QEMU starts in its ``spawn_netns`` (``helper.net.host.join_netns``). Proven from outside: each
 guest's init configured eth0 from the kernel command line with the MAC kiln derived, the
 guests ping each other, a process in the test namespace fetches a page from each guest's
 busybox httpd directly and through a port forward, and the teardown leaves the namespace as
@@ -29,9 +29,10 @@ import pytest
 
 from builder.root import Root
 from builder.source import RegistryOptions
-from helper import net
-from helper import netcore as nc
-from runner import guest_init, kernel, network, qemu
+from helper.net import core as nc
+from helper.net import host as net
+from runner import guest_init, kernel, network
+from runner.vmm import qemu
 from tests.support.images import busybox_layout
 from tests.support.timing import limit
 from tests.test_net_ops import ROOT_A, UID, assert_host_clean, call, cfg, ns, snapshot, vm_id

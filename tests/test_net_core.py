@@ -1,4 +1,4 @@
-"""The kiln network's pure logic (helper/netcore.py, helper/netconfig.py): names, MACs, tags,
+"""The kiln network's pure logic (helper/net/core.py, helper/net/config.py): names, MACs, tags,
 address leases, guest addressing, route overlap, iptables plans, reconcile decisions."""
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from helper import config, ops, tap
-from helper import netcore as nc
-from helper.errors import Conflict, KilnError, NotFound, UsageError
-from helper.netconfig import NetSection
+from helper import config
+from helper.base.errors import Conflict, KilnError, NotFound, UsageError
+from helper.net import core as nc
+from helper.net import tap
+from helper.net.config import NetSection
+from helper.ops import registry as ops
 
 VM = st.text("abcdefghijklmnopqrstuvwxyz234567", min_size=1, max_size=32)
 ROOT = st.text("abcdefghijklmnopqrstuvwxyz234567", min_size=8, max_size=8)

@@ -23,9 +23,12 @@ from typing import Any
 
 import pytest
 
-from helper import config, net, netlease, ops
-from helper import netcore as nc
-from helper.errors import Conflict, KilnError, NotFound, UidInUse, UsageError
+from helper import config
+from helper.base.errors import Conflict, KilnError, NotFound, UidInUse, UsageError
+from helper.net import core as nc
+from helper.net import host as net
+from helper.net import lease as netlease
+from helper.ops import registry as ops
 from tests.support.sudo import helper_as
 
 pytestmark = pytest.mark.root
@@ -525,7 +528,8 @@ def test_a_tap_speaks_only_as_its_vm(ns: str) -> None:
     could answer ARP for another VM's address and take its traffic. Each tap now has an
     ebtables chain, made before it joins the bridge: frames from another MAC, ARP or IPv4
     from another address, and IPv6 are dropped; the chain goes with the tap."""
-    from helper import netguard, nettap
+    from helper.net import guard as netguard
+    from helper.net import tapfd as nettap
 
     c = cfg(ns)
     call(c, "bridge-ensure", {})
@@ -556,7 +560,7 @@ def test_a_tap_speaks_only_as_its_vm(ns: str) -> None:
 
 
 def test_guard_plan_exact_argv() -> None:
-    from helper import netguard
+    from helper.net import guard as netguard
 
     assert netguard.plan("kt-abc", "02:aa:bb:cc:dd:ee", "10.0.0.7") == [
         ["-N", "kg-abc", "-P", "RETURN"],

@@ -32,10 +32,12 @@ import pytest
 
 from builder.root import Root
 from builder.source import RegistryOptions
-from helper import net, netlease
-from helper import netcore as nc
-from runner import network, qemu
-from runner.state import State, root_key
+from helper.net import core as nc
+from helper.net import host as net
+from helper.net import lease as netlease
+from runner import network
+from runner.vm.state import State, root_key
+from runner.vmm import qemu
 from tests.support.cli import kiln, wait_for
 from tests.support.timing import limit
 from tests.test_run_sudo import vmms
@@ -103,7 +105,7 @@ def fetch(ns: str, host: str, port: int, wait: float = 60) -> str:
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(a root with a copy pool, the busybox volume id)."""
     from builder.pipeline import build
-    from helper.pool import init_pool
+    from builder.pool import init_pool
     from tests.support.images import busybox_layout
 
     root = tmp_path_factory.mktemp("netrun") / "root"
@@ -146,7 +148,7 @@ class Net:
         }
 
     def drop_bridge(self, root: Path) -> None:
-        from helper import client
+        from builder import helperclient as client
 
         client.call("bridge-remove", {}, area=root)
 
@@ -449,7 +451,7 @@ def test_firecracker_joins_the_vm_namespace_and_opens_its_tap(
     jailer enters kn-ID, Firecracker (as the VM uid that owns the tap) opens it when the
     network interface is configured, GET /vm/config returns eth0 with the tap and kiln's
     MAC, the guest's address is on the kernel command line; stop leaves nothing."""
-    from runner import firecracker as fc
+    from runner.vmm import fcapi as fc
 
     root, vol = world
     bins = Path("/opt/kiln-test/firecracker")

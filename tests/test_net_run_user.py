@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 
 from builder.demoimage import make_busybox_image
-from helper import netcore as nc
-from helper import netlease
+from helper.net import core as nc
+from helper.net import lease as netlease
 from runner import network
 from tests.support.oci import User, give_to
-from tests.support.sudo import (
-    BASE,
-    _audit_len,
-    _ops_ran,
-    kiln_as,
-)
+from tests.support.sudo import BASE, _audit_len, _ops_ran, kiln_as
 from tests.test_net_run import Net, netns_env, sh, world  # noqa: F401  (fixtures)
 from tests.test_run_sudo import vmms
 
@@ -101,7 +96,7 @@ def test_tap_open_hands_out_only_the_callers_own_tap(tmp_path: Path) -> None:
     import socket
     import struct
 
-    from helper.errors import Conflict, NotFound, UsageError
+    from helper.base.errors import Conflict, NotFound, UsageError
     from tests.test_net_ops import ROOT_A, UID, cfg, vm_id
     from tests.test_net_runner import caller
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from helper.pool.base import FAULT_STEPS
+from builder.pool.base import FAULT_STEPS
 from tests.test_pool_reflink import force_cleanup, leftovers, make_volume, sha
 
 pytestmark = [pytest.mark.root, pytest.mark.loop]
 
 KILN = [sys.executable, "-c",
-        "import runner.commands, runner.commands_pool; from runner.cli import cli; "
+        "from runner.cli import cli; "
         "cli(prog_name='kiln')"]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helper.errors import IntegrityError
-from helper.pool.base import PoolConfig, read_config
+from builder.pool.base import PoolConfig, read_config
+from helper.base.errors import IntegrityError
 
 GOOD = {"backend": "reflink", "reason": "the root's filesystem has reflinks", "fs": "host",
         "size": 0, "created": "2026-11-23T00:00:00.000000Z", "block_sectors": 128}

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helper import privileged, run
-from helper.errors import NotFound, ToolError, ToolNotFound, ToolTimeout, UsageError
-from helper.pool import choose_backend
-from helper.pool.base import SNAP_ID_RE, check_snapshot_id, new_snapshot_id
-from helper.pool.dmthin_core import root_key
+from builder.pool import choose_backend
+from builder.pool.base import SNAP_ID_RE, check_snapshot_id, new_snapshot_id
+from helper.base import run
+from helper.base.errors import NotFound, ToolError, ToolNotFound, ToolTimeout, UsageError
+from helper.storage import privileged
+from helper.storage.dmthin_core import root_key
 
 FACTS = {"thin_detail": "dmsetup targets does not list thin-pool",
          "reflink_detail": "FICLONE refused: Operation not supported"}

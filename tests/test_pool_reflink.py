@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from helper import privileged
-from helper.errors import KilnError, NotFound, UsageError
-from helper.pool import init_pool, open_pool, snapshot_refs
-from helper.pool.base import Pool
-from helper.pool.fileops import PoolFull
+from builder.pool import init_pool, open_pool, snapshot_refs
+from builder.pool.base import Pool
+from helper.base.errors import KilnError, NotFound, UsageError
+from helper.base.fileops import PoolFull
+from helper.storage import privileged
 
 pytestmark = [pytest.mark.root, pytest.mark.loop]
 

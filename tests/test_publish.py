@@ -22,14 +22,13 @@ from builder.pipeline import build
 from builder.root import Root
 from builder.source import RegistryOptions
 from builder.store import Store, Volume
-from helper.errors import IntegrityError, RegistryError, UsageError
+from helper.base.errors import IntegrityError, RegistryError, UsageError
 from tests.support.images import push_busybox
 from tests.support.registry import AuthRegistry, FaultProxy
 
 PLAIN = RegistryOptions(tls_verify=False)
 KILN_DIST = [sys.executable, "-c",
-             "import runner.commands, runner.commands_pool, runner.commands_run, "
-             "runner.commands_dist; from runner.cli import cli; cli(prog_name='kiln')"]
+             "from runner.cli import cli; cli(prog_name='kiln')"]
 
 
 def kiln(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

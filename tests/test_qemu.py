@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helper.errors import UsageError
-from runner import qemu
+from helper.base.errors import UsageError
+from runner.vmm import qemu
 
 
 def spec(**kw: object) -> qemu.QemuSpec:

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from builder.root import Root
-from runner import reaper, state
-from runner.state import State
+from runner.vm import reaper, state
+from runner.vm.state import State
 
 ALPHA = "abcdefghijklmnopqrstuvwxyz234567"
 ids = st.text(alphabet=ALPHA, min_size=12, max_size=12)

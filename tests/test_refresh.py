@@ -20,13 +20,12 @@ from builder.localregistry import LocalRegistry
 from builder.root import Root
 from builder.source import RegistryOptions
 from builder.store import Store, Volume
-from helper.errors import Conflict, UsageError
+from helper.base.errors import Conflict, UsageError
 from tests.support.images import busybox_layout
 
 PLAIN = RegistryOptions(tls_verify=False)
 KILN_DIST = [sys.executable, "-c",
-             "import runner.commands, runner.commands_pool, runner.commands_run, "
-             "runner.commands_dist; from runner.cli import cli; cli(prog_name='kiln')"]
+             "from runner.cli import cli; cli(prog_name='kiln')"]
 
 
 def kiln(root: Path, *args: str) -> subprocess.CompletedProcess[str]:

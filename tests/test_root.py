@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.root import Root, atomic_write, default_root
-from helper.errors import Conflict
+from helper.base.errors import Conflict
 
 
 def test_default_root_prefers_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -17,13 +17,12 @@ import pytest
 
 from builder.root import Root
 from builder.source import RegistryOptions
-from runner.state import State, host_name, root_key, vm_of_host
+from runner.vm.state import State, host_name, root_key, vm_of_host
 from tests.support.images import busybox_layout
 from tests.support.oci import make_layout, mkdir, reg
 from tests.support.timing import limit
 
 KILN = [sys.executable, "-c",
-        "import runner.commands, runner.commands_pool, runner.commands_run; "
         "from runner.cli import cli; cli(prog_name='kiln')"]
 VM_ID = re.compile(r"^[a-z2-7]{12}$")
 
@@ -36,7 +35,7 @@ def kiln(root: Path, *args: str, timeout: float = 120,
 
 def vmm_pids(root: Path) -> dict[str, int]:
     """VM id → pid of the VMMs of ``root``'s VMs (those tagged with its root key)."""
-    from runner.reaper import scan_vmms
+    from runner.vm.reaper import scan_vmms
 
     key = root_key(root)
     return {vm: pid for name, pid in scan_vmms().items()
@@ -47,7 +46,7 @@ def vmm_pids(root: Path) -> dict[str, int]:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
     """(root with a copy pool, busybox volume id, distroless volume id)."""
     from builder.pipeline import build
-    from helper.pool import init_pool
+    from builder.pool import init_pool
 
     base = tmp_path_factory.mktemp("run")
     root = base / "root"
@@ -75,7 +74,7 @@ def test_guest_kernel_command_line_follows_the_accelerator(
         world: tuple[Path, str, str]) -> None:
     """Under TCG the guest boots with the TSC hint and without the crypto self-tests;
     under KVM with neither (what the guest's own /proc/cmdline says)."""
-    from runner.vmmchoice import kvm_verdict
+    from runner.vmm.choice import kvm_verdict
 
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", busybox, "--", "cat", "/proc/cmdline")

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from helper.errors import KilnError, UsageError
-from runner import qemu, supervise, vmspec
-from runner.vmspec import Outcome, outcome
+from helper.base.errors import KilnError, UsageError
+from runner.vm import spec as vmspec
+from runner.vm.spec import Outcome, outcome
+from runner.vmm import process as supervise
+from runner.vmm import qemu
 
 V1 = """cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0

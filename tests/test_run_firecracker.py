@@ -32,9 +32,11 @@ from hypothesis import strategies as st
 
 from builder.root import Root
 from helper import cgroup as cg
-from helper.errors import KilnError, NotFound
-from runner import fcdriver, reaper, state, vmmchoice
-from runner import firecracker as fc
+from helper.base.errors import KilnError, NotFound
+from runner.vm import reaper, state
+from runner.vmm import choice as vmmchoice
+from runner.vmm import fcapi as fc
+from runner.vmm import firecracker as fcdriver
 from tests.support.timing import limit
 from tests.test_run_boot import KILN
 
@@ -77,10 +79,10 @@ _PICK = """
 import json, sys
 from pathlib import Path
 from builder.root import Root
-from runner import vmmchoice
+from runner.vmm import choice as vmmchoice
 vmm, why, cfg = vmmchoice.pick(Root(Path(sys.argv[1])), sys.argv[2])
 print(json.dumps([vmm, why, cfg is not None, "pydantic" in sys.modules,
-                  "runner.fcdriver" in sys.modules]))
+                  "runner.vmm.firecracker" in sys.modules]))
 """
 
 
@@ -301,8 +303,8 @@ def world() -> Iterator[dict[str, Any]]:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.skip(f"firecracker: fetch-firecracker.sh failed: {last}")
     from builder.pipeline import build
+    from builder.pool import init_pool
     from builder.source import RegistryOptions
-    from helper.pool import init_pool
     from tests.support.images import busybox_layout
 
     base = Path(f"/tmp/kiln-fcrun-{secrets.token_hex(4)}")
@@ -461,9 +463,10 @@ def test_a_vm_uid_another_callers_jail_holds_is_retried(world: dict[str, Any],
     kiln's scan starts there (pinned): jail-stage refuses it, the launch is torn down,
     the record gets the next uid and the real jailer runs Firecracker as that one."""
     from builder.source import RegistryOptions
-    from helper import config, ops
-    from runner import vm as vmcore
-    from runner.vmspec import RunOptions
+    from helper import config
+    from helper.ops import registry as ops
+    from runner.vm import lifecycle as vmcore
+    from runner.vm.spec import RunOptions
 
     cfg = config.load()
     held = cfg.uid_first

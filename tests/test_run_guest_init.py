@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helper.errors import KilnError, UsageError
+from helper.base.errors import KilnError, UsageError
 from runner import guest_init
 from runner.guest_init import DEFAULT_PATH, Workload, workload
 

@@ -18,7 +18,6 @@ from builder.source import RegistryOptions
 from tests.support.oci import make_layout, mkdir, reg, symlink
 
 KILN = [sys.executable, "-c",
-        "import runner.commands, runner.commands_pool, runner.commands_run; "
         "from runner.cli import cli; cli(prog_name='kiln')"]
 MARKER = "image-init-marker-5f2c"
 # The image's own PID 1: says hello on the console (its stdout is the console the kernel
@@ -42,7 +41,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """(a root with a copy pool, the volume id of an image whose /sbin/init is a script
     that powers off, that of one whose /sbin/init exits 3 instead)."""
     from builder.pipeline import build
-    from helper.pool import init_pool
+    from builder.pool import init_pool
 
     base = tmp_path_factory.mktemp("run-images")
     root = base / "root"

@@ -26,19 +26,12 @@ import pytest
 
 from builder.demoimage import make_busybox_image
 from helper import cgroup as cg
-from runner import vmcgroup
-from runner.reaper import scan_cgroups, scan_vmms
-from runner.state import host_name, root_key, vm_of_host
+from runner.vm import cgroup as vmcgroup
+from runner.vm.reaper import scan_cgroups, scan_vmms
+from runner.vm.state import host_name, root_key, vm_of_host
 from tests.support.cli import wait_for
 from tests.support.oci import User, give_to
-from tests.support.sudo import (
-    BASE,
-    _audit_len,
-    _ops_ran,
-    helper_as,
-    kiln_as,
-    loop_table,
-)
+from tests.support.sudo import BASE, _audit_len, _ops_ran, helper_as, kiln_as, loop_table
 from tests.support.timing import limit
 
 pytestmark = [pytest.mark.root, pytest.mark.loop, pytest.mark.slow]

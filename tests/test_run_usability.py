@@ -16,7 +16,7 @@ import pytest
 
 from builder.root import Root
 from builder.source import RegistryOptions
-from runner.commands_run import table_reason
+from runner.cli.run import table_reason
 from tests.support.cli import kiln, wait_for
 from tests.support.images import busybox_layout
 
@@ -27,7 +27,7 @@ COLS80 = {"COLUMNS": "80"}
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     """(root with a copy pool, the busybox volume's full id)."""
     from builder.pipeline import build
-    from helper.pool import init_pool
+    from builder.pool import init_pool
 
     root = tmp_path_factory.mktemp("usab") / "root"
     init_pool(Root(root).ensure().path, backend="copy")

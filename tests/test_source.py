@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from builder import source as src
 from builder.root import Root
-from helper.errors import IntegrityError, NotFound, UsageError
+from helper.base.errors import IntegrityError, NotFound, UsageError
 
 HEX = "ab" * 32
 CWD = os.getcwd()

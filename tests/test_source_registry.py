@@ -17,7 +17,7 @@ from builder import proc
 from builder import source as src
 from builder.localregistry import LocalRegistry
 from builder.root import Root
-from helper.errors import IntegrityError, NotFound, RegistryError
+from helper.base.errors import IntegrityError, NotFound, RegistryError
 from tests.support.images import busybox_layout, push_busybox, set_tag
 from tests.support.registry import AuthRegistry, FaultProxy
 

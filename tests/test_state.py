@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helper.errors import Conflict, NotFound
-from runner import state
+from helper.base.errors import Conflict, NotFound
+from runner.vm import state
 
 
 def make(st: state.State, vm_id: str, name: str | None = None, uid: bool = True) -> state.VMRecord:

@@ -12,7 +12,7 @@ import pytest
 
 from builder.root import Root
 from builder.store import Store, hash_file
-from helper.errors import Conflict, IntegrityError, NotFound, UsageError
+from helper.base.errors import Conflict, IntegrityError, NotFound, UsageError
 
 
 def _commit(store: Store, data: bytes, key: str | None = None) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from builder import tarball
 from builder.tree import Entry, Kind, Tree
-from helper.errors import BuildError
+from helper.base.errors import BuildError
 from tests.test_ext4 import CAP, Builder, sha
 
 

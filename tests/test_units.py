@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from builder.units import format_size, parse_duration, parse_size
-from helper.errors import UsageError
+from helper.base.errors import UsageError
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,8 @@ import pytest
 
 from builder.layers import flatten
 from builder.tree import Entry, Kind
-from builder.unpack import (
-    check_content,
-    content_mismatches,
-    scan,
-    umoci_argv,
-    umoci_reason,
-    unpack,
-)
-from helper.errors import BuildError
+from builder.unpack import check_content, content_mismatches, scan, umoci_argv, umoci_reason, unpack
+from helper.base.errors import BuildError
 from tests.support.oci import (
     User,
     device,

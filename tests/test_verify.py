@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from builder.tree import COMPARED, Entry, Kind, Tree
 from builder.verify import count_differences, diff_trees, show_path, verify_trees
-from helper.errors import BuildError
+from helper.base.errors import BuildError
 
 
 def _tree() -> Tree:

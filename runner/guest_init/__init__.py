@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import proc
-from helper.errors import KilnError, UsageError
+from helper.base.errors import KilnError, UsageError
 
 INIT_PATH = "/.kiln/init"
 BUSYBOX = Path("/bin/busybox")

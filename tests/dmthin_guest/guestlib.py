@@ -146,7 +146,7 @@ def thin_ids(root: Path, rootkey: str, meta: str | None = None) -> set[int]:
     """The thin device ids the pool's metadata holds, read with thin_ls from a metadata
     snapshot (the pool stays live). ``meta``: the metadata device, by default the loop of
     ``ROOT/pool/thin/meta.img``."""
-    from helper.pool import dmthin_core as core
+    from helper.storage import dmthin_core as core
 
     pool = core.pool_name(rootkey)
     if meta is None:
@@ -160,7 +160,7 @@ def thin_ids(root: Path, rootkey: str, meta: str | None = None) -> set[int]:
 
 
 def pool_used(rootkey: str) -> int:
-    from helper.pool import dmthin_core as core
+    from helper.storage import dmthin_core as core
 
     line = sh("dmsetup", "status", core.pool_name(rootkey)).strip()
     return core.parse_pool_status(line).used_data_blocks

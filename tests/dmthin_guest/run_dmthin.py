@@ -3,7 +3,7 @@
 Run as root on a machine whose kernel has (or can load) loop and dm-thin-pool: inside a
 QEMU guest booted by ``kiln run`` (``tests/test_dmthin_vm.py``; the guest image carries
 this file, the ``helper`` package and pydantic under ``/kiln-tests``) or directly on a
-host with thin-pool. It drives the REAL ``helper.pool`` dm-thin backend and checks every
+host with thin-pool. It drives the REAL ``builder.pool`` dm-thin backend and checks every
 effect from the outside (``dmsetup``, ``losetup``, ``e2fsck``, bytes of block devices):
 
 pool init → import a small ext4 made here with mke2fs → two snapshots (one larger, grown
@@ -101,10 +101,11 @@ def run_child_snapshot(root: Path, volume_id: str, size: int, fault: str) -> int
 
 def scenario(checks: Checks, work: Path, initialized: threading.Event) -> None:
     """Root's loop-backed pool, in-process; ``initialized`` is set once it exists."""
-    from helper import client, privileged
-    from helper.errors import KilnError, NotFound
-    from helper.pool import destroy_pool, init_pool, open_pool
-    from helper.pool import dmthin_core as core
+    from builder import helperclient as client
+    from builder.pool import destroy_pool, init_pool, open_pool
+    from helper.base.errors import KilnError, NotFound
+    from helper.storage import dmthin_core as core
+    from helper.storage import privileged
 
     root = work / "root"
     root.mkdir()
@@ -380,7 +381,7 @@ def scenario(checks: Checks, work: Path, initialized: threading.Event) -> None:
 
 def child_snapshot(root: str, volume_id: str, size: int) -> int:
     """Create one snapshot; KILN_FAULT_KILL_AT decides where this process dies."""
-    from helper.pool import open_pool
+    from builder.pool import open_pool
 
     pool = open_pool(Path(root))
     assert pool is not None
@@ -390,7 +391,7 @@ def child_snapshot(root: str, volume_id: str, size: int) -> int:
 
 def cleanup(work: Path) -> None:
     """Best effort, after a failure: nothing of this run stays on the machine."""
-    from helper import privileged
+    from helper.storage import privileged
 
     with contextlib.suppress(Exception):
         privileged.reclaim(work / "root", [])
@@ -448,7 +449,7 @@ def main(argv: list[str]) -> int:
                 mounted = True
             setup_kernel(checks)
         with checks.step("import"):
-            import helper.pool  # noqa: F401 - timed: pydantic's import is slow under TCG
+            import builder.pool  # noqa: F401 - timed: pydantic's import is slow under TCG
         initialized = threading.Event()
         if guest:
             # The helper-path scenarios run on the second vCPU next to root's (kiln-helper

@@ -1,7 +1,7 @@
 """In-guest scenarios of the dm-thin backend beyond root's loop-backed pool (guest only:
 they write /etc/kiln, /etc/sudoers.d and /opt/kiln, which a real host must not get).
 
-Operator devices (as root, in-process through ``helper.client``): two loop devices over
+Operator devices (as root, in-process through ``builder.helperclient``): two loop devices over
 files OUTSIDE the kiln root are named in the trusted config (``/etc/kiln/test-config.toml``,
 root-owned 0644): pool init takes them (capacity = the data device, the table names their
 major:minor, no loop files under the root, the claim names the root), snapshots are
@@ -95,9 +95,9 @@ def sparse(path: Path, size: int) -> Path:
 
 
 def devices_scenario(checks: Checks, work: Path) -> None:
-    from helper.errors import KilnError
-    from helper.pool import destroy_pool, init_pool
-    from helper.pool import dmthin_core as core
+    from builder.pool import destroy_pool, init_pool
+    from helper.base.errors import KilnError
+    from helper.storage import dmthin_core as core
 
     devs = work / "opdevs"
     devs.mkdir()
@@ -293,7 +293,7 @@ class UserRun:
 def sudo_scenario(checks: Checks, work: Path, config_text: str) -> None:
     """The user's whole flow through sudo. Runs next to the root scenario (its own area
     key, its own loops); ``config_text`` is the helper config both share."""
-    from helper.pool import dmthin_core as core
+    from helper.storage import dmthin_core as core
 
     with checks.step("sudo_setup"):
         sh("useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group", USER)
@@ -387,9 +387,9 @@ def _read_at(path: str, offset: int, n: int) -> bytes:
 
 
 def user_create(root: Path, volume_id: str, src: Path) -> tuple[Any, dict[str, Any]]:
-    from helper import client
-    from helper.pool import dmthin_core as core
-    from helper.pool import init_pool
+    from builder import helperclient as client
+    from builder.pool import init_pool
+    from helper.storage import dmthin_core as core
 
     root.mkdir()
     pool = init_pool(root, backend="dm-thin", size=POOL_SIZE)
@@ -417,7 +417,7 @@ def user_create(root: Path, volume_id: str, src: Path) -> tuple[Any, dict[str, A
 
 
 def user_destroy(root: Path, snap_id: str) -> dict[str, Any]:
-    from helper.pool import destroy_pool, open_pool
+    from builder.pool import destroy_pool, open_pool
 
     pool = open_pool(root)
     assert pool is not None

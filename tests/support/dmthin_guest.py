@@ -49,6 +49,8 @@ MODULE_DIRS = ("kernel/drivers/md", "kernel/drivers/block", "kernel/lib", "kerne
 PY_PACKAGES = ("pydantic", "pydantic_core", "typing_extensions.py", "annotated_types",
                "typing_inspection")
 SUMMARY_MARK = "KILN-DMTHIN-SUMMARY "
+# The project code the in-guest programs import: the helper, and the pool's client side.
+GUEST_CODE = ("helper", "builder/__init__.py", "builder/helperclient.py", "builder/pool")
 
 
 def base_layout() -> Path:
@@ -87,7 +89,12 @@ def stage_test_layer(staged: Path, version: str) -> None:
             shutil.copytree(src_mods / sub, dst_mods / sub)
     guest = staged / GUEST_DIR
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(PROJECT / "helper", guest / "helper", ignore=ignore)
+    for part in GUEST_CODE:
+        if (PROJECT / part).is_dir():
+            shutil.copytree(PROJECT / part, guest / part, ignore=ignore)
+        else:
+            (guest / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / part, guest / part)
     site = Path(next(p for p in sys.path if p.endswith("site-packages")
                      and (Path(p) / "pydantic").is_dir()))
     for name in PY_PACKAGES:

@@ -1,0 +1,1 @@
+"""Firecracker jails: staging the chroot, the jailer's cgroups, launching the jailer."""

@@ -1,0 +1,1 @@
+"""The kiln network on the host: config, pure logic, leases, taps, namespaces, NAT."""

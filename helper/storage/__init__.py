@@ -1,0 +1,1 @@
+"""The privileged storage primitives: loop-backed pools, volumes and snapshots by fd, dm-thin."""

@@ -1,0 +1,1 @@
+"""The VMMs kiln drives: one driver per VMM behind ``runner.vmm.driver.Driver``."""
