@@ -1,7 +1,7 @@
 """The dm-thin backend's behaviour tests, run for real where device-mapper exists.
 
 Run as root on a machine whose kernel has (or can load) loop and dm-thin-pool: inside a
-QEMU guest booted by ``kiln run`` (``tests/test_dmthin_vm.py``; the guest image carries
+QEMU guest booted by ``kiln run`` (``tests/e2e/test_dmthin_vm.py``; the guest image carries
 this file, the ``helper`` package and pydantic under ``/kiln-tests``) or directly on a
 host with thin-pool. It drives the REAL ``builder.pool`` dm-thin backend and checks every
 effect from the outside (``dmsetup``, ``losetup``, ``e2fsck``, bytes of block devices):

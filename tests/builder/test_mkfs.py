@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from builder import ext4, mkfs, proc
 from builder.tree import Entry, Kind, Tree
 from helper.base.errors import BuildError
-from tests.test_ext4 import KEYS, Builder, build, diff, sample
+from tests.support.ext4 import KEYS, Builder, build, diff, sample
 
 MIB = 1 << 20
 

@@ -37,10 +37,10 @@ from runner.vm import reaper, state
 from runner.vmm import choice as vmmchoice
 from runner.vmm import fcapi as fc
 from runner.vmm import firecracker as fcdriver
+from tests.support.run import KILN
 from tests.support.timing import limit
-from tests.test_run_boot import KILN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = Path("/opt/kiln-test/firecracker")
 TEST_CONFIG = Path("/etc/kiln/test-config.toml")
 

@@ -16,10 +16,7 @@ from helper.base.errors import UsageError
 from helper.cgroup import CgroupConfig, Limits
 from helper.jail.jailer import JailConfig, jailer_argv
 from runner.vmm import fcapi as fc
-
-# Firecracker's API definition trimmed to what kiln uses and brought back to 1.12.1, the release
-# kiln runs (its header says what changed and how it was checked against the real binary).
-SPEC = Path(__file__).resolve().parent / "data" / "firecracker-api-1.12.1.yaml"
+from tests.support.firecracker import load_swagger, validate
 
 CFG = JailConfig(
     jailer=Path("/opt/kiln/bin/jailer"),
@@ -31,22 +28,9 @@ CFG = JailConfig(
 )
 
 
-def load_swagger() -> dict[str, Any]:
-    """The swagger file as data (PyYAML, a test dependency)."""
-    import yaml
-
-    return dict(yaml.safe_load(SPEC.read_text()))
-
-
 @pytest.fixture(scope="module")
 def swagger() -> dict[str, Any]:
     return load_swagger()
-
-
-def validate(swagger: dict[str, Any], definition: str, body: Any) -> None:
-    """Validate ``body`` against ``#/definitions/<definition>`` with $refs resolved."""
-    schema = {"$ref": f"#/definitions/{definition}", "definitions": swagger["definitions"]}
-    jsonschema.Draft4Validator(schema).validate(body)
 
 
 # -- the launch plan ----------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_malformed_references_fail_in_one_line(tmp_path: Path, ref: str) -> None
     assert len(lines) == 2
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """`kiln run --net tap` as an ordinary user (a sudo rule for the installed helper only): its
 QEMU runs as the user, which can neither enter a VM namespace nor open a tap owned by a VM
 uid, so the helper attaches the tap and sends the fd (``tap-open``); and that op's own
-refusals. Same namespace-per-test setup as tests/test_net_run.py.
+refusals. Same namespace-per-test setup as tests/e2e/test_net_run.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from builder.demoimage import make_busybox_image
 from helper.net import core as nc
 from helper.net import lease as netlease
 from runner import network
+from tests.support.netrun import Net, netns_env, sh, world  # noqa: F401  (fixtures)
 from tests.support.oci import User, give_to
+from tests.support.run import vmms
 from tests.support.sudo import BASE, _audit_len, _ops_ran, kiln_as
-from tests.test_net_run import Net, netns_env, sh, world  # noqa: F401  (fixtures)
-from tests.test_run_sudo import vmms
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -91,14 +91,13 @@ def test_an_ordinary_user_runs_tap_vms_through_the_helper(
 
 def test_tap_open_hands_out_only_the_callers_own_tap(tmp_path: Path) -> None:
     """The op an ordinary user's kiln calls, in-process with a test config (as in
-    tests/test_net_ops.py): the fd is the VM's tap, attached; anything else is refused."""
+    tests/helper/test_net_ops.py): the fd is the VM's tap, attached; anything else is refused."""
     import fcntl
     import socket
     import struct
 
     from helper.base.errors import Conflict, NotFound, UsageError
-    from tests.test_net_ops import ROOT_A, UID, cfg, vm_id
-    from tests.test_net_runner import caller
+    from tests.support.net import ROOT_A, UID, caller, cfg, vm_id
 
     name = f"kilnt{secrets.token_hex(4)}"
     sh("ip", "netns", "add", name)

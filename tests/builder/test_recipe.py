@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from builder import recipe as R
 from builder.recipe import RecipeError, key_material, load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ALLOWED = ("cmd, entrypoint, env, files, headroom, labels, platform, size, source, user, "
            "workdir")
 ELF_AARCH64 = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)

@@ -27,10 +27,10 @@ from helper.base.errors import Conflict
 from helper.jail import jailer as jail
 from runner.kernel_elf import ensure_vmlinux
 from runner.vmm import fcapi as fc
+from tests.support.firecracker import load_swagger, validate
 from tests.support.timing import limit
-from tests.test_firecracker import load_swagger, validate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = Path("/opt/kiln-test/firecracker")
 UID = 900_321
 CALLER = 900_777  # an unprivileged controller in some tests

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +19,9 @@ from builder.source import RegistryOptions
 from runner.vm.state import State, host_name, root_key, vm_of_host
 from tests.support.images import busybox_layout
 from tests.support.oci import make_layout, mkdir, reg
+from tests.support.run import KILN
 from tests.support.timing import limit
 
-KILN = [sys.executable, "-c",
-        "from runner.cli import cli; cli(prog_name='kiln')"]
 VM_ID = re.compile(r"^[a-z2-7]{12}$")
 
 
@@ -187,7 +185,7 @@ def test_detach_logs_stop(world: tuple[Path, str, str]) -> None:
 
 
 def test_errors(world: tuple[Path, str, str], tmp_path: Path) -> None:
-    root, busybox, _ = world  # (--net tap's refusals: tests/test_net_run.py)
+    root, busybox, _ = world  # (--net tap's refusals: tests/e2e/test_net_run.py)
     res = kiln(root, "run", "--vmm", "firecracker", busybox)
     assert res.returncode == 125
     assert "error: firecracker is not configured: firecracker not found at " in res.stderr

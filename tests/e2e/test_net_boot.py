@@ -34,9 +34,8 @@ from helper.net import host as net
 from runner import guest_init, kernel, network
 from runner.vmm import qemu
 from tests.support.images import busybox_layout
+from tests.support.net import ROOT_A, UID, assert_host_clean, call, caller, cfg, ns, snapshot, vm_id
 from tests.support.timing import limit
-from tests.test_net_ops import ROOT_A, UID, assert_host_clean, call, cfg, ns, snapshot, vm_id
-from tests.test_net_runner import caller
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 __all__ = ["ns"]  # the fixture, shared with test_net_ops

@@ -38,7 +38,7 @@ from tests.support.sudo import (
 pytestmark = pytest.mark.root
 
 RATE = AUDIT.parent / "rate"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _audit_size() -> int:
@@ -276,7 +276,8 @@ def test_the_cpu_limit_kills_outright() -> None:
 
 
 def test_tools_and_vmms_start_with_no_signal_blocked() -> None:
-    code = ("import json, subprocess\nfrom helper import main\nfrom helper.base import run\nmain.hold_signals()\n"
+    code = ("import json, subprocess\nfrom helper import main\nfrom helper.base import run\n"
+            "main.hold_signals()\n"
             "tool = run.run('grep', ['-E', '^SigBlk', '/proc/self/status']).text.split()[1]\n"
             "vmm = subprocess.run(['grep', '-E', '^SigBlk', '/proc/self/status'],\n"
             "                     preexec_fn=run.vmm_child, capture_output=True, text=True,\n"

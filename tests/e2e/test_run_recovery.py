@@ -91,7 +91,7 @@ def test_sweep_takes_only_temp_files_whose_writer_died(tmp_path: Path) -> None:
     dest = tmp_path / "initrd-abc.cpio"
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(dest)],
                               stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parents[1])
+                              cwd=Path(__file__).parents[2])
     try:
         assert writer.stdout is not None
         name = writer.stdout.readline().strip()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.pool.base import FAULT_STEPS
-from tests.test_pool_reflink import force_cleanup, leftovers, make_volume, sha
+from tests.support.pool import force_cleanup, leftovers, make_volume, sha
 
 pytestmark = [pytest.mark.root, pytest.mark.loop]
 

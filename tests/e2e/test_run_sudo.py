@@ -27,10 +27,11 @@ import pytest
 from builder.demoimage import make_busybox_image
 from helper import cgroup as cg
 from runner.vm import cgroup as vmcgroup
-from runner.vm.reaper import scan_cgroups, scan_vmms
+from runner.vm.reaper import scan_cgroups
 from runner.vm.state import host_name, root_key, vm_of_host
 from tests.support.cli import wait_for
 from tests.support.oci import User, give_to
+from tests.support.run import vmms
 from tests.support.sudo import BASE, _audit_len, _ops_ran, helper_as, kiln_as, loop_table
 from tests.support.timing import limit
 
@@ -50,13 +51,6 @@ def kiln_popen(user: User, root: Path, *args: str) -> subprocess.Popen[str]:
         ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "--",
          sys.executable, "-c", KILN, "--root", str(root), *args],
         cwd="/", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def vmms(root: Path) -> dict[str, int]:
-    """VM id → QEMU pid of ``root``'s VMs."""
-    key = root_key(root)
-    return {vm: pid for name, pid in scan_vmms().items()
-            if (vm := vm_of_host(name, key)) is not None}
 
 
 def cgroups_of(root: Path) -> dict[str, tuple[str, ...]]:

@@ -4,7 +4,7 @@ The user runs ``runner.vmm.fcapi.FirecrackerVM`` with ``builder.helperclient.Hel
 privileged step (cgroup-create, jail-stage, jail-launch, jail-grant-api, cgroup-kill,
 jail-remove) goes through ``sudo kiln-helper``; the API round-trip happens as the user, on
 the socket the helper granted. Guests do not boot here (no usable KVM), so this stops
-after the configuration round-trip, like tests/test_firecracker_real.py.
+after the configuration round-trip, like tests/runner/test_firecracker_real.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from runner.demo import next_steps
 from tests.support.cli import kiln
 
-MOTD = (Path(__file__).parents[1] / "recipes" / "demo" / "motd").read_text()
+MOTD = (Path(__file__).parents[2] / "recipes" / "demo" / "motd").read_text()
 
 pytestmark = pytest.mark.slow
 

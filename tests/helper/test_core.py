@@ -1,7 +1,7 @@
 """kiln-helper in-process: request schemas, hostile requests, config trust, safepath races.
 
 Everything here runs the real validation and the real op functions (as root, against
-directories the tests make); the installed binary and sudo are in test_helper_sudo.py.
+directories the tests make); the installed binary and sudo are in test_sudo.py.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def test_demo_builds_the_demo_recipe_and_boots_it(tmp_path: Path) -> None:
         # The README's first command: build (cached now) and boot; the guest's workload
         # (the recipe's entrypoint + cmd, env GREETING) prints the motd and the greeting.
         booted = kiln(tmp_path, "demo")
-        motd = (Path(__file__).parents[1] / "recipes" / "demo" / "motd").read_text()
+        motd = (Path(__file__).parents[2] / "recipes" / "demo" / "motd").read_text()
         assert motd in booted.stdout
         assert "hello from kiln\n" in booted.stdout
         assert "the VM exited with 0" in booted.stdout

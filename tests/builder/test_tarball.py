@@ -12,7 +12,7 @@ import pytest
 from builder import tarball
 from builder.tree import Entry, Kind, Tree
 from helper.base.errors import BuildError
-from tests.test_ext4 import CAP, Builder, sha
+from tests.support.ext4 import CAP, Builder, sha
 
 
 def small(root: Path) -> Tree:

@@ -5,32 +5,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from helper import config
 from helper.base.errors import Conflict
 from helper.net import core as nc
 from helper.net import host as net
-from helper.ops import registry as ops
 from runner import network
 from runner.vm import resources as vmres
 from runner.vm.state import State, VMRecord
 from runner.vmm import qemu
-from tests.test_net_ops import ROOT_A, ROOT_B, UID, assert_host_clean, cfg, ns, snapshot, vm_id
+from tests.support.net import (
+    ROOT_A,
+    ROOT_B,
+    UID,
+    assert_host_clean,
+    caller,
+    cfg,
+    ns,
+    snapshot,
+    vm_id,
+)
 
 pytestmark = pytest.mark.root
 __all__ = ["ns"]  # the fixture, shared with test_net_ops
-
-
-def caller(c: config.Config, uid: int = 0) -> network.Call:
-    """What ``builder.helperclient.call`` does in-process, with the test's config."""
-    ctx = ops.Ctx(cfg=c, area=Path("/nonexistent"), caller_uid=uid, caller_gid=uid)
-
-    def call(op: str, req: dict[str, Any]) -> dict[str, Any]:
-        return ops.run_op(ctx, op, ops.parse(op, json.dumps(req)))
-    return call
 
 
 def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:

@@ -1,5 +1,5 @@
 """Attacks on the network ops by a malicious caller, performed for real inside network
-namespaces the tests create (the fixture and helpers of tests/test_net_ops.py): each is
+namespaces the tests create (the fixture and helpers of tests/support/net.py): each is
 refused with its exact error, or harmless."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from helper.net import core as nc
 from helper.net import host as net
 from helper.net import tapfd as nettap
 from helper.ops import registry as ops
-from tests.test_net_ops import (
+from tests.support.net import (
     GATEWAY,
     ROOT_A,
     ROOT_B,
