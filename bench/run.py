@@ -9,7 +9,7 @@ temporary root:
   with the same kernel, the same (minimal) initrd and a copy of a kiln snapshot (kiln's
   init in it, so the same workload prints the same marker on the serial console);
 * ``bare-tuned``: the same bare command with kiln's kernel command line
-  (``runner.vmm.qemu.kernel_cmdline``: ``pci=off``, ``random.trust_cpu=on`` and, under TCG,
+  (``runner.vmm.qemuargv.kernel_cmdline``: ``pci=off``, ``random.trust_cpu=on`` and, under TCG,
   ``cryptomgr.notests``): kiln/bare-tuned is what kiln's own work costs, apart from the
   boot it chose;
 * ``to-exec``: kiln's own time from process start to the VMM's fork+exec (from the two
@@ -139,7 +139,7 @@ def main() -> None:
     from builder.root import Root
     from builder.source import RegistryOptions
     from runner import guest_init, kernel
-    from runner.vmm import qemu
+    from runner.vmm import qemuargv
 
     # kiln's bytecode, as an installed kiln has it (pip compiles at install; an editable
     # install writes it on first import, unless PYTHONDONTWRITEBYTECODE is set, when every
@@ -162,7 +162,7 @@ def main() -> None:
         disk.chmod(0o644)
         w = guest_init.workload(vol.meta["config"], command=["echo", MARKER], hostname="bare")
         guest_init.inject(disk, w, scratch=work)
-        tsc = qemu.host_tsc_khz()
+        tsc = qemuargv.host_tsc_khz()
         # The same guest channels as kiln's: the workload's stdout on a virtio-serial
         # port (here: QEMU's stdout), its status on another; the console to a file.
         bare = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "512",
@@ -181,7 +181,7 @@ def main() -> None:
                 f"init=/.kiln/init tsc_early_khz={tsc}"]
         # kiln's command line for this guest (TCG, the same init), on the bare command
         tuned = [*bare]
-        tuned[tuned.index("-append") + 1] = qemu.kernel_cmdline(qemu.QemuSpec(
+        tuned[tuned.index("-append") + 1] = qemuargv.kernel_cmdline(qemuargv.QemuSpec(
             name="bare", kernel=boot.kernel, initrd=boot.initrd, disk=disk, cpus=1,
             memory_mib=512, accel="tcg", tsc_khz=tsc, console_log=work / "console.log",
             stdout=work / "stdout", stderr=work / "stderr", status=work / "status",

@@ -9,10 +9,7 @@ hard-links the needed blobs into the layout so umoci can read it. ``_Progress`` 
 cache and skopeo's temp files to report per-blob bytes.
 
 Dependency direction: this module imports ``builder.source`` (references, platform choice,
-argv builders, the retrying skopeo runner) and ``builder.source`` never imports it at import
-time. ``builder.source`` still offers ``pull``, ``Pulled``, ``BlobProgress``, ``blob_path``,
-``check_layer_type`` and ``layer_kind`` through a lazy module ``__getattr__``, so code that
-names them there (the pipeline, tests) keeps working without an import cycle.
+argv builders, the retrying skopeo runner); ``builder.source`` never imports it.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +45,7 @@ from builder.source import (
 )
 from builder.store import hash_file
 from helper.base.errors import IntegrityError
+from helper.base.fileops import atomic_replace, sparse_copy
 
 # layer media type suffix -> MIME types libmagic reports for such content
 LAYER_MAGIC = {
@@ -228,9 +225,9 @@ def _link(src: Path, dest: Path) -> None:
     try:
         os.link(src, dest)
     except OSError:  # another filesystem: copy (rare; workdirs live under the root)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        with atomic_replace(dest) as tmp:
+            os.ftruncate(tmp.fd, os.stat(src).st_size)
+            sparse_copy(src, tmp.fd)
 
 
 def _pinned_ref(resolved: Resolved) -> ImageRef:

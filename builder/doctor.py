@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import probes, proc
+from helper.base import toolenv
 
 # tool -> args that print its version (mke2fs prints it to stderr, which version_of reads)
 TOOLS: dict[str, tuple[str, ...]] = {
@@ -124,7 +125,7 @@ def check_tool(tool: str, args: tuple[str, ...]) -> Check:
             hint = (f"optional: put the {tool} release binary in /usr/local/bin "
                     "(kiln runs VMs with QEMU without it)")
         else:
-            hint = f"apt-get install {proc.PACKAGES.get(tool, tool)}"
+            hint = f"apt-get install {toolenv.PACKAGES.get(tool, tool)}"
         return Check(tool, False, "not installed", hint, required)
     version = parse_version(line)
     if tool == "mke2fs" and version_tuple(version) < E2FSPROGS_MIN:

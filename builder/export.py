@@ -2,31 +2,30 @@
 product is a file.
 
 * ``raw``: the ext4 bytes, copied with ``copy_file_range`` segment by segment between
-  ``SEEK_DATA``/``SEEK_HOLE``, so holes stay holes (a 1 GiB volume with 200 MiB of data
-  writes 200 MiB) and the copy stays in the kernel (reflinks on XFS/btrfs).
+  ``SEEK_DATA``/``SEEK_HOLE`` (``helper.base.fileops.sparse_copy``), so holes stay holes (a
+  1 GiB volume with 200 MiB of data writes 200 MiB) and the copy stays in the kernel
+  (reflinks on XFS/btrfs).
 * ``qcow2``: ``qemu-img convert`` (through ``builder.proc``).
 
 ``unzstd_hashed`` is the same idea for ``kiln pull``: a compressed volume written out with
 its holes, hashed on the way.
 
-Either way the result is written to a temporary name beside FILE, fsync-ed, then renamed:
-FILE is the old file or the whole new image, never half an image.
+Either way the result is written to a temporary name beside FILE, fsync-ed, then renamed
+(``helper.base.fileops.atomic_replace``): FILE is the old file or the whole new image, never
+half an image.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import errno
 import hashlib
 import os
-import secrets
 from pathlib import Path
 
 from builder import proc
-from builder.root import fsync_dir
 from builder.store import Volume
 from helper.base.errors import UsageError
+from helper.base.fileops import atomic_replace, sparse_copy
 
 FORMATS = ("raw", "qcow2")
 
@@ -43,34 +42,6 @@ def qemu_img_argv(src: Path, dest: Path) -> list[str]:
     ]
 
 
-def sparse_copy(src: Path, dest: Path) -> int:
-    """Copy ``src`` to the new file ``dest`` keeping holes; return bytes of data copied."""
-    copied = 0
-    with open(src, "rb") as fi, open(dest, "xb") as fo:
-        size = os.fstat(fi.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
-                    raise
-                break
-            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
-            off_in, off_out = start, start
-            while off_in < end:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), end - off_in, off_in, off_out)
-                if n == 0:
-                    break
-                off_in += n
-                off_out += n
-                copied += n
-            pos = end
-        os.ftruncate(fo.fileno(), size)  # a trailing hole
-        os.fsync(fo.fileno())
-    return copied
-
-
 def export_volume(volume: Volume, dest: Path, fmt: str = "raw") -> Path:
     """Write ``volume`` to ``dest`` as ``fmt`` (``raw`` or ``qcow2``), atomically."""
     if fmt not in FORMATS:
@@ -80,24 +51,12 @@ def export_volume(volume: Volume, dest: Path, fmt: str = "raw") -> Path:
         raise UsageError(f"{dest} is a directory", "give a file name, e.g. disk.img")
     if not dest.parent.is_dir():
         raise UsageError(f"directory {dest.parent} does not exist", "create it first")
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic_replace(dest, mode=0o600, final_mode=0o644) as tmp:
         if fmt == "raw":
-            sparse_copy(volume.path, tmp)
-        else:
-            proc.run("qemu-img", qemu_img_argv(volume.path, tmp), timeout=3600)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
+            os.ftruncate(tmp.fd, os.stat(volume.path).st_size)  # holes, a trailing one too
+            sparse_copy(volume.path, tmp.fd)
+        else:  # qemu-img writes the temp file in place (same inode, fsync-ed on commit)
+            proc.run("qemu-img", qemu_img_argv(volume.path, tmp.path), timeout=3600)
     return dest
 
 

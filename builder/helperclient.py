@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder import proc
 from helper.base import errors
 from helper.base.errors import KilnError, UsageError
 from helper.cgroup import Limits
@@ -72,28 +72,27 @@ def sudo_argv(op: str, pass_fd: int | None = None) -> list[str]:
 def _sudo(op: str, request: dict[str, Any], pass_fd: int | None,
           timeout: float) -> dict[str, Any]:
     argv = sudo_argv(op, pass_fd)
-    try:
-        res = subprocess.run(argv, input=json.dumps(request).encode(), capture_output=True,
-                             timeout=timeout, check=False,
-                             pass_fds=(pass_fd,) if pass_fd is not None else (),
-                             env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
-    except FileNotFoundError:
-        raise errors.ToolNotFound("sudo") from None
-    except subprocess.TimeoutExpired:
-        raise errors.ToolTimeout(argv, timeout) from None
-    out = res.stdout.decode("utf-8", "replace").strip()
+    # In kiln's session and without PDEATHSIG (sudo is setuid: the kernel drops it anyway):
+    # a Ctrl-C reaches sudo, which relays it to the helper, which finishes the op first.
+    # The environment is kiln's allowlisted one; sudo resets it and the helper scrubs it.
+    child = proc.spawn(argv[0], argv[1:], stdin=proc.PIPE, stdout=proc.PIPE,
+                       stderr=proc.PIPE, new_session=False, die_with_parent=False,
+                       pass_fds=(pass_fd,) if pass_fd is not None else ())
+    stdout, stderr = child.communicate(json.dumps(request).encode(), timeout)
+    code = child.code
+    out = stdout.decode("utf-8", "replace").strip()
     try:
         data = json.loads(out.splitlines()[-1]) if out else None
     except ValueError:
         data = None
-    if res.returncode == 0 and isinstance(data, dict):
+    if code == 0 and isinstance(data, dict):
         return data
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         err = data["error"]
         cls = _ERRORS.get(str(err.get("type")), KilnError)
         raise cls(str(err.get("message")), str(err.get("hint") or ""))
-    last = res.stderr.decode("utf-8", "replace").strip().splitlines()
-    raise KilnError(f"kiln-helper {op} failed: {last[-1] if last else f'exit {res.returncode}'}",
+    last = stderr.decode("utf-8", "replace").strip().splitlines()
+    raise KilnError(f"kiln-helper {op} failed: {last[-1] if last else f'exit {code}'}",
                     "is kiln-helper installed (scripts/install-helper) and are you in the "
                     "kiln group? `sudo -n -l /opt/kiln/bin/kiln-helper` tells")
 

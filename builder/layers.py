@@ -81,18 +81,19 @@ class Rejected(Exception):
 class Member:
     """One tar member, reduced to what flattening needs.
 
-    ``type`` is a ``Kind`` value or ``"hardlink"``; ``linkname`` is the symlink target or
-    the hard link's target path.
+    ``kind`` is a ``Kind`` value or ``"hardlink"``; ``target`` is the symlink target or
+    the hard link's target path (``builder.tree.Entry``'s words; tar calls them ``type``
+    and ``linkname``).
     """
 
     name: str
-    type: str
+    kind: str
     mode: int = 0o644
     uid: int = 0
     gid: int = 0
     size: int = 0
     sha256: str = ""
-    linkname: str = ""
+    target: str = ""
     major: int = 0
     minor: int = 0
     mtime: int = 0
@@ -198,7 +199,7 @@ class Flattener:
     def apply(self, m: Member) -> None:
         name = clean_path(m.name)
         if not name:
-            if m.type != Kind.DIR:
+            if m.kind != Kind.DIR:
                 raise Rejected("the root directory entry is not a directory")
             self._set_meta(self.nodes[""], m)
             return
@@ -210,17 +211,17 @@ class Flattener:
         self._mkdir_all(dir_parts)
         path = _join([*dir_parts, file])
         old = self.nodes.get(path)
-        if old is not None and not (old.kind is Kind.DIR and m.type == Kind.DIR):
+        if old is not None and not (old.kind is Kind.DIR and m.kind == Kind.DIR):
             self._remove_tree(path)
             old = None
-        if m.type == "hardlink":
-            self._add(path, self._link_target(m.linkname))
+        if m.kind == "hardlink":
+            self._add(path, self._link_target(m.target))
         elif old is not None:  # directory over directory: metadata only
             self._set_meta(old, m)
         else:
-            if m.type == Kind.SYMLINK and not m.linkname:
+            if m.kind == Kind.SYMLINK and not m.target:
                 raise Rejected("symlink with an empty target")
-            node = _Inode(Kind(m.type), 0)
+            node = _Inode(Kind(m.kind), 0)
             self._set_meta(node, m)
             self._add(path, node)
         self.upper.update(_ancestors(path))
@@ -232,20 +233,19 @@ class Flattener:
         if node.kind is Kind.REG:
             node.size, node.sha256 = m.size, m.sha256 or EMPTY_SHA256
         elif node.kind is Kind.SYMLINK:
-            node.target = m.linkname
+            node.target = m.target
         elif node.kind in (Kind.CHR, Kind.BLK):
             node.major, node.minor = m.major, m.minor
 
-    def _link_target(self, linkname: str) -> _Inode:
-        clean = clean_path(linkname)
+    def _link_target(self, target: str) -> _Inode:
+        clean = clean_path(target)
         dir_name, _, file = clean.rpartition("/")
         parts = self._resolve(dir_name.split("/") if dir_name else [])
-        target = _join([*parts, file]) if file else ""
-        node = self.nodes.get(target)
+        node = self.nodes.get(_join([*parts, file]) if file else "")
         if node is None:
-            raise Rejected(f"hard link target {linkname!r} does not exist")
+            raise Rejected(f"hard link target {target!r} does not exist")
         if node.kind is Kind.DIR:
-            raise Rejected(f"hard link target {linkname!r} is a directory")
+            raise Rejected(f"hard link target {target!r} is a directory")
         return node
 
     def _whiteout(self, dir_parts: list[str], file: str) -> None:
@@ -333,8 +333,8 @@ def _member(ti: tarfile.TarInfo, tf: tarfile.TarFile) -> Member:
         if nbytes != ti.size:
             raise Rejected(f"truncated: {nbytes} of {ti.size} bytes")
         sha = h.hexdigest()
-    return Member(name=ti.name, type=kind, mode=ti.mode, uid=ti.uid, gid=ti.gid, size=nbytes,
-                  sha256=sha, linkname=ti.linkname, major=ti.devmajor, minor=ti.devminor,
+    return Member(name=ti.name, kind=kind, mode=ti.mode, uid=ti.uid, gid=ti.gid, size=nbytes,
+                  sha256=sha, target=ti.linkname, major=ti.devmajor, minor=ti.devminor,
                   mtime=int(ti.mtime), xattrs=_xattrs(ti.pax_headers))
 
 

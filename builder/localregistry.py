@@ -5,10 +5,10 @@ port with its own data directory and, optionally, htpasswd users. It writes the 
 log to a file and parses the access-log lines from it, so tests can prove what was (and was
 not) fetched.
 
-Why ``subprocess.Popen`` here and not ``builder.proc``: ``proc.run`` runs a tool to
-completion; the registry is a long-running server that must outlive the call that starts it
-and be stopped explicitly. The binary is still resolved with ``proc.which`` and started with
-``proc.tool_env``, and its process group is killed on exit, so nothing is left running.
+The registry is a long-running server that must outlive the call that starts it and be
+stopped explicitly, so it is started with ``proc.spawn`` (not ``proc.run``): resolved on the
+fixed search path, the allowlisted environment, its own session, SIGKILLed if the caller
+dies; ``stop`` ends its process group, so nothing is left running.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -31,8 +30,9 @@ from pathlib import Path
 from types import TracebackType
 
 from builder import proc
-from builder.root import atomic_write, rmtree
+from builder.root import rmtree
 from helper.base.errors import KilnError
+from helper.base.fileops import atomic_write
 
 # One access-log line as distribution 2.8 writes it (Apache combined format):
 # 127.0.0.1 - - [23/Nov/2026:11:56:39 +0000] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 349 "" "ua"
@@ -101,7 +101,7 @@ class LocalRegistry:
         self.log_path = self._base / "registry.log"
         self.users = dict(users or {})
         self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: proc.Child | None = None
         self._log_text = ""
 
     @property
@@ -134,13 +134,12 @@ class LocalRegistry:
             self.port = free_port()
             cfg = self._base / "config.yml"
             atomic_write(cfg, registry_config(self.port, self.data_dir, htpasswd).encode())
-            log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child from here
+            log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                          0o644)
             try:
-                self._proc = subprocess.Popen(
-                    [exe, "serve", str(cfg)], stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, env=proc.tool_env(), start_new_session=True)
+                self._proc = proc.spawn(exe, ["serve", str(cfg)], stdout=log, stderr=log)
             finally:
-                log.close()
+                os.close(log)
             if self._wait_ready():
                 return
             self._kill()
@@ -165,13 +164,9 @@ class LocalRegistry:
         p, self._proc = self._proc, None
         if p is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+        p.kill(signal.SIGTERM)  # its process group: it leads its own session
+        if p.wait(timeout=5) is None:
+            p.kill(signal.SIGKILL)
             p.wait()
 
     def stop(self) -> None:

@@ -205,7 +205,7 @@ def build(root: Root, source: str, opts: Any, *, listener: Listener | None = Non
     reference. ``opts`` is a ``builder.source.RegistryOptions``. ``verify=False`` skips
     the read-back comparison (the benchmark measures its cost; users always verify)."""
     root.ensure()
-    root.recover()
+    root.recover()  # for API callers too; `kiln build` leaves tmp/ and blobs/ to this one
     progress = Progress(listener)
     store = Store(root)
     recipe, ref_text = _load_source(source)

@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import select
-import signal
 import stat
 import struct
 import tempfile
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import proc
+from helper.base import fileops
 from helper.base.errors import KilnError
 
 
@@ -77,15 +77,9 @@ def dm_thin() -> Probe:
 
 def reflink(directory: Path) -> Probe:
     """``directory``'s filesystem can clone a file (FICLONE)."""
-    ficlone = 0x40049409
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory) as a, \
-                tempfile.NamedTemporaryFile(dir=directory) as b:
-            a.write(b"x" * 4096)
-            a.flush()
-            fcntl.ioctl(b.fileno(), ficlone, a.fileno())
-    except OSError as e:
-        return Probe(False, f"FICLONE on {directory} refused: {e.strerror}")
+    why = fileops.probe_reflink(directory)
+    if why is not None:
+        return Probe(False, f"FICLONE on {directory} refused: {why}")
     return Probe(True, f"FICLONE works on {directory}")
 
 
@@ -105,8 +99,9 @@ def reflink(directory: Path) -> Probe:
 #    reports again (0x43) and halts.
 #
 # Native execution runs the loop in about a millisecond; the probe demands it finish within
-# ``_LOOP_BUDGET`` seconds (a 100x margin both ways). All of it runs in a forked child that
-# is killed after the timeout, so a guest that spins cannot hang the caller.
+# ``_LOOP_BUDGET`` seconds (a 100x margin both ways). All of it runs in a forked child
+# (``proc.fork``) that is killed after the timeout, so a guest that spins cannot hang the
+# caller.
 
 _KVMIO = 0xAE
 KVM_GET_API_VERSION = 0xAE00
@@ -251,20 +246,21 @@ def kvm_probe(device: str = "/dev/kvm", timeout: float = 3.0) -> Probe:
         return Probe(False, f"{device} is not readable and writable by this user "
                             "(add the user to the kvm group)")
     rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns
-        os.close(rfd)
 
+    def guest() -> int:  # in the child: every outcome, errors included, goes to the pipe
         def report(msg: str) -> None:
             os.write(wfd, (json.dumps(msg) + "\n").encode())
 
         try:
             report(_kvm_guest_run(device, report))
-        except BaseException as e:  # the child must always reach os._exit
+        except BaseException as e:
             report(f"fail:{type(e).__name__}: {e}")
-        finally:
-            os._exit(0)
-    os.close(wfd)
+        return 0
+
+    try:
+        child = proc.fork(guest, close_fds=(rfd,))
+    finally:
+        os.close(wfd)
     lines: list[str] = []
     buf = b""
     deadline = time.monotonic() + timeout
@@ -279,9 +275,8 @@ def kvm_probe(device: str = "/dev/kvm", timeout: float = 3.0) -> Probe:
             buf += chunk
     finally:
         os.close(rfd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        child.kill()
+        child.wait()
     lines = [json.loads(x) for x in buf.decode().splitlines() if x.strip()]
     verdict = next((x for x in reversed(lines) if x.startswith(("ok:", "fail:"))), None)
     if verdict is None:

@@ -15,23 +15,23 @@ changes the output, with file sources replaced by their content hashes: moving a
 directory keeps it, editing a file changes it. The pipeline adds the image digest; where the
 image came from (``source``, ``platform``) is not in it.
 
-Module layout (imports point one way: recipe_doc -> recipe -> claims -> recipe_rules):
-pure value rules and ``Bad`` live in ``builder.recipe_rules``, the file-claims checks in
-``builder.recipe_files``, the generated reference in ``builder.recipe_doc``. recipe_doc imports
-this module, so ``recipe_reference_markdown`` is re-exported lazily at the bottom.
+Module layout (imports point one way: recipe_doc -> recipe -> recipe_files, recipe_errors
+-> recipe_rules): pure value rules and ``Bad`` live in ``builder.recipe_rules``, the
+file-claims checks in ``builder.recipe_files``, the one-line error messages in
+``builder.recipe_errors``, the generated reference (``python -m builder.recipe_doc``) in
+``builder.recipe_doc``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -43,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from builder.recipe_errors import describe
 from builder.recipe_files import check_claims, read_src
 from builder.recipe_rules import (
     PATH_TRANSPORTS,
@@ -55,8 +56,6 @@ from builder.recipe_rules import (
 )
 from builder.units import parse_size
 from helper.base.errors import UsageError
-
-SCHEMA_DOC = "docs/recipes.md"
 
 
 class RecipeError(UsageError):
@@ -204,9 +203,6 @@ class Recipe(BaseModel):
         """The directory relative ``files`` and ``oci:`` paths are resolved against."""
         return self._path.parent
 
-    def src_path(self, spec: FileSpec) -> Path:
-        return self.directory / spec.src
-
     @property
     def image_ref(self) -> str:
         """``source`` with a relative oci:/oci-archive:/docker-archive: path made absolute."""
@@ -333,63 +329,16 @@ class Recipe(BaseModel):
         return self
 
 
-# --- errors -------------------------------------------------------------------------------
-
-_TOML_TYPES = ((bool, "a boolean"), (str, "a string"), (int, "an integer"),
-               (float, "a float"), (list, "an array"), (tuple, "an array"), (dict, "a table"))
-_EXPECTED = {"string_type": "a string", "list_type": "an array", "tuple_type": "an array",
-             "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table"}
+# --- errors (the message itself is built by builder.recipe_errors) ------------------------
 
 
-def _toml_type(value: Any) -> str:
-    return next((name for t, name in _TOML_TYPES if isinstance(value, t)),
-                f"a {type(value).__name__}")
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if part == "[key]":
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _allowed(model: type[BaseModel]) -> str:
-    return ", ".join(sorted(model.model_fields))
-
-
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
-    return FileSpec if loc[:1] == ("files",) else Recipe
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = FileSpec if loc[:1] == ("files",) else Recipe
+    return list(model.model_fields)
 
 
 def _one_line(path: Path, err: ValidationError) -> RecipeError:
-    """The first pydantic error as kiln's one-line message (count of others appended)."""
-    errors = err.errors()
-    e = errors[0]
-    loc = tuple(e["loc"])
-    where = _loc(loc)
-    hint = f"see {SCHEMA_DOC} or `kiln recipe schema`"
-    kind = e["type"]
-    if kind == "extra_forbidden":
-        parent = _loc(loc[:-1])
-        msg = (f"{parent + ': ' if parent else ''}unknown key {loc[-1]!r} "
-               f"(allowed: {_allowed(_model_at(loc))})")
-        hint = "check the key's spelling"
-    elif kind == "missing":
-        parent = _loc(loc[:-1])
-        msg = f"{parent + ': ' if parent else ''}missing required key {loc[-1]!r}"
-        hint = f"add {loc[-1]} = ..."
-    elif kind == "value_error" and isinstance(e.get("ctx", {}).get("error"), Bad):
-        bad = e["ctx"]["error"]
-        msg = f"{where}: {bad}" if where else str(bad)
-        hint = bad.hint or hint
-    elif kind in _EXPECTED:
-        msg = f"{where}: expected {_EXPECTED[kind]}, got {_toml_type(e['input'])}"
-    else:
-        msg = f"{where}: {e['msg']}"
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    msg, hint = describe(err, _keys_at)
     return RecipeError(f"{path}: {msg}", hint)
 
 
@@ -473,37 +422,9 @@ def key_material(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def key_digest(recipe: Recipe) -> str:
-    """sha256 of the canonical JSON of ``key_material``."""
-    text = json.dumps(key_material(recipe), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def recipe_schema() -> dict[str, Any]:
     """JSON Schema of a recipe (for ``kiln recipe schema`` and editors)."""
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
 
-
-# --- the generated reference lives in builder.recipe_doc ----------------------------------
-
-if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below resolves it
-    # "X as X" marks an explicit re-export for strict mypy
-    pass
-
-
-def __getattr__(name: str) -> Any:
-    """Re-export ``recipe_reference_markdown`` lazily: recipe_doc imports this module, so a
-    top-level import of it here would be a cycle."""
-    if name == "recipe_reference_markdown":
-        from builder import recipe_doc  # lazy on purpose, see above
-
-        return recipe_doc.recipe_reference_markdown
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # .venv/bin/python -m builder.recipe > docs/recipes.md
-    from builder.recipe_doc import main
-
-    main()

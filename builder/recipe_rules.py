@@ -3,7 +3,8 @@
 Everything here is a function of its arguments (no disk, no network): ``${VAR}``
 expansion, image-reference syntax, absolute-path and size checks, mode normalization.
 ``Bad`` is the validation failure carrying its own hint; pydantic keeps the instance in the
-error's ``ctx``, and ``builder.recipe`` turns it into kiln's one-line ``RecipeError``.
+error's ``ctx``, and ``builder.recipe`` turns it into kiln's one-line ``RecipeError``
+(the message is built by ``builder.recipe_errors``).
 
 Dependency direction: ``builder.recipe`` and ``builder.recipe_files`` import this module; it
 imports only ``builder.units`` and ``helper.base.errors``.

@@ -33,11 +33,10 @@ from builder import publish
 from builder import source as sources
 from builder.events import Listener
 from builder.recipe import key_material, load_recipe
+from builder.registryclient import Client
 from builder.root import Root
 from builder.store import Store, Volume
 from helper.base.errors import Conflict, KilnError, UsageError
-
-ACTIONS = ("unchanged", "rebuilt", "failed")
 
 
 @dataclass(frozen=True)
@@ -126,11 +125,11 @@ def refresh_lock(root: Root, *, wait: bool) -> Iterator[None]:
 # -- the work --------------------------------------------------------------------------------
 
 
-def _remote_current(client: publish.Client, target: publish.Target, tag: str) -> bool:
+def _remote_current(client: Client, target: publish.Target, tag: str) -> bool:
     """Whether ``tag`` and ``latest`` both name the same manifest in the registry."""
     digests = []
     for t in (tag, "latest"):
-        resp = client.do_request(client.url(target, "manifests", t), "HEAD",
+        resp = client.do_request(client.url(target.repo, "manifests", t), "HEAD",
                                  headers={"Accept": publish.MANIFEST_TYPE})
         if resp.status_code != 200:
             return False
@@ -170,7 +169,7 @@ def refresh_one(root: Root, path: Path, opts: sources.RegistryOptions, *,
         if push_prefix is not None:
             tag = push_tag(key)
             target = publish.parse_target(f"{push_prefix}/{path.stem.lower()}:{tag}")
-            client = publish.Client(target.host, opts)
+            client = Client(target.host, opts)
             if action == "rebuilt" or not _remote_current(client, target, tag):
                 publish.push_volume(root, vol, str(target), opts, listener=listener,
                                     tags=("latest",))

@@ -68,27 +68,6 @@ def rmtree(path: Path) -> None:
         path.unlink()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
-
-
 def locked_new(make: Callable[[], tuple[Path, int]]) -> tuple[Path, int]:
     """A new entry made by ``make`` (its path and an open fd), flock-ed by this process.
     Recovery removes only unlocked entries, so it may remove this one between ``make`` and

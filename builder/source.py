@@ -15,10 +15,8 @@ resets and timeouts are retried with exponential backoff inside a time budget
 HTTPS client facing a plain-HTTP registry, a certificate that does not verify) fail fast
 with a message that says which.
 
-Dependency direction: ``builder.blobcache`` imports this module, never the reverse at
-import time. The pull-side names (``pull``, ``Pulled``, ``BlobProgress``, ``blob_path``,
-``check_layer_type``, ``layer_kind``) are still reachable here through the lazy module
-``__getattr__`` at the bottom, for the pipeline and older callers.
+Dependency direction: ``builder.blobcache`` (the pull side) imports this module, never the
+reverse.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from builder import proc
 from helper.base.errors import (
@@ -461,22 +459,3 @@ def resolve(ref: ImageRef, opts: RegistryOptions, *, budget: float = 60.0) -> Re
         pinned = ref.skopeo()  # skopeo 1.9 cannot address these by digest; pull re-checks
     return Resolved(ref, digest, pinned, plat)
 
-
-# -- names that live in builder.blobcache ----------------------------------------------------
-
-if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below resolves them
-    # "X as X" marks each name an explicit re-export for strict mypy
-    pass
-
-_IN_BLOBCACHE = frozenset({"LAYER_MAGIC", "PULL_TIMEOUT", "BlobProgress", "Pulled", "blob_path",
-                           "check_layer_type", "layer_kind", "pull", "sha256_file"})
-
-
-def __getattr__(name: str) -> Any:
-    """Re-export the pull side lazily: blobcache imports this module, so a top-level import
-    of blobcache here would be a cycle that breaks whichever module is imported first."""
-    if name in _IN_BLOBCACHE:
-        from builder import blobcache  # lazy on purpose, see above
-
-        return getattr(blobcache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

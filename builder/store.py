@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.root import Root, atomic_write, fsync_dir
+from builder.root import Root
 from helper.base.errors import Conflict, IntegrityError, NotFound, UsageError
+from helper.base.fileops import atomic_write, fsync_dir
 
 VOLUME_FILE = "volume.ext4"
 META_FILE = "meta.json"

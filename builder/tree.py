@@ -88,6 +88,3 @@ def sort_key(path: str) -> tuple[bytes, ...]:
 def parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
-
-def sorted_entries(tree: Tree) -> list[Entry]:
-    return [tree[p] for p in sorted(tree, key=sort_key)]

@@ -1,6 +1,8 @@
-"""kiln's privileged boundary, and the lowest layer every other package may import.
+"""kiln's privileged boundary: ``kiln-helper`` and every op it runs as root for a caller.
 
-Only this package holds code that may run as root (later: ``kiln-helper``). It depends on
-the standard library and pydantic alone, so it can be installed into a root-owned venv.
-The error hierarchy lives here because it is the one thing every layer shares.
+Only this package holds code that may run as root. It depends on the standard library and
+pydantic alone, so ``scripts/install-helper`` can copy it into a root-owned venv. Its
+sub-package ``helper.base`` (errors, the stdlib tool runner, file primitives, safe paths)
+is the lowest layer: the rest of the helper, ``builder`` and ``runner`` import it, and it
+imports nothing else of kiln (``lint-imports`` checks both).
 """

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from helper import procstatus
 from helper.base.errors import Conflict, NotFound, UsageError
 from helper.cgroup import CgroupConfig, Layout, _pids, _write, layout, vm_dirs
 
@@ -133,12 +134,9 @@ def _proc_read(procfd: int, name: str) -> str:
         os.close(fd)
 
 
-def _uids(procfd: int) -> list[int]:
+def _uids(procfd: int) -> tuple[int, ...]:
     """Real, effective, saved and fs uid of the process behind ``procfd``."""
-    for line in _proc_read(procfd, "status").splitlines():
-        if line.startswith("Uid:"):
-            return [int(x) for x in line.split()[1:5]]
-    raise NotFound("no Uid line in /proc status", "")
+    return procstatus.parse(_proc_read(procfd, "status")).uids
 
 
 def _alive(pidfd: int) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from helper.base import safepath
 from helper.base.errors import NotFound
-from helper.ops.base import replace_in
+from helper.base.fileops import atomic_replace, write_all
 
 JAILS = "jails"  # <area>/jails/<vm>: the caller's staged jails (helper.ops.jail)
 CGROUPS = "cgroups"  # <area>/cgroups/<vm>: the caller's VM cgroups (helper.ops.vm)
@@ -67,8 +67,8 @@ def put(area: Path, kind: str, name: str, doc: dict[str, Any]) -> None:
 
 def write_at(dfd: int, name: str, doc: dict[str, Any]) -> None:
     """A root-only JSON record ``name`` in directory ``dfd``, replaced all or nothing."""
-    with replace_in(dfd, name, os.O_WRONLY, 0o600) as fd:
-        os.write(fd, json.dumps(doc, sort_keys=True).encode())
+    with atomic_replace(name, dir_fd=dfd, mode=0o600) as tmp:
+        write_all(tmp.fd, json.dumps(doc, sort_keys=True).encode())
 
 
 def read_at(dfd: int, name: str) -> dict[str, Any] | None:

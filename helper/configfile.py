@@ -3,7 +3,7 @@
 Imported only when a config file exists (``helper.config.load``) or a test parses one:
 pydantic costs ~100 ms of start-up, and `kiln run` without a config file (the built-in
 defaults, ``helper.config.DEFAULTS``) must not pay it. The defaults themselves are
-``helper.config``'s constants, so both paths agree (a test compares them).
+``helper.configbase``'s constants, so both paths agree (a test compares them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from helper.config import (
+from helper.configbase import (
     BASENAMES,
     DEFAULT_BACKEND,
     DEFAULT_CGROUP_PARENT,
@@ -100,7 +100,7 @@ class PoolSection(BaseModel):
 
 
 class LimitsSection(BaseModel):
-    """``[limits]``: per-caller caps for sudo callers (``helper.config.Limits``)."""
+    """``[limits]``: per-caller caps for sudo callers (``helper.configbase.Limits``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

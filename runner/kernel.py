@@ -6,7 +6,7 @@ to the workload than Debian's generic initrd under TCG). ``--kernel`` picks anot
 kernel (its modules must be under /lib/modules/VERSION unless ``--initrd`` is given too);
 ``--initrd`` boots that initrd unchanged (it must honour ``root=`` and ``init=``).
 
-``kernel_kind`` tells a bzImage from an ELF vmlinux with libmagic; QEMU boots either,
+``kind_of`` tells a bzImage from an ELF vmlinux with libmagic; QEMU boots either,
 Firecracker needs the ELF (``runner/kernel_elf.py`` extracts it). ``boot_files`` keeps
 libmagic's verdict in ``kernels/describe.json``, keyed by the file's identity (device,
 inode, size, mtime, ctime): loading libmagic and its database costs ~25 ms of every
@@ -35,7 +35,6 @@ class BootFiles:
     initrd: Path
     kind: str  # bzImage | elf
     version: str | None
-    minimal_initrd: bool
 
 
 def describe(path: Path) -> str:
@@ -83,16 +82,6 @@ def kind_of(description: str) -> str | None:
     return None
 
 
-def kernel_kind(path: Path) -> str:
-    """``bzImage`` or ``elf`` (an uncompressed vmlinux); anything else is refused."""
-    desc = describe(path)
-    kind = kind_of(desc)
-    if kind is None:
-        raise UsageError(f"{path} is not a Linux kernel ({desc})",
-                         "give a bzImage (vmlinuz-*) or an ELF vmlinux")
-    return kind
-
-
 def kernel_version(path: Path, description: str | None = None) -> str | None:
     """The kernel release (as in /lib/modules/RELEASE): from libmagic's description of a
     bzImage, else from the ``Linux version`` banner inside an ELF, else the file name."""
@@ -137,10 +126,10 @@ def boot_files(cache_dir: Path, kernel: Path | None = None, initrd: Path | None 
         initrd = initrd.absolute()
         if not initrd.is_file():
             raise NotFound(f"initrd {initrd} not found", "give an existing file to --initrd")
-        return BootFiles(kernel, initrd, kind, version, False)
+        return BootFiles(kernel, initrd, kind, version)
     if version is None or not (modules_root / version / "modules.dep").is_file():
         raise NotFound(f"no modules for kernel {kernel.name} "
                        f"(looked in {modules_root}/{version or '?'})",
                        "install the kernel's modules, or pass --initrd")
     built = ensure_initrd(cache_dir, modules_root / version)
-    return BootFiles(kernel, built, kind, version, True)
+    return BootFiles(kernel, built, kind, version)

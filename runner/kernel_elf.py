@@ -13,13 +13,13 @@ trailer first and then demand that the output be exactly the trailer's size and 
 gzip payloads are decoded with the stdlib; other compressions are refused with a hint.
 
 ``payload_location`` is the pure core (header bytes in, location out); ``extract_vmlinux``
-is the thin I/O shell (lz4 via ``builder.proc``, temp name + fsync + rename).
+is the thin I/O shell (lz4 via ``builder.proc``; ``helper.base.fileops.atomic_replace``:
+temp name + fsync + rename).
 python-magic tells the formats apart, with the header magic as a cross-check.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -29,9 +29,9 @@ from typing import Literal
 import magic
 
 from builder import proc
-from builder.root import fsync_dir
 from builder.store import hash_file
-from helper.base.errors import KilnError, UsageError
+from helper.base.errors import KilnError
+from helper.base.fileops import atomic_replace
 from runner.tempfiles import locked_temp
 
 ELF_MAGIC = b"\x7fELF"
@@ -121,19 +121,15 @@ def read_payload(path: Path) -> tuple[Payload, bytes]:
     return payload_location(header, size, data[:8]), data
 
 
-def _commit(tmp: Path, dest: Path, expected: int) -> None:
-    """Check the decoded file (size, ELF magic), fsync it and rename it into place."""
+def _check(tmp: Path, expected: int) -> None:
+    """The decoded file is an ELF of the expected size (else the rename never happens)."""
     size = tmp.stat().st_size
     with open(tmp, "rb") as f:
         head = f.read(4)
-        os.fsync(f.fileno())
     if size != expected or head != ELF_MAGIC:
         raise KernelFormatError(
             f"decompressed kernel is {size} bytes starting {head!r}; expected an ELF of "
             f"{expected} bytes", "the bzImage payload is corrupt")
-    os.chmod(tmp, 0o644)
-    os.rename(tmp, dest)
-    fsync_dir(dest.parent)
 
 
 def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Path:
@@ -143,11 +139,12 @@ def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Pa
     ``dest``'s directory)."""
     fmt = kernel_format(src)
     if fmt == "elf":
-        with locked_temp(dest) as tmp:  # flock-ed until renamed: crash recovery finds it
-            with open(src, "rb") as i, open(tmp, "wb") as o:
+        # flock-ed until renamed (crash recovery finds it), fsync-ed, renamed 0644
+        with atomic_replace(dest, mode=0o600, final_mode=0o644) as out:
+            with open(src, "rb") as i, open(out.path, "wb") as o:
                 while chunk := i.read(1 << 20):
                     o.write(chunk)
-            _commit(tmp, dest, src.stat().st_size)
+            _check(out.path, src.stat().st_size)
         return dest
     if fmt != "bzimage":
         raise KernelFormatError(f"{src} is neither a bzImage nor an x86-64 ELF kernel",
@@ -156,8 +153,9 @@ def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Pa
     # The last 4 bytes are the uncompressed size: the build's trailer (lz4, xz, zstd) or
     # gzip's own ISIZE field.
     expected = struct.unpack("<I", data[-4:])[0]
-    with locked_temp(dest) as tmp, \
+    with atomic_replace(dest, mode=0o600, final_mode=0o644) as out, \
             locked_temp((tmp_dir or dest.parent) / dest.name, "lz4") as stripped:
+        tmp = out.path
         if loc.compression == "lz4-legacy":
             stripped.write_bytes(data[:-4])  # without the trailer, lz4 exits 0
             proc.run("lz4", [
@@ -178,16 +176,8 @@ def extract_vmlinux(src: Path, dest: Path, *, tmp_dir: Path | None = None) -> Pa
                 f"{src}: {loc.compression} kernel payloads are not supported",
                 "use a kernel compressed with LZ4 or gzip (Debian's are LZ4), or pass an "
                 "ELF vmlinux")
-        _commit(tmp, dest, expected)
+        _check(tmp, expected)
     return dest
-
-
-def check_bootable_elf(path: Path) -> None:
-    """Refuse anything Firecracker x86-64 cannot boot directly."""
-    if kernel_format(path) != "elf":
-        raise UsageError(f"{path} is not an x86-64 ELF vmlinux",
-                         "Firecracker boots an uncompressed ELF kernel: extract it with "
-                         "runner.kernel_elf.extract_vmlinux")
 
 
 def ensure_vmlinux(src: Path, cache_dir: Path) -> Path:

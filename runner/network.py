@@ -6,7 +6,7 @@ the trusted config turns NAT on), ``net-lease``, then ``tap-attach`` (isolation 
 it made if a step fails. The ``VmNet`` it returns is everything the VMM side needs:
 
 * ``kernel_args``: ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` for the guest's init;
-* ``qemu_tap()`` → ``runner.vmm.qemu.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
+* ``qemu_tap()`` → ``runner.vmm.qemuargv.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
 * ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.host.join_netns`` in
   the child before exec, as root; Firecracker: the jailer's ``--netns``) — the VM's own
   ``kn-ID``, the configured ``[net] namespace``, or None for the host's;
@@ -14,7 +14,7 @@ it made if a step fails. The ``VmNet`` it returns is everything the VMM side nee
 
 ``detach`` undoes it all in reverse, idempotently (what is already gone is skipped), and
 ``nat-remove`` then drops the NAT rules if this was the last VM. ``reconcile`` is
-``net-reclaim`` of this root's objects whose VM is not in ``keep`` — with ``only``, of just
+``net-reclaim`` of this root's objects whose VM is not in ``keep`` — with ``vm_ids``, of just
 those VMs (one helper call: what ``kiln run`` and the reaper use to take a VM off the
 network, and the only safe form while other VMs of the root may be being born);
 ``vms_on_network`` lists the VMs of this root and caller that hold objects (the reaper's
@@ -39,7 +39,7 @@ from typing import Any
 
 from helper.base.errors import KilnError, NotFound
 from runner.vmm import fcapi as firecracker
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -52,7 +52,7 @@ def helper_call(area: Path) -> Call:
 
 @dataclass(frozen=True)
 class VmNet:
-    vm: str
+    vm_id: str
     ip: str  # where the VM is reached (its lease)
     guest_ip: str  # what the guest holds (== ip unless isolation = netns)
     prefix: int
@@ -62,14 +62,14 @@ class VmNet:
     netns: str | None  # the VM's own namespace (isolation = netns)
     namespace: str  # the kiln network's namespace ("" = the host's)
     kernel_args: tuple[str, ...]
-    forwards: tuple[qemu.Forward, ...] = ()
+    forwards: tuple[qemuargv.Forward, ...] = ()
 
     @property
     def spawn_netns(self) -> str | None:
         return self.netns or self.namespace or None
 
-    def qemu_tap(self) -> qemu.TapNic:
-        return qemu.TapNic(self.tap, self.mac, self.kernel_args)
+    def qemu_tap(self) -> qemuargv.TapNic:
+        return qemuargv.TapNic(self.tap, self.mac, self.kernel_args)
 
     def firecracker_nic(self) -> firecracker.NetSpec:
         return firecracker.NetSpec("eth0", self.tap, self.mac)
@@ -87,44 +87,44 @@ def preflight(call: Call) -> dict[str, Any]:
     return call("bridge-ensure", {})
 
 
-def attach(call: Call, vm: str, root_key: str, uid: int, gid: int,
-           forwards: Sequence[qemu.Forward] = (),
+def attach(call: Call, vm_id: str, root_key: str, uid: int, gid: int,
+           forwards: Sequence[qemuargv.Forward] = (),
            bridge: dict[str, Any] | None = None) -> VmNet:
-    """Put VM ``vm`` (of the root with ``root_key``) on the kiln network; its tap belongs to
+    """Put VM ``vm_id`` (of the root with ``root_key``) on the kiln network; its tap belongs to
     ``uid``/``gid`` (the VM's, from the helper's range). ``bridge``: ``preflight``'s answer
     (saves a second ``bridge-ensure``)."""
     bridge = bridge if bridge is not None else preflight(call)
     if bridge["nat"]:
         call("nat-ensure", {})
-    lease = call("net-lease", {"vm": vm, "root": root_key})
-    done: list[qemu.Forward] = []
+    lease = call("net-lease", {"vm": vm_id, "root": root_key})
+    done: list[qemuargv.Forward] = []
     try:
         if lease["isolation"] == "netns":
-            call("netns-create", {"vm": vm, "uid": uid, "gid": gid})
+            call("netns-create", {"vm": vm_id, "uid": uid, "gid": gid})
         else:
-            call("tap-attach", {"vm": vm, "uid": uid, "gid": gid})
+            call("tap-attach", {"vm": vm_id, "uid": uid, "gid": gid})
         for f in forwards:
-            call("forward-add", {"vm": vm, "host_port": f.host, "guest_port": f.guest})
+            call("forward-add", {"vm": vm_id, "host_port": f.host, "guest_port": f.guest})
             done.append(f)
     except BaseException:
         with contextlib.suppress(KilnError):
-            detach(call, vm)
+            detach(call, vm_id)
         raise
-    return VmNet(vm=vm, ip=lease["ip"], guest_ip=lease["guest_ip"], prefix=lease["prefix"],
+    return VmNet(vm_id=vm_id, ip=lease["ip"], guest_ip=lease["guest_ip"], prefix=lease["prefix"],
                  gateway=lease["gateway"], mac=lease["mac"], tap=lease["tap"],
                  netns=lease["netns"], namespace=bridge["namespace"],
                  kernel_args=tuple(lease["kernel_args"]), forwards=tuple(done))
 
 
-def detach(call: Call, vm: str) -> list[str]:
+def detach(call: Call, vm_id: str) -> list[str]:
     """Remove the VM's forwards, tap or namespace and lease (whatever exists), then the NAT
     rules if no VM is left. Returns what went."""
     from helper.net import core as netcore
 
-    names = netcore.names(vm)
+    names = netcore.names(vm_id)
     gone: list[str] = []
-    for op, req in (("forward-remove", {"vm": vm}), ("netns-delete", {"name": names.netns}),
-                    ("tap-detach", {"name": names.tap}), ("net-release", {"vm": vm})):
+    for op, req in (("forward-remove", {"vm": vm_id}), ("netns-delete", {"name": names.netns}),
+                    ("tap-detach", {"name": names.tap}), ("net-release", {"vm": vm_id})):
         with contextlib.suppress(NotFound):
             call(op, req)
             gone.append(op)
@@ -133,12 +133,12 @@ def detach(call: Call, vm: str) -> list[str]:
 
 
 def reconcile(call: Call, root_key: str, keep: Sequence[str],
-              only: Sequence[str] | None = None) -> list[str]:
-    """Remove this root's network objects of VMs not in ``keep`` (with ``only``: of those
+              vm_ids: Sequence[str] | None = None) -> list[str]:
+    """Remove this root's network objects of VMs not in ``keep`` (with ``vm_ids``: of those
     VMs alone), then NAT if no lease is left."""
     req: dict[str, Any] = {"root": root_key, "keep": list(keep)}
-    if only is not None:
-        req["only"] = list(only)
+    if vm_ids is not None:
+        req["only"] = list(vm_ids)
     return [str(x) for x in call("net-reclaim", req)["removed"]]
 
 
@@ -148,8 +148,8 @@ def vms_on_network(call: Call, root_key: str, uid: int) -> set[str]:
             if o["root"] == root_key and o["uid"] == uid and o["vm"]}
 
 
-def open_tap(vm: str, area: Path) -> int:
-    """An fd on VM ``vm``'s tap, attached by the helper (``tap-open``), inheritable by the
+def open_tap(vm_id: str, area: Path) -> int:
+    """An fd on VM ``vm_id``'s tap, attached by the helper (``tap-open``), inheritable by the
     VMM the caller spawns. The socket end the helper writes to is passed to it open."""
     import socket
 
@@ -157,7 +157,7 @@ def open_tap(vm: str, area: Path) -> int:
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        client.call("tap-open", {"vm": vm, "fd": theirs.fileno()}, area=area,
+        client.call("tap-open", {"vm": vm_id, "fd": theirs.fileno()}, area=area,
                     pass_fd=theirs.fileno())
         theirs.close()
         ours.settimeout(10)
@@ -168,5 +168,6 @@ def open_tap(vm: str, area: Path) -> int:
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        raise KilnError(f"kiln-helper sent no tap for VM {vm}", "see the helper's audit log")
+        raise KilnError(f"kiln-helper sent no tap for VM {vm_id}",
+                        "see the helper's audit log")
     return fds[0]

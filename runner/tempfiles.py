@@ -2,11 +2,12 @@
 
 Every cache file the run stage writes (``ROOT/kernels/``: initrds, module plans, indexes,
 vmlinux copies, the KVM verdict; files in a VM's directory) is written to a temp file
-``.<name>.<random>.<suffix>`` beside it and renamed into place. The writer holds an
-``flock`` on the temp file from its creation to the rename, so a SIGKILL (which releases
-the lock) leaves a temp file whose lock anyone can take: ``sweep`` removes exactly those,
-never a live writer's. ``recover`` is what every kiln command that uses a root runs
-first: ``Root.recover`` (``tmp/``, the blob cache) plus these directories.
+``.<name>.<random>.<suffix>`` beside it and renamed into place
+(``helper.base.fileops.atomic_replace``; ``locked_temp`` for scratch files that are not).
+The writer holds an ``flock`` on the temp file from its creation to the rename, so a
+SIGKILL (which releases the lock) leaves a temp file whose lock anyone can take: ``sweep``
+removes exactly those, never a live writer's. ``recover`` is what every kiln command that
+uses a root runs first: ``Root.recover`` (``tmp/``, the blob cache) plus these directories.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from builder.root import Root, fsync_dir, locked_new
+from builder.root import Root, locked_new
+from helper.base.fileops import atomic_replace, write_all
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.(?:tmp|lz4)$")
 
@@ -55,16 +57,11 @@ def locked_temp(dest: Path, suffix: str = "tmp") -> Iterator[Path]:
 
 
 def write_atomic(dest: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``dest``: readers see the old file or the whole new one."""
-    with locked_temp(dest) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            _fault_point(dest)
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.rename(tmp, dest)
-    fsync_dir(dest.parent)
+    """Write ``data`` to ``dest``: readers see the old file or the whole new one
+    (``helper.base.fileops.atomic_replace``, with this module's crash-test hook)."""
+    with atomic_replace(dest, mode=0o600, final_mode=mode) as tmp:
+        write_all(tmp.fd, data)
+        _fault_point(dest)
 
 
 def sweep(directory: Path) -> list[Path]:
@@ -105,13 +102,15 @@ def sweep_caches(root: Root) -> list[Path]:
     return removed
 
 
-def recover(root: Root) -> list[Path]:
+def recover(root: Root, *, work: bool = True) -> list[Path]:
     """Crash leftovers of every kind, removed: ``Root.recover`` (work directories under
-    ``tmp/``, the blob cache's temp files) and ``sweep_caches``. Nothing happens for a root
-    that does not exist or that this user cannot change (another user's root is theirs)."""
+    ``tmp/``, the blob cache's temp files) and ``sweep_caches``; ``work=False`` skips the
+    former, for a command whose core runs it anyway (``builder.pipeline.build``). Nothing
+    happens for a root that does not exist or that this user cannot change (another user's
+    root is theirs)."""
     if not root.path.is_dir():
         return []
     try:
-        return root.recover() + sweep_caches(root)
+        return (root.recover() if work else []) + sweep_caches(root)
     except OSError:
         return []

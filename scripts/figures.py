@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,11 +109,12 @@ def graph(mods: dict[str, Module]) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for mod in mods.values():
         out = set()
-        for imp in mod.imports:
-            while imp and imp not in mods:
-                imp = imp.rpartition(".")[0]
-            if imp and imp != mod.name:
-                out.add(imp)
+        for imported in mod.imports:
+            name = imported
+            while name and name not in mods:  # `from a.b import c`: c may be a name in a.b
+                name = name.rpartition(".")[0]
+            if name and name != mod.name:
+                out.add(name)
         edges[mod.name] = out
     return edges
 
@@ -154,50 +155,55 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def figures() -> dict[str, object]:
+@dataclass
+class Figures:
+    modules: int
+    import_cycles: list[list[str]]
+    spawning_modules: dict[str, list[str]]
+    longest_function: tuple[int, str]
+    largest_module: tuple[int, str]
+    functions_over_limit: list[tuple[int, str]]
+    modules_over_limit: list[tuple[int, str]]
+
+    @property
+    def ok(self) -> bool:
+        return (not self.import_cycles and len(self.spawning_modules) <= MAX_SPAWNERS
+                and not self.functions_over_limit and not self.modules_over_limit)
+
+
+def figures() -> Figures:
     mods = collect()
-    found = cycles(graph(mods))
-    spawners = {m.name: sorted(set(m.spawns)) for m in mods.values() if m.spawns}
-    longest = max((f for m in mods.values() for f in m.functions), default=(0, "-"))
+    funcs = [f for m in mods.values() for f in m.functions]
     largest = max(mods.values(), key=lambda m: m.lines)
-    return {
-        "modules": len(mods),
-        "import_cycles": found,
-        "spawning_modules": spawners,
-        "longest_function": {"lines": longest[0], "name": longest[1]},
-        "largest_module": {"lines": largest.lines, "name": largest.name},
-        "functions_over_limit": sorted(
-            (f for m in mods.values() for f in m.functions if f[0] > MAX_FUNCTION), reverse=True
-        ),
-        "modules_over_limit": sorted(
-            (m.lines, m.name) for m in mods.values() if m.lines > MAX_MODULE
-        ),
-    }
+    return Figures(
+        modules=len(mods),
+        import_cycles=cycles(graph(mods)),
+        spawning_modules={m.name: sorted(set(m.spawns)) for m in mods.values() if m.spawns},
+        longest_function=max(funcs, default=(0, "-")),
+        largest_module=(largest.lines, largest.name),
+        functions_over_limit=sorted((f for f in funcs if f[0] > MAX_FUNCTION), reverse=True),
+        modules_over_limit=sorted((m.lines, m.name) for m in mods.values()
+                                  if m.lines > MAX_MODULE),
+    )
 
 
 def main(argv: list[str]) -> int:
     fig = figures()
-    cyc = fig["import_cycles"]
-    spawn = fig["spawning_modules"]
-    assert isinstance(cyc, list) and isinstance(spawn, dict)
-    over_f = fig["functions_over_limit"]
-    over_m = fig["modules_over_limit"]
-    assert isinstance(over_f, list) and isinstance(over_m, list)
-    ok = not cyc and len(spawn) <= MAX_SPAWNERS and not over_f and not over_m
     if "--json" in argv:
-        print(json.dumps(fig, indent=2))
-        return 0 if ok else 1
-    lf, lm = fig["longest_function"], fig["largest_module"]
-    assert isinstance(lf, dict) and isinstance(lm, dict)
-    print(f"modules                {fig['modules']}")
+        print(json.dumps(asdict(fig), indent=2))
+        return 0 if fig.ok else 1
+    cyc, spawn = fig.import_cycles, fig.spawning_modules
+    print(f"modules                {fig.modules}")
     print(f"import cycles          {len(cyc)}" + "".join(f"\n  {' <-> '.join(c)}" for c in cyc))
     print(f"spawning modules       {len(spawn)} (at most {MAX_SPAWNERS})"
           + "".join(f"\n  {k}: {', '.join(v)}" for k, v in sorted(spawn.items())))
-    print(f"longest function       {lf['lines']} lines  {lf['name']} (at most {MAX_FUNCTION})"
-          + "".join(f"\n  {n} {f}" for n, f in over_f))
-    print(f"largest module         {lm['lines']} lines  {lm['name']} (at most {MAX_MODULE})"
-          + "".join(f"\n  {n} {m}" for n, m in over_m))
-    return 0 if ok else 1
+    print(f"longest function       {fig.longest_function[0]} lines  {fig.longest_function[1]}"
+          f" (at most {MAX_FUNCTION})"
+          + "".join(f"\n  {n} {f}" for n, f in fig.functions_over_limit))
+    print(f"largest module         {fig.largest_module[0]} lines  {fig.largest_module[1]}"
+          f" (at most {MAX_MODULE})"
+          + "".join(f"\n  {n} {m}" for n, m in fig.modules_over_limit))
+    return 0 if fig.ok else 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from builder.pool.base import (
     remove_tree,
 )
 from helper.base.errors import Conflict, KilnError, NotFound, UsageError
+from helper.base.fileops import probe_reflink, write_json
 from helper.storage import privileged
 
 DEFAULT_SIZE = 20 << 30
@@ -97,20 +98,8 @@ def _thin_facts(root_dir: Path, backend: str) -> ThinFacts:
 
 
 def _probe_reflink(directory: Path) -> tuple[bool, str]:
-    import fcntl
-    import tempfile
-
-    from helper.base.fileops import FICLONE
-
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory) as a, \
-                tempfile.NamedTemporaryFile(dir=directory) as b:
-            a.write(b"x" * 4096)
-            a.flush()
-            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
-    except OSError as e:
-        return False, f"FICLONE refused: {e.strerror}"
-    return True, "FICLONE works"
+    why = probe_reflink(directory)
+    return (True, "FICLONE works") if why is None else (False, f"FICLONE refused: {why}")
 
 
 def _backend_class(config: PoolConfig) -> type[Pool]:
@@ -166,8 +155,6 @@ def init_pool(root_dir: Path, backend: str = "auto", size: int | None = None,
                         created=now_iso())
     try:
         pool = _create(root_dir, config, thin.devices)
-        from helper.base.fileops import write_json
-
         # The backend may refine it (dm-thin on the operator's devices: their size).
         write_json(pool_dir(root_dir) / "config.json", pool.config.as_json())  # commits
     except BaseException:

@@ -24,7 +24,7 @@ area's key: ``kiln-<key>-pool``, ``-vol-<hex>``, ``-snap-<id>`` (``dmthin_core``
   only when ``/sys/block/dm-*`` or the loop list shows something to do.
 
 Records (``ROOT/pool/...``) stay in the caller's own root. Not testable on a kernel
-without device-mapper: ``tests/test_dmthin_vm.py`` runs it in a QEMU guest.
+without device-mapper: ``tests/e2e/test_dmthin_vm.py`` runs it in a QEMU guest.
 """
 
 from __future__ import annotations

@@ -1,10 +1,21 @@
-"""File primitives the pool backends share: clone, sparse copy, atomic JSON, locks, ext4 grow.
+"""File primitives both sides share: atomic replace, clone, sparse copy, locks, ext4 grow.
 
-Stdlib only. ``clone`` is the reflink (FICLONE ioctl: O(1), extents shared until written);
-``sparse_copy`` copies only the data extents (SEEK_DATA/SEEK_HOLE: ``extents``) with
-``os.copy_file_range``, so holes stay holes and the kernel may still share or offload;
-``hashing_copy`` walks the same extents through this process when the bytes must be hashed
-on the way (a volume imported from a caller's fd, checked against its id).
+Stdlib only (the helper's base: ``builder`` and ``runner`` import it too).
+
+``atomic_replace`` is kiln's one way to write a file so readers see the old one or the whole
+new one: a temp file ``.<name>.<8 hex>.<suffix>`` beside the destination (``O_EXCL``,
+``O_NOFOLLOW``, ``O_CLOEXEC``; by dirfd when given), flock-ed by its writer until it is
+renamed (a crash-recovery sweep removes only temp files whose lock is free: see
+``runner.tempfiles``), fsync-ed, renamed over the destination, the directory fsync-ed;
+on any error the temp file is removed. ``atomic_write`` and ``write_json`` are it for bytes
+and JSON; ``materialise`` for a clone or sparse copy of a file.
+
+``clone`` is the reflink (FICLONE ioctl: O(1), extents shared until written; ``probe_reflink``
+asks a filesystem whether it can); ``sparse_copy`` copies only the data extents
+(SEEK_DATA/SEEK_HOLE: ``extents``) with ``os.copy_file_range``, so holes stay holes and the
+kernel may still share or offload; ``hashing_copy`` walks the same extents through this
+process when the bytes must be hashed on the way (a volume imported from a caller's fd,
+checked against its id).
 """
 
 from __future__ import annotations
@@ -16,7 +27,10 @@ import hashlib
 import json
 import os
 import secrets
+import stat
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +61,20 @@ def clone(src: Path, dst_fd: int) -> None:
         fcntl.ioctl(dst_fd, FICLONE, fd)
     finally:
         os.close(fd)
+
+
+def probe_reflink(directory: Path) -> str | None:
+    """None when ``directory``'s filesystem can clone a file (FICLONE), else why not (the
+    kernel's error text)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory) as a, \
+                tempfile.NamedTemporaryFile(dir=directory) as b:
+            a.write(b"x" * 4096)
+            a.flush()
+            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -146,61 +174,122 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
         off += n
 
 
+# -- all or nothing: a temp name, then rename ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Temp:
+    """The temp file ``atomic_replace`` yields: write through ``fd``, or let a tool write to
+    ``path`` (relative to the ``dir_fd`` given, if any) in place (same inode)."""
+
+    fd: int
+    path: Path
+
+
+def _ours(path: Path, fd: int, dir_fd: int | None) -> bool:
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_ino == os.fstat(fd).st_ino
+
+
+@contextlib.contextmanager
+def atomic_replace(dest: Path | str, *, mode: int = 0o644, final_mode: int | None = None,
+                   dir_fd: int | None = None, suffix: str = "tmp") -> Iterator[Temp]:
+    """Create or replace ``dest`` all or nothing (see the module docstring).
+
+    ``mode`` is the temp file's creation mode (the umask applies, as for open(2));
+    ``final_mode``, when given, is set exactly (fchmod) before the rename. The temp name
+    ``.<name>.<8 hex>.<suffix>`` is what crash recovery recognises. When the block raises,
+    the temp file is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def make() -> tuple[Path, int]:
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.{suffix}")
+        return tmp, os.open(tmp, flags, mode, dir_fd=dir_fd)
+
+    while True:  # a sweep may remove the new file before it is locked: then make another
+        tmp, fd = make()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _ours(tmp, fd, dir_fd):
+            break
+        os.close(fd)
+    try:
+        try:
+            yield Temp(fd, tmp)
+            if not _ours(tmp, fd, dir_fd):
+                raise OSError(errno.ESTALE, f"temp file {tmp} was replaced while written")
+            if final_mode is not None:
+                os.fchmod(fd, final_mode)
+            os.fsync(fd)
+            os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if _ours(tmp, fd, dir_fd):
+                    os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(fd)
+    fsync_dir(dest.parent, dir_fd=dir_fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one
+    (``mode``: as for open(2), the umask applies)."""
+    with atomic_replace(path, mode=mode) as tmp:
+        write_all(tmp.fd, data)
+
+
+def write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+    """Write ``obj`` as JSON so readers see the old file or the whole new one."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", mode)
+
+
+def fsync_dir(path: Path, *, dir_fd: int | None = None) -> None:
+    """fsync a directory (a rename in it is durable after this). With ``dir_fd``, ``path``
+    is ignored and that directory is synced: it may be an O_PATH fd, so it is reopened."""
+    if dir_fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def materialise(src: Path, dst: Path, *, allow_clone: bool, mode: int = 0o444) -> bool:
     """Create ``dst`` (a new file) with ``src``'s bytes: temp name, clone or sparse copy,
     fsync, rename. Returns whether it was cloned. ENOSPC → ``PoolFull`` and no file left."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
     cloned = False
     try:
-        try:
+        with atomic_replace(dst, mode=0o600, final_mode=mode) as tmp:
             if allow_clone:
                 try:
-                    clone(src, fd)
+                    clone(src, tmp.fd)
                     cloned = True
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL,
                                        errno.ENOTTY):
                         raise
             if not cloned:
-                os.ftruncate(fd, os.stat(src).st_size)
-                sparse_copy(src, fd)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, dst)
+                os.ftruncate(tmp.fd, os.stat(src).st_size)
+                sparse_copy(src, tmp.fd)
     except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
         if e.errno == errno.ENOSPC:
             raise PoolFull(f"writing {dst.name}") from None
         raise
-    fsync_dir(dst.parent)
     return cloned
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
-    """Write ``obj`` as JSON so readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 mode)
-    try:
-        os.write(fd, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> Any:

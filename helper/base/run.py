@@ -1,10 +1,17 @@
-"""The helper's own tool runner: stdlib ``subprocess`` only (``helper/`` never imports ``sh``).
+"""The helper's own process runner: stdlib ``subprocess`` only (``helper/`` never imports
+``sh``), and the only module under ``helper/`` that starts a process.
 
-Same rules as ``builder/proc.py``, so both layers fail the same way: a tool is resolved to an
-absolute path from a fixed search path (never the caller's ``PATH``), runs with an
-environment built from an allowlist, is logged shell-quoted at debug level, and is killed
-with its whole process group when its timeout passes. Failures raise ``ToolNotFound``,
-``ToolTimeout`` or ``ToolError(cmd, code, stderr_tail)``.
+Same rules as ``builder/proc.py``, from the same module (``helper.base.toolenv``), so both
+layers fail the same way: a tool is resolved to an absolute path from a fixed search path
+(never the caller's ``PATH``), runs with an environment built from an allowlist, is logged
+shell-quoted at debug level, and is killed with its whole process group when its timeout
+passes. Failures raise ``ToolNotFound``, ``ToolTimeout`` or ``ToolError(cmd, code,
+stderr_tail)``.
+
+* ``run(tool, args)``: a tool named by the helper, run to completion; it dies with us.
+* ``spawn(argv)``: a child that outlives the op (the jailer, which leaves Firecracker
+  running): a binary from the trusted config, its own session, no PDEATHSIG; ``wait`` ends
+  it when it overruns.
 """
 
 from __future__ import annotations
@@ -13,70 +20,31 @@ import contextlib
 import logging
 import os
 import resource
-import shlex
-import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeAlias
 
+from helper.base import toolenv
 from helper.base.errors import ToolError, ToolNotFound, ToolTimeout
+from helper.base.toolenv import Result
+
+# Result is the runner's public type: callers type against run.Result.
+__all__ = ["Child", "Result", "limit_cpu", "run", "spawn", "wait", "which"]
 
 log = logging.getLogger("kiln.helper.run")
 
-SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-# Only these variables reach a tool; LD_PRELOAD, PYTHONPATH and a user's PATH never do.
-ENV_ALLOW = ("HOME", "TMPDIR")
-
-PACKAGES = {
-    "losetup": "mount",
-    "mount": "mount",
-    "umount": "mount",
-    "dmsetup": "dmsetup",
-    "mkfs.btrfs": "btrfs-progs",
-    "mkfs.xfs": "xfsprogs",
-    "resize2fs": "e2fsprogs",
-    "e2fsck": "e2fsprogs",
-    "dumpe2fs": "e2fsprogs",
-    "thin_check": "thin-provisioning-tools",
-    "iptables": "iptables",
-    "ebtables": "iptables",
-}
-
 DEFAULT_TIMEOUT = 300.0
-_PR_SET_PDEATHSIG = 1
 
-
-@dataclass(frozen=True)
-class Result:
-    cmd: list[str]
-    code: int
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode("utf-8", "replace")
+Child: TypeAlias = "subprocess.Popen[bytes]"
 
 
 def which(tool: str) -> str:
-    """Absolute path of ``tool`` on the fixed search path, or raise ``ToolNotFound``."""
+    """Absolute path of ``tool`` on the fixed search path, or raise ``ToolNotFound``.
+    (``helper.main`` points this at the trusted config's ``Config.tool``.)"""
     if "/" in tool:
         raise ToolNotFound(tool)  # callers name tools, never paths
-    found = shutil.which(tool, path=SEARCH_PATH)
-    if found is None:
-        raise ToolNotFound(tool, PACKAGES.get(tool, ""))
-    return found
-
-
-def tool_env(allow: tuple[str, ...] = ENV_ALLOW) -> dict[str, str]:
-    """A tool's environment: the ``allow``-listed variables, a fixed PATH and C locale."""
-    env = {k: os.environ[k] for k in allow if k in os.environ}
-    env["PATH"] = SEARCH_PATH
-    env["LC_ALL"] = "C.UTF-8"  # messages are parsed (resize2fs, losetup): keep them stable
-    env["LANG"] = "C.UTF-8"
-    return env
+    return toolenv.which(tool)
 
 
 def limit_cpu(seconds: int) -> None:
@@ -91,54 +59,28 @@ def limit_cpu(seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def unblock_signals() -> None:
-    """In a child before exec: the default (empty) signal mask. ``helper.main`` holds the
-    signals sudo relays for the whole op, and a blocked mask survives exec; a tool must
-    still die of its own SIGTERM/SIGINT (subprocess's ``restore_signals`` resets only the
-    dispositions of SIGPIPE and SIGXFSZ, never the mask)."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
-
-
-def die_with_parent() -> None:
-    """In the child: SIGKILL us when the caller dies, so no tool outlives a killed kiln;
-    the default signal mask (``unblock_signals``)."""
-    import ctypes
-
-    unblock_signals()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def vmm_child() -> None:
-    """``preexec_fn`` of a child that outlives the op (the jailer, then Firecracker): the
-    default signal mask, without the PDEATHSIG a tool gets."""
-    unblock_signals()
-
-
 def _tail(data: bytes, lines: int = 15) -> str:
     return "\n".join(data.decode("utf-8", "replace").rstrip().splitlines()[-lines:])
 
 
 def run(tool: str, args: Iterable[str], *, timeout: float = DEFAULT_TIMEOUT,
         stdin: bytes | None = None, ok_codes: tuple[int, ...] = (0,), hint: str = "",
-        extra_env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         pass_fds: tuple[int, ...] = ()) -> Result:
-    """Run ``tool args`` to completion and return its output. ``pass_fds``: open files
-    the tool gets at the same numbers (it is given ``/proc/self/fd/N``, never a name)."""
+    """Run ``tool args`` to completion and return its output. ``env``: variables set over
+    the allowlisted environment. ``pass_fds``: open files the tool gets at the same numbers
+    (it is given ``/proc/self/fd/N``, never a name)."""
     argv = [which(tool), *[str(a) for a in args]]
-    log.debug("run: %s", shlex.join(argv))
-    env = tool_env()
-    if extra_env:
-        env.update(extra_env)
+    toolenv.log_command(log, "run", argv)
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=env,
+        env=toolenv.tool_env(toolenv.ENV_ALLOW, env),
         pass_fds=pass_fds,
         start_new_session=True,  # the timeout kill reaches the whole process group
-        preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads are started in the child
+        preexec_fn=toolenv.die_with_parent,  # noqa: PLW1509 - no threads are started in the child
     )
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
@@ -150,3 +92,36 @@ def run(tool: str, args: Iterable[str], *, timeout: float = DEFAULT_TIMEOUT,
     if proc.returncode not in ok_codes:
         raise ToolError(argv, proc.returncode, _tail(err), hint)
     return Result(argv, proc.returncode, out, err)
+
+
+def spawn(argv: Sequence[str], *, stdout: int, stderr: int | None = None,
+          die_with_parent: bool = False) -> Child:
+    """Start ``argv`` and return at once: a child that may outlive the op (the jailer).
+
+    ``argv[0]`` is an absolute path the caller took from the trusted config (``run`` is
+    for tools found by name). stdin is /dev/null, stdout and stderr (default: stdout) the
+    files given, cwd ``/``, the environment the allowlisted one; it leads its own session
+    (the VM outlives us and our terminal) and starts with the default signal mask (an op
+    holds the signals sudo relays, and a blocked mask survives exec). No PDEATHSIG unless
+    ``die_with_parent``: the jailer's Firecracker must outlive the helper."""
+    if not os.path.isabs(argv[0]):
+        raise ToolNotFound(argv[0])  # never looked up: a trusted absolute path or nothing
+    toolenv.log_command(log, "spawn", argv)
+    return subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=stdout,
+        stderr=stdout if stderr is None else stderr,
+        env=toolenv.tool_env(toolenv.ENV_ALLOW), cwd="/", start_new_session=True,
+        # The helper is single-threaded, so preexec_fn is safe.
+        preexec_fn=toolenv.die_with_parent if die_with_parent else toolenv.unblock_signals)  # noqa: PLW1509
+
+
+def wait(child: Child, timeout: float) -> int | None:
+    """``child``'s exit code, or None when ``timeout`` seconds passed first: then its whole
+    process group has been killed and it is reaped."""
+    try:
+        return child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        return None

@@ -30,7 +30,6 @@ REL_PATTERN = rf"^{NAME}(/{NAME}){{0,15}}$"
 _REL_RE = re.compile(REL_PATTERN)
 
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike (new syscalls share numbers)
-RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08

@@ -32,11 +32,12 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helper import procstatus
+from helper.base import run
 from helper.base.errors import Conflict, KilnError, NotFound, ToolError, UsageError
 from helper.cgroup import CgroupConfig, check_parent, check_vm_id
 from helper.jail import cgroups as jailcg
@@ -144,14 +145,6 @@ def check_ids(cfg: JailConfig, uid: int, gid: int, caller_uid: int | None = None
         raise UsageError(f"uid {uid} is the caller's own", "a VM runs as its own uid")
 
 
-def pick_uid(cfg: JailConfig, used: set[int]) -> int:
-    """The first uid of the range not in ``used`` (pure)."""
-    for n in range(cfg.uid_first, cfg.uid_first + cfg.uid_count):
-        if n not in used:
-            return n
-    raise Conflict("every VM uid in the range is in use", "raise [jails] uid_gid_range")
-
-
 def check_spec(cfg: JailConfig, spec: JailSpec) -> JailSpec:
     check_vm_id(spec.jail_id)
     check_ids(cfg, spec.uid, spec.gid)
@@ -252,22 +245,14 @@ def jail_launch(cfg: JailConfig, spec: JailSpec, *, timeout: float = 10.0) -> in
     console = root.parent / "console.log"
     out = os.open(console, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},  # nothing of the caller's
-            cwd="/", start_new_session=True,  # the VM outlives us and our terminal
-            # The op holds relayed signals (blocked masks are inherited): the VMM must not
-            # start with them blocked. The helper is single-threaded, so preexec_fn is safe.
-            preexec_fn=_unblock)  # noqa: PLW1509
+        # Its own session, the allowlisted env, the default signal mask, and no PDEATHSIG:
+        # Firecracker outlives the op (helper.base.run.spawn).
+        child = run.spawn(argv, stdout=out)
     finally:
         os.close(out)
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise ToolError(argv, -9, _tail(console), "the jailer hung; see console.log") from None
+    code = run.wait(child, timeout)
+    if code is None:
+        raise ToolError(argv, -9, _tail(console), "the jailer hung; see console.log")
     if code != 0:
         raise ToolError(argv, code, _tail(console))
     pidfile = root / f"{cfg.firecracker.name}.pid"
@@ -275,10 +260,6 @@ def jail_launch(cfg: JailConfig, spec: JailSpec, *, timeout: float = 10.0) -> in
     if not text.isdigit():
         raise ToolError(argv, code, f"no pid in {pidfile}")
     return int(text)
-
-
-def _unblock() -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _tail(path: Path, n: int = 10) -> str:
@@ -398,19 +379,9 @@ def uid_processes(uid: int) -> list[int]:
     ``uid``: what a VM uid runs, whatever pid file or namespace it hides behind."""
     out: list[int] = []
     for name in os.listdir("/proc"):
-        if name.isdigit() and _runs_as(int(name), uid):
+        if name.isdigit() and procstatus.runs_as(int(name), uid):
             out.append(int(name))
     return out
-
-
-def _runs_as(pid: int, uid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-    except OSError:
-        return False
-    uids = fields.get("Uid", "").split()
-    return not fields.get("State", "").strip().startswith("Z") and str(uid) in uids
 
 
 def kill_uid(uid: int, timeout: float = 30.0) -> int:
@@ -423,7 +394,7 @@ def kill_uid(uid: int, timeout: float = 30.0) -> int:
             with contextlib.suppress(OSError):
                 fd = os.pidfd_open(pid)
                 try:
-                    if _runs_as(pid, uid):  # still that process (the fd pins the number)
+                    if procstatus.runs_as(pid, uid):  # still that process (the fd pins the number)
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
                         killed += 1
                 finally:

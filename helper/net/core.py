@@ -202,7 +202,6 @@ class GuestNet:
     gateway: str
     mac: str
     dns: tuple[str, ...] = ()
-    reachable: str = ""  # where the kiln namespace reaches it (== ip unless isolation=netns)
 
 
 def guest_net(sec: NetSection, lease: Lease) -> GuestNet:
@@ -210,8 +209,8 @@ def guest_net(sec: NetSection, lease: Lease) -> GuestNet:
     if sec.isolation == "netns":
         link = sec.link
         hosts = list(link.hosts())[:2]
-        return GuestNet(str(hosts[1]), link.prefixlen, str(hosts[0]), mac, sec.dns, lease.ip)
-    return GuestNet(lease.ip, sec.network.prefixlen, sec.gateway, mac, sec.dns, lease.ip)
+        return GuestNet(str(hosts[1]), link.prefixlen, str(hosts[0]), mac, sec.dns)
+    return GuestNet(lease.ip, sec.network.prefixlen, sec.gateway, mac, sec.dns)
 
 
 def kernel_args(g: GuestNet) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ Layout (see docs/net.md):
   (``netcore.TMP``), tagged, then renamed. A crash in between leaves a ``kx-`` name nothing
   else uses: the next create of the same object removes it; a VM namespace (``ip netns
   add`` cannot be tagged at birth either) left untagged is adopted by its lease's owner's
-  reconcile (``observe``). The ops run with the caller's relayable signals held
+  reconcile (``helper.net.reconcile``). The ops run with the caller's relayable signals held
   (``ops_net``), and every rollback runs on any exception, so only a crash gets here;
 * isolation = none: ``kt-ID`` on the bridge, owned by the VM's uid/gid, the guest holds its
   leased address;
@@ -25,7 +25,8 @@ Layout (see docs/net.md):
   bridge's traffic, for hosts whose FORWARD policy drops); forwards: ``KILN-DNAT`` from
   PREROUTING and OUTPUT, ``GATEWAY:HOST`` → the VM's reachable address.
 
-Leases: ``helper.net.lease``.
+Leases: ``helper.net.lease``; what exists and reclaiming what a gone VM left:
+``helper.net.reconcile``.
 """
 
 from __future__ import annotations
@@ -143,33 +144,6 @@ def _adoptable(name: str, tag: nc.Tag, uid: int) -> bool:
     VM's names include ``name`` (kiln makes these names only for that VM)."""
     n = nc.names(tag.vm)
     return tag.uid == uid and name in (n.tap, n.veth, n.netns, n.tmp)
-
-
-def _obj(kind_: str, name: str, tag: nc.Tag | None, leases: dict[str, nc.Tag]) -> nc.Obj:
-    if tag is None and (owner := leases.get(name[3:])) is not None:
-        return nc.Obj(kind_, name, owner, adopted=True)
-    return nc.Obj(kind_, name, tag)
-
-
-def observe(sec: NetSection) -> list[nc.Obj]:
-    """Every kiln-named object of this network (tagged or not) and every lease. An untagged
-    one whose name is a leased VM's (a create cut short by a crash) is adopted: listed with
-    the lease's tag, so that owner's reconcile removes it."""
-    book = netlease.read_book(sec)
-    leases = {nc.short_id(x.vm): x.tag for x in book.leases}
-    objs = [nc.Obj("lease", x.vm, x.tag) for x in book.leases]
-    for d in ip_json(sec.namespace, "-d", "link", "show"):
-        name = str(d.get("ifname", ""))
-        tag = nc.parse_tag(d.get("ifalias"))
-        k = {"tun": "tap", "veth": "veth"}.get(kind(d))
-        if k is not None and (name.startswith((nc.TAP, nc.VETH)) or name.startswith(nc.TMP)):
-            objs.append(_obj(k, name, tag, leases))
-    objs += [_obj("netns", n, netns_tag(n), leases) for n in netns_names()]
-    for r in nc.chain_rules(rules(sec.namespace, ("nat",))["nat"], nc.DNAT_CHAIN):
-        f = nc.parse_forward(r)
-        if f is not None:
-            objs.append(nc.Obj("forward", str(f.host_port), f.tag))
-    return objs
 
 
 # -- the bridge -----------------------------------------------------------------------------
@@ -466,36 +440,3 @@ def drop_forwards(sec: NetSection, doomed: list[nc.Forward]) -> None:
         cur = rules(sec.namespace, ("nat",))
         if not nc.chain_rules(cur["nat"], nc.DNAT_CHAIN):
             apply(sec.namespace, nc.remove_chain_plan(cur, "nat", nc.DNAT_CHAIN))
-
-
-# -- reconcile ------------------------------------------------------------------------------
-
-
-def reclaim(sec: NetSection, root: str, keep: list[str], uid: int,
-            only: list[str] | None = None) -> list[str]:
-    """Remove ``root``'s objects (of ``uid``) whose VM is not in ``keep`` (with ``only``:
-    and is in it); NAT goes when no lease is left. Returns ``kind:name`` of what went."""
-    check_namespace(sec)
-    removed: list[str] = []
-    for o in nc.reclaim_plan(observe(sec), root, keep, uid, only):
-        assert o.tag is not None
-        adopt = o.tag if o.adopted else None
-        if adopt is not None:
-            x = netlease.read_book(sec).get(adopt.vm)
-            if x is None or x.tag != adopt:
-                continue  # the lease went or changed hands since observe: not adopted now
-        with contextlib.suppress(NotFound):  # gone meanwhile (its namespace took it)
-            if o.kind == "forward":
-                forward_remove(sec, o.tag.vm, uid, int(o.name))
-            elif o.kind == "tap":
-                tap_detach(sec, o.name, uid, adopt)
-            elif o.kind == "netns":
-                netns_delete(sec, o.name, uid, adopt)
-            elif o.kind == "veth":
-                veth_delete(sec, o.name, uid, adopt)
-            else:
-                netlease.release(sec, o.name, uid)
-            removed.append(f"{o.kind}:{o.name}")
-    if removed:
-        nat_remove(sec)
-    return removed

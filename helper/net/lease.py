@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from helper.base.errors import KilnError, NotFound, UsageError
+from helper.base.fileops import atomic_replace, write_all
 from helper.net import core as nc
 from helper.net.config import NetSection
 
@@ -84,14 +85,8 @@ def _write(path: Path, book: nc.Book) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(book.dumps())
-    os.rename(tmp, path)
+    with atomic_replace(path, mode=0o600) as tmp:
+        write_all(tmp.fd, book.dumps().encode())
 
 
 def read_book(sec: NetSection) -> nc.Book:

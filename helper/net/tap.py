@@ -69,14 +69,6 @@ def alias(name: str) -> str:
         return ""
 
 
-def tap_owner(name: str) -> tuple[int, int]:
-    """(uid, gid) the tap is bound to (-1: anyone)."""
-    def read(f: str) -> int:
-        with open(f"{_SYS}/{check_name(name)}/{f}") as fh:
-            return int(fh.read().strip())
-    return read("owner"), read("group")
-
-
 def tap_delete(name: str) -> None:
     if not exists(name):
         raise NotFound(f"tap {name} does not exist", "")

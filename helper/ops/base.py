@@ -1,5 +1,5 @@
-"""What every helper op shares: the field types, ``Req`` (the request base model), ``Ctx``
-(who asks, confined to which area) and ``replace_in`` (temp name → fsync → rename, by dirfd).
+"""What every helper op shares: the field types, ``Req`` (the request base model) and ``Ctx``
+(who asks, confined to which area).
 
 Request models: ``extra="forbid"``, ``frozen``, ``strict`` (no "1" → 1 coercion), a
 description on every field, every string constrained (pattern or enum).
@@ -17,10 +17,8 @@ description on every field, every string constrained (pattern or enum).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from helper.base.errors import NotFound, UsageError
-from helper.config import Config
+from helper.configbase import Config
 
 # -- field types --------------------------------------------------------------------------
 
@@ -54,31 +52,6 @@ class Ctx:
     caller_uid: int
     caller_gid: int
     trusted: bool = False
-
-
-@contextlib.contextmanager
-def replace_in(dfd: int, name: str, flags: int, mode: int) -> Iterator[int]:
-    """Create ``name`` in directory ``dfd`` all or nothing: yield an fd on a fresh temp name;
-    on success fsync it and rename it over ``name`` (then fsync the directory), on any
-    error unlink it. A SIGKILL leaves only a ``.NAME.*.tmp`` the next run can spot."""
-    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                 dir_fd=dfd)
-    try:
-        yield fd
-        os.fsync(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dfd)
-        raise
-    finally:
-        os.close(fd)
-    d = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)  # dfd may be O_PATH
-    try:
-        os.fsync(d)
-    finally:
-        os.close(d)
 
 
 Op = Callable[[Ctx, Any], dict[str, Any]]  # what each module's ``OPS`` table maps to

@@ -40,6 +40,7 @@ from helper.cgattach import held
 from helper.net import core as nc
 from helper.net import host as net
 from helper.net import lease as netlease
+from helper.net import reconcile
 from helper.net import tapfd as nettap
 from helper.net.config import NetSection
 from helper.net.tap import NAME_PATTERN as TAP_PATTERN
@@ -287,7 +288,7 @@ def net_list(ctx: Ctx, req: NetList) -> dict[str, Any]:
     net.check_namespace(sec)
     objs = [{"kind": o.kind, "name": o.name,
              "vm": o.tag.vm if o.tag else None, "root": o.tag.root if o.tag else None,
-             "uid": o.tag.uid if o.tag else None} for o in net.observe(sec)]
+             "uid": o.tag.uid if o.tag else None} for o in reconcile.observe(sec)]
     book = netlease.read_book(sec)
     return {"objects": objs, "leases": {x.vm: x.ip for x in book.leases},
             "bridge": net.own_bridge(sec) is not None}
@@ -308,8 +309,9 @@ class NetReclaim(Req):
 def net_reclaim(ctx: Ctx, req: NetReclaim) -> dict[str, Any]:
     if configured(ctx) is None or req.only == ():
         return {"removed": []}
-    return {"removed": net.reclaim(ctx.cfg.net, req.root, list(req.keep), ctx.caller_uid,
-                                   None if req.only is None else list(req.only))}
+    return {"removed": reconcile.reclaim(ctx.cfg.net, req.root, list(req.keep),
+                                         ctx.caller_uid,
+                                         None if req.only is None else list(req.only))}
 
 
 class TapOpen(Req):

@@ -1,20 +1,12 @@
-"""The helper's operations: one pydantic request model and one function per op.
+"""The table of the helper's operations: op name → (request model, function).
 
-``OPS`` maps each op name to ``(Request model, function)``, gathered from the subject
-modules (storage, dm, VM cgroups and taps, jails, network, ``usage``); an op name is at
+``OPS`` is gathered from the subject modules (storage, dm, VM cgroups and taps, jails,
+network, ``usage``, admin) plus ``area``; names are unique across them. An op name is at
 most 32 characters of a-z and inner '-' (``valid_op``, checked before a name is logged).
-``run_op`` validates a request and runs it with a ``Ctx``:
-
-* ``area``: the directory every caller-named path is relative to — the kiln root when
-  root calls in-process, ``<[pool] directory>/users/<uid>`` (created by the helper,
-  root-owned) for a sudo caller. Relative paths are resolved by ``safepath`` (no symlinks);
-* ``caller_uid/gid``: who asked (0 in-process); VM uids are never 0 or the caller's;
-* ``trusted``: an in-process root caller (skips nothing that guards the host; only the
-  re-hash of an imported volume, which protects a pool from its own user).
-
-Request models: ``extra="forbid"``, ``frozen``, ``strict`` (no "1" → 1 coercion), a
-description on every field, every string constrained (pattern or enum). No op takes a
-program path or an argv. An op on an object that does not exist raises ``NotFound``.
+``parse`` validates a request, ``run_op`` runs it with a ``Ctx``; ``schemas`` is what
+``kiln-helper --list`` prints. No op takes a program path or an argv; an op on an object
+that does not exist raises ``NotFound``. What the requests and ``Ctx`` are is said once,
+in ``helper.ops.base``.
 """
 
 from __future__ import annotations

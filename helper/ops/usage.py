@@ -13,7 +13,7 @@ the ops that make them record them:
 * ``pool_bytes``: the apparent size (``st_size``: what a sparse image may grow to) of
   ``<area>/pool/pool.img`` plus every regular file directly in ``<area>/pool/thin/``, each
   opened or ``fstatat``-ed beneath the area without following a symlink;
-* ``audit_bytes``: the audit log bytes the caller's uid added today (``helper.main``).
+* ``audit_bytes``: the audit log bytes the caller's uid added today (``helper.audit``).
 
 Without ``[net]`` in the trusted config no lease or forward can exist: both count 0 and
 nothing is run (their caps read 0). The caps of leases and forwards are ``[net]``'s
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from helper import claims
+from helper.audit import audit_spent
 from helper.base.errors import KilnError
 from helper.net.config import NetSection
 from helper.ops.base import Ctx, Op, Req
@@ -43,8 +44,6 @@ def _cap(used: int | None, most: int) -> dict[str, Any]:
 def usage(ctx: Ctx, req: Usage) -> dict[str, Any]:
     del req
     lim, sec, uid = ctx.cfg.limits, ctx.cfg.net_section, ctx.caller_uid
-    from helper.main import audit_spent  # the audit log's bookkeeping lives with the entry
-
     return {
         "jails": _cap(len(claims.names(ctx.area, "jails")), lim.jails),
         "cgroups": _cap(len(claims.names(ctx.area, "cgroups")), lim.cgroups),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from helper.base import fileops, safepath
 from helper.base.errors import Conflict, IntegrityError, NotFound, UsageError
-from helper.config import Config
+from helper.configbase import Config
 from helper.storage import dmthin_core as core
 
 BASES = "pool/thin/bases"
@@ -185,8 +185,6 @@ def claim(cfg: Config, area: Path, devices: Devices | None, *, fresh: bool) -> N
     ``fresh`` formats ``devices`` first. Formatting comes before the claim is written: a
     crash in between leaves a claim that still requires ``fresh``, never a claim of this
     area over an earlier pool's metadata that a later non-fresh load would bring up."""
-    from helper.ops.base import replace_in
-
     holder = claimed_by(cfg)
     problem = core.claim_problem(holder, str(area), holder is not None
                                  and os.path.isdir(holder), fresh)
@@ -201,8 +199,8 @@ def claim(cfg: Config, area: Path, devices: Devices | None, *, fresh: bool) -> N
     cfg.pool_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     dfd = safepath.open_dir(cfg.pool_dir)
     try:
-        with replace_in(dfd, CLAIM, os.O_WRONLY, 0o644) as fd:
-            os.write(fd, json.dumps({"area": str(area)}).encode() + b"\n")
+        with fileops.atomic_replace(CLAIM, dir_fd=dfd, mode=0o644) as tmp:
+            fileops.write_all(tmp.fd, json.dumps({"area": str(area)}).encode() + b"\n")
     finally:
         os.close(dfd)
 

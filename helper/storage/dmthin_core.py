@@ -1,6 +1,6 @@
 """The pure parts of the dm-thin backend: names, table lines, messages, id allocation,
 metadata sizing, status parsing and the reclaim order. No I/O here; property-tested in
-``tests/test_dmthin_core.py``.
+``tests/helper/test_dmthin_core.py``.
 
 Names. Every device kiln creates is called ``kiln-<rootkey>-<kind>[-<id>]`` where
 ``rootkey`` is 8 hex digits of the sha256 of the kiln root's path (two roots on one host
@@ -32,7 +32,6 @@ _NAME_RE = re.compile(
     rf"^kiln-(?P<root>{_ROOTKEY})-(?:(?P<pool>pool)|vol-(?P<vol>[0-9a-f]{{64}})"
     rf"|snap-(?P<snap>{_SNAP_ID}))$"
 )
-_SNAP_ID_RE = re.compile(rf"^{_SNAP_ID}$")
 _DEVNO_RE = re.compile(r"^(\d+):(\d+)$")
 _LS_RE = re.compile(r"^(?P<name>\S+)\s+\((?P<maj>\d+)(?::|,\s*)(?P<min>\d+)\)\s*$")
 
@@ -66,10 +65,6 @@ def parse_name(name: str) -> DmName | None:
     if m.group("vol"):
         return DmName(m.group("root"), "vol", m.group("vol"))
     return DmName(m.group("root"), "snap", m.group("snap"))
-
-
-def is_kiln_name(name: str) -> bool:
-    return parse_name(name) is not None
 
 
 def pool_name(rootkey: str) -> str:
@@ -288,10 +283,6 @@ def reclaim_plan(devices: Iterable[DmDevice], rootkey: str,
 def _rank(name: str) -> int:
     p = parse_name(name)
     return p.rank if p else 3
-
-
-def valid_snapshot_id(snap_id: str) -> bool:
-    return bool(_SNAP_ID_RE.fullmatch(snap_id))
 
 
 

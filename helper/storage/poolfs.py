@@ -35,7 +35,7 @@ from pathlib import Path
 
 from helper.base import safepath
 from helper.base.errors import Conflict, IntegrityError, KilnError, UsageError
-from helper.config import Limits
+from helper.configbase import Limits
 from helper.storage import privileged
 
 POOL, IMAGE = "pool", "pool.img"  # an area's pool directory and its image

@@ -233,7 +233,7 @@ def dm_create(root: Path, name: str, table: str) -> str:
     if "\n" in table or "\x00" in table or not table.strip():
         raise UsageError("a table is one line", "")
     run.run("dmsetup", ["create", name, "--table", table], timeout=120,
-            extra_env=dm_node_env())
+            env=dm_node_env())
     return f"/dev/mapper/{name}"
 
 
@@ -248,7 +248,7 @@ def dm_message(root: Path, name: str, message: str) -> None:
 def dm_remove(root: Path, name: str) -> None:
     check_dm_name(root, name)
     run.run("dmsetup", ["remove", "--retry", name], timeout=120,  # --retry: udev races
-            extra_env=dm_node_env())
+            env=dm_node_env())
 
 
 def dm_table(root: Path, name: str) -> str:

@@ -22,6 +22,9 @@ from runner.cli.common import Ctx, KilnGroup
 
 # Commands that never touch the root, and gc (it recovers itself, and not with --dry-run).
 _NO_RECOVERY = frozenset({"version", "doctor", "recipe", "gc"})
+# Commands whose core recovers tmp/ and the blob cache itself (builder.pipeline.build does,
+# for API callers): the CLI sweeps only the run stage's caches first, so nothing runs twice.
+_CORE_RECOVERS = frozenset({"build"})
 
 
 @click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,7 +45,8 @@ def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
     if ctx.invoked_subcommand not in _NO_RECOVERY:
         from runner.tempfiles import recover
 
-        recover(r)  # what a killed kiln command left (docs/architecture.md)
+        # what a killed kiln command left (docs/architecture.md)
+        recover(r, work=ctx.invoked_subcommand not in _CORE_RECOVERS)
 
 
 

@@ -38,6 +38,8 @@ mistaken plan cannot remove another user's.
 
 ``reconcile()`` gathers the observation (records, /proc, cgroup trees, the VM directory,
 pool records), runs the plan, executes it, and stores this round's orphans for the next.
+``discard()`` removes one finished VM and its record, leaf first: ``rmvm`` here and ``kiln
+rm`` (``runner.vm.lifecycle.remove``) alike.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from builder.root import Root, rmtree
-from helper.base.errors import KilnError
+from helper.base.errors import KilnError, NotFound
 from runner.vm.state import (
     LIVE,
     State,
@@ -88,7 +90,7 @@ def vm_of_snapshot(snap_id: str) -> str | None:
 
 @dataclass(frozen=True)
 class VMView:
-    id: str
+    vm_id: str
     state: str
     auto_remove: bool
     owner_alive: bool
@@ -117,7 +119,7 @@ class Observed:
 class Action:
     kind: str  # fail | kill | rmcgroup | rmjail | rmnet | rmdir | rmsnapshot | rmvm
     target: str  # VM id, pid, path or snapshot id
-    vm: str  # the VM id it concerns
+    vm_id: str  # the VM it concerns
     reason: str = ""
 
 
@@ -144,7 +146,7 @@ def _leaf(path: str) -> str:
 def plan(obs: Observed) -> Plan:
     """What to do (pure). See the module docstring for the rules."""
     actions: list[Action] = []
-    known = {v.id for v in obs.vms}
+    known = {v.vm_id for v in obs.vms}
     key = obs.root_key
     vmm_pids = _mine(obs.vmm_pids, key)
     # a cgroup or jail path counts only when its last component is the host name itself
@@ -152,25 +154,25 @@ def plan(obs: Observed) -> Plan:
                     key)
     jails = _mine({n: p for n, p in obs.jails.items() if _leaf(p) == n}, key)
     for v in obs.vms:
-        if not VM_ID.fullmatch(v.id):
+        if not VM_ID.fullmatch(v.vm_id):
             continue
         if v.state in LIVE:
             if v.owner_alive:
                 continue  # its owner is in charge (this covers every VM being born)
             why = ("kiln was killed while creating the VM" if v.state == "creating"
                    else "kiln run (the VM's owner) died")
-            actions.append(Action("fail", v.id, v.id, why))
+            actions.append(Action("fail", v.vm_id, v.vm_id, why))
         elif v.owner_alive:
             continue  # the owner is finishing up (cgroups, --rm)
-        if v.id in vmm_pids:
-            actions.append(Action("kill", str(vmm_pids[v.id]), v.id))
-        actions += [Action("rmcgroup", d, v.id) for d in cgroups.get(v.id, ())]
-        if v.id in jails:
-            actions.append(Action("rmjail", jails[v.id], v.id))
-        if v.net or v.id in (obs.net_vms or ()):
-            actions.append(Action("rmnet", v.id, v.id))
+        if v.vm_id in vmm_pids:
+            actions.append(Action("kill", str(vmm_pids[v.vm_id]), v.vm_id))
+        actions += [Action("rmcgroup", d, v.vm_id) for d in cgroups.get(v.vm_id, ())]
+        if v.vm_id in jails:
+            actions.append(Action("rmjail", jails[v.vm_id], v.vm_id))
+        if v.net or v.vm_id in (obs.net_vms or ()):
+            actions.append(Action("rmnet", v.vm_id, v.vm_id))
         if v.auto_remove:
-            actions.append(Action("rmvm", v.id, v.id))
+            actions.append(Action("rmvm", v.vm_id, v.vm_id))
     candidates: list[tuple[str, str, str]] = []  # (kind, name, vm id)
     for vm_id, pid in vmm_pids.items():
         if vm_id not in known:
@@ -251,7 +253,7 @@ def scan_cgroups(parents: Iterable[str] = ("kiln",)) -> dict[str, tuple[str, ...
                     for e in os.scandir(Path(mnt, parent)):
                         if e.is_dir(follow_symlinks=False) and HOST_NAME.fullmatch(e.name):
                             found.setdefault(e.name, []).append(e.path)
-    return {k: tuple(v) for k, v in found.items()}
+    return {name: tuple(dirs) for name, dirs in found.items()}
 
 
 def scan_jails(cfg: JailConfig | None) -> dict[str, str]:
@@ -321,7 +323,6 @@ def observe(root: Root, st: State, *, full: bool = False) -> tuple[Observed, lis
 
 def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
     from runner.vm import cgroup as vmcgroup
-    from runner.vm import lifecycle as vm
 
     key = root_key(root.path)
     for a in actions:
@@ -330,18 +331,18 @@ def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
                 st.finish(a.target, "failed", None, a.reason)
             elif a.kind == "kill":
                 pid = int(a.target)
-                if _is_vmm_of(pid, host_name(key, a.vm)):
+                if _is_vmm_of(pid, host_name(key, a.vm_id)):
                     os.kill(pid, signal.SIGKILL)
             elif a.kind == "rmcgroup":
                 vmcgroup.remove([a.target])  # as root directly, else through kiln-helper
             elif a.kind == "rmjail":
-                from runner.vmm import firecracker as fcdriver
+                from runner.vmm import firecracker  # a jail is Firecracker's, whatever the record
 
-                fcdriver.teardown(root.path, host_name(key, a.vm), None, a.target)
+                firecracker.teardown(root.path, host_name(key, a.vm_id), None, a.target)
             elif a.kind == "rmnet":
                 from runner.vm import resources as vmres
 
-                vmres.release_net(root, st, a.vm, found=True)
+                vmres.release_net(root, st, a.vm_id, found=True)
             elif a.kind == "rmdir":
                 rmtree(st.vms_dir / a.target)
             elif a.kind == "rmsnapshot":
@@ -351,9 +352,30 @@ def execute(root: Root, st: State, actions: Iterable[Action]) -> None:
                 if pool is not None:
                     pool.remove_snapshot(a.target)
             elif a.kind == "rmvm":
-                vm.remove(root, a.target, st=st)
+                discard(root, st, st.find(a.target))
         except (KilnError, OSError) as e:
             log.warning("reaper: %s %s: %s", a.kind, a.target, e)
+
+
+def discard(root: Root, st: State, rec: VMRecord) -> None:
+    """Remove a finished VM, leaf first: its network (raises while the helper refuses: the
+    record stays, saying what is held), what its VMM holds (its driver's teardown: a
+    Firecracker jail links the snapshot), its snapshot, cgroups and files, then its record.
+    ``kiln rm`` (``runner.vm.lifecycle.remove``) and ``--rm`` VMs of a dead owner."""
+    from builder.pool import open_pool
+    from runner.vm import cgroup as vmcgroup
+    from runner.vm import resources as vmres
+    from runner.vmm import choice as vmmchoice
+
+    vmres.release_net(root, st, rec.id)
+    vmmchoice.driver_for(root, rec.vmm).teardown(rec)
+    pool = open_pool(root.path)
+    if pool is not None:
+        with contextlib.suppress(NotFound):
+            pool.remove_snapshot(rec.snapshot)
+    vmcgroup.remove(rec.cgroup_dirs)
+    rmtree(Path(rec.dir))
+    st.delete(rec.id)
 
 
 def _is_vmm_of(pid: int, name: str) -> bool:

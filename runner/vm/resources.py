@@ -37,7 +37,7 @@ from builder.root import Root
 from helper.base.errors import KilnError, UidInUse
 from runner.vm import cgroup as vmcgroup
 from runner.vm.state import NET_ATTACHED, NET_RECORDED, NET_RELEASED, State, VMRecord, root_key
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 
 if TYPE_CHECKING:
     from runner import network
@@ -81,7 +81,7 @@ class NetIntent:
     """What ``kiln run --net tap`` knows before the record exists."""
 
     bridge: dict[str, Any]  # bridge-ensure's answer (isolation, namespace, gateway, …)
-    forwards: tuple[qemu.Forward, ...]
+    forwards: tuple[qemuargv.Forward, ...]
     uid_range: tuple[int, int]  # the helper's [jails] uid_gid_range: (first, count)
 
 
@@ -92,7 +92,7 @@ def net_call(root: Root) -> network.Call:
     return network.helper_call(root.path)  # the area matters in-process only
 
 
-def net_preflight(root: Root, forwards: tuple[qemu.Forward, ...]) -> NetIntent:
+def net_preflight(root: Root, forwards: tuple[qemuargv.Forward, ...]) -> NetIntent:
     from helper import config
     from runner import network
 
@@ -137,7 +137,7 @@ def net_attach(root: Root, st: State, rec: VMRecord, intent: NetIntent,
 class QemuNic:
     """How QEMU gets its tap: argv part, the namespace to start in, fds to inherit."""
 
-    tap: qemu.TapNic
+    tap: qemuargv.TapNic
     netns: str | None
     keep_fds: tuple[int, ...]
 
@@ -147,7 +147,7 @@ def qemu_nic(root: Root, vmnet: network.VmNet) -> QemuNic:
         return QemuNic(vmnet.qemu_tap(), vmnet.spawn_netns, ())
     from runner import network
 
-    fd = network.open_tap(vmnet.vm, root.path)
+    fd = network.open_tap(vmnet.vm_id, root.path)
     return QemuNic(replace(vmnet.qemu_tap(), fd=fd), None, (fd,))
 
 
@@ -160,7 +160,7 @@ def release_net(root: Root, st: State, vm_id: str, *, found: bool = False) -> No
         return
     from runner import network
 
-    network.reconcile(net_call(root), root_key(root.path), keep=[], only=[vm_id])
+    network.reconcile(net_call(root), root_key(root.path), keep=[], vm_ids=[vm_id])
     if cur is not None and cur.net_held:
         st.update(vm_id, net=json.dumps({**cur.net_doc, "step": NET_RELEASED}))
 

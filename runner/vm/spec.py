@@ -1,6 +1,7 @@
-"""What a VM run is given and what it ends with (pure): ``RunOptions``, the VM directory's
-files (``VMFiles``), the VMM choice and the ``outcome`` — the record's end state and
-``kiln run``'s exit code — from the guest's status report and the VMM's exit.
+"""What a VM run is given and what it ends with: ``RunOptions``, the VM directory's files
+(``VMFiles``) and the ``outcome`` (pure) — the record's end state and ``kiln run``'s exit
+code — from the guest's status report and the VMM's exit (``runner.vmm.driver.Ended``).
+Which VMM runs it: ``runner.vmm.choice``.
 
 Exit codes: the workload's; 124 when --timeout fired; 125 when kiln or the VMM failed;
 137 when a stop had to kill the guest.
@@ -12,8 +13,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from helper.base.errors import UsageError
 
 EXIT_TIMEOUT = 124
 EXIT_KILN = 125
@@ -80,15 +79,6 @@ def outcome(status_text: str, vmm_code: int | None, *, timed_out: bool, stopped:
     what = f"signal {-vmm_code}" if vmm_code is not None and vmm_code < 0 else \
         f"exit {vmm_code}"
     return Outcome("failed", None, f"the VMM ended ({what}): {why}", EXIT_KILN)
-
-
-def choose_vmm(requested: str, firecracker_ready: bool) -> str:
-    """qemu | firecracker (pure; ``runner.vmm.choice.choose`` also says why)."""
-    if requested not in ("auto", "qemu", "firecracker"):
-        raise UsageError(f"unknown --vmm {requested!r}", "use auto, qemu or firecracker")
-    if requested == "auto":
-        return "firecracker" if firecracker_ready else "qemu"
-    return requested
 
 
 def tail(path: Path, size: int = 4096) -> str:

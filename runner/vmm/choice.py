@@ -1,28 +1,26 @@
-"""Which VMM a VM gets: ``--vmm auto|qemu|firecracker`` against the host.
+"""Which VMM a VM gets — ``--vmm auto|qemu|firecracker`` against the host — and its driver.
 
 * ``choose`` (pure): the decision and the sentence ``kiln ps`` shows as ``vmm_reason``;
-* ``kvm_verdict``: whether KVM runs a guest (``builder.probes.kvm``, ~0.7 s when KVM is
-  emulated), cached for the current boot under ``ROOT/kernels``; QEMU's accelerator
-  choice uses the same verdict;
-* ``pick``: ``auto`` asks KVM first (no Firecracker without KVM), then the trusted config
-  (``helper.config``: ``[tools]`` firecracker + jailer, ``[jails]``) for a usable
-  ``JailConfig``. Kept apart from ``runner.vmm.firecracker`` so that a QEMU run imports neither
-  the Firecracker driver nor (when KVM cannot run a guest) pydantic: start-up time is a
-  benchmark target.
+* ``pick``: ``auto`` asks KVM first (``runner.vmm.qemuargv.kvm_verdict``, cached per boot;
+  no Firecracker without KVM), then the trusted config (``helper.config``: ``[tools]``
+  firecracker + jailer, ``[jails]``) for a usable ``JailConfig``. A QEMU run imports
+  neither the Firecracker driver nor (when KVM cannot run a guest) pydantic: start-up time
+  is a benchmark target;
+* ``driver_for``: the ``runner.vmm.driver.Driver`` of a VMM, for a new run (``pick``'s
+  answer) or a record (``kiln stop``/``rm``, a failed setup, the reaper's removal) — the
+  one place that asks which VMM a VM has.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.root import Root
 from helper.base.errors import KilnError, NotFound, UsageError
-from runner.tempfiles import write_atomic
+from runner.vmm.driver import Driver
+from runner.vmm.qemuargv import kvm_verdict
 
 if TYPE_CHECKING:
     from helper.jail.jailer import JailConfig
@@ -55,36 +53,6 @@ def choose(requested: str, fc_problem: str | None, kvm_problem: str | None
     return "firecracker", "--vmm auto chose firecracker: configured, and KVM runs a guest"
 
 
-def kvm_problem(detail: str) -> str:
-    """The KVM probe's finding without its claim that no guest would boot: QEMU boots
-    guests without KVM, under TCG (as ``builder.doctor.kvm_problem``; importing the doctor
-    here would cost `kiln run`'s start-up)."""
-    return re.sub(r"[;:,]?\s*a guest kernel would not boot", "", detail).rstrip(" ;:,")
-
-
-def kvm_verdict(root: Root) -> tuple[bool, str]:
-    """(KVM runs a guest, why not). The probe costs ~0.7 s when KVM is emulated, so the
-    verdict is cached for the current boot (keyed by the boot id)."""
-    from builder import probes
-
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = ""
-    cache = root.path / "kernels" / f"kvm-{boot_id}.json"
-    if boot_id:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            doc = json.loads(cache.read_text())
-            return bool(doc["ok"]), kvm_problem(str(doc["reason"]))
-    p = probes.kvm()
-    verdict = (bool(p.ok), "" if p.ok else kvm_problem(str(p.detail)))
-    if boot_id:
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache, json.dumps({"ok": verdict[0], "reason": verdict[1]}).encode())
-    return verdict
-
-
 def pick(root: Root, requested: str) -> tuple[str, str, Any]:
     """(vmm, why, jail config or None). Firecracker needs the trusted config to name it
     and, for ``auto``, KVM that runs a guest (probed once per boot). ``auto`` asks KVM
@@ -110,26 +78,26 @@ def pick(root: Root, requested: str) -> tuple[str, str, Any]:
     return vmm, reason, cfg
 
 
-# -- configuration ----------------------------------------------------------------------------
-
-def jail_config(root_dir: Path) -> JailConfig:
-    """The jail configuration from the trusted config (``helper.config``): the same one
-    kiln-helper uses. Raises when a tool is missing or untrusted."""
-    from helper import cgroup as cg
-    from helper import config as hconfig
-    from helper.jail import jailer as jail
-
-    c = hconfig.load()
-    firecracker = Path(c.tool("firecracker"))
-    cfg = jail.JailConfig(
-        jailer=Path(c.tool("jailer")), firecracker=firecracker,
-        chroot_base=c.chroot_base, uid_first=c.uid_first, uid_count=c.uid_count,
-        sources=(root_dir, *c.sources), cgroup=cg.CgroupConfig(parent=c.cgroup_parent))
-    return jail.check_config(cfg)
-
+# -- configuration and the driver -------------------------------------------------------------
 
 def config_problem(root_dir: Path) -> tuple[JailConfig | None, str | None]:
+    """(the jail config, None), or (None, why Firecracker is not usable)."""
+    from runner.vmm import fcapi  # the jails' config: only once a Firecracker VM may be asked
+
     try:
-        return jail_config(root_dir), None
+        return fcapi.jail_config(root_dir), None
     except KilnError as e:
         return None, e.message
+
+
+def driver_for(root: Root, vmm: str, cfg: JailConfig | None = None) -> Driver[Any]:
+    """The driver of ``vmm`` (``pick``'s, with its jail config; or a record's, which loads
+    the config when it needs it). Each driver module is imported only here: a QEMU run
+    never imports Firecracker's."""
+    if vmm == "firecracker":
+        from runner.vmm import firecracker
+
+        return firecracker.FirecrackerDriver(root, cfg)
+    from runner.vmm import qemu
+
+    return qemu.QemuDriver(root)

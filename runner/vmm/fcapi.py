@@ -1,4 +1,4 @@
-"""Firecracker driver: pure launch plan, API client (HTTP over AF_UNIX), lifecycle.
+"""Firecracker's pure launch plan, API client (HTTP over AF_UNIX), one VM's lifecycle.
 
 Flow of ``FirecrackerVM.start`` (each step announced through ``on_step`` *before* it
 creates anything, so the state layer can record the resource first):
@@ -18,9 +18,12 @@ Stop: ``SendCtrlAltDel``, wait for the cgroup to empty, then kill the whole cgro
 cgroup, remove the jail (the helper refuses while mounts remain).
 
 Privileged steps go through ``PrivOps`` (``kiln run``: ``builder.helperclient.HelperOps``, the
-helper's ops; ``InProcessOps`` calls ``helper.jail.jailer`` directly with a given ``JailConfig``,
+helper's ops (tests drive the helper's jail functions in-process: tests/support/firecracker.py),
 for tests of the driver itself) and never take a path to run. Only endpoints the
 1.12.1 binary has are used (no ``PUT /serial``: the console is Firecracker's stdout).
+``jail_config`` reads the jails' settings from the trusted config (the same the helper
+uses). ``kiln run``'s side — the record, the console, stop and teardown — is the driver,
+``runner.vmm.firecracker``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import re
 import socket
 import time
@@ -41,9 +43,7 @@ from helper import cgroup as cg
 from helper.base.errors import KilnError, NotFound, UsageError
 from helper.cgroup import Limits
 from helper.jail import jailer as jail
-from helper.jail import stage as jailstage
 from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
-from helper.net import core as netcore
 
 KERNEL = "vmlinux"
 INITRD = "initrd.img"
@@ -81,12 +81,6 @@ class NetSpec:
 _IFACE = re.compile(r"^eth[0-9]{1,2}$")
 _DEV = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1, no '/' or blanks
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-
-
-def vm_nic(tap: str, vm_id: str, iface_id: str = "eth0") -> NetSpec:
-    """``--net tap``: the helper's tap (``kt-ID``) with the MAC derived from the VM id
-    (``helper.net.core.mac_for``, the same one the QEMU driver gives the guest)."""
-    return NetSpec(iface_id, tap, netcore.mac_for(vm_id))
 
 
 def network_interface_body(n: NetSpec) -> dict[str, Any]:
@@ -222,7 +216,7 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
     """Everything needed to launch one VM, decided up front (pure apart from validation).
 
     ``uid`` doubles as gid. ``rootfs``: a snapshot file, or ``/dev/mapper/…`` (dm-thin).
-    ``nets`` (e.g. ``vm_nic(tap, vm id)``) or bare ``taps`` (no MAC) become eth0, eth1, …."""
+    ``nets`` (``runner.network``'s tap and MAC) or bare ``taps`` (no MAC) become eth0, eth1, …."""
     cg.check_vm_id(vm_id)
     block = str(rootfs).startswith("/dev/mapper/")
     root_name = ROOT_BLOCK if block else ROOTFS
@@ -328,6 +322,23 @@ class ApiClient:
                 time.sleep(0.02)
 
 
+# -- the jail configuration ----------------------------------------------------------------
+
+
+def jail_config(root_dir: Path) -> JailConfig:
+    """The jail configuration from the trusted config (``helper.config``): the same one
+    kiln-helper uses. Raises when a tool is missing or untrusted."""
+    from helper import config as hconfig  # pydantic: only where a Firecracker VM is asked for
+
+    c = hconfig.load()
+    firecracker = Path(c.tool("firecracker"))  # the one named when both are missing
+    cfg = JailConfig(
+        jailer=Path(c.tool("jailer")), firecracker=firecracker,
+        chroot_base=c.chroot_base, uid_first=c.uid_first, uid_count=c.uid_count,
+        sources=(root_dir, *c.sources), cgroup=cg.CgroupConfig(parent=c.cgroup_parent))
+    return jail.check_config(cfg)
+
+
 # -- privileged operations ------------------------------------------------------------
 
 
@@ -341,35 +352,6 @@ class PrivOps(Protocol):
     def jail_launch(self, spec: JailSpec) -> int: ...
     def jail_grant_api(self, vm_id: str) -> Path: ...
     def jail_remove(self, vm_id: str) -> None: ...
-
-
-@dataclass
-class InProcessOps:
-    """Root calls the helper's functions directly (same validation as through the helper)."""
-
-    cfg: JailConfig
-    caller_uid: int = field(default_factory=os.getuid)
-    caller_gid: int = field(default_factory=os.getgid)
-
-    def cgroup_create(self, vm_id: str, version: int, limits: Limits) -> None:
-        cg.cgroup_create(self.cfg.cgroup, vm_id, version, limits)
-
-    def cgroup_kill(self, vm_id: str, version: int) -> None:
-        cg.cgroup_kill(self.cfg.cgroup, vm_id, version)
-
-    def jail_stage(self, vm_id: str, uid: int, gid: int, items: Sequence[StageItem],
-                   logs: Sequence[str]) -> Staged:
-        return jailstage.jail_stage(self.cfg, vm_id, uid, gid, items, caller_uid=self.caller_uid,
-                               logs=logs)
-
-    def jail_launch(self, spec: JailSpec) -> int:
-        return jail.jail_launch(self.cfg, spec)
-
-    def jail_grant_api(self, vm_id: str) -> Path:
-        return jail.jail_grant_api(self.cfg, vm_id, self.caller_uid, self.caller_gid)
-
-    def jail_remove(self, vm_id: str) -> None:
-        jail.jail_remove(self.cfg, vm_id)
 
 
 # -- the driver ---------------------------------------------------------------------------

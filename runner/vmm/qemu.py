@@ -1,260 +1,194 @@
-"""The QEMU microvm driver: a pure argv builder plus the few host facts it needs.
+"""The QEMU driver (``runner.vmm.driver.Driver``): one VM's QEMU from its files to its end.
 
-``argv(spec)`` is the whole command line (tested exactly). Channels, each its own file so
-kiln's stdout carries only the workload's output:
-
-* ``ttyS0`` (the kernel's ``console=``) → ``console.log``: kernel and kiln-init messages;
-* virtio-serial ports named ``kiln.stdout`` / ``kiln.stderr`` → ``stdout`` / ``stderr``
-  files (plain char devices in the guest: no tty line discipline turning ``\\n`` into
-  ``\\r\\n``); ``kiln.status`` → ``status`` (the init writes ``exit N``);
-* ``kiln.control`` → FIFOs ``ctl.in``/``ctl.out``: the host writes ``stop GRACE`` to
-  ``ctl.in`` for a graceful stop;
-* ``kiln.stdin`` → kiln's stdin, only with ``-i``.
-
-Accelerator: KVM only when ``builder.probes.kvm()`` ran a guest; otherwise TCG, and then
-``tsc_early_khz=`` with the host's TSC frequency, or microvm boots hang calibrating the TSC
-without a PIT/HPET (../shared/qemu.md), and ``cryptomgr.notests`` (the boot-time crypto
-self-tests are a sixth of an emulated boot). As root QEMU drops to a per-VM uid (``-runas``),
-chroots into an empty directory, and runs under seccomp (``-sandbox on``; privilege
-elevation must stay allowed because QEMU 7.2 installs the filter before ``-runas`` acts).
-
-Network: ``--net user`` is QEMU's slirp (``-p`` forwards bound to 127.0.0.1); ``--net tap``
-opens a kiln tap by name (``ifname=``, made and bridged by the helper; QEMU must start in
-the namespace the tap lives in and open it before ``-runas`` drops root) with the VM's MAC,
-or — QEMU run by an ordinary user — uses the fd the helper attached (``fd=N``).
-Either way the guest's address reaches kiln's init as ``kiln.ip= kiln.gw= [kiln.dns=]`` on
-the kernel command line (the cloud kernel has no ``CONFIG_IP_PNP``: ``ip=`` does nothing).
+* ``reserve``: the cgroups (``runner.vm.cgroup.qemu_plan``: made directly as root, else
+  through kiln-helper, and QEMU then runs as the caller: no ``-runas``/``-chroot``,
+  ``-sandbox on`` still); a uid when QEMU runs as root (``-runas``) or the VM is on the
+  kiln network (the helper's range: the tap belongs to it);
+* ``prepare``: the control FIFOs, the cgroups, the tap (``runner.vm.resources``: QEMU as
+  root opens it by name inside its namespace; as a user it gets an fd the helper
+  attached), the command line (``runner.vmm.qemuargv``);
+* ``own``: spawn QEMU into its cgroups (``runner.vmm.process``), record the pid (state
+  ``running``), relay the workload's output files to kiln's stdout/stderr, honour
+  ``--timeout`` and Ctrl-C/SIGTERM — a graceful stop through the guest's control port
+  (``request_stop``), then SIGTERM, then SIGKILL of the VMM;
+* ``stop`` (``kiln stop``): the same control port, then SIGKILL of the VMM and its cgroups;
+  the owner records the outcome;
+* ``teardown``: nothing — QEMU holds nothing beyond the record's cgroups and network.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from helper.base.errors import UsageError
-from helper.net.tap import NAME_PATTERN as TAP_PATTERN
+from builder.root import Root
+from runner.vm import cgroup as vmcgroup
+from runner.vm import resources as vmres
+from runner.vm.spec import RunOptions, VMFiles, tail
+from runner.vm.state import UID_BASE, UID_COUNT, State, VMRecord, alive, proc_start_time
+from runner.vmm import process as supervise
+from runner.vmm import qemuargv
+from runner.vmm.driver import Boot, Ended, Reservation
 
-SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
-SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-# --net user: slirp's fixed addresses, configured by kiln's init like a tap's
-USER_NET_ARGS = ("kiln.ip=10.0.2.15/24", "kiln.gw=10.0.2.2", "kiln.dns=10.0.2.3")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
-
-
-@dataclass(frozen=True)
-class Forward:
-    host: int
-    guest: int
+log = logging.getLogger("kiln.vm")
 
 
 @dataclass(frozen=True)
-class TapNic:
-    """--net tap: a kiln tap (made by the helper, in the namespace QEMU starts in)."""
+class QemuLaunch:
+    """One QEMU ready to start: its command line and what it inherits."""
 
-    ifname: str  # kt-…
-    mac: str  # helper.net.core.mac_for(VM id)
-    kernel_args: tuple[str, ...]  # kiln.ip=… kiln.gw=… [kiln.dns=…] (netcore.kernel_args)
-    fd: int | None = None  # an fd on the tap the helper opened (QEMU run by a user)
-
-
-@dataclass(frozen=True)
-class QemuSpec:
-    """Everything one QEMU process is started with."""
-
-    name: str  # "kiln-<host name>": how the reaper recognises its root's VMMs
-    kernel: Path
-    initrd: Path
-    disk: Path
-    cpus: int
-    memory_mib: int
-    accel: str  # kvm | tcg
-    tsc_khz: int | None
-    console_log: Path
-    stdout: Path
-    stderr: Path
-    status: Path
-    control: Path  # FIFO pair CONTROL.in / CONTROL.out
-    init: str  # /.kiln/init, or the image's /sbin/init
-    net: str = "none"  # none | user | tap
-    tap: TapNic | None = None  # with net = "tap"
-    forwards: tuple[Forward, ...] = ()
-    interactive: bool = False
-    runas: str | None = None  # "UID:GID" when started as root
-    chroot: Path | None = None
-    extra_append: tuple[str, ...] = field(default_factory=tuple)
+    vm_id: str
+    argv: list[str]
+    files: VMFiles
+    opts: RunOptions
+    cgroup_dirs: tuple[str, ...]
+    nic: vmres.QemuNic | None  # --net tap: the namespace to start in, fds to inherit
 
 
-def parse_forward(text: str) -> Forward:
-    """``-p HOST:GUEST`` (TCP; --net user binds 127.0.0.1:HOST, --net tap forwards the
-    kiln network's GATEWAY:HOST)."""
-    m = re.fullmatch(r"(\d{1,5}):(\d{1,5})(?:/tcp)?", text)
-    if not m or not all(0 < int(p) < 65536 for p in m.groups()):
-        raise UsageError(f"invalid port forward {text!r}",
-                         "write -p HOST:GUEST with TCP ports 1-65535, e.g. -p 8080:80")
-    return Forward(int(m.group(1)), int(m.group(2)))
-
-
-def parse_tsc_khz(cpuinfo: str, sysfs: str | None = None) -> int | None:
-    """The host TSC frequency in kHz (pure): sysfs ``tsc_freq_khz`` when the kernel
-    exposes it, else the first ``cpu MHz`` of /proc/cpuinfo when the TSC is invariant
-    (``constant_tsc``: the TSC then ticks at that nominal rate)."""
-    if sysfs and sysfs.strip().isdigit():
-        return int(sysfs.strip())
-    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
-    if flags is None or "constant_tsc" not in flags.group(1).split():
-        return None
-    mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.M)
-    if mhz is None:
-        return None
-    khz = round(float(mhz.group(1)) * 1000)
-    return khz if khz > 0 else None
-
-
-def host_tsc_khz() -> int | None:
-    sysfs = None
-    with contextlib.suppress(OSError):
-        sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text()
+def request_stop(control: Path, grace: float) -> bool:
+    """Ask the guest init to stop the workload: SIGTERM, SIGKILL after ``grace`` s."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        fd = os.open(f"{control}.in", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        cpuinfo = ""
-    return parse_tsc_khz(cpuinfo, sysfs)
+        return False  # no VMM holds the FIFO: nothing to stop gracefully
+    try:
+        os.write(fd, f"stop {max(0, round(grace))}\n".encode())
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
-def kernel_cmdline(spec: QemuSpec) -> str:
-    parts = [
-        "console=ttyS0",
-        "root=/dev/vda",
-        "rootfstype=ext4",
-        "rw",
-        f"init={spec.init}",
-        "panic=-1",  # a guest panic reboots, and -no-reboot turns that into an exit
-        "reboot=t",
-        "quiet",
-        "pci=off",  # microvm has no PCI bus: skip probing for one
-        # ... and skip the x86 PCI set-up whose "PCI: Fatal: No config space access
-        # function found" (KERN_ERR, shown despite quiet and pci=off) would open every log
-        "initcall_blacklist=pci_arch_init",
-        "random.trust_cpu=on",  # no entropy wait for a workload's first getrandom()
-    ]
-    if spec.accel == "tcg":
-        # The crypto self-tests check the kernel's own crypto code against test vectors at
-        # boot: emulated, they are ~0.4 s of a ~2.7 s boot here (initcall_debug:
-        # crypto_algapi_init alone 409 ms); under KVM they cost milliseconds and stay on.
-        parts.append("cryptomgr.notests")
-        if spec.tsc_khz:
-            parts.append(f"tsc_early_khz={spec.tsc_khz}")
-    if spec.net == "user":
-        parts += USER_NET_ARGS
-    elif spec.net == "tap" and spec.tap is not None:
-        parts += spec.tap.kernel_args
-    parts += spec.extra_append
-    return " ".join(parts)
+def _close(nic: vmres.QemuNic | None) -> None:
+    for fd in nic.keep_fds if nic else ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
-def _chardev_file(cid: str, path: Path) -> list[str]:
-    return ["-chardev", f"file,id={cid},path={_opt(path)}"]
+class QemuDriver:
+    def __init__(self, root: Root) -> None:
+        self.root = root
+
+    def check(self, opts: RunOptions) -> None:
+        del opts  # QEMU does everything kiln run offers
+
+    def reserve(self, host: str, opts: RunOptions, intent: vmres.NetIntent | None
+                ) -> Reservation:
+        uids = intent.uid_range if intent is not None else (UID_BASE, UID_COUNT)
+        return Reservation(vmcgroup.qemu_plan(host, opts.cpus, opts.memory), uids,
+                           want_uid=os.geteuid() == 0 or intent is not None)
+
+    def prepare(self, st: State, rec: VMRecord, boot: Boot, reserved: Reservation
+                ) -> QemuLaunch:
+        files, opts = boot.files, boot.opts
+        # the guest's control port (qemuargv: ``-chardev pipe``), where ``request_stop`` writes
+        os.mkfifo(f"{files.control}.in", 0o600)
+        os.mkfifo(f"{files.control}.out", 0o600)
+        nic: vmres.QemuNic | None = None
+        try:
+            for w in vmcgroup.create(reserved.cgroups):
+                log.warning("%s (limits not applied)", w)
+            if boot.intent is not None:
+                vmnet, rec = vmres.net_attach(self.root, st, rec, boot.intent, boot.picker)
+                nic = vmres.qemu_nic(self.root, vmnet)
+            as_root = os.geteuid() == 0
+            spec = qemuargv.QemuSpec(
+                name=f"kiln-{boot.host}", kernel=boot.kernel, initrd=boot.initrd,
+                disk=boot.disk, cpus=opts.cpus, memory_mib=opts.memory >> 20,
+                accel=qemuargv.host_accel(self.root), tsc_khz=qemuargv.host_tsc_khz(),
+                console_log=files.console, stdout=files.stdout, stderr=files.stderr,
+                status=files.status, control=files.control, init=boot.init, net=opts.net,
+                tap=nic.tap if nic else None,
+                forwards=boot.forwards if opts.net == "user" else (),
+                interactive=opts.interactive,
+                runas=f"{rec.uid}:{rec.uid}" if as_root and rec.uid is not None else None,
+                chroot=files.chroot if as_root else None)
+            return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
+                              tuple(rec.cgroup_dirs), nic)
+        except BaseException:
+            _close(nic)
+            raise
+
+    def close(self, launch: QemuLaunch) -> None:
+        _close(launch.nic)
+
+    def own(self, st: State, launch: QemuLaunch, *, relay: bool,
+            ready: Callable[[], None]) -> Ended:
+        files, opts, nic = launch.files, launch.opts, launch.nic
+        with supervise.StopSignals() as sigs:
+            try:
+                pid = supervise.spawn(launch.argv, log_path=files.vmm_log,
+                                      cgroup_dirs=launch.cgroup_dirs,
+                                      stdin=0 if opts.interactive else None,
+                                      attach=vmcgroup.attacher(launch.cgroup_dirs),
+                                      netns=nic.netns if nic else None,
+                                      keep_fds=nic.keep_fds if nic else ())
+            finally:
+                _close(nic)  # QEMU holds the tap now
+            st.update(launch.vm_id, pid=pid, pid_start=proc_start_time(pid), state="running",
+                      started=time.time())
+            ready()
+            relays = ([supervise.Relay(files.stdout, 1), supervise.Relay(files.stderr, 2)]
+                      if relay else [])
+            code, timed_out, stopped = _supervise(pid, files, opts, sigs, relays)
+        return Ended(tail(files.status, 256), code, timed_out, stopped,
+                     tail(files.console), tail(files.vmm_log))
+
+    def stop(self, st: State, rec: VMRecord, timeout: float) -> None:
+        del st  # the owner records the outcome (the lifecycle waits for it)
+        request_stop(VMFiles(Path(rec.dir)).control, timeout)
+        deadline = time.monotonic() + timeout + 3.0
+        while time.monotonic() < deadline and alive(rec.pid, rec.pid_start):
+            time.sleep(0.05)
+        if alive(rec.pid, rec.pid_start):
+            assert rec.pid is not None
+            supervise.kill_vmm(rec.pid, signal.SIGKILL)
+            vmcgroup.remove(rec.cgroup_dirs)
+
+    def teardown(self, rec: VMRecord) -> None:
+        del rec  # nothing beyond the record's cgroups and network
 
 
-def _opt(value: object) -> str:
-    """A value inside a QEMU option string: commas are escaped by doubling."""
-    return str(value).replace(",", ",,")
-
-
-def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
-    """The QEMU command line for ``spec`` (pure)."""
-    if spec.accel not in ("kvm", "tcg"):
-        raise UsageError(f"unknown accelerator {spec.accel!r}", "use kvm or tcg")
-    if spec.net not in ("none", "user", "tap"):
-        raise UsageError(f"--net {spec.net} is not supported by the QEMU driver",
-                         "use --net none, user or tap")
-    if spec.net == "tap":
-        _check_tap(spec.tap)
-    if spec.forwards and spec.net != "user":
-        raise UsageError("-p needs --net user", "add --net user")
-    accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=128"  # TCG: bound the code cache
-    args = [
-        binary,
-        "-name", f"{spec.name},process={spec.name}",  # the reaper finds VMMs by this
-        "-machine", "microvm",
-        "-accel", accel,
-        *(["-cpu", "host"] if spec.accel == "kvm" else []),
-        "-smp", str(spec.cpus),
-        "-m", f"{spec.memory_mib}M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",  # guest reboot/panic ends the VM
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
-        "-append", kernel_cmdline(spec),
-        *_chardev_file("console", spec.console_log),
-        "-serial", "chardev:console",
-        "-drive", f"id=root,file={_opt(spec.disk)},format=raw,if=none,discard=unmap",
-        "-device", "virtio-blk-device,drive=root",
-        "-device", "virtio-serial-device",
-        *_chardev_file("stdout", spec.stdout),
-        "-device", "virtserialport,chardev=stdout,name=kiln.stdout",
-        *_chardev_file("stderr", spec.stderr),
-        "-device", "virtserialport,chardev=stderr,name=kiln.stderr",
-        *_chardev_file("status", spec.status),
-        "-device", "virtserialport,chardev=status,name=kiln.status",
-        # FIFOs CONTROL.in/.out (made by kiln), held open by QEMU: the guest's read
-        # blocks until the host writes "stop GRACE" (a socket would read as EOF at once)
-        "-chardev", f"pipe,id=control,path={_opt(spec.control)}",
-        "-device", "virtserialport,chardev=control,name=kiln.control",
-    ]
-    if spec.interactive:
-        args += ["-chardev", "stdio,id=stdin,signal=off",
-                 "-device", "virtserialport,chardev=stdin,name=kiln.stdin"]
-    if spec.net == "user":
-        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in spec.forwards)
-        args += ["-netdev", f"user,id=net0{fwd}",
-                 "-device", "virtio-net-device,netdev=net0"]
-    if spec.net == "tap" and spec.tap is not None:
-        # script=no: QEMU runs no ifup script (the helper made and bridged the tap); fd=:
-        # the helper attached it and kiln passes the fd (QEMU as a user can't open it)
-        how = f"fd={spec.tap.fd}" if spec.tap.fd is not None else \
-            f"ifname={spec.tap.ifname},script=no,downscript=no"
-        args += ["-netdev", f"tap,id=net0,{how}",
-                 "-device", f"virtio-net-device,netdev=net0,mac={spec.tap.mac}"]
-    if spec.runas is not None:
-        args += ["-runas", spec.runas]
-        if spec.chroot is not None:
-            args += ["-chroot", str(spec.chroot)]
-        args += ["-sandbox", SANDBOX_ROOT]
-    else:
-        args += ["-sandbox", SANDBOX_USER]
-    return args
-
-
-def _check_tap(tap: TapNic | None) -> None:
-    if tap is None:
-        raise UsageError("--net tap needs a tap", "internal error: the helper makes it first")
-    if not re.fullmatch(TAP_PATTERN, tap.ifname):
-        raise UsageError(f"invalid tap name {tap.ifname!r}",
-                         "kiln taps are named kt- + 1-12 characters of a-z and 2-7")
-    if tap.fd is not None and not 3 <= tap.fd < 1024:
-        raise UsageError(f"invalid tap fd {tap.fd}", "internal error: the helper sends it")
-    if not _MAC.fullmatch(tap.mac):
-        raise UsageError(f"invalid MAC address {tap.mac!r}", "write six lowercase hex pairs")
-    bad = [a for a in tap.kernel_args if not _KILN_ARG.fullmatch(a)]
-    if bad:
-        raise UsageError(f"invalid guest network argument {bad[0]!r}",
-                         "only kiln.ip=, kiln.gw= and kiln.dns= with addresses")
-
-
-def forwards_of(texts: Sequence[str]) -> tuple[Forward, ...]:
-    """Every ``-p``; a host port given twice is refused (one listener per port)."""
-    out = tuple(parse_forward(t) for t in texts)
-    seen: set[int] = set()
-    for f in out:
-        if f.host in seen:
-            raise UsageError(f"host port {f.host} is forwarded twice",
-                             "give each -p its own HOST port")
-        seen.add(f.host)
-    return out
+def _supervise(pid: int, files: VMFiles, opts: RunOptions, sigs: supervise.StopSignals,
+               relays: list[supervise.Relay]) -> tuple[int | None, bool, bool]:
+    """Wait for QEMU to exit, relaying output and acting on --timeout and signals: the
+    control port first, SIGTERM after the grace (+3 s), SIGKILL 2 s later. (exit code,
+    timed out, stopped)."""
+    started = time.monotonic()
+    timed_out = stopped = stop_sent = False
+    force_at: float | None = None
+    code: int | None = None
+    handled = 0
+    while True:
+        got, wstatus = os.waitpid(pid, os.WNOHANG)
+        for rl in relays:
+            rl.pump()
+        if got:
+            code = os.waitstatus_to_exitcode(wstatus)
+            break
+        now = time.monotonic()
+        want_stop = False
+        if opts.timeout is not None and not timed_out and now - started >= opts.timeout:
+            timed_out = want_stop = True
+        if sigs.count > handled:
+            handled = sigs.count
+            if stopped:  # a second Ctrl-C: no more grace
+                force_at = now
+            stopped = want_stop = True
+        if want_stop and not stop_sent:
+            grace = 1.0 if timed_out else opts.stop_grace
+            stop_sent = request_stop(files.control, grace)
+            force_at = now + grace + 3.0
+        if force_at is not None and now >= force_at:
+            supervise.kill_vmm(pid, signal.SIGTERM if now - force_at < 2 else signal.SIGKILL)
+        time.sleep(0.02)
+    for rl in relays:
+        rl.pump()
+    return code, timed_out, stopped

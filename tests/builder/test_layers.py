@@ -371,11 +371,16 @@ LEAF = st.sampled_from(["a", "b", "s"])  # "s" is only ever a leaf, so symlinks 
 PATH = st.builds(lambda d, leaf: "/".join([*d, leaf]), st.lists(INNER, max_size=2), LEAF)
 SPATH = st.lists(INNER, max_size=2).map(lambda d: "/".join([*d, "s"]))
 DIRPATH = st.lists(INNER, max_size=2).map("/".join)
+# A hard link copies its target's node: one to an "s" leaf (maybe a symlink) is itself an
+# "s" leaf, so no symlink ever becomes a parent (the model does not follow symlinks; the
+# flattener does, as umoci's securejoin does — tested on real layers above).
+NOT_S = st.builds(lambda d, leaf: "/".join([*d, leaf]), st.lists(INNER, max_size=2), INNER)
 OP = st.one_of(
     st.tuples(st.just("file"), PATH, st.sampled_from([b"1", b"2", b"x"])),
     st.tuples(st.just("dir"), PATH, st.sampled_from([0o755, 0o700])),
     st.tuples(st.just("symlink"), SPATH, st.sampled_from(["/a", "b/../a"])),
-    st.tuples(st.just("hardlink"), PATH, PATH),
+    st.tuples(st.just("hardlink"), NOT_S, NOT_S),
+    st.tuples(st.just("hardlink"), SPATH, PATH),
     st.tuples(st.just("whiteout"), PATH, st.none()),
     st.tuples(st.just("opaque"), DIRPATH, st.none()),
 )
@@ -433,9 +438,9 @@ def _member(kind: str, p: str, arg: object) -> Member:
     if kind == "dir":
         return Member(p, "dir", mode=int(arg))  # type: ignore[call-overload]
     if kind == "symlink":
-        return Member(p, "symlink", linkname=str(arg))
+        return Member(p, "symlink", target=str(arg))
     if kind == "hardlink":
-        return Member(p, "hardlink", linkname=str(arg))
+        return Member(p, "hardlink", target=str(arg))
     base = "/".join([*p.split("/")[:-1], ".wh." + p.rsplit("/", maxsplit=1)[-1]]) if p else ""
     if kind == "opaque":
         base = f"{p}/.wh..wh..opq" if p else ".wh..wh..opq"

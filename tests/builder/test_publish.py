@@ -16,9 +16,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from builder import proc, publish
+from builder import proc, publish, registryclient
 from builder.localregistry import LocalRegistry
 from builder.pipeline import build
+from builder.registryclient import Client
 from builder.root import Root
 from builder.source import RegistryOptions
 from builder.store import Store, Volume
@@ -200,9 +201,9 @@ def test_wrong_id_is_refused(built: Volume, own_registry: LocalRegistry, tmp_pat
     doc = _manifest(own_registry, "vols/liar:1")
     forged_id = "sha256:" + "e" * 64
     doc["annotations"][publish.A_ID] = forged_id
-    client = publish.Client(own_registry.address, PLAIN)
+    client = Client(own_registry.address, PLAIN)
     target = publish.parse_target(ref)
-    client.check(client.do_request(client.url(target, "manifests", "1"), "PUT",
+    client.check(client.do_request(client.url(target.repo, "manifests", "1"), "PUT",
                                    data=json.dumps(doc).encode(),
                                    headers={"Content-Type": publish.MANIFEST_TYPE}), "forge")
     fresh = Root(tmp_path / "fresh")
@@ -290,7 +291,7 @@ def test_transient_failures_are_retried(built: Volume, registry: LocalRegistry,
     fault_proxy.set_fault("corrupt", times=1, match="/blobs/")  # the network flips bytes
     with pytest.raises(IntegrityError, match="does not match its digest"):
         publish.pull_volume(Root(tmp_path / "b"), ref, PLAIN)
-    monkeypatch.setattr(publish, "BUDGET", 1.0)
+    monkeypatch.setattr(registryclient, "BUDGET", 1.0)
     fault_proxy.set_fault("429", times=-1, match="/manifests/")
     with pytest.raises(RegistryError) as e:
         publish.pull_volume(Root(tmp_path / "c"), ref, PLAIN)

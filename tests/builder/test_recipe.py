@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from builder import recipe as R
 from builder.recipe import RecipeError, key_material, load_recipe
+from builder.recipe_doc import recipe_reference_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWED = ("cmd, entrypoint, env, files, headroom, labels, platform, size, source, user, "
@@ -424,7 +425,6 @@ def test_key_material_ignores_where_the_image_comes_from(rdir: Path) -> None:
     two = load_recipe(write(rdir, 'source = "docker://127.0.0.1:41000/x@sha256:' + "a" * 64
                             + '"\nplatform = "linux/amd64"\n' + rest, files), {})
     assert key_material(one) == key_material(two)
-    assert R.key_digest(one) == R.key_digest(two)
 
 
 def test_key_material_normalizes_equivalent_spellings(rdir: Path) -> None:
@@ -484,8 +484,6 @@ def test_key_material_ignores_order(tmp_path_factory: pytest.TempPathFactory,
     kb = key_material(load_recipe(d / "b.toml", {}))
     assert ka == kb
     assert json.dumps(ka) == json.dumps(kb)  # same insertion order too: canonical
-    assert R.key_digest(load_recipe(d / "a.toml", {})) == R.key_digest(load_recipe(d / "b.toml",
-                                                                                   {}))
 
 
 # --- schema and docs ------------------------------------------------------------------------
@@ -515,5 +513,5 @@ def test_schema_rejects_what_the_loader_rejects() -> None:
 
 def test_committed_reference_doc_is_generated() -> None:
     committed = (REPO / "docs" / "recipes.md").read_text()
-    assert committed == R.recipe_reference_markdown(), (
-        "docs/recipes.md is stale: run .venv/bin/python -m builder.recipe > docs/recipes.md")
+    assert committed == recipe_reference_markdown(), (
+        "docs/recipes.md is stale: run .venv/bin/python -m builder.recipe_doc > docs/recipes.md")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.root import Root, atomic_write, default_root
+from builder.root import Root, default_root
 from helper.base.errors import Conflict
+from helper.base.fileops import atomic_write
 
 
 def test_default_root_prefers_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

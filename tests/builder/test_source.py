@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from builder import blobcache
 from builder import source as src
 from builder.root import Root
 from helper.base.errors import IntegrityError, NotFound, UsageError
@@ -150,12 +151,12 @@ def test_copy_argv() -> None:
     "sha256:" + "ab" * 31, "sha256:" + HEX + "/x", "", None, 5, "sha256:" + HEX + "\n"])
 def test_blob_path_rejects_malformed_digests(bad: Any) -> None:
     with pytest.raises(IntegrityError) as exc:
-        src.blob_path(Root(Path("/k")), bad)
+        blobcache.blob_path(Root(Path("/k")), bad)
     assert exc.value.message.startswith("malformed digest")
 
 
 def test_blob_path() -> None:
-    assert src.blob_path(Root(Path("/k")), "sha256:" + HEX) == Path("/k/blobs/sha256") / HEX
+    assert blobcache.blob_path(Root(Path("/k")), "sha256:" + HEX) == Path("/k/blobs/sha256") / HEX
 
 
 def test_manifest_digests_checks_every_digest() -> None:
@@ -320,12 +321,12 @@ def test_backoff_grows_and_is_capped(n: int) -> None:
     ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "gzip"),
 ])
 def test_layer_kind(media: str, kind: str) -> None:
-    assert src.layer_kind(media) == kind
+    assert blobcache.layer_kind(media) == kind
 
 
 def test_layer_kind_unknown() -> None:
     with pytest.raises(IntegrityError) as exc:
-        src.layer_kind("application/vnd.oci.image.layer.v1.tar+encrypted")
+        blobcache.layer_kind("application/vnd.oci.image.layer.v1.tar+encrypted")
     assert exc.value.message == ("unsupported layer media type "
                                  "'application/vnd.oci.image.layer.v1.tar+encrypted'")
 
@@ -347,12 +348,12 @@ def test_check_layer_type(tmp_path: Path) -> None:
     empty = tmp_path / "empty.tar"
     empty.write_bytes(bytes(1024))
     oci = "application/vnd.oci.image.layer.v1.tar"
-    src.check_layer_type(tar, oci, "sha256:x", "img")
-    src.check_layer_type(gz, oci + "+gzip", "sha256:x", "img")
-    src.check_layer_type(empty, oci, "sha256:x", "img")
+    blobcache.check_layer_type(tar, oci, "sha256:x", "img")
+    blobcache.check_layer_type(gz, oci + "+gzip", "sha256:x", "img")
+    blobcache.check_layer_type(empty, oci, "sha256:x", "img")
     with pytest.raises(IntegrityError) as exc:
-        src.check_layer_type(tar, oci + "+gzip", "sha256:x", "img")
+        blobcache.check_layer_type(tar, oci + "+gzip", "sha256:x", "img")
     assert exc.value.message == ("layer sha256:x of img is application/x-tar, not gzip as its "
                                  "media type application/vnd.oci.image.layer.v1.tar+gzip says")
     with pytest.raises(IntegrityError):
-        src.check_layer_type(gz, oci + "+zstd", "sha256:x", "img")
+        blobcache.check_layer_type(gz, oci + "+zstd", "sha256:x", "img")

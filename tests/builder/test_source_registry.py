@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import proc
+from builder import blobcache, proc
 from builder import source as src
 from builder.localregistry import LocalRegistry
 from builder.root import Root
@@ -30,8 +30,8 @@ def skopeo_digest(ref: str, *flags: str) -> str:
 
 
 def pull(text: str, root: Root, wd: Path, opts: src.RegistryOptions = INSECURE,
-         **kw: object) -> src.Pulled:
-    return src.pull(src.resolve(src.parse_ref(text), opts), opts, root, wd, **kw)  # type: ignore[arg-type]
+         **kw: object) -> blobcache.Pulled:
+    return blobcache.pull(src.resolve(src.parse_ref(text), opts), opts, root, wd, **kw)  # type: ignore[arg-type]
 
 
 def blob_gets(reg: LocalRegistry, digest: str) -> int:
@@ -50,8 +50,8 @@ def test_resolve_and_pull(busybox_image: str, root: Root, tmp_path: Path) -> Non
     repo = busybox_image.removeprefix("docker://").rsplit(":", 1)[0]
     assert resolved.pinned == f"docker://{repo}@{resolved.digest}"
     assert resolved.platform == src.host_platform()
-    events: list[src.BlobProgress] = []
-    pulled = src.pull(resolved, INSECURE, root, tmp_path / "wd", on_progress=events.append)
+    events: list[blobcache.BlobProgress] = []
+    pulled = blobcache.pull(resolved, INSECURE, root, tmp_path / "wd", on_progress=events.append)
     # skopeo reads the layout kiln returns and agrees on every digest
     layout_ref = f"oci:{pulled.layout}:{pulled.tag}"
     assert skopeo_digest(layout_ref) == pulled.manifest_digest == resolved.digest
@@ -61,7 +61,7 @@ def test_resolve_and_pull(busybox_image: str, root: Root, tmp_path: Path) -> Non
     assert pulled.blobs == (pulled.manifest_digest, pulled.config_digest,
                             *(d.digest for d in pulled.layers))
     for d in pulled.blobs:  # in the shared cache, hard-linked into the layout
-        cached = src.blob_path(root, d)
+        cached = blobcache.blob_path(root, d)
         linked = pulled.layout / "blobs" / "sha256" / d[7:]
         assert cached.stat().st_ino == linked.stat().st_ino
         assert "sha256:" + hashlib.sha256(cached.read_bytes()).hexdigest() == d
@@ -95,7 +95,7 @@ def test_multiarch_index(multiarch_image: tuple[str, dict[str, str]], root: Root
     amd = src.resolve(src.parse_ref(ref), src.RegistryOptions(tls_verify=False,
                                                                platform="linux/amd64"))
     assert amd.digest == plats["linux/amd64"]
-    pulled = src.pull(arm, src.RegistryOptions(tls_verify=False, platform="linux/arm64"),
+    pulled = blobcache.pull(arm, src.RegistryOptions(tls_verify=False, platform="linux/arm64"),
                       root, tmp_path / "wd")
     assert pulled.manifest_digest == arm.digest
     assert pulled.config["architecture"] == "arm64"
@@ -109,7 +109,7 @@ def test_tampered_cache_blob_is_pulled_again(registry: LocalRegistry, busybox_im
                                             root: Root, tmp_path: Path) -> None:
     first = pull(busybox_image, root, tmp_path / "a")
     layer = first.layers[0].digest
-    cached = src.blob_path(root, layer)
+    cached = blobcache.blob_path(root, layer)
     data = bytearray(cached.read_bytes())
     data[100] ^= 0xFF
     cached.unlink()  # the layout holds a hard link: write a new file, as an attacker would
@@ -193,7 +193,7 @@ def test_fault_then_success(fault_proxy: FaultProxy, busybox_image: str, fault: 
     assert fault_proxy.hits == 1
     assert resolved.digest == skopeo_digest(busybox_image, "--tls-verify=false")
     fault_proxy.set_fault(fault, times=1, match="/blobs/")
-    pulled = src.pull(resolved, INSECURE, root, tmp_path / "wd")
+    pulled = blobcache.pull(resolved, INSECURE, root, tmp_path / "wd")
     assert fault_proxy.hits == 1
     assert pulled.manifest_digest == resolved.digest
 
@@ -231,7 +231,7 @@ def test_truncated_blob_is_retried(fault_proxy: FaultProxy, busybox_image: str, 
                                    tmp_path: Path) -> None:
     resolved = src.resolve(src.parse_ref(_via(fault_proxy, busybox_image)), INSECURE)
     fault_proxy.set_fault("truncate", times=1, match="/blobs/")
-    pulled = src.pull(resolved, INSECURE, root, tmp_path / "wd")
+    pulled = blobcache.pull(resolved, INSECURE, root, tmp_path / "wd")
     assert fault_proxy.hits == 1
     assert pulled.manifest_digest == resolved.digest
 
@@ -244,10 +244,10 @@ def test_corrupt_blob_is_an_integrity_error(fault_proxy: FaultProxy, busybox_ima
                                            busybox_image]).stdout)["layers"][0]["digest"]
     fault_proxy.set_fault("corrupt", match=f"/blobs/{layer}")
     with pytest.raises(IntegrityError) as exc:
-        src.pull(resolved, INSECURE, root, tmp_path / "wd")
+        blobcache.pull(resolved, INSECURE, root, tmp_path / "wd")
     assert exc.value.message.startswith(f"{resolved.ref}: data from the source does not match")
     assert layer in exc.value.message
-    assert not src.blob_path(root, layer).exists()
+    assert not blobcache.blob_path(root, layer).exists()
 
 
 # -- other transports ------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_other_transports(archives: dict[str, str], kind: str, root: Root,
     resolved = src.resolve(ref, src.RegistryOptions())
     assert resolved.digest == skopeo_digest(archives[kind])
     assert resolved.pinned == archives[kind]
-    pulled = src.pull(resolved, src.RegistryOptions(), root, tmp_path / "wd")
+    pulled = blobcache.pull(resolved, src.RegistryOptions(), root, tmp_path / "wd")
     assert len(pulled.layers) == 2
     assert pulled.config["config"]["Cmd"] == ["/bin/sh"]
     proc.run("umoci", ["stat", "--image", f"{pulled.layout}:{pulled.tag}"])
@@ -286,7 +286,7 @@ def test_oci_index_picks_the_platform(multiarch_image: tuple[str, dict[str, str]
     resolved = src.resolve(src.parse_ref(text), opts)
     assert resolved.digest == plats["linux/arm64/v8"]
     assert resolved.pinned == text  # skopeo 1.9 cannot pin oci: by digest
-    pulled = src.pull(resolved, opts, root, tmp_path / "wd")
+    pulled = blobcache.pull(resolved, opts, root, tmp_path / "wd")
     assert pulled.manifest_digest == resolved.digest
     assert pulled.config["architecture"] == "arm64"
 
@@ -339,9 +339,9 @@ def test_layer_type_must_match_media_type(tmp_path: Path, root: Root) -> None:
     # Copied afresh, skopeo notices the blob is not compressed and gzips it (a new digest);
     # a blob already in the cache is reused as is: that mislabelled blob is what kiln sees.
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    src.blob_path(root, digest).write_bytes(data)
+    blobcache.blob_path(root, digest).write_bytes(data)
     with pytest.raises(IntegrityError) as exc:
-        src.pull(resolved, src.RegistryOptions(), root, tmp_path / "wd")
+        blobcache.pull(resolved, src.RegistryOptions(), root, tmp_path / "wd")
     assert "is application/x-tar, not gzip" in exc.value.message
 
 
@@ -359,10 +359,10 @@ def test_pull_waits_for_an_exclusive_cache_lock(busybox_image: str, root: Root,
     import threading
 
     resolved = src.resolve(src.parse_ref(busybox_image), INSECURE)
-    result: list[src.Pulled] = []
+    result: list[blobcache.Pulled] = []
     with root.lock("blobs"):  # what gc takes
         t = threading.Thread(target=lambda: result.append(
-            src.pull(resolved, INSECURE, root, tmp_path / "wd")))
+            blobcache.pull(resolved, INSECURE, root, tmp_path / "wd")))
         t.start()
         t.join(1.5)
         assert t.is_alive()
@@ -376,7 +376,7 @@ def test_pull_waits_for_an_exclusive_cache_lock(busybox_image: str, root: Root,
 def test_debian_minbase(debian_image: str, root: Root, tmp_path: Path) -> None:
     resolved = src.resolve(src.parse_ref(debian_image), INSECURE)
     assert resolved.digest == skopeo_digest(debian_image, "--tls-verify=false")
-    pulled = src.pull(resolved, INSECURE, root, tmp_path / "wd")
+    pulled = blobcache.pull(resolved, INSECURE, root, tmp_path / "wd")
     assert pulled.config["config"]["Cmd"] == ["/bin/bash"]
     assert len(pulled.layers) == 1
     assert pulled.layers[0].size > 10_000_000

@@ -4,7 +4,7 @@ helper made inside a network namespace this test creates.
 Guest A has its own VM namespace (isolation = netns: the guest holds 172.16.0.2, reached at
 its lease through NAT in that namespace), guest B sits on the bridge (isolation = none). Both
 are put on the network by ``runner.network.attach`` (what ``kiln run --net tap`` calls) and
-taken off by ``detach``; the argv is ``runner.vmm.qemu.argv`` with the ``TapNic`` it gives, and
+taken off by ``detach``; the argv is ``runner.vmm.qemuargv.argv`` with the ``TapNic`` it gives, and
 QEMU starts in its ``spawn_netns`` (``helper.net.host.join_netns``). Proven from outside: each
 guest's init configured eth0 from the kernel command line with the MAC kiln derived, the
 guests ping each other, a process in the test namespace fetches a page from each guest's
@@ -32,7 +32,7 @@ from builder.source import RegistryOptions
 from helper.net import core as nc
 from helper.net import host as net
 from runner import guest_init, kernel, network
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 from tests.support.images import busybox_layout
 from tests.support.net import ROOT_A, UID, assert_host_clean, call, caller, cfg, ns, snapshot, vm_id
 from tests.support.timing import limit
@@ -94,9 +94,9 @@ class Guest:
         for end in ("in", "out"):
             os.mkfifo(d / f"ctl.{end}", 0o600)
         (d / "empty").mkdir(mode=0o500)
-        spec = qemu.QemuSpec(
+        spec = qemuargv.QemuSpec(
             name=f"kiln-nettest-{name}", kernel=kern, initrd=initrd, disk=disk, cpus=1,
-            memory_mib=256, accel="tcg", tsc_khz=qemu.host_tsc_khz(),
+            memory_mib=256, accel="tcg", tsc_khz=qemuargv.host_tsc_khz(),
             console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
             status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH, net="tap",
             tap=vmnet.qemu_tap(),
@@ -104,8 +104,9 @@ class Guest:
         binary = shutil.which("qemu-system-x86_64")
         assert binary is not None
         with open(d / "vmm.log", "wb") as log:
-            self.proc = subprocess.Popen(qemu.argv(spec, binary), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(qemuargv.argv(spec, binary),
+                                         stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT,
                                          # single-threaded test process: setns is safe
                                          preexec_fn=self._enter(vmnet.spawn_netns))  # noqa: PLW1509
 
@@ -141,7 +142,8 @@ def test_two_guests_ping_each_other_and_serve_the_namespace(
     plain, iso = cfg(ns), cfg(ns, isolation="netns")
     before = snapshot(ns)
     a, b = vm_id(), vm_id()
-    va = network.attach(caller(iso), a, ROOT_A, UID, UID, forwards=(qemu.Forward(8080, 80),))
+    va = network.attach(caller(iso), a, ROOT_A, UID, UID,
+                        forwards=(qemuargv.Forward(8080, 80),))
     vb = network.attach(caller(plain), b, ROOT_A, UID, UID)
     assert (va.spawn_netns, vb.spawn_netns) == (nc.names(a).netns, ns)
 

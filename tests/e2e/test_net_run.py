@@ -33,7 +33,7 @@ from helper.net import core as nc
 from helper.net import host as net
 from runner import network
 from runner.vm.state import State, root_key
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 from tests.support.cli import kiln, wait_for
 from tests.support.netrun import (
     BRIDGE,
@@ -278,7 +278,7 @@ def test_network_orphans_go_on_the_second_look(world: tuple[Path, str],
     orphan, theirs = "orphanvmaaaa", "theirvmbbbbb"
     call = network.helper_call(root)
     network.attach(call, orphan, root_key(root), 900_007, 900_007,
-                   forwards=(qemu.Forward(8084, 80),))
+                   forwards=(qemuargv.Forward(8084, 80),))
     network.attach(call, theirs, root_key(other), 900_008, 900_008)
     mine = netns_env.snapshot()
     kiln(root, "ps")  # records alone: nothing to look at
@@ -292,7 +292,7 @@ def test_network_orphans_go_on_the_second_look(world: tuple[Path, str],
     assert nc.names(theirs).tap in str(after["links"])  # another root's: untouched
     kiln(root, "ps")
     assert netns_env.snapshot() == after
-    network.reconcile(call, root_key(other), keep=[], only=[theirs])
+    network.reconcile(call, root_key(other), keep=[], vm_ids=[theirs])
     netns_env.drop_bridge(root)
     assert netns_env.snapshot() == before
 

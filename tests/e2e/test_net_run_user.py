@@ -140,7 +140,7 @@ def test_tap_open_hands_out_only_the_callers_own_tap(tmp_path: Path) -> None:
             ours.close()
             theirs.close()
             plain.close()
-        assert network.reconcile(owner, ROOT_A, keep=[], only=[vm]) == [
+        assert network.reconcile(owner, ROOT_A, keep=[], vm_ids=[vm]) == [
             f"tap:{nc.names(vm).tap}", f"lease:{vm}"]
         caller(cfg(name))("bridge-remove", {})
     finally:

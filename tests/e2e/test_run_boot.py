@@ -72,7 +72,7 @@ def test_guest_kernel_command_line_follows_the_accelerator(
         world: tuple[Path, str, str]) -> None:
     """Under TCG the guest boots with the TSC hint and without the crypto self-tests;
     under KVM with neither (what the guest's own /proc/cmdline says)."""
-    from runner.vmm.choice import kvm_verdict
+    from runner.vmm.qemuargv import kvm_verdict
 
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", busybox, "--", "cat", "/proc/cmdline")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from builder import helperclient as client
-from helper import config
+from helper import config, configbase
 from helper.base import safepath
 from helper.base.errors import KilnError, NotFound, UsageError
 from helper.net import tap
@@ -214,15 +214,15 @@ def test_config_defaults_and_parse_errors() -> None:
     cfg = config.parse(b"")
     assert (cfg.uid_first, cfg.uid_count, cfg.cgroup_parent) == (900_000, 65_536, "kiln")
     assert cfg.area(1000) == Path("/var/lib/kiln/users/1000")
-    with pytest.raises(config.UntrustedConfig, match=r"^x: jails.uid_gid_range: Value error, "
+    with pytest.raises(configbase.UntrustedConfig, match=r"^x: jails.uid_gid_range: Value error, "
                        "uid_gid_range must start at 1000"):
         config.parse(b"[jails]\nuid_gid_range = [0, 10]\n", Path("x"))
-    with pytest.raises(config.UntrustedConfig, match=r"^x: unknown tool 'sh'"):
+    with pytest.raises(configbase.UntrustedConfig, match=r"^x: unknown tool 'sh'"):
         config.parse(b"[tools]\nsh = '/bin/sh'\n", Path("x"))
-    with pytest.raises(config.UntrustedConfig, match="tool losetup = '/usr/bin/mount' must be "
+    with pytest.raises(configbase.UntrustedConfig, match="tool losetup = '/usr/bin/mount' must be "
                        "an absolute path named 'losetup'"):
         config.parse(b"[tools]\nlosetup = '/usr/bin/mount'\n", Path("x"))
-    with pytest.raises(config.UntrustedConfig, match="x: bogus: Extra inputs"):
+    with pytest.raises(configbase.UntrustedConfig, match="x: bogus: Extra inputs"):
         config.parse(b"bogus = 1\n", Path("x"))
     cfg = config.parse(b"[tools]\nfirecracker = '/opt/fc/firecracker-v1.12.1'\n")
     assert cfg.tools["firecracker"] == Path("/opt/fc/firecracker-v1.12.1")
@@ -262,19 +262,20 @@ def test_config_file_trust(trusted_dir: Path) -> None:
     f.chmod(0o644)
     assert config.load((f,)).pool_dir == Path("/var/lib/kiln-x")
     f.chmod(0o664)
-    with pytest.raises(config.UntrustedConfig, match=r"^refusing config .*writable only by root"):
+    with pytest.raises(configbase.UntrustedConfig,
+                       match=r"^refusing config .*writable only by root"):
         config.load((f,))
     f.chmod(0o644)
     os.chown(f, 65534, 0)
-    with pytest.raises(config.UntrustedConfig, match=r"^refusing config"):
+    with pytest.raises(configbase.UntrustedConfig, match=r"^refusing config"):
         config.load((f,))
     os.chown(f, 0, 0)
     link = trusted_dir / "link.toml"
     link.symlink_to(f)
-    with pytest.raises(config.UntrustedConfig, match="it is a symlink"):
+    with pytest.raises(configbase.UntrustedConfig, match="it is a symlink"):
         config.load((link,))
     trusted_dir.chmod(0o775)
-    with pytest.raises(config.UntrustedConfig, match=f"refusing {trusted_dir}: not root-owned"):
+    with pytest.raises(configbase.UntrustedConfig, match=f"refusing {trusted_dir}: not root-owned"):
         config.load((f,))
     trusted_dir.chmod(0o755)
     assert config.load((trusted_dir / "absent.toml",)).path is None  # → built-in defaults
@@ -285,28 +286,28 @@ def test_tool_trust(trusted_dir: Path) -> None:
     tool = trusted_dir / "losetup"
     tool.write_bytes(b"#!/bin/sh\n")
     tool.chmod(0o755)
-    assert config.check_tool("losetup", tool) == str(tool)
+    assert configbase.check_tool("losetup", tool) == str(tool)
     os.chown(tool, 65534, 65534)
-    with pytest.raises(config.UntrustedConfig, match="not a root-owned regular file"):
-        config.check_tool("losetup", tool)
+    with pytest.raises(configbase.UntrustedConfig, match="not a root-owned regular file"):
+        configbase.check_tool("losetup", tool)
     os.chown(tool, 0, 0)
     tool.chmod(0o775)
-    with pytest.raises(config.UntrustedConfig, match="not a root-owned regular file"):
-        config.check_tool("losetup", tool)
+    with pytest.raises(configbase.UntrustedConfig, match="not a root-owned regular file"):
+        configbase.check_tool("losetup", tool)
     tool.chmod(0o755)
-    with pytest.raises(config.UntrustedConfig, match="basename must be 'mount'"):
-        config.check_tool("mount", tool)
+    with pytest.raises(configbase.UntrustedConfig, match="basename must be 'mount'"):
+        configbase.check_tool("mount", tool)
     fc = trusted_dir / "fc-1.12"
     fc.write_bytes(b"")
-    with pytest.raises(config.UntrustedConfig, match="basename must be 'firecracker'"):
-        config.check_tool("firecracker", fc)
+    with pytest.raises(configbase.UntrustedConfig, match="basename must be 'firecracker'"):
+        configbase.check_tool("firecracker", fc)
     with pytest.raises(NotFound, match="losetup not found at /nonexistent/losetup"):
-        config.check_tool("losetup", Path("/nonexistent/losetup"))
+        configbase.check_tool("losetup", Path("/nonexistent/losetup"))
     # A configured tool is checked at load time: the helper refuses to run at all.
     f = trusted_dir / "config.toml"
     f.write_text(f"[tools]\nlosetup = '{tool}'\n")
     os.chown(tool, 65534, 65534)
-    with pytest.raises(config.UntrustedConfig):
+    with pytest.raises(configbase.UntrustedConfig):
         config.load((f,))
 
 

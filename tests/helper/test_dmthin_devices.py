@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helper import config
+from helper import config, configbase
 from helper.base.errors import Conflict, IntegrityError, KilnError, NotFound, UsageError
 from helper.ops import dm as ops_dm
 from helper.ops import registry as ops
@@ -54,7 +54,7 @@ def loops(tmp_path: Path) -> Iterator[dict[str, str]]:
             subprocess.run(["losetup", "--detach", dev], check=False)
 
 
-def _cfg(tmp_path: Path, data: str, meta: str) -> config.Config:
+def _cfg(tmp_path: Path, data: str, meta: str) -> configbase.Config:
     return config.parse(f'[pool]\ndirectory = "{tmp_path / "helper"}"\n'
                         f'data_device = "{data}"\nmetadata_device = "{meta}"\n'.encode(),
                         Path("/etc/kiln/test-config.toml"))
@@ -115,7 +115,7 @@ def test_config_pool_devices_syntax() -> None:
         (b'[pool]\ndata_device = "sdb"\nmetadata_device = "/dev/sdc"\n',
          "config: pool.data_device: String should match pattern '^/[A-Za-z0-9._+/-]{1,255}$'"),
     ):
-        with pytest.raises(config.UntrustedConfig) as e:
+        with pytest.raises(configbase.UntrustedConfig) as e:
             config.parse(text)
         assert e.value.message == want
 
@@ -151,7 +151,7 @@ def test_claim_one_area_at_a_time(tmp_path: Path) -> None:
     assert not claim.exists()
 
 
-def _ctx(area: Path, cfg: config.Config | None = None, *, trusted: bool = False) -> ops.Ctx:
+def _ctx(area: Path, cfg: configbase.Config | None = None, *, trusted: bool = False) -> ops.Ctx:
     return ops.Ctx(cfg=cfg or config.parse(b""), area=area, caller_uid=1000,
                    caller_gid=1000, trusted=trusted)
 

@@ -83,14 +83,15 @@ from pathlib import Path
 from helper import cgroup as cg
 from builder import helperclient as client
 from helper.jail import jailer as jail
-from runner.vmm import firecracker as fcdriver, fcapi as fc
+from runner.vm import cgroup as vmcgroup
+from runner.vmm import fcapi as fc
 a = json.loads(sys.argv[1])
 cfg = jail.JailConfig(jailer=Path(a["bin"]) / "jailer",
                       firecracker=Path(a["bin"]) / "firecracker",
                       chroot_base=Path(a["base"]), sources=(Path(a["rootfs"]).parent,),
                       cgroup=cg.CgroupConfig(parent=a["parent"]))
 # The cgroup version and limits kiln itself would use (a sudo caller's need a memory limit).
-version, limits = fcdriver.host_cgroup_choice(cfg, 1, 256 << 20)
+version, limits = vmcgroup.host_firecracker_choice(cfg.cgroup, 1, 256 << 20)
 plan = fc.launch_plan(cfg, vm_id=a["vm"], uid=900321, kernel=Path(a["kernel"]),
                       rootfs=Path(a["rootfs"]), cgroup_version=version, limits=limits)
 vm = fc.FirecrackerVM(cfg, client.HelperOps(), plan)

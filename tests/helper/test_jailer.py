@@ -275,16 +275,6 @@ def test_remove_refuses_a_jail_with_mounts(cfg: jail.JailConfig, tmpfs_in_jail: 
     assert not tmpfs_in_jail.parent.parent.exists()
 
 
-def test_pick_uid() -> None:
-    c = jail.JailConfig(jailer=Path("/j"), firecracker=Path("/firecracker"),
-                        chroot_base=Path("/b"), uid_first=10, uid_count=3)
-    assert jail.pick_uid(c, set()) == 10
-    assert jail.pick_uid(c, {10, 11}) == 12
-    with pytest.raises(Conflict) as e:
-        jail.pick_uid(c, {10, 11, 12})
-    assert e.value.message == "every VM uid in the range is in use"
-
-
 # -- security review: whose devices, jails and namespaces a sudo caller may use ----------------
 
 ME, OTHER = 61_245, 61_246  # sudo callers (no account needed)

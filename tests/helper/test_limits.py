@@ -173,13 +173,13 @@ def test_audit_lines_are_capped_per_uid_and_day(sudo_user: User, victim_user: Us
 
 
 def test_audit_log_rotates_by_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from helper import main
+    from helper import audit
 
     logdir = tmp_path / "log"
-    monkeypatch.setattr(main, "AUDIT_DIR", logdir)
-    monkeypatch.setattr(main, "AUDIT_ROTATE_BYTES", 1000)
+    monkeypatch.setattr(audit, "AUDIT_DIR", logdir)
+    monkeypatch.setattr(audit, "AUDIT_ROTATE_BYTES", 1000)
     for i in range(40):
-        main.audit(0, "area", f"ok {i}")
+        audit.audit(0, "area", f"ok {i}")
     assert (logdir.stat().st_mode & 0o777) == 0o700
     live, one, two = (logdir / n for n in ("audit.log", "audit.log.1", "audit.log.2"))
     assert 0 < live.stat().st_size <= 1000 + 200
@@ -193,7 +193,7 @@ def test_audit_log_rotates_by_size(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         p.unlink()
     target = tmp_path / "elsewhere"
     live.symlink_to(target)
-    main.audit(0, "area", "ok")
+    audit.audit(0, "area", "ok")
     assert not target.exists()
 
 
@@ -279,9 +279,8 @@ def test_tools_and_vmms_start_with_no_signal_blocked() -> None:
     code = ("import json, subprocess\nfrom helper import main\nfrom helper.base import run\n"
             "main.hold_signals()\n"
             "tool = run.run('grep', ['-E', '^SigBlk', '/proc/self/status']).text.split()[1]\n"
-            "vmm = subprocess.run(['grep', '-E', '^SigBlk', '/proc/self/status'],\n"
-            "                     preexec_fn=run.vmm_child, capture_output=True, text=True,\n"
-            "                     check=True).stdout.split()[1]\n"
+            "vmm = run.spawn(['/usr/bin/grep', '-E', '^SigBlk', '/proc/self/status'],\n"
+            "                stdout=subprocess.PIPE).communicate()[0].split()[1].decode()\n"
             "own = open('/proc/self/status').read().split('SigBlk:')[1].split()[0]\n"
             "print(json.dumps([own, tool, vmm]))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

@@ -225,7 +225,7 @@ def test_no_endpoint_missing_from_1_12() -> None:
 def test_tap_nic_body_validates_and_carries_the_vm_mac(swagger: dict[str, Any]) -> None:
     from helper.net import core as netcore
 
-    p = plan(nets=(fc.vm_nic("kt-abcdefghijkl", "abcdefghijkl"),))
+    p = plan(nets=(fc.NetSpec("eth0", "kt-abcdefghijkl", netcore.mac_for("abcdefghijkl")),))
     req = fc.api_requests(p.vm)[-1]
     assert (req.method, req.path, req.definition) == ("PUT", "/network-interfaces/eth0",
                                                       "NetworkInterface")

@@ -27,7 +27,7 @@ from helper.base.errors import Conflict
 from helper.jail import jailer as jail
 from runner.kernel_elf import ensure_vmlinux
 from runner.vmm import fcapi as fc
-from tests.support.firecracker import load_swagger, validate
+from tests.support.firecracker import InProcessOps, load_swagger, validate
 from tests.support.timing import limit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def make_vm(cfg: jail.JailConfig, kernel_files: dict[str, Path], vm_id: str,
     plan = fc.launch_plan(cfg, vm_id=vm_id, uid=UID, kernel=kernel_files["kernel"],
                           initrd=kernel_files["initrd"], rootfs=cfg.sources[0] / "snap.ext4",
                           **kw)
-    return fc.FirecrackerVM(cfg, fc.InProcessOps(cfg), plan)
+    return fc.FirecrackerVM(cfg, InProcessOps(cfg), plan)
 
 
 def assert_gone(cfg: jail.JailConfig, vm: fc.FirecrackerVM, pid: int | None) -> None:
@@ -243,7 +243,7 @@ def test_api_socket_belongs_to_the_caller_only(env: jail.JailConfig,
                                                kernel_files: dict[str, Path]) -> None:
     plan = fc.launch_plan(env, vm_id="fcfive", uid=UID, kernel=kernel_files["kernel"],
                           rootfs=env.sources[0] / "snap.ext4")
-    ops = fc.InProcessOps(env, caller_uid=CALLER, caller_gid=CALLER)
+    ops = InProcessOps(env, caller_uid=CALLER, caller_gid=CALLER)
     vm = fc.FirecrackerVM(env, ops, plan)
     try:
         vm.launch()

@@ -27,7 +27,7 @@ def test_not_a_kernel(tmp_path: Path) -> None:
     p = tmp_path / "notes.txt"
     p.write_text("hello\n")
     with pytest.raises(UsageError) as e:
-        kernel.kernel_kind(p)
+        kernel.boot_files(tmp_path, p)
     assert e.value.message == f"{p} is not a Linux kernel (ASCII text)"
     with pytest.raises(NotFound) as nf:
         kernel.boot_files(tmp_path, tmp_path / "missing")
@@ -41,7 +41,7 @@ def test_elf_version_from_banner(tmp_path: Path) -> None:
     shutil.copyfile("/bin/true", elf)  # an ELF executable: libmagic says so
     with open(elf, "ab") as f:
         f.write(b"\0Linux version 9.9.9-test (x@y) #1 SMP\0")
-    assert kernel.kernel_kind(elf) == "elf"
+    assert kernel.kind_of(kernel.describe(elf)) == "elf"
     assert kernel.kernel_version(elf) == "9.9.9-test"
 
 
@@ -53,10 +53,9 @@ def test_default_kernel_and_minimal_initrd(tmp_path: Path) -> None:
     assert boot.kernel == found[0]
     assert boot.kind == "bzImage"
     assert boot.version == found[0].name.removeprefix("vmlinuz-")
-    assert boot.minimal_initrd
     assert boot.initrd.parent == tmp_path
     given = kernel.boot_files(tmp_path, initrd=found[1])
-    assert (given.initrd, given.minimal_initrd) == (found[1], False)
+    assert given.initrd == found[1]  # given: used as it is, nothing built
 
 
 def test_kernel_without_modules_needs_initrd(tmp_path: Path) -> None:

@@ -97,7 +97,6 @@ def test_real_debian_kernel(tmp_path: Path) -> None:
     assert out.name.startswith("vmlinux-")
     assert out.stat().st_size == size
     assert ke.kernel_format(out) == "elf"
-    ke.check_bootable_elf(out)
     assert ke.ensure_vmlinux(src, tmp_path / "cache") == out  # cached by content
     assert ke.ensure_vmlinux(out, tmp_path / "other") == out  # already ELF
     assert not (tmp_path / "other").exists()

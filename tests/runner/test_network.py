@@ -14,7 +14,7 @@ from helper.net import host as net
 from runner import network
 from runner.vm import resources as vmres
 from runner.vm.state import State, VMRecord
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 from tests.support.net import (
     ROOT_A,
     ROOT_B,
@@ -35,14 +35,14 @@ def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
     plain, iso = caller(cfg(ns, nat=True)), caller(cfg(ns, nat=True, isolation="netns"))
     before = snapshot(ns)
     a, b = vm_id(), vm_id()
-    va = network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemu.Forward(8080, 80),))
+    va = network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemuargv.Forward(8080, 80),))
     assert va == network.VmNet(
-        vm=a, ip="10.231.7.2", guest_ip="10.231.7.2", prefix=24, gateway="10.231.7.1",
+        vm_id=a, ip="10.231.7.2", guest_ip="10.231.7.2", prefix=24, gateway="10.231.7.1",
         mac=nc.mac_for(a), tap=nc.names(a).tap, netns=None, namespace=ns,
         kernel_args=("kiln.ip=10.231.7.2/24", "kiln.gw=10.231.7.1"),
-        forwards=(qemu.Forward(8080, 80),))
+        forwards=(qemuargv.Forward(8080, 80),))
     assert va.spawn_netns == ns
-    assert va.qemu_tap() == qemu.TapNic(nc.names(a).tap, nc.mac_for(a), va.kernel_args)
+    assert va.qemu_tap() == qemuargv.TapNic(nc.names(a).tap, nc.mac_for(a), va.kernel_args)
     assert va.firecracker_nic().guest_mac == nc.mac_for(a)
     assert va.doc()["forwards"] == ["8080:80"]
     vb = network.attach(iso, b, ROOT_A, UID, UID)
@@ -64,11 +64,11 @@ def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
 def test_a_failed_attach_leaves_nothing_of_the_vm(ns: str) -> None:
     plain = caller(cfg(ns))
     a, b = vm_id(), vm_id()
-    network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemu.Forward(8080, 80),))
+    network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemuargv.Forward(8080, 80),))
     after_a = snapshot(ns)
     with pytest.raises(Conflict) as e:
         network.attach(plain, b, ROOT_A, UID, UID,
-                       forwards=(qemu.Forward(9090, 90), qemu.Forward(8080, 80)))
+                       forwards=(qemuargv.Forward(9090, 90), qemuargv.Forward(8080, 80)))
     assert e.value.message == f"port 8080 is already forwarded (to VM {a})"
     assert snapshot(ns) == after_a  # b's tap, lease and first forward are gone again
     assert network.reconcile(plain, ROOT_A, keep=[]) == [

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from helper.base.errors import UsageError
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 
 
-def spec(**kw: object) -> qemu.QemuSpec:
+def spec(**kw: object) -> qemuargv.QemuSpec:
     d = Path("/r/vms/abc")
     base: dict[str, object] = dict(
         name="kiln-abcdefghijkl", kernel=Path("/boot/vmlinuz"), initrd=Path("/k/initrd.cpio"),
@@ -19,7 +19,7 @@ def spec(**kw: object) -> qemu.QemuSpec:
         console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
         status=d / "status", control=d / "ctl", init="/.kiln/init")
     base.update(kw)
-    return qemu.QemuSpec(**base)  # type: ignore[arg-type]
+    return qemuargv.QemuSpec(**base)  # type: ignore[arg-type]
 
 
 APPEND_TCG = ("console=ttyS0 root=/dev/vda rootfstype=ext4 rw init=/.kiln/init panic=-1 "
@@ -28,7 +28,7 @@ APPEND_TCG = ("console=ttyS0 root=/dev/vda rootfstype=ext4 rw init=/.kiln/init p
 
 
 def test_argv_exact_unprivileged_tcg() -> None:
-    assert qemu.argv(spec()) == [
+    assert qemuargv.argv(spec()) == [
         "qemu-system-x86_64",
         "-name", "kiln-abcdefghijkl,process=kiln-abcdefghijkl",
         "-machine", "microvm",
@@ -60,9 +60,10 @@ def test_argv_exact_unprivileged_tcg() -> None:
 
 
 def test_argv_root_kvm_net_user_interactive() -> None:
-    a = qemu.argv(spec(accel="kvm", runas="820000:820000", chroot=Path("/r/vms/abc/empty"),
-                       net="user", forwards=(qemu.Forward(8080, 80), qemu.Forward(2222, 22)),
-                       interactive=True))
+    a = qemuargv.argv(spec(accel="kvm", runas="820000:820000",
+                           chroot=Path("/r/vms/abc/empty"), net="user",
+                           forwards=(qemuargv.Forward(8080, 80), qemuargv.Forward(2222, 22)),
+                           interactive=True))
     assert a[a.index("-accel") + 1] == "kvm"
     assert a[a.index("-cpu") + 1] == "host"
     # KVM needs no TSC hint, and its crypto self-tests are cheap: they stay on
@@ -81,26 +82,26 @@ def test_argv_root_kvm_net_user_interactive() -> None:
 
 
 def test_commas_in_paths_are_escaped() -> None:
-    a = qemu.argv(spec(disk=Path("/p/a,b.ext4")))
+    a = qemuargv.argv(spec(disk=Path("/p/a,b.ext4")))
     assert a[a.index("-drive") + 1] == "id=root,file=/p/a,,b.ext4,format=raw,if=none,discard=unmap"
 
 
 def test_argv_refusals() -> None:
     with pytest.raises(UsageError, match=r"^--net vde is not supported by the QEMU driver$"):
-        qemu.argv(spec(net="vde"))
+        qemuargv.argv(spec(net="vde"))
     with pytest.raises(UsageError, match=r"^--net tap needs a tap$"):
-        qemu.argv(spec(net="tap"))
+        qemuargv.argv(spec(net="tap"))
     with pytest.raises(UsageError, match=r"^-p needs --net user$"):
-        qemu.argv(spec(forwards=(qemu.Forward(1, 2),)))
+        qemuargv.argv(spec(forwards=(qemuargv.Forward(1, 2),)))
 
 
-TAP = qemu.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
-                  ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"))
+TAP = qemuargv.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
+                      ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"))
 
 
 def test_argv_exact_tap() -> None:
-    a = qemu.argv(spec(net="tap", tap=TAP, runas="900001:900001",
-                       chroot=Path("/r/vms/abc/empty")))
+    a = qemuargv.argv(spec(net="tap", tap=TAP, runas="900001:900001",
+                           chroot=Path("/r/vms/abc/empty")))
     assert a[a.index("-append") + 1] == APPEND_TCG + " kiln.ip=10.213.0.2/24 kiln.gw=10.213.0.1"
     tail = a[a.index("virtserialport,chardev=control,name=kiln.control") + 1:]
     assert tail == [
@@ -113,41 +114,41 @@ def test_argv_exact_tap() -> None:
 
 
 def test_net_user_passes_slirp_addresses_to_init() -> None:
-    a = qemu.argv(spec(net="user"))
+    a = qemuargv.argv(spec(net="user"))
     assert a[a.index("-append") + 1] == (APPEND_TCG + " kiln.ip=10.0.2.15/24 kiln.gw=10.0.2.2"
                                          " kiln.dns=10.0.2.3")
-    b = qemu.argv(spec())
+    b = qemuargv.argv(spec())
     assert b[b.index("-append") + 1] == APPEND_TCG  # --net none: no network words
 
 
 @pytest.mark.parametrize(("tap", "message"), [
-    (qemu.TapNic("eth0", TAP.mac, TAP.kernel_args), "invalid tap name 'eth0'"),
-    (qemu.TapNic("kt-abcdefghijklm", TAP.mac, TAP.kernel_args),
+    (qemuargv.TapNic("eth0", TAP.mac, TAP.kernel_args), "invalid tap name 'eth0'"),
+    (qemuargv.TapNic("kt-abcdefghijklm", TAP.mac, TAP.kernel_args),
      "invalid tap name 'kt-abcdefghijklm'"),
-    (qemu.TapNic("kt-a,script=/x", TAP.mac, TAP.kernel_args),
+    (qemuargv.TapNic("kt-a,script=/x", TAP.mac, TAP.kernel_args),
      "invalid tap name 'kt-a,script=/x'"),
-    (qemu.TapNic(TAP.ifname, "02:1F:2E:3D:4C:5B", TAP.kernel_args),
+    (qemuargv.TapNic(TAP.ifname, "02:1F:2E:3D:4C:5B", TAP.kernel_args),
      "invalid MAC address '02:1F:2E:3D:4C:5B'"),
-    (qemu.TapNic(TAP.ifname, TAP.mac, ("kiln.ip=1.2.3.4/24 init=/bin/sh",)),
+    (qemuargv.TapNic(TAP.ifname, TAP.mac, ("kiln.ip=1.2.3.4/24 init=/bin/sh",)),
      "invalid guest network argument 'kiln.ip=1.2.3.4/24 init=/bin/sh'"),
-    (qemu.TapNic(TAP.ifname, TAP.mac, ("init=/bin/sh",)),
+    (qemuargv.TapNic(TAP.ifname, TAP.mac, ("init=/bin/sh",)),
      "invalid guest network argument 'init=/bin/sh'"),
 ])
-def test_tap_refusals(tap: qemu.TapNic, message: str) -> None:
+def test_tap_refusals(tap: qemuargv.TapNic, message: str) -> None:
     with pytest.raises(UsageError) as e:
-        qemu.argv(spec(net="tap", tap=tap))
+        qemuargv.argv(spec(net="tap", tap=tap))
     assert e.value.message == message
 
 
 @pytest.mark.parametrize(("text", "want"), [("8080:80", (8080, 80)), ("1:65535/tcp", (1, 65535))])
 def test_parse_forward(text: str, want: tuple[int, int]) -> None:
-    assert qemu.parse_forward(text) == qemu.Forward(*want)
+    assert qemuargv.parse_forward(text) == qemuargv.Forward(*want)
 
 
 @pytest.mark.parametrize("text", ["80", "0:80", "70000:1", "a:b", "1:2/udp", ""])
 def test_parse_forward_rejects(text: str) -> None:
     with pytest.raises(UsageError) as e:
-        qemu.parse_forward(text)
+        qemuargv.parse_forward(text)
     assert e.value.message == f"invalid port forward {text!r}"
 
 
@@ -159,15 +160,15 @@ flags\t\t: fpu tsc constant_tsc nonstop_tsc tsc_known_freq
 
 
 def test_tsc_khz_sources() -> None:
-    assert qemu.parse_tsc_khz(CPUINFO) == 2600000
-    assert qemu.parse_tsc_khz(CPUINFO, "2899999\n") == 2899999  # sysfs wins
-    assert qemu.parse_tsc_khz(CPUINFO.replace("constant_tsc ", "")) is None  # not invariant
-    assert qemu.parse_tsc_khz("flags : constant_tsc\n") is None
+    assert qemuargv.parse_tsc_khz(CPUINFO) == 2600000
+    assert qemuargv.parse_tsc_khz(CPUINFO, "2899999\n") == 2899999  # sysfs wins
+    assert qemuargv.parse_tsc_khz(CPUINFO.replace("constant_tsc ", "")) is None  # not invariant
+    assert qemuargv.parse_tsc_khz("flags : constant_tsc\n") is None
 
 
 def test_tsc_khz_on_this_host() -> None:
     """The value booted with here: what the host's own kernel calibrated (cpu MHz)."""
-    khz = qemu.host_tsc_khz()
+    khz = qemuargv.host_tsc_khz()
     if khz is None:
         pytest.skip("this host's TSC is not invariant")
     mhz = float(next(line.split(":")[1] for line in Path("/proc/cpuinfo").read_text()

@@ -27,10 +27,10 @@ OTHER = "rootbbbb"  # another root on the same host
 def worlds(draw: st.DrawFn) -> reaper.Observed:
     """This root's records and directories; host-wide resources of this root, another
     root, kiln before root keys (bare ids) and foreign names, over overlapping VM ids."""
-    vms = tuple({v.id: v for v in draw(st.lists(st.builds(
-        reaper.VMView, id=ids, state=states, auto_remove=st.booleans(),
+    vms = tuple({v.vm_id: v for v in draw(st.lists(st.builds(
+        reaper.VMView, vm_id=ids, state=states, auto_remove=st.booleans(),
         owner_alive=st.booleans(), net=st.booleans()), max_size=6))}.values())
-    pool = [v.id for v in vms] + draw(st.lists(names, min_size=1, max_size=6))
+    pool = [v.vm_id for v in vms] + draw(st.lists(names, min_size=1, max_size=6))
     tag = st.sampled_from([KEY, OTHER, ""])  # "": a name from before root keys
     hosts = st.builds(lambda k, i: k + i, tag, st.sampled_from(pool))
     vmm_names = draw(st.lists(hosts, max_size=4, unique=True))
@@ -63,13 +63,13 @@ def worlds(draw: st.DrawFn) -> reaper.Observed:
 @given(worlds())
 def test_a_vm_whose_owner_lives_is_never_touched(obs: reaper.Observed) -> None:
     """Covers every VM being born: its record exists (state creating) and its owner runs."""
-    protected = {v.id for v in obs.vms if v.owner_alive}
-    assert not [a for a in reaper.plan(obs).actions if a.vm in protected]
+    protected = {v.vm_id for v in obs.vms if v.owner_alive}
+    assert not [a for a in reaper.plan(obs).actions if a.vm_id in protected]
 
 
 @given(worlds())
 def test_orphans_only_when_seen_twice(obs: reaper.Observed) -> None:
-    known = {v.id for v in obs.vms}
+    known = {v.vm_id for v in obs.vms}
     p = reaper.plan(obs)
     kinds = {"kill": "process", "rmcgroup": "cgroup", "rmjail": "jail", "rmdir": "dir",
              "rmsnapshot": "snapshot", "rmnet": "net"}
@@ -77,11 +77,11 @@ def test_orphans_only_when_seen_twice(obs: reaper.Observed) -> None:
     for a in p.actions:
         if a.kind in kinds:
             kind = kinds[a.kind]
-            acted.add((kind, f"{a.vm}:{a.target}" if kind == "process" else a.target))
-        if a.vm not in known:
+            acted.add((kind, f"{a.vm_id}:{a.target}" if kind == "process" else a.target))
+        if a.vm_id not in known:
             assert a.reason == "orphan"
             kind = kinds[a.kind]
-            name = f"{a.vm}:{a.target}" if kind == "process" else a.target
+            name = f"{a.vm_id}:{a.target}" if kind == "process" else a.target
             assert (kind, name) in obs.seen_before
     # and whatever was not acted on is remembered for next time
     for kind, name in p.seen:
@@ -119,34 +119,34 @@ def test_plan_for_a_root_never_touches_another_roots_resources(obs: reaper.Obser
 @given(worlds())
 def test_never_anything_without_kilns_names(obs: reaper.Observed) -> None:
     for a in reaper.plan(obs).actions:
-        assert reaper.VM_ID.fullmatch(a.vm)
+        assert reaper.VM_ID.fullmatch(a.vm_id)
         if a.kind == "rmsnapshot":
-            assert a.target == "vm" + a.vm
+            assert a.target == "vm" + a.vm_id
         if a.kind == "rmcgroup":
-            assert a.target.endswith("/kiln/" + KEY + a.vm)
+            assert a.target.endswith("/kiln/" + KEY + a.vm_id)
         if a.kind == "rmjail":
-            assert a.target == "/j/firecracker/" + KEY + a.vm
+            assert a.target == "/j/firecracker/" + KEY + a.vm_id
         if a.kind == "rmdir":
-            assert a.target == a.vm
+            assert a.target == a.vm_id
         if a.kind == "kill":
-            assert obs.vmm_pids[KEY + a.vm] == int(a.target)
+            assert obs.vmm_pids[KEY + a.vm_id] == int(a.target)
         if a.kind == "rmnet":  # one VM's objects, through net-reclaim with only=[vm]
-            assert a.target == a.vm
+            assert a.target == a.vm_id
 
 
 @given(worlds())
 def test_dead_owner_fails_live_vm_and_cleans_up(obs: reaper.Observed) -> None:
     p = reaper.plan(obs)
     for v in obs.vms:
-        mine = [a for a in p.actions if a.vm == v.id]
+        mine = [a for a in p.actions if a.vm_id == v.vm_id]
         if v.owner_alive:
             continue
         kinds = [a.kind for a in mine]
         assert ("fail" in kinds) == (v.state in ("creating", "running"))
-        assert ("kill" in kinds) == (KEY + v.id in obs.vmm_pids)
+        assert ("kill" in kinds) == (KEY + v.vm_id in obs.vmm_pids)
         assert ("rmvm" in kinds) == v.auto_remove
         # a dead VM's network goes at once, whether its record or the network says so
-        assert ("rmnet" in kinds) == (v.net or v.id in (obs.net_vms or ()))
+        assert ("rmnet" in kinds) == (v.net or v.vm_id in (obs.net_vms or ()))
         if "rmnet" in kinds:  # after its VMM and cgroups, before its record
             order = [k for k in kinds if k in ("kill", "rmcgroup", "rmnet", "rmvm")]
             assert order == sorted(order, key=["kill", "rmcgroup", "rmnet", "rmvm"].index)
@@ -157,9 +157,9 @@ def test_network_orphans_need_two_looks(obs: reaper.Observed) -> None:
     """A VM on the network without a record is reaped only when this round and the one
     before both looked at the network; a round that looks at nothing remembers nothing of
     it, and the next round always looks when a sighting is pending."""
-    known = {v.id for v in obs.vms}
+    known = {v.vm_id for v in obs.vms}
     p = reaper.plan(obs)
-    orphans = {a.vm for a in p.actions if a.kind == "rmnet" and a.vm not in known}
+    orphans = {a.vm_id for a in p.actions if a.kind == "rmnet" and a.vm_id not in known}
     assert orphans <= set(obs.net_vms or ())
     assert all(("net", vm) in obs.seen_before for vm in orphans)
     noted = {n for k, n in p.seen if k == "net"}

@@ -1,4 +1,4 @@
-"""Run-stage cores: the cgroup plan (v1 and v2), a VM's outcome, the VMM choice, the VMM
+"""Run-stage cores: root's cgroup plan (v1 and v2), a VM's outcome, the VMM
 spawner (exec failure, session, inherited fds, network namespace) and QEMU's tap-by-fd
 argv; real cgroups and namespaces where this host has them."""
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from helper.base.errors import KilnError, UsageError
+from runner.vm import cgroup as vmcgroup
 from runner.vm import spec as vmspec
 from runner.vm.spec import Outcome, outcome
 from runner.vmm import process as supervise
-from runner.vmm import qemu
+from runner.vmm import qemuargv
 
 V1 = """cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
@@ -26,8 +27,8 @@ V2 = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n"
 
 
 def test_cgroup_plan_v1_when_unified_has_no_controllers() -> None:
-    p = supervise.cgroup_plan(V1, "", "abcdefghijkl", 2, 1 << 30)
-    assert p == supervise.CgroupPlan(
+    p = vmcgroup.root_plan(V1, "", "abcdefghijkl", 2, 1 << 30)
+    assert p == vmcgroup.CgroupPlan(
         1, ("/sys/fs/cgroup/cpu/kiln/abcdefghijkl", "/sys/fs/cgroup/memory/kiln/abcdefghijkl"),
         (("/sys/fs/cgroup/cpu/kiln/abcdefghijkl/cpu.cfs_period_us", "100000"),
          ("/sys/fs/cgroup/cpu/kiln/abcdefghijkl/cpu.cfs_quota_us", "250000"),
@@ -36,8 +37,8 @@ def test_cgroup_plan_v1_when_unified_has_no_controllers() -> None:
 
 
 def test_cgroup_plan_v2() -> None:
-    p = supervise.cgroup_plan(V2, "cpuset cpu io memory pids\n", "abcdefghijkl", 1, 512)
-    assert p == supervise.CgroupPlan(
+    p = vmcgroup.root_plan(V2, "cpuset cpu io memory pids\n", "abcdefghijkl", 1, 512)
+    assert p == vmcgroup.CgroupPlan(
         2, ("/sys/fs/cgroup/kiln/abcdefghijkl",),
         (("/sys/fs/cgroup/kiln/abcdefghijkl/cpu.max", "150000 100000"),
          ("/sys/fs/cgroup/kiln/abcdefghijkl/memory.max", "512"),
@@ -46,23 +47,23 @@ def test_cgroup_plan_v2() -> None:
 
 
 def test_cgroup_plan_none() -> None:
-    assert supervise.cgroup_plan(V2, "io pids", "x", 1, 1).version == 0
-    assert supervise.cgroup_plan("", "", "x", 1, 1) == supervise.CgroupPlan(0, (), ())
+    assert vmcgroup.root_plan(V2, "io pids", "x", 1, 1).version == 0
+    assert vmcgroup.root_plan("", "", "x", 1, 1) == vmcgroup.CgroupPlan(0, (), ())
 
 
 @pytest.mark.root
 def test_real_cgroup_limits_and_removal() -> None:
-    plan = supervise.host_cgroup_plan("testtesttest", 1, 300 << 20)
+    plan = vmcgroup.host_root_plan("testtesttest", 1, 300 << 20)
     if plan.version == 0:
         pytest.skip("no usable cgroup controllers here")
     try:
-        assert supervise.apply_cgroups(plan) == []
+        assert vmcgroup.apply_root_plan(plan) == []
         for path, value in plan.writes:
             got = Path(path).read_text().strip()
             assert got == value or (path.endswith("cpu.max") and got.startswith(
                 value.split()[0]))
     finally:
-        supervise.remove_cgroups(plan.dirs)
+        vmcgroup.remove_as_root(plan.dirs)
     assert not any(Path(d).exists() for d in plan.dirs)
 
 
@@ -117,22 +118,22 @@ def test_spawn_enters_a_network_namespace(tmp_path: Path) -> None:
 
 
 def test_qemu_takes_a_user_tap_by_fd_and_forwards_once_per_port() -> None:
-    tap = qemu.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
-                      ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"), fd=7)
+    tap = qemuargv.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
+                          ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"), fd=7)
     base = dict(name="kiln-x", kernel=Path("/k"), initrd=Path("/i"), disk=Path("/d"),
                 cpus=1, memory_mib=256, accel="tcg", tsc_khz=None, console_log=Path("/c"),
                 stdout=Path("/o"), stderr=Path("/e"), status=Path("/s"), control=Path("/ctl"),
                 init="/.kiln/init", net="tap")
-    a = qemu.argv(qemu.QemuSpec(**base, tap=tap))  # type: ignore[arg-type]
+    a = qemuargv.argv(qemuargv.QemuSpec(**base, tap=tap))  # type: ignore[arg-type]
     assert a[a.index("-netdev") + 1:a.index("-netdev") + 4] == [
         "tap,id=net0,fd=7", "-device", "virtio-net-device,netdev=net0,mac=02:1f:2e:3d:4c:5b"]
-    assert a[-2:] == ["-sandbox", qemu.SANDBOX_USER]
+    assert a[-2:] == ["-sandbox", qemuargv.SANDBOX_USER]
     with pytest.raises(UsageError, match=r"^invalid tap fd 2$"):
-        qemu.argv(qemu.QemuSpec(**base, tap=replace(tap, fd=2)))  # type: ignore[arg-type]
-    assert qemu.forwards_of(["8080:80", "8081:80"]) == (qemu.Forward(8080, 80),
-                                                       qemu.Forward(8081, 80))
+        qemuargv.argv(qemuargv.QemuSpec(**base, tap=replace(tap, fd=2)))  # type: ignore[arg-type]
+    assert qemuargv.forwards_of(["8080:80", "8081:80"]) == (qemuargv.Forward(8080, 80),
+                                                       qemuargv.Forward(8081, 80))
     with pytest.raises(UsageError) as e:
-        qemu.forwards_of(["8080:80", "9090:90", "8080:81"])
+        qemuargv.forwards_of(["8080:80", "9090:90", "8080:81"])
     assert (e.value.message, e.value.hint) == ("host port 8080 is forwarded twice",
                                                "give each -p its own HOST port")
 
@@ -169,14 +170,6 @@ def test_outcome_failures_say_why() -> None:
                   vmm_tail="qemu-system-x86_64: -drive x: Could not open 'y'\n")
     assert got.reason == "the VMM ended (exit 1): qemu-system-x86_64: -drive x: Could not open 'y'"
     assert got.kiln_exit == 125
-
-
-def test_choose_vmm() -> None:
-    assert vmspec.choose_vmm("auto", False) == "qemu"
-    assert vmspec.choose_vmm("auto", True) == "firecracker"
-    assert vmspec.choose_vmm("qemu", True) == "qemu"
-    with pytest.raises(UsageError):
-        vmspec.choose_vmm("xen", False)
 
 
 def test_outcome_image_init_panic_is_a_failure() -> None:

@@ -33,9 +33,11 @@ from hypothesis import strategies as st
 from builder.root import Root
 from helper import cgroup as cg
 from helper.base.errors import KilnError, NotFound
+from runner.vm import cgroup as vmcgroup
 from runner.vm import reaper, state
 from runner.vmm import choice as vmmchoice
 from runner.vmm import fcapi as fc
+from runner.vmm import fcconsole
 from runner.vmm import firecracker as fcdriver
 from tests.support.run import KILN
 from tests.support.timing import limit
@@ -113,17 +115,17 @@ V1 = {c: Path(f"/sys/fs/cgroup/{c}") for c in ("cpu", "memory", "pids", "freezer
 
 
 def test_cgroup_choice() -> None:
-    limits = cg.Limits(cpus=2.5, memory_bytes=(256 << 20) + fcdriver.MEMORY_OVERHEAD,
-                       pids=fcdriver.PIDS_MAX)
+    limits = cg.Limits(cpus=2.5, memory_bytes=(256 << 20) + vmcgroup.FC_MEMORY_OVERHEAD,
+                       pids=vmcgroup.FC_PIDS)
     v2 = cg.Layout(Path("/sys/fs/cgroup"))
-    assert fcdriver.cgroup_choice(v2, {"cpu", "memory", "pids", "io"}, 2, 256 << 20) == \
+    assert vmcgroup.firecracker_choice(v2, {"cpu", "memory", "pids", "io"}, 2, 256 << 20) == \
         (2, limits)
     hybrid = cg.Layout(Path("/sys/fs/cgroup/unified"), V1)  # these machines
-    assert fcdriver.cgroup_choice(hybrid, {"hugetlb"}, 2, 256 << 20) == (1, limits)
+    assert vmcgroup.firecracker_choice(hybrid, {"hugetlb"}, 2, 256 << 20) == (1, limits)
     bare = cg.Layout(Path("/sys/fs/cgroup/unified"), {"cpu": V1["cpu"]})
-    assert fcdriver.cgroup_choice(bare, set(), 1, 1 << 30) == (2, cg.Limits())
+    assert vmcgroup.firecracker_choice(bare, set(), 1, 1 << 30) == (2, cg.Limits())
     with pytest.raises(KilnError) as e:
-        fcdriver.cgroup_choice(cg.Layout(None), set(), 1, 1 << 30)
+        vmcgroup.firecracker_choice(cg.Layout(None), set(), 1, 1 << 30)
     assert e.value.message == "no usable cgroup hierarchy for a Firecracker VM"
 
 
@@ -141,7 +143,7 @@ CONSOLE = (b"2026-11-23T13:15:23 [abc:main] Running Firecracker v1.12.1\n"
 @given(st.lists(st.integers(0, len(CONSOLE)), max_size=8))
 def test_console_split_any_chunking(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(CONSOLE)]
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     con, out, err = b"", b"", b""
     for a, b in itertools.pairwise(bounds):
         c, o, e = sp.feed(CONSOLE[a:b])
@@ -158,14 +160,14 @@ def test_console_split_any_chunking(cuts: list[int]) -> None:
 
 
 def test_console_init_failures_and_partial_lines() -> None:
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     assert sp.feed(b"kiln: nope: executable file not found in $PATH\r\n") == \
         (b"", b"", b"kiln: nope: executable file not found in $PATH\n")
     assert sp.exit_code == 127
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     sp.feed(b"kiln: unable to find user bob: no matching entries in passwd file\n")
     assert sp.exit_code == 126
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     assert sp.feed(b"kiln-init: starting /bin/sh\nno newline") == \
         (b"kiln-init: starting /bin/sh\n", b"", b"")
     assert sp.feed(b"", final=True) == (b"", b"no newline\n", b"")
@@ -176,14 +178,14 @@ def test_console_exit_reports_of_kiln_init() -> None:
     """Without a status port kiln-init's finish says "kiln-init: exit N" on the console:
     after the workload (agreeing with its marker), after its own failures (125 for a
     config it cannot read, which no failure message gives), and after a stop request."""
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     assert sp.feed(b"kiln-init: cannot read /.kiln/config\r\nkiln-init: exit 125\r\n") == \
         (b"kiln-init: cannot read /.kiln/config\nkiln-init: exit 125\n", b"", b"")
     assert sp.exit_code == 125
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     sp.feed(b"kiln: nope: executable file not found in $PATH\r\nkiln-init: exit 127\r\n")
     assert sp.exit_code == 127
-    sp = fcdriver.ConsoleSplit()
+    sp = fcconsole.ConsoleSplit()
     con, out, err = sp.feed(b"kiln-init: starting /bin/sh\r\nup\r\n"
                             b"kiln-init: stop requested (ctrl-alt-del)\r\nbye\r\n"
                             b"kiln-init: workload exited 3\r\nkiln-init: exit 3\r\n")
@@ -192,9 +194,9 @@ def test_console_exit_reports_of_kiln_init() -> None:
 
 
 def test_vmm_exit_code() -> None:
-    assert fcdriver.vmm_exit_code("x\n[anonymous-instance:main] Firecracker exiting "
-                                  "successfully. exit_code=0\n") == 0
-    assert fcdriver.vmm_exit_code("nothing") is None
+    assert fcconsole.vmm_exit_code("x\n[anonymous-instance:main] Firecracker exiting "
+                                   "successfully. exit_code=0\n") == 0
+    assert fcconsole.vmm_exit_code("nothing") is None
 
 
 # -- the reaper and the record ---------------------------------------------------------------
@@ -218,14 +220,14 @@ def test_vmm_of() -> None:
 ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=12, max_size=12)
 
 
-@given(st.lists(st.builds(reaper.VMView, id=ids, state=st.sampled_from(state.STATES),
+@given(st.lists(st.builds(reaper.VMView, vm_id=ids, state=st.sampled_from(state.STATES),
                           auto_remove=st.booleans(), owner_alive=st.booleans()),
-                max_size=4, unique_by=lambda v: v.id),
+                max_size=4, unique_by=lambda v: v.vm_id),
        st.lists(ids, max_size=4, unique=True), st.data())
 def test_jails_reaped_like_every_resource(vms: list[reaper.VMView], extra: list[str],
                                           data: st.DataObject) -> None:
     key = "rootaaaa"
-    jails = {key + i: f"/j/firecracker/{key}{i}" for i in [*(v.id for v in vms), *extra]}
+    jails = {key + i: f"/j/firecracker/{key}{i}" for i in [*(v.vm_id for v in vms), *extra]}
     cgroups: dict[str, tuple[str, ...]] = {n: (f"/c/pids/kiln/{n}",) for n in jails}
     cands = [("jail", p) for p in jails.values()] + [("cgroup", c[0]) for c in cgroups.values()]
     seen = frozenset(data.draw(st.lists(st.sampled_from(cands), max_size=8))) if cands \
@@ -233,9 +235,9 @@ def test_jails_reaped_like_every_resource(vms: list[reaper.VMView], extra: list[
     obs = reaper.Observed(vms=tuple(vms), root_key=key, cgroups=cgroups, jails=jails,
                           seen_before=seen)
     acts = reaper.plan(obs).actions
-    known = {v.id: v for v in vms}
+    known = {v.vm_id: v for v in vms}
     for vm_id, path in ((n[len(key):], p) for n, p in jails.items()):
-        mine = [a for a in acts if a.vm == vm_id]
+        mine = [a for a in acts if a.vm_id == vm_id]
         v = known.get(vm_id)
         if v is not None and v.owner_alive:
             assert mine == []  # a VM being born (or finishing) is never touched

@@ -49,8 +49,11 @@ MODULE_DIRS = ("kernel/drivers/md", "kernel/drivers/block", "kernel/lib", "kerne
 PY_PACKAGES = ("pydantic", "pydantic_core", "typing_extensions.py", "annotated_types",
                "typing_inspection")
 SUMMARY_MARK = "KILN-DMTHIN-SUMMARY "
-# The project code the in-guest programs import: the helper, and the pool's client side.
-GUEST_CODE = ("helper", "builder/__init__.py", "builder/helperclient.py", "builder/pool")
+# The project code the in-guest programs import: the helper, and the pool's client side
+# with the process runner its sudo client starts sudo through (``sh`` is imported only by
+# ``proc.run``, which the guest never calls).
+GUEST_CODE = ("helper", "builder/__init__.py", "builder/helperclient.py", "builder/proc.py",
+              "builder/pool")
 
 
 def base_layout() -> Path:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
+
+from helper import cgroup as cg
+from helper.cgroup import Limits
+from helper.jail import jailer as jail
+from helper.jail import stage as jailstage
+from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
 
 # Firecracker's API definition trimmed to what kiln uses and brought back to 1.12.1, the release
 # kiln runs (its header says what changed and how it was checked against the real binary).
@@ -23,3 +32,33 @@ def validate(swagger: dict[str, Any], definition: str, body: Any) -> None:
     """Validate ``body`` against ``#/definitions/<definition>`` with $refs resolved."""
     schema = {"$ref": f"#/definitions/{definition}", "definitions": swagger["definitions"]}
     jsonschema.Draft4Validator(schema).validate(body)
+
+
+@dataclass
+class InProcessOps:
+    """``runner.vmm.fcapi.PrivOps`` as the helper's jail functions called in-process (root,
+    same validation as through the helper): the jail tests without sudo in between."""
+
+    cfg: JailConfig
+    caller_uid: int = field(default_factory=os.getuid)
+    caller_gid: int = field(default_factory=os.getgid)
+
+    def cgroup_create(self, vm_id: str, version: int, limits: Limits) -> None:
+        cg.cgroup_create(self.cfg.cgroup, vm_id, version, limits)
+
+    def cgroup_kill(self, vm_id: str, version: int) -> None:
+        cg.cgroup_kill(self.cfg.cgroup, vm_id, version)
+
+    def jail_stage(self, vm_id: str, uid: int, gid: int, items: Sequence[StageItem],
+                   logs: Sequence[str]) -> Staged:
+        return jailstage.jail_stage(self.cfg, vm_id, uid, gid, items, caller_uid=self.caller_uid,
+                               logs=logs)
+
+    def jail_launch(self, spec: JailSpec) -> int:
+        return jail.jail_launch(self.cfg, spec)
+
+    def jail_grant_api(self, vm_id: str) -> Path:
+        return jail.jail_grant_api(self.cfg, vm_id, self.caller_uid, self.caller_gid)
+
+    def jail_remove(self, vm_id: str) -> None:
+        jail.jail_remove(self.cfg, vm_id)

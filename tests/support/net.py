@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from helper import config
+from helper import config, configbase
 from helper.base.errors import KilnError
 from helper.net import host as net
 from helper.net import lease as netlease
@@ -52,19 +52,19 @@ def ns() -> Iterator[str]:
         p.unlink()
 
 
-def cfg(ns: str, **kw: Any) -> config.Config:
+def cfg(ns: str, **kw: Any) -> configbase.Config:
     lines = [f'namespace = "{ns}"', 'bridge = "kilnbrt"', f'subnet = "{SUBNET}"',
              f'gateway = "{GATEWAY}"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in kw.items()]
     return config.parse(("[net]\n" + "\n".join(lines) + "\n").encode())
 
 
-def call(c: config.Config, op: str, req: dict[str, Any], uid: int = 0) -> dict[str, Any]:
+def call(c: configbase.Config, op: str, req: dict[str, Any], uid: int = 0) -> dict[str, Any]:
     ctx = ops.Ctx(cfg=c, area=Path("/nonexistent"), caller_uid=uid, caller_gid=uid)
     return ops.run_op(ctx, op, ops.parse(op, json.dumps(req)))
 
 
-def refused(c: config.Config, op: str, req: dict[str, Any], uid: int = 0) -> KilnError:
+def refused(c: configbase.Config, op: str, req: dict[str, Any], uid: int = 0) -> KilnError:
     with pytest.raises(KilnError) as e:
         call(c, op, req, uid)
     return e.value
@@ -147,7 +147,7 @@ def server(netns: str, host: str, port: int) -> Iterator[None]:
         p.wait()
 
 
-def caller(c: config.Config, uid: int = 0) -> network.Call:
+def caller(c: configbase.Config, uid: int = 0) -> network.Call:
     """What ``builder.helperclient.call`` does in-process, with the test's config."""
     ctx = ops.Ctx(cfg=c, area=Path("/nonexistent"), caller_uid=uid, caller_gid=uid)
 

@@ -1,0 +1,301 @@
+"""QEMU's microvm command line (pure) plus the few host facts it needs; the driver that
+runs it is ``runner.vmm.qemu``.
+
+``argv(spec)`` is the whole command line (tested exactly). Channels, each its own file so
+kiln's stdout carries only the workload's output:
+
+* ``ttyS0`` (the kernel's ``console=``) → ``console.log``: kernel and kiln-init messages;
+* virtio-serial ports named ``kiln.stdout`` / ``kiln.stderr`` → ``stdout`` / ``stderr``
+  files (plain char devices in the guest: no tty line discipline turning ``\\n`` into
+  ``\\r\\n``); ``kiln.status`` → ``status`` (the init writes ``exit N``);
+* ``kiln.control`` → FIFOs ``ctl.in``/``ctl.out``: the host writes ``stop GRACE`` to
+  ``ctl.in`` for a graceful stop;
+* ``kiln.stdin`` → kiln's stdin, only with ``-i``.
+
+Accelerator: KVM only when ``builder.probes.kvm()`` ran a guest (``kvm_verdict``, cached
+per boot under ``ROOT/kernels``: ~0.7 s when KVM is emulated; ``runner.vmm.choice`` asks
+the same verdict for ``--vmm auto``); otherwise TCG, and then
+``tsc_early_khz=`` with the host's TSC frequency, or microvm boots hang calibrating the TSC
+without a PIT/HPET (../shared/qemu.md), and ``cryptomgr.notests`` (the boot-time crypto
+self-tests are a sixth of an emulated boot). As root QEMU drops to a per-VM uid (``-runas``),
+chroots into an empty directory, and runs under seccomp (``-sandbox on``; privilege
+elevation must stay allowed because QEMU 7.2 installs the filter before ``-runas`` acts).
+
+Network: ``--net user`` is QEMU's slirp (``-p`` forwards bound to 127.0.0.1); ``--net tap``
+opens a kiln tap by name (``ifname=``, made and bridged by the helper; QEMU must start in
+the namespace the tap lives in and open it before ``-runas`` drops root) with the VM's MAC,
+or — QEMU run by an ordinary user — uses the fd the helper attached (``fd=N``).
+Either way the guest's address reaches kiln's init as ``kiln.ip= kiln.gw= [kiln.dns=]`` on
+the kernel command line (the cloud kernel has no ``CONFIG_IP_PNP``: ``ip=`` does nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.root import Root
+from helper.base.errors import UsageError
+from helper.net.tap import NAME_PATTERN as TAP_PATTERN
+from runner.tempfiles import write_atomic
+
+SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# --net user: slirp's fixed addresses, configured by kiln's init like a tap's
+USER_NET_ARGS = ("kiln.ip=10.0.2.15/24", "kiln.gw=10.0.2.2", "kiln.dns=10.0.2.3")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Forward:
+    host: int
+    guest: int
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """--net tap: a kiln tap (made by the helper, in the namespace QEMU starts in)."""
+
+    ifname: str  # kt-…
+    mac: str  # helper.net.core.mac_for(VM id)
+    kernel_args: tuple[str, ...]  # kiln.ip=… kiln.gw=… [kiln.dns=…] (netcore.kernel_args)
+    fd: int | None = None  # an fd on the tap the helper opened (QEMU run by a user)
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    """Everything one QEMU process is started with."""
+
+    name: str  # "kiln-<host name>": how the reaper recognises its root's VMMs
+    kernel: Path
+    initrd: Path
+    disk: Path
+    cpus: int
+    memory_mib: int
+    accel: str  # kvm | tcg
+    tsc_khz: int | None
+    console_log: Path
+    stdout: Path
+    stderr: Path
+    status: Path
+    control: Path  # FIFO pair CONTROL.in / CONTROL.out
+    init: str  # /.kiln/init, or the image's /sbin/init
+    net: str = "none"  # none | user | tap
+    tap: TapNic | None = None  # with net = "tap"
+    forwards: tuple[Forward, ...] = ()
+    interactive: bool = False
+    runas: str | None = None  # "UID:GID" when started as root
+    chroot: Path | None = None
+    extra_append: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_forward(text: str) -> Forward:
+    """``-p HOST:GUEST`` (TCP; --net user binds 127.0.0.1:HOST, --net tap forwards the
+    kiln network's GATEWAY:HOST)."""
+    m = re.fullmatch(r"(\d{1,5}):(\d{1,5})(?:/tcp)?", text)
+    if not m or not all(0 < int(p) < 65536 for p in m.groups()):
+        raise UsageError(f"invalid port forward {text!r}",
+                         "write -p HOST:GUEST with TCP ports 1-65535, e.g. -p 8080:80")
+    return Forward(int(m.group(1)), int(m.group(2)))
+
+
+def parse_tsc_khz(cpuinfo: str, sysfs: str | None = None) -> int | None:
+    """The host TSC frequency in kHz (pure): sysfs ``tsc_freq_khz`` when the kernel
+    exposes it, else the first ``cpu MHz`` of /proc/cpuinfo when the TSC is invariant
+    (``constant_tsc``: the TSC then ticks at that nominal rate)."""
+    if sysfs and sysfs.strip().isdigit():
+        return int(sysfs.strip())
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    if flags is None or "constant_tsc" not in flags.group(1).split():
+        return None
+    mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.M)
+    if mhz is None:
+        return None
+    khz = round(float(mhz.group(1)) * 1000)
+    return khz if khz > 0 else None
+
+
+def host_tsc_khz() -> int | None:
+    sysfs = None
+    with contextlib.suppress(OSError):
+        sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return parse_tsc_khz(cpuinfo, sysfs)
+
+
+def kvm_problem(detail: str) -> str:
+    """The KVM probe's finding without its claim that no guest would boot: QEMU boots
+    guests without KVM, under TCG (as ``builder.doctor.kvm_problem``; importing the doctor
+    here would cost `kiln run`'s start-up)."""
+    return re.sub(r"[;:,]?\s*a guest kernel would not boot", "", detail).rstrip(" ;:,")
+
+
+def kvm_verdict(root: Root) -> tuple[bool, str]:
+    """(KVM runs a guest, why not). The probe costs ~0.7 s when KVM is emulated, so the
+    verdict is cached for the current boot (keyed by the boot id)."""
+    from builder import probes
+
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    cache = root.path / "kernels" / f"kvm-{boot_id}.json"
+    if boot_id:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            doc = json.loads(cache.read_text())
+            return bool(doc["ok"]), kvm_problem(str(doc["reason"]))
+    p = probes.kvm()
+    verdict = (bool(p.ok), "" if p.ok else kvm_problem(str(p.detail)))
+    if boot_id:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, json.dumps({"ok": verdict[0], "reason": verdict[1]}).encode())
+    return verdict
+
+
+def host_accel(root: Root) -> str:
+    """kvm when the KVM probe runs a guest (cached per boot), else tcg."""
+    return "kvm" if kvm_verdict(root)[0] else "tcg"
+
+
+def kernel_cmdline(spec: QemuSpec) -> str:
+    parts = [
+        "console=ttyS0",
+        "root=/dev/vda",
+        "rootfstype=ext4",
+        "rw",
+        f"init={spec.init}",
+        "panic=-1",  # a guest panic reboots, and -no-reboot turns that into an exit
+        "reboot=t",
+        "quiet",
+        "pci=off",  # microvm has no PCI bus: skip probing for one
+        # ... and skip the x86 PCI set-up whose "PCI: Fatal: No config space access
+        # function found" (KERN_ERR, shown despite quiet and pci=off) would open every log
+        "initcall_blacklist=pci_arch_init",
+        "random.trust_cpu=on",  # no entropy wait for a workload's first getrandom()
+    ]
+    if spec.accel == "tcg":
+        # The crypto self-tests check the kernel's own crypto code against test vectors at
+        # boot: emulated, they are ~0.4 s of a ~2.7 s boot here (initcall_debug:
+        # crypto_algapi_init alone 409 ms); under KVM they cost milliseconds and stay on.
+        parts.append("cryptomgr.notests")
+        if spec.tsc_khz:
+            parts.append(f"tsc_early_khz={spec.tsc_khz}")
+    if spec.net == "user":
+        parts += USER_NET_ARGS
+    elif spec.net == "tap" and spec.tap is not None:
+        parts += spec.tap.kernel_args
+    parts += spec.extra_append
+    return " ".join(parts)
+
+
+def _chardev_file(cid: str, path: Path) -> list[str]:
+    return ["-chardev", f"file,id={cid},path={_opt(path)}"]
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU option string: commas are escaped by doubling."""
+    return str(value).replace(",", ",,")
+
+
+def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+    """The QEMU command line for ``spec`` (pure)."""
+    if spec.accel not in ("kvm", "tcg"):
+        raise UsageError(f"unknown accelerator {spec.accel!r}", "use kvm or tcg")
+    if spec.net not in ("none", "user", "tap"):
+        raise UsageError(f"--net {spec.net} is not supported by the QEMU driver",
+                         "use --net none, user or tap")
+    if spec.net == "tap":
+        _check_tap(spec.tap)
+    if spec.forwards and spec.net != "user":
+        raise UsageError("-p needs --net user", "add --net user")
+    accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=128"  # TCG: bound the code cache
+    args = [
+        binary,
+        "-name", f"{spec.name},process={spec.name}",  # the reaper finds VMMs by this
+        "-machine", "microvm",
+        "-accel", accel,
+        *(["-cpu", "host"] if spec.accel == "kvm" else []),
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",  # guest reboot/panic ends the VM
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", kernel_cmdline(spec),
+        *_chardev_file("console", spec.console_log),
+        "-serial", "chardev:console",
+        "-drive", f"id=root,file={_opt(spec.disk)},format=raw,if=none,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device",
+        *_chardev_file("stdout", spec.stdout),
+        "-device", "virtserialport,chardev=stdout,name=kiln.stdout",
+        *_chardev_file("stderr", spec.stderr),
+        "-device", "virtserialport,chardev=stderr,name=kiln.stderr",
+        *_chardev_file("status", spec.status),
+        "-device", "virtserialport,chardev=status,name=kiln.status",
+        # FIFOs CONTROL.in/.out (made by kiln), held open by QEMU: the guest's read
+        # blocks until the host writes "stop GRACE" (a socket would read as EOF at once)
+        "-chardev", f"pipe,id=control,path={_opt(spec.control)}",
+        "-device", "virtserialport,chardev=control,name=kiln.control",
+    ]
+    if spec.interactive:
+        args += ["-chardev", "stdio,id=stdin,signal=off",
+                 "-device", "virtserialport,chardev=stdin,name=kiln.stdin"]
+    if spec.net == "user":
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in spec.forwards)
+        args += ["-netdev", f"user,id=net0{fwd}",
+                 "-device", "virtio-net-device,netdev=net0"]
+    if spec.net == "tap" and spec.tap is not None:
+        # script=no: QEMU runs no ifup script (the helper made and bridged the tap); fd=:
+        # the helper attached it and kiln passes the fd (QEMU as a user can't open it)
+        how = f"fd={spec.tap.fd}" if spec.tap.fd is not None else \
+            f"ifname={spec.tap.ifname},script=no,downscript=no"
+        args += ["-netdev", f"tap,id=net0,{how}",
+                 "-device", f"virtio-net-device,netdev=net0,mac={spec.tap.mac}"]
+    if spec.runas is not None:
+        args += ["-runas", spec.runas]
+        if spec.chroot is not None:
+            args += ["-chroot", str(spec.chroot)]
+        args += ["-sandbox", SANDBOX_ROOT]
+    else:
+        args += ["-sandbox", SANDBOX_USER]
+    return args
+
+
+def _check_tap(tap: TapNic | None) -> None:
+    if tap is None:
+        raise UsageError("--net tap needs a tap", "internal error: the helper makes it first")
+    if not re.fullmatch(TAP_PATTERN, tap.ifname):
+        raise UsageError(f"invalid tap name {tap.ifname!r}",
+                         "kiln taps are named kt- + 1-12 characters of a-z and 2-7")
+    if tap.fd is not None and not 3 <= tap.fd < 1024:
+        raise UsageError(f"invalid tap fd {tap.fd}", "internal error: the helper sends it")
+    if not _MAC.fullmatch(tap.mac):
+        raise UsageError(f"invalid MAC address {tap.mac!r}", "write six lowercase hex pairs")
+    bad = [a for a in tap.kernel_args if not _KILN_ARG.fullmatch(a)]
+    if bad:
+        raise UsageError(f"invalid guest network argument {bad[0]!r}",
+                         "only kiln.ip=, kiln.gw= and kiln.dns= with addresses")
+
+
+def forwards_of(texts: Sequence[str]) -> tuple[Forward, ...]:
+    """Every ``-p``; a host port given twice is refused (one listener per port)."""
+    out = tuple(parse_forward(t) for t in texts)
+    seen: set[int] = set()
+    for f in out:
+        if f.host in seen:
+            raise UsageError(f"host port {f.host} is forwarded twice",
+                             "give each -p its own HOST port")
+        seen.add(f.host)
+    return out
