@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from builder import probes
+from tests.support import firecracker
 
 pytest_plugins = [
     "tests.support.registry",
@@ -22,6 +23,7 @@ _PROBES: dict[str, Callable[[], probes.Probe]] = {
     "loop": probes.loop_devices,
     "dm": probes.dm_thin,
     "kvm": probes.kvm,
+    "firecracker": firecracker.probe,
 }
 
 

@@ -13,6 +13,12 @@ creates anything, so the state layer can record the resource first):
    exactly what was sent (``config_mismatches``) — a silently ignored field is an error;
 6. ``InstanceStart``.
 
+Warm start (``runner.vmm.fcsnapshot``'s requests): ``pause``, ``snapshot_create`` (files in
+the chroot), ``resume``; ``restore`` launches a plan made with ``launch_plan(restore=…)``
+(rootfs and the staged state and memory files, no kernel) through steps 1-4, sends the
+logger alone (``snapshot/load`` is refused after any boot resource), loads the snapshot and
+leaves the VM paused.
+
 Stop: ``SendCtrlAltDel``, wait for the cgroup to empty, then kill the whole cgroup
 (Firecracker is detached from us, so signalling one pid is not enough). Destroy: kill the
 cgroup, remove the jail (the helper refuses while mounts remain).
@@ -44,6 +50,8 @@ from helper.base.errors import KilnError, NotFound, UsageError
 from helper.cgroup import Limits
 from helper.jail import jailer as jail
 from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
+from runner.vmm import fcsnapshot as fcs
+from runner.vmm.fcsnapshot import ApiRequest
 
 KERNEL = "vmlinux"
 INITRD = "initrd.img"
@@ -111,14 +119,6 @@ class VmConfig:
     nets: tuple[NetSpec, ...] = ()
     log_path: str | None = f"/{LOG}"
     log_level: str = "Info"
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    method: str
-    path: str
-    body: dict[str, Any]
-    definition: str  # the swagger definition the body must validate against
 
 
 def api_requests(vm: VmConfig) -> list[ApiRequest]:
@@ -204,6 +204,7 @@ class LaunchPlan:
     stage: tuple[StageItem, ...]
     logs: tuple[str, ...]
     vm: VmConfig
+    restore: bool = False  # stages a snapshot (``fcsnapshot.snapshot_items``), no kernel
 
 
 def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: Path,
@@ -212,11 +213,14 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
                 limits: Limits = NO_LIMITS, netns: str | None = None,
                 taps: Sequence[str] = (), nets: Sequence[NetSpec] = (),
                 read_only_root: bool = False,
-                resource_limits: tuple[tuple[str, int], ...] = ()) -> LaunchPlan:
+                resource_limits: tuple[tuple[str, int], ...] = (),
+                restore: tuple[Path, Path] | None = None) -> LaunchPlan:
     """Everything needed to launch one VM, decided up front (pure apart from validation).
 
     ``uid`` doubles as gid. ``rootfs``: a snapshot file, or ``/dev/mapper/…`` (dm-thin).
-    ``nets`` (``runner.network``'s tap and MAC) or bare ``taps`` (no MAC) become eth0, eth1, …."""
+    ``nets`` (``runner.network``'s tap and MAC) or bare ``taps`` (no MAC) become eth0, eth1, ….
+    ``restore``: (state, memory) of a snapshot, staged instead of the kernel and initrd
+    (the rootfs keeps its name: the saved drive's path)."""
     cg.check_vm_id(vm_id)
     block = str(rootfs).startswith("/dev/mapper/")
     root_name = ROOT_BLOCK if block else ROOTFS
@@ -224,6 +228,8 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
     if initrd is not None:
         stage.append(StageItem(INITRD, initrd))
     stage.append(StageItem(root_name, rootfs, writable=not read_only_root))
+    if restore is not None:
+        stage = [stage[-1], *fcs.snapshot_items(*restore)]
     if cgroup_version == 2:
         # Limits go in through cgroup-create; the jailer only moves into P/ID.
         cgroups: tuple[tuple[str, str], ...] = ()
@@ -243,7 +249,7 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
         drives=(DriveSpec("rootfs", f"/{root_name}", root=True, read_only=read_only_root),),
         nets=tuple(nets) or tuple(NetSpec(f"eth{i}", t) for i, t in enumerate(taps)),
     )
-    return LaunchPlan(vm_id, spec, limits, tuple(stage), (LOG,), vm)
+    return LaunchPlan(vm_id, spec, limits, tuple(stage), (LOG,), vm, restore is not None)
 
 
 # -- API client ---------------------------------------------------------------------------
@@ -415,6 +421,40 @@ class FirecrackerVM:
         self.configure()
         self.on_step("start")
         self.client(timeout=10.0).action("InstanceStart")
+
+    def send(self, req: ApiRequest, timeout: float = 5.0) -> None:
+        """One request; ``ApiError`` unless Firecracker answers 2xx."""
+        self.client(timeout).call(req.method, req.path, req.body)
+
+    def pause(self) -> None:
+        self.send(fcs.vm_state_request("Paused"))
+
+    def resume(self) -> None:
+        self.send(fcs.vm_state_request("Resumed"))
+
+    def snapshot_create(self, snapshot: str, mem: str) -> None:
+        """A full snapshot of the paused VM into chroot files (it writes all guest memory)."""
+        self.send(fcs.snapshot_create_request(snapshot, mem), timeout=120.0)
+
+    def snapshot_load(self, snapshot: str, mem: str) -> None:
+        """Load staged chroot files into a fresh Firecracker; the VM stays paused. On an
+        error Firecracker exits (1.12.1): destroy the VM."""
+        self.send(fcs.snapshot_load_request(snapshot, mem), timeout=30.0)
+
+    def restore(self) -> dict[str, Any]:
+        """Steps 1-4 of a restore plan, the logger, ``snapshot/load``: a paused VM
+        (``resume`` runs it). Returns ``GET /``."""
+        if not self.plan.restore:
+            raise UsageError(f"VM {self.plan.vm_id}'s plan stages no snapshot",
+                             "make it with launch_plan(restore=(state, memory))")
+        self.launch()
+        self.on_step("restore")
+        for r in api_requests(self.plan.vm):
+            if r.path == "/logger":
+                self.send(r)
+        self.snapshot_load(f"/{fcs.STATE}", f"/{fcs.MEM}")
+        info: dict[str, Any] = self.client().get("/")
+        return info
 
     def running(self) -> bool:
         return bool(cg.cgroup_pids(self.cfg.cgroup, self.plan.vm_id,

@@ -272,10 +272,12 @@ def _reproduce(first: Path, second: Path, out: Path) -> None:
     assert proc.run("e2fsck", ["-fn", str(out / "b.ext4")]).code == 0
 
 
+@pytest.mark.slow
 def test_reproducible_across_roots_orders_umasks_and_times(tmp_path: Path) -> None:
     _reproduce(tmp_path / "one", tmp_path / "two", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_reproducible_across_filesystems(tmp_path: Path) -> None:
     mnt = tmp_path / "tmpfs"

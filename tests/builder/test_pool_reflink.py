@@ -145,6 +145,7 @@ def test_copy_backend_is_not_thin(kroot: Path) -> None:
     assert not (kroot / "pool").exists()
 
 
+@pytest.mark.slow
 def test_full_pool_is_a_clear_error_and_leaves_nothing(kroot: Path) -> None:
     pool = init_pool(kroot, backend="reflink", size=256 << 20, fs="btrfs")
     try:

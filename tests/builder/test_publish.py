@@ -232,6 +232,7 @@ def test_push_refuses_a_digest_reference(built: Volume) -> None:
                                                "push to REPO:TAG")
 
 
+@pytest.mark.slow
 def test_registry_down_fails_fast(built: Volume, closed_address: str) -> None:
     with pytest.raises(RegistryError) as e:
         publish.push_volume(root_of(built), built, f"{closed_address}/x:1", PLAIN)
@@ -255,6 +256,7 @@ def test_auth_registry_push_pull_with_authfile(built: Volume, auth_registry: Aut
                             RegistryOptions(tls_verify=False, authfile=bad))
 
 
+@pytest.mark.slow
 def test_cli_push_pull_json(built: Volume, own_registry: LocalRegistry, tmp_path: Path) -> None:
     ref = f"docker://{own_registry.address}/cli/busybox:7"
     res = kiln(root_of(built).path, "push", built.id[7:19], ref, "--tls-verify=false", "--json")
@@ -279,6 +281,7 @@ def test_cli_push_pull_json(built: Volume, own_registry: LocalRegistry, tmp_path
     assert "error: no volume matches 'ffff0000'" in res.stderr
 
 
+@pytest.mark.slow
 def test_transient_failures_are_retried(built: Volume, registry: LocalRegistry,
                                         fault_proxy: FaultProxy, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,6 +302,7 @@ def test_transient_failures_are_retried(built: Volume, registry: LocalRegistry,
     assert fault_proxy.hits >= 2
 
 
+@pytest.mark.slow
 def test_build_push_publishes_what_it_built(registry: LocalRegistry, tmp_path: Path) -> None:
     """`kiln build --push REF`: the volume it prints is the one a fresh root pulls."""
     from tests.support.cli import kiln

@@ -144,6 +144,7 @@ def test_recipes_sharing_a_volume_are_all_refreshed(upstream: LocalRegistry,
     assert len(Store(root).list()) == 2
 
 
+@pytest.mark.slow
 def test_registry_down_fails_only_its_recipes(upstream: LocalRegistry, recipes: list[Path],
                                              closed_address: str, tmp_path: Path) -> None:
     down = recipe(tmp_path / "recipes", "c", f"docker://{closed_address}/up/c:1")
@@ -165,6 +166,7 @@ def test_registry_down_fails_only_its_recipes(upstream: LocalRegistry, recipes: 
     assert "unchanged" in res.stdout
 
 
+@pytest.mark.slow
 def test_second_refresh_exits_unless_wait(recipes: list[Path], tmp_path: Path) -> None:
     root = Root(tmp_path / "root")
     with refresh.refresh_lock(root, wait=False):

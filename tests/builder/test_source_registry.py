@@ -184,6 +184,7 @@ def test_fault_404(fault_proxy: FaultProxy, busybox_image: str) -> None:
     assert exc.value.message == f"image not found: {ref}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["429", "503"])
 def test_fault_then_success(fault_proxy: FaultProxy, busybox_image: str, fault: str,
                             root: Root, tmp_path: Path) -> None:
@@ -198,6 +199,7 @@ def test_fault_then_success(fault_proxy: FaultProxy, busybox_image: str, fault: 
     assert pulled.manifest_digest == resolved.digest
 
 
+@pytest.mark.slow
 def test_fault_503_forever_gives_up_within_budget(fault_proxy: FaultProxy,
                                                   busybox_image: str) -> None:
     fault_proxy.set_fault("503")
@@ -209,6 +211,7 @@ def test_fault_503_forever_gives_up_within_budget(fault_proxy: FaultProxy,
     assert fault_proxy.hits >= 3
 
 
+@pytest.mark.slow
 def test_fault_stall(fault_proxy: FaultProxy, busybox_image: str) -> None:
     fault_proxy.set_fault("stall")
     start = time.monotonic()
@@ -218,6 +221,7 @@ def test_fault_stall(fault_proxy: FaultProxy, busybox_image: str) -> None:
     assert exc.value.message == f"registry {fault_proxy.address} did not answer within 3 s"
 
 
+@pytest.mark.slow
 def test_registry_down(closed_address: str) -> None:
     start = time.monotonic()
     with pytest.raises(RegistryError) as exc:
@@ -354,6 +358,7 @@ def test_malformed_digest_is_refused_before_skopeo_copies(tmp_path: Path, root: 
         "malformed digest 'sha256:../../../../../tmp/kiln-evil' in the manifest"
 
 
+@pytest.mark.slow
 def test_pull_waits_for_an_exclusive_cache_lock(busybox_image: str, root: Root,
                                                 tmp_path: Path) -> None:
     import threading

@@ -34,6 +34,7 @@ def blob_gets(r: LocalRegistry) -> int:
     return sum(1 for a in r.access_log() if a.method == "GET" and "/blobs/" in a.path)
 
 
+@pytest.mark.slow
 def test_build_json_contract_and_cache_hit(reg: LocalRegistry, tmp_path: Path) -> None:
     ref = f"docker://{reg.address}/demo/busybox:1"
     out = json.loads(kiln(tmp_path, "build", ref, "--tls-verify=false", "--json").stdout)
@@ -66,6 +67,7 @@ def test_build_json_contract_and_cache_hit(reg: LocalRegistry, tmp_path: Path) -
     assert os.listdir(tmp_path / "tmp") == []
 
 
+@pytest.mark.slow
 def test_same_image_same_bytes_across_roots_and_umask(reg: LocalRegistry, tmp_path: Path) -> None:
     ref = f"docker://{reg.address}/demo/busybox:2"
     a = json.loads(kiln(tmp_path / "a", "build", ref, "--tls-verify=false", "--json").stdout)
@@ -80,6 +82,7 @@ def test_same_image_same_bytes_across_roots_and_umask(reg: LocalRegistry, tmp_pa
     assert Path(a["path"]).read_bytes() == Path(b["path"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_volume_commands(reg: LocalRegistry, tmp_path: Path) -> None:
     ref = f"docker://{reg.address}/demo/busybox:1"
     vid = json.loads(kiln(tmp_path, "build", ref, "--tls-verify=false", "--json").stdout)["id"]
@@ -131,6 +134,7 @@ def test_concurrent_builds_of_one_source_make_one_volume(reg: LocalRegistry,
     assert len(json.loads(kiln(tmp_path, "volume", "ls", "--json").stdout)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pull", "unpack", "mkfs", "verify", "hash", "commit",
                                    "pull:0.3", "mkfs:0.05"])
 def test_sigkill_at_each_step_leaves_nothing_visible(reg: LocalRegistry, tmp_path: Path,
@@ -174,6 +178,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(reg: LocalRegistry,
         subprocess.run(["umount", str(small)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.loop
 def test_demo_builds_the_demo_recipe_and_boots_it(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ def recipe(d: Path, suffix: str = ":1") -> Path:
     return d / "r.toml"
 
 
+@pytest.mark.slow
 def test_one_image_from_two_registries_is_one_volume(
         two_registries: tuple[LocalRegistry, LocalRegistry], tmp_path: Path) -> None:
     a, b = two_registries
@@ -78,6 +79,7 @@ def test_one_registry_spelled_two_ways_is_one_volume(
     assert by_digest["id"] == by_tag["id"]
 
 
+@pytest.mark.slow
 def test_recipe_content_still_changes_the_volume(
         two_registries: tuple[LocalRegistry, LocalRegistry], tmp_path: Path) -> None:
     a, _ = two_registries

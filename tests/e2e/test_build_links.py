@@ -116,6 +116,7 @@ def test_long_symlinks_and_hard_links_build_as_root(reg: LocalRegistry, tmp_path
     check_volume(out["path"], n)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.parametrize("n", LENGTHS)
 def test_long_symlinks_and_hard_links_build_rootless_to_the_same_bytes(
@@ -167,6 +168,7 @@ def test_hard_links_to_symlinks_share_one_inode(reg: LocalRegistry, tmp_path: Pa
     check_hard_links_to_symlinks(out["path"])
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_hard_links_to_symlinks_rootless_same_bytes(reg: LocalRegistry, tmp_path: Path,
                                                    unprivileged_user: User) -> None:

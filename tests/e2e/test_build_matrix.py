@@ -84,6 +84,7 @@ def test_special_files_survive_into_the_volume(reg: LocalRegistry, tmp_path: Pat
     assert "rootlesscontainers" not in _debugfs(img, "ea_list /home/user/.profile")
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_root_rootless_and_staging_filesystems_give_identical_bytes(
         reg: LocalRegistry, tmp_path: Path, unprivileged_user: User) -> None:

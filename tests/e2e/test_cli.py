@@ -43,6 +43,7 @@ def test_recipe_schema_is_json_schema(tmp_path: Path) -> None:
     assert schema.get("additionalProperties") is False
 
 
+@pytest.mark.slow
 def test_gc_keep_and_dry_run(registry: LocalRegistry, tmp_path: Path) -> None:
     ref = push_busybox(registry.address, "gc/busybox", "1")
     vid = json.loads(kiln(tmp_path, "build", ref, "--tls-verify=false", "--json").stdout)["id"]

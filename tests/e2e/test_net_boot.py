@@ -100,6 +100,9 @@ class Guest:
             console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
             status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH, net="tap",
             tap=vmnet.qemu_tap(),
+            # the config is on the disk here (no control channel): the init reads the
+            # network from the kernel command line, as under Firecracker
+            extra_append=vmnet.kernel_args,
             runas=f"{UID}:{UID}", chroot=d / "empty")
         binary = shutil.which("qemu-system-x86_64")
         assert binary is not None

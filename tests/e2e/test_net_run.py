@@ -35,6 +35,7 @@ from runner import network
 from runner.vm.state import State, root_key
 from runner.vmm import qemuargv
 from tests.support.cli import kiln, wait_for
+from tests.support.firecracker import BIN_DIR
 from tests.support.netrun import (
     BRIDGE,
     GATEWAY,
@@ -358,9 +359,7 @@ def test_firecracker_joins_the_vm_namespace_and_opens_its_tap(
     from runner.vmm import fcapi as fc
 
     root, vol = world
-    bins = Path("/opt/kiln-test/firecracker")
-    if not (bins / "firecracker").exists():
-        pytest.skip("firecracker: run scripts/fetch-firecracker.sh /opt/kiln-test/firecracker")
+    bins = BIN_DIR
     # on the root's filesystem (staging hard-links), short (the API socket's path)
     jails = Path(f"/tmp/kiln-fcnet-{secrets.token_hex(3)}")
     jails.mkdir(mode=0o755)

@@ -43,6 +43,7 @@ def kroot(tmp_path: Path) -> Iterator[Path]:
     force_cleanup(root)
 
 
+@pytest.mark.slow
 def test_no_pool_errors_then_init_twice_status_and_snapshots(kroot: Path) -> None:
     vid, _ = make_volume(kroot)
     res = kiln(kroot, "snapshot", "create", vid[7:15], check=False)
@@ -159,6 +160,7 @@ def test_copy_backend_cli_says_not_thin(kroot: Path) -> None:
     assert "not thin" in kiln(kroot, "pool", "status").stdout
 
 
+@pytest.mark.slow
 def test_real_build_imports_on_demand(kroot: Path, busybox_image: str) -> None:
     built = json.loads(kiln(kroot, "build", busybox_image, "--tls-verify=false",
                             "--json").stdout)

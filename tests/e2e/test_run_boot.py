@@ -62,12 +62,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str,
             os.kill(pid, 9)
 
 
+@pytest.mark.slow
 def test_echo_prints_exactly_hi(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", busybox, "--", "echo", "hi")
     assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
 
 
+@pytest.mark.slow
 def test_guest_kernel_command_line_follows_the_accelerator(
         world: tuple[Path, str, str]) -> None:
     """Under TCG the guest boots with the TSC hint and without the crypto self-tests;
@@ -83,6 +85,7 @@ def test_guest_kernel_command_line_follows_the_accelerator(
             "init=/.kiln/init" in words) == (tcg, tcg, True), words
 
 
+@pytest.mark.slow
 def test_exit_code_env_workdir_user_and_stderr(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", "-e", "FOO=bar baz", "--workdir", "/srv/app",
@@ -93,6 +96,7 @@ def test_exit_code_env_workdir_user_and_stderr(world: tuple[Path, str, str]) -> 
     assert res.stderr.splitlines()[-1] == "oops"  # the workload's stderr, not stdout
 
 
+@pytest.mark.slow
 def test_missing_command_exits_127(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", busybox, "--", "no-such-command")
@@ -101,12 +105,14 @@ def test_missing_command_exits_127(world: tuple[Path, str, str]) -> None:
     assert "kiln: no-such-command: executable file not found in $PATH" in res.stderr
 
 
+@pytest.mark.slow
 def test_distroless_image_runs(world: tuple[Path, str, str]) -> None:
     root, _, distroless = world
     res = kiln(root, "run", "--rm", distroless, "--", "/bin/busybox", "echo", "no shell here")
     assert (res.returncode, res.stdout) == (0, "no shell here\n"), res.stderr
 
 
+@pytest.mark.slow
 def test_timeout_exits_124_and_rm_leaves_nothing(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     before_dirs = set(os.listdir(root / "vms"))
@@ -131,6 +137,7 @@ def _debugfs_cat(image: str, path: str) -> str:
     return res.stdout
 
 
+@pytest.mark.slow
 def test_two_vms_from_one_base_write_independently(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     cmd = 'cat /data 2>/dev/null || echo none; echo "$0" > /data; cat /data'
@@ -155,6 +162,7 @@ def test_two_vms_from_one_base_write_independently(world: tuple[Path, str, str])
     assert not (snaps / f"{ps['w-one']['snapshot']}.ext4").exists()
 
 
+@pytest.mark.slow
 def test_detach_logs_stop(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = kiln(root, "run", "--detach", "--name", "bg", busybox, "--", "sh", "-c",
@@ -184,6 +192,7 @@ def test_detach_logs_stop(world: tuple[Path, str, str]) -> None:
     assert not (root / "vms" / vm_id).exists()
 
 
+@pytest.mark.slow
 def test_errors(world: tuple[Path, str, str], tmp_path: Path) -> None:
     root, busybox, _ = world  # (--net tap's refusals: tests/e2e/test_net_run.py)
     res = kiln(root, "run", "--vmm", "firecracker", busybox)
@@ -202,6 +211,7 @@ def test_errors(world: tuple[Path, str, str], tmp_path: Path) -> None:
     assert "error: no pool: run `kiln pool init`" in res.stderr
 
 
+@pytest.mark.slow
 def test_interactive_stdin_reaches_the_workload(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = subprocess.run([*KILN, "--root", str(root), "run", "--rm", "-i", busybox, "--",
@@ -211,6 +221,7 @@ def test_interactive_stdin_reaches_the_workload(world: tuple[Path, str, str]) ->
     assert (res.returncode, res.stdout) == (0, "got line one\nline two\n"), res.stderr
 
 
+@pytest.mark.slow
 def test_net_user_forwards_a_port(world: tuple[Path, str, str]) -> None:
     import socket
 
@@ -248,6 +259,7 @@ def _wait_running(root: Path, name: str) -> dict[str, object]:
     raise AssertionError(f"{name} never ran")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_vm_gracefully(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     p = subprocess.Popen([*KILN, "--root", str(root), "run", "--rm", "--name", "term",
@@ -264,6 +276,7 @@ def test_sigterm_stops_the_vm_gracefully(world: tuple[Path, str, str]) -> None:
     assert str(rec["id"]) not in vmm_pids(root)
 
 
+@pytest.mark.slow
 def test_sigint_to_init_stops_the_workload_gracefully(world: tuple[Path, str, str]) -> None:
     """Firecracker's stop is Ctrl-Alt-Del, which the kernel turns into SIGINT for PID 1 once
     kiln-init set kernel.ctrl-alt-del=0. QEMU's microvm has no keyboard to press it on,
@@ -296,6 +309,7 @@ def test_sigkill_of_kiln_run_is_reconciled(world: tuple[Path, str, str]) -> None
     assert not (root / "vms" / str(rec["id"])).exists()
 
 
+@pytest.mark.slow
 def test_another_roots_reaper_leaves_a_live_vm_alone(world: tuple[Path, str, str],
                                                     tmp_path: Path) -> None:
     """Root B runs a detached VM; `kiln ps` twice in root A (its reaper's orphans are

@@ -85,6 +85,7 @@ def test_debian_minbase_runs_cat_os_release(world: tuple[Path, str, str],
     assert "kiln-init" not in res.stdout  # init messages stay on the console
 
 
+@pytest.mark.slow
 def test_init_image_boots_the_images_own_init(world: tuple[Path, str, str]) -> None:
     """What `--init image` promises (docs/run.md): the image's /sbin/init is PID 1; exit
     code 0 when it powers off cleanly. kiln has no workload there: the init's output is
@@ -110,6 +111,7 @@ def test_init_image_refuses_a_command(world: tuple[Path, str, str]) -> None:
     assert "error: a command cannot be given with --init image" in res.stderr
 
 
+@pytest.mark.slow
 def test_init_image_whose_init_exits_is_a_failure(world: tuple[Path, str, str]) -> None:
     """PID 1 exiting is a kernel panic, not a power-off: kiln must not say exit 0."""
     root, _, bad = world

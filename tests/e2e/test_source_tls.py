@@ -48,6 +48,7 @@ def test_build_fails_at_once_without_retrying(registry: LocalRegistry, tmp_path:
     expect_tls_error(res, took, registry.address)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["push", "pull"])
 def test_push_and_pull_fail_at_once(registry: LocalRegistry, tmp_path: Path,
                                     command: str) -> None:

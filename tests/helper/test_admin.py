@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.firecracker import BIN_DIR
 from tests.support.oci import User, make_user
 from tests.support.sudo import BASE, GOOD_CONFIG, _sudoers, _write_config, helper_as
 
 pytestmark = [pytest.mark.root, pytest.mark.loop]
 
-FC_DIR = Path("/opt/kiln-test/firecracker")
 OLD_BOOT = "00000000-0000-4000-8000-000000000000"
 
 
@@ -59,13 +59,12 @@ def _plant_claim(area: Path, kind: str, name: str, doc: dict[str, object]) -> Pa
     return p
 
 
+@pytest.mark.firecracker
 def test_a_previous_boots_claims_go_and_nobody_elses_object(sudo_user: User) -> None:
     """A cgroup claim of a previous boot only goes (its cgroup went with the boot); a jail
     claim of a previous boot takes its directory only when that is still the very one."""
-    if not (FC_DIR / "firecracker").exists():
-        pytest.skip("needs the Firecracker test binaries (scripts/fetch-firecracker.sh)")
-    _write_config(GOOD_CONFIG + f'\n[tools]\nfirecracker = "{FC_DIR}/firecracker"\n'
-                  f'jailer = "{FC_DIR}/jailer"\n')
+    _write_config(GOOD_CONFIG + f'\n[tools]\nfirecracker = "{BIN_DIR}/firecracker"\n'
+                  f'jailer = "{BIN_DIR}/jailer"\n')
     try:
         helper_as(sudo_user, "area", {})
         area = BASE / "users" / str(sudo_user.uid)

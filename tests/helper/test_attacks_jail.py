@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 
 from helper import cgroup as cg
+from tests.support.firecracker import BIN_DIR
 from tests.support.oci import User
-from tests.support.sudo import BASE, GOOD_CONFIG, HELPER, REPO, _write_config, helper_as
+from tests.support.sudo import BASE, GOOD_CONFIG, HELPER, _write_config, helper_as
 from tests.support.timing import limit
 
-BIN_DIR = Path("/opt/kiln-test/firecracker")
 JAILS = BASE / "jails"
 VMUID = 900_400  # the attacker's VM uid (the [jails] range default starts at 900000)
 pytestmark = [pytest.mark.firecracker, pytest.mark.root]
@@ -41,10 +41,6 @@ pytestmark = [pytest.mark.firecracker, pytest.mark.root]
 @pytest.fixture(scope="module")
 def parent(installed: str) -> Iterator[str]:
     """The test config: the fetched jailer and firecracker, a cgroup parent of our own."""
-    res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
-                         capture_output=True, text=True, check=False, timeout=300)
-    if res.returncode != 0:
-        pytest.skip(f"firecracker: fetch-firecracker.sh failed: {res.stderr.strip()[-200:]}")
     top = f"kilnatk{secrets.token_hex(4)}"
     try:
         yield top
@@ -130,6 +126,7 @@ def _cgfile(top: str, controller: str, vm: str, name: str) -> str:
     return (lay.v1[controller] / top / vm / name).read_text().strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files", [
     ["pids.max=2", "memory.limit_in_bytes=16777216"],
     ["freezer.state=FROZEN"],
@@ -162,6 +159,7 @@ def test_jail_launch_never_writes_into_another_users_cgroup(
         ok(victim_user, "cgroup-kill", {"vm": victim, "version": 1})
 
 
+@pytest.mark.slow
 def test_jail_launch_cgroups_are_made_recorded_and_removed_by_the_helper(
         sudo_user: User, parent: str) -> None:
     """The attacker's own launch with no VM cgroup: the helper makes P/<vm> itself (claimed
@@ -242,6 +240,7 @@ def test_the_callers_snapshot_never_changes_owner(sudo_user: User, parent: str) 
 # -- (6) caps and interrupted stages ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jails_per_caller_are_capped(sudo_user: User, victim_user: User, parent: str) -> None:
     vms = [vm_id() for _ in range(17)]
     try:
@@ -300,6 +299,7 @@ def _nothing_left_after_remove(user: User, vm: str) -> None:
     assert not (area(user) / "jails" / vm).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_jail_stage_leaves_nothing_its_caller_cannot_remove(
         sudo_user: User, parent: str, sig: int) -> None:

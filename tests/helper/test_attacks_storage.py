@@ -197,6 +197,7 @@ def test_umount_reaches_only_the_callers_own_pool(pools: tuple[User, User]) -> N
 # -- 5: root mounted a filesystem the caller crafted -------------------------------------------
 
 
+@pytest.mark.slow
 def test_root_mounts_only_the_image_it_made(pools: tuple[User, User]) -> None:
     attacker, _ = pools
     crafted = attacker.scratch / "crafted.img"
@@ -247,6 +248,7 @@ def test_pool_images_cannot_promise_more_than_the_disk(sudo_user: User,
         _write_config(GOOD_CONFIG)
 
 
+@pytest.mark.slow
 def test_one_mount_per_pool_whatever_is_asked(pools: tuple[User, User]) -> None:
     attacker, _ = pools
     for _ in range(10):
@@ -371,6 +373,7 @@ def _root_owned_chain(p: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_tools_get_only_fds_or_root_owned_names(argv_audit: Path, sudo_user: User) -> None:
     u = sudo_user
     destroy(u)

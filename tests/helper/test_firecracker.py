@@ -22,19 +22,15 @@ import pytest
 
 from helper import cgroup as cg
 from runner.kernel_elf import ensure_vmlinux
+from tests.support.firecracker import BIN_DIR
 from tests.support.oci import User, run_as
-from tests.support.sudo import BASE, GOOD_CONFIG, REPO, _audit_len, _ops_ran, _write_config
+from tests.support.sudo import BASE, GOOD_CONFIG, _audit_len, _ops_ran, _write_config
 
-BIN_DIR = Path("/opt/kiln-test/firecracker")
 pytestmark = [pytest.mark.firecracker, pytest.mark.root]
 
 
 @pytest.fixture
 def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:
-    res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
-                         capture_output=True, text=True, check=False, timeout=300)
-    if res.returncode != 0:
-        pytest.skip(f"firecracker: fetch-firecracker.sh failed: {res.stderr.strip()[-200:]}")
     bz = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
     if not bz:
         pytest.skip("no /boot/vmlinuz-*-cloud-amd64")
@@ -106,6 +102,7 @@ print(json.dumps({"info": info, "config": got, "sock": str(sock), "pid": pid}))
 """
 
 
+@pytest.mark.slow
 def test_jail_ops_through_the_helper_with_the_real_binaries(
         sudo_user: User, fc_config: dict[str, str]) -> None:
     vm_id = "h" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz234567") for _ in range(9))

@@ -268,6 +268,7 @@ def test_a_sudo_callers_op_runs_under_the_cpu_limit(sudo_user: User) -> None:
         assert json.loads(out)["uid"] == sudo_user.uid
 
 
+@pytest.mark.slow
 def test_the_cpu_limit_kills_outright() -> None:
     """Soft = hard: at the limit the kernel sends SIGKILL (no SIGXCPU left to handle)."""
     code = ("from helper.base import run\nrun.limit_cpu(1)\nwhile True:\n    pass\n")

@@ -27,11 +27,10 @@ from helper.base.errors import Conflict
 from helper.jail import jailer as jail
 from runner.kernel_elf import ensure_vmlinux
 from runner.vmm import fcapi as fc
-from tests.support.firecracker import InProcessOps, load_swagger, validate
+from tests.support.firecracker import BIN_DIR, InProcessOps, load_swagger, validate
 from tests.support.timing import limit
 
 REPO = Path(__file__).resolve().parents[2]
-BIN_DIR = Path("/opt/kiln-test/firecracker")
 UID = 900_321
 CALLER = 900_777  # an unprivileged controller in some tests
 
@@ -40,13 +39,6 @@ pytestmark = [pytest.mark.firecracker, pytest.mark.root]
 
 @pytest.fixture(scope="session")
 def binaries() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("firecracker: the jailer needs root")
-    res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
-                         capture_output=True, text=True, check=False, timeout=300)
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"firecracker: fetch-firecracker.sh failed: {last}")
     return BIN_DIR
 
 
@@ -154,6 +146,7 @@ def test_launch_configure_roundtrip_and_teardown(env: jail.JailConfig,
     assert_gone(env, vm, pid)
 
 
+@pytest.mark.slow
 def test_instance_start_stop_kills_the_cgroup(env: jail.JailConfig,
                                               kernel_files: dict[str, Path]) -> None:
     vm = make_vm(env, kernel_files, "fctwo")

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.root
 __all__ = ["ns"]  # the fixture, shared with test_net_ops
 
 
+@pytest.mark.slow
 def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
     plain, iso = caller(cfg(ns, nat=True)), caller(cfg(ns, nat=True, isolation="netns"))
     before = snapshot(ns)
@@ -61,6 +62,7 @@ def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
     assert_host_clean(va.tap, vb.tap)
 
 
+@pytest.mark.slow
 def test_a_failed_attach_leaves_nothing_of_the_vm(ns: str) -> None:
     plain = caller(cfg(ns))
     a, b = vm_id(), vm_id()
@@ -76,6 +78,7 @@ def test_a_failed_attach_leaves_nothing_of_the_vm(ns: str) -> None:
     assert network.reconcile(plain, ROOT_A, keep=[]) == []
 
 
+@pytest.mark.slow
 def test_a_vm_uid_another_caller_holds_is_retried_with_another(ns: str, tmp_path: Path) -> None:
     """What `kiln run --net tap` does (``vmres.retry_uid``) when its record's uid is one
     another caller's tap holds: the helper refuses it (UidInUse), the record gets another

@@ -39,11 +39,11 @@ from runner.vmm import choice as vmmchoice
 from runner.vmm import fcapi as fc
 from runner.vmm import fcconsole
 from runner.vmm import firecracker as fcdriver
+from tests.support.firecracker import BIN_DIR
 from tests.support.run import KILN
 from tests.support.timing import limit
 
 REPO = Path(__file__).resolve().parents[2]
-BIN_DIR = Path("/opt/kiln-test/firecracker")
 TEST_CONFIG = Path("/etc/kiln/test-config.toml")
 
 # -- the choice ------------------------------------------------------------------------------
@@ -297,13 +297,6 @@ def kiln(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPr
 def world() -> Iterator[dict[str, Any]]:
     """A kiln root with a copy pool and the busybox volume, the jail base beside it (same
     filesystem: staging hard-links), and a trusted test config naming the binaries."""
-    if os.geteuid() != 0:
-        pytest.skip("firecracker: the jailer needs root")
-    res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
-                         capture_output=True, text=True, check=False, timeout=300)
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"firecracker: fetch-firecracker.sh failed: {last}")
     from builder.pipeline import build
     from builder.pool import init_pool
     from builder.source import RegistryOptions
@@ -401,6 +394,7 @@ def test_timeout_exits_124_and_cleans_up(world: dict[str, Any]) -> None:
     assert vm_id not in ps_all(root)
 
 
+@pytest.mark.slow
 @pytest.mark.firecracker
 @pytest.mark.root
 def test_detach_config_roundtrip_stop_rm(world: dict[str, Any]) -> None:
@@ -500,6 +494,7 @@ def test_a_vm_uid_another_callers_jail_holds_is_retried(world: dict[str, Any],
     assert leftovers(world, ids[0]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.firecracker
 @pytest.mark.root
 def test_sigkill_of_the_owner_is_reconciled(world: dict[str, Any]) -> None:

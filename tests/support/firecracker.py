@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
 
+from builder.probes import Probe
 from helper import cgroup as cg
 from helper.cgroup import Limits
 from helper.jail import jailer as jail
@@ -19,6 +22,27 @@ from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
 # Firecracker's API definition trimmed to what kiln uses and brought back to 1.12.1, the release
 # kiln runs (its header says what changed and how it was checked against the real binary).
 SPEC = Path(__file__).resolve().parents[1] / "data" / "firecracker-api-1.12.1.yaml"
+REPO = Path(__file__).resolve().parents[2]
+# The pinned Firecracker and jailer (scripts/fetch-firecracker.sh: hashes checked).
+BIN_DIR = Path("/opt/kiln-test/firecracker")
+
+
+@functools.cache
+def probe() -> Probe:
+    """The ``firecracker`` marker's probe: root (the jailer needs it), the pinned binaries
+    fetched (idempotent: a no-op once they are there) and answering ``--version``."""
+    if os.geteuid() != 0:
+        return Probe(False, "the jailer needs root")
+    res = subprocess.run([str(REPO / "scripts/fetch-firecracker.sh"), str(BIN_DIR)],
+                         capture_output=True, text=True, check=False, timeout=300)
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return Probe(False, f"fetch-firecracker.sh failed: {last}")
+    ver = subprocess.run([str(BIN_DIR / "firecracker"), "--version"], capture_output=True,
+                         text=True, check=False, timeout=30)
+    if ver.returncode != 0 or not ver.stdout.startswith("Firecracker v"):
+        return Probe(False, f"{BIN_DIR}/firecracker --version failed: {ver.stderr.strip()}")
+    return Probe(True, ver.stdout.splitlines()[0])
 
 
 def load_swagger() -> dict[str, Any]:
