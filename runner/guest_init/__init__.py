@@ -2,16 +2,21 @@
 
 Most images have no init, many have no shell. kiln injects into the VM's **snapshot**
 (never the base volume, and never by mounting the untrusted filesystem on the host: the
-writes go through ``debugfs -w`` on the snapshot file) three files under ``/.kiln/``:
+writes go through ``debugfs -w`` on the snapshot file) its static files under ``/.kiln/``:
 
 * ``busybox`` — a copy of the host's busybox-static: the init's only dependency;
 * ``init`` — ``init.sh`` beside this module, booted as PID 1 (``init=/.kiln/init``);
-* ``config`` — the workload as shell assignments, every value ``shlex``-quoted.
+* ``agent`` — ``agent.c`` beside this module, static (``runner.guest_init.agentbin``): the
+  guest end of the control channel (``runner.guest_init.channel``);
+* ``config`` — only where the settings cannot come over the control channel (Firecracker,
+  for now; ``on_disk``): the workload as shell assignments, every value ``shlex``-quoted.
 
 ``workload()`` is the pure merge of the image's runtime config (``meta["config"]``, written
 by ``builder.pipeline.merge_config``) with the CLI's overrides, docker's way: ``--entrypoint``
 is not offered, a CLI command replaces ``Cmd``, ``-e`` overrides ``Env`` by key, PATH
 defaults to docker's. ``render_config()`` is its text; ``inject()`` the debugfs run.
+Under QEMU the workload travels in ``runner.vmm.driver.Boot`` to the driver, which sends
+it over the control channel (``runner.guest_init.channel``); the disk gets no config.
 """
 
 from __future__ import annotations
@@ -158,20 +163,29 @@ def debugfs_errors(stderr: str) -> list[str]:
 
 
 def inject(image: Path, w: Workload | None, *, busybox: Path = BUSYBOX,
-           scratch: Path | None = None) -> None:
-    """Write kiln's init, busybox and the workload config into the snapshot ``image``
-    (one debugfs run). ``w=None`` (``--init image``) writes nothing."""
+           scratch: Path | None = None, agent: Path | None = None,
+           on_disk: bool = True) -> None:
+    """Write kiln's init, busybox, the agent (when given) and — ``on_disk`` — the workload
+    config into the snapshot ``image`` (one debugfs run). ``w=None`` (``--init image``)
+    writes nothing. Without the config on disk the init takes its settings over the
+    control channel, which needs the agent."""
     if w is None:
         return
     if not busybox.is_file():
         raise KilnError(f"{busybox} not found", "apt-get install busybox-static")
+    if not on_disk and agent is None:
+        raise KilnError("the control channel needs kiln's agent", "internal error")
     with tempfile.TemporaryDirectory(prefix="kiln-init-", dir=scratch) as tmp:
         t = Path(tmp)
         (t / "init").write_bytes(init_script())
-        (t / "config").write_text(render_config(w))
         os.chmod(t / "init", 0o755)  # noqa: S103 - executable in the guest
-        os.chmod(t / "config", 0o644)
-        files = {"busybox": busybox, "init": t / "init", "config": t / "config"}
+        files = {"busybox": busybox, "init": t / "init"}
+        if agent is not None:
+            files["agent"] = agent
+        if on_disk:
+            (t / "config").write_text(render_config(w))
+            os.chmod(t / "config", 0o644)
+            files["config"] = t / "config"
         res = proc.run("debugfs", ["-w", "-f", "-", str(image)],
                        stdin=debugfs_script(files).encode(), timeout=120)
     errors = debugfs_errors(res.stderr.decode("utf-8", "replace"))

@@ -1,13 +1,17 @@
 #!/.kiln/busybox sh
 # kiln guest init: PID 1 of every VM booted with `--init kiln` (the default).
 #
-# Mounts /proc, /sys, /dev; applies /.kiln/config (written by the host: hostname, workdir,
-# user, PATH, the environment and the argv); runs the workload with its stdout/stderr on
-# virtio-serial ports; reports "exit N" on the kiln.status port (without one, as under
-# Firecracker: "kiln-init: exit N" on the console); powers off. A stop request is
-# "stop GRACE" on the kiln.control port (QEMU) or Ctrl-Alt-Del (Firecracker's only one,
-# which the kernel turns into SIGINT for PID 1 once kernel.ctrl-alt-del is 0): either
-# way the workload gets SIGTERM. Everything
+# Mounts /proc, /sys, /dev; takes the run's settings (hostname, machine id, workdir, user,
+# PATH, the environment, the argv, eth0) from the host over the kiln.control port
+# (docs/run.md, "The control channel": /.kiln/agent greets the host, reads one framed
+# message, seeds the kernel's random generator, sets the clock and prints the settings as
+# shell assignments), or — Firecracker, which has no such port yet — from /.kiln/config
+# and the kernel command line; runs the workload with its stdout/stderr on virtio-serial
+# ports; reports "exit N" on the kiln.status port (without one, as under Firecracker:
+# "kiln-init: exit N" on the console); powers off. A stop request is an STP1 frame on the
+# kiln.control port (QEMU) or Ctrl-Alt-Del (Firecracker's only one, which the kernel
+# turns into SIGINT for PID 1 once kernel.ctrl-alt-del is 0): either way the workload
+# gets SIGTERM. Everything
 # runs through kiln's own busybox, so images without a shell work. The workload itself is
 # always exec'd by absolute path: this busybox prefers its applets to files of the same
 # name, and the image's `echo` must win over busybox's.
@@ -34,7 +38,7 @@ $bb mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
 # costs milliseconds under emulation).
 status="" out="" err="" in="" ctl=""
 i=0
-while [ -z "$status" ] && [ "$i" -lt 400 ]; do
+while [ "$i" -lt 400 ]; do
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue
     read -r n <"$p/name"
@@ -46,7 +50,8 @@ while [ -z "$status" ] && [ "$i" -lt 400 ]; do
       kiln.control) ctl=/dev/${p##*/} ;;
     esac
   done
-  [ -n "$status" ] && break
+  # the settings come over kiln.control unless they are on the disk (Firecracker)
+  [ -n "$status" ] && { [ -n "$ctl" ] || [ -e /.kiln/config ]; } && break
   i=$((i + 1))
   $bb usleep 5000
 done
@@ -55,38 +60,58 @@ done
 [ -n "$err" ] || err=$out
 [ -n "$in" ] || in=/dev/null
 
-. /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
-$bb hostname "$KILN_HOSTNAME"
-$bb ip link set lo up 2>/dev/null
-# The network: kiln.ip=ADDR/PREFIX kiln.gw=GW [kiln.dns=A,B] on the kernel command line
-# (--net user: slirp's addresses; --net tap: the lease). The kernel leaves dotted unknown
-# words alone, and without CONFIG_IP_PNP nobody else configures eth0. virtio_net is loaded
-# by kiln's initrd, so eth0 exists by now.
-read -r cmdline </proc/cmdline
-kip="" kgw="" kdns=""
-for a in $cmdline; do
-  case "$a" in
-    kiln.ip=*) kip=${a#kiln.ip=} ;;
-    kiln.gw=*) kgw=${a#kiln.gw=} ;;
-    kiln.dns=*) kdns=${a#kiln.dns=} ;;
+agent=/.kiln/agent
+KILN_MAC="" KILN_IP="" KILN_GW="" KILN_DNS="" KILN_MACHINE_ID=""
+if [ -e /.kiln/config ]; then
+  . /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
+  # The network on the kernel command line (Firecracker): kiln.ip=ADDR/PREFIX kiln.gw=GW
+  # [kiln.dns=A,B]. The kernel leaves dotted unknown words alone.
+  read -r cmdline </proc/cmdline
+  for a in $cmdline; do
+    case "$a" in
+      kiln.ip=*) KILN_IP=${a#kiln.ip=} ;;
+      kiln.gw=*) KILN_GW=${a#kiln.gw=} ;;
+      kiln.dns=*) KILN_DNS=${a#kiln.dns=} ;;
+    esac
+  done
+elif [ -n "$ctl" ] && [ -x "$agent" ]; then
+  # The agent blocks until the host's settings frame arrives (QEMU holds the port's FIFO
+  # open: no EOF). Its complaints go to the workload's stderr (kiln run's).
+  cfg=$($agent settings "$ctl" 2>"$err")
+  case $? in
+    0) eval "$cfg" ;;
+    3) say "stop requested before the workload started"; finish 143 ;;
+    *) say "no settings from the host (see the workload's stderr)"; finish 125 ;;
   esac
-done
-if [ -n "$kip" ]; then
+  unset cfg
+else
+  say "no settings: neither /.kiln/config nor the kiln.control port and /.kiln/agent"
+  finish 125
+fi
+$bb hostname "$KILN_HOSTNAME"
+if [ -n "$KILN_MACHINE_ID" ] && [ -d /etc ]; then
+  echo "$KILN_MACHINE_ID" >/etc/machine-id 2>/dev/null || say "cannot write /etc/machine-id"
+fi
+$bb ip link set lo up 2>/dev/null
+# eth0: without CONFIG_IP_PNP nobody else configures it. virtio_net is loaded by kiln's
+# initrd, so eth0 exists by now (or within a moment).
+if [ -n "$KILN_IP" ]; then
   i=0
   while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 200 ]; do
     i=$((i + 1))
     $bb usleep 10000
   done
-  if $bb ip addr add "$kip" dev eth0 && $bb ip link set eth0 up; then
-    [ -z "$kgw" ] || $bb ip route add default via "$kgw" || say "cannot add the route via $kgw"
-    say "eth0 $kip"
+  [ -z "$KILN_MAC" ] || $bb ip link set eth0 address "$KILN_MAC" || say "cannot set eth0's MAC $KILN_MAC"
+  if $bb ip addr add "$KILN_IP" dev eth0 && $bb ip link set eth0 up; then
+    [ -z "$KILN_GW" ] || $bb ip route add default via "$KILN_GW" || say "cannot add the route via $KILN_GW"
+    say "eth0 $KILN_IP"
   else
-    say "cannot configure eth0 with $kip"
+    say "cannot configure eth0 with $KILN_IP"
   fi
-  if [ -n "$kdns" ] && { [ -w /etc/resolv.conf ] || [ ! -e /etc/resolv.conf ]; }; then
+  if [ -n "$KILN_DNS" ] && { [ -w /etc/resolv.conf ] || [ ! -e /etc/resolv.conf ]; }; then
     : >/etc/resolv.conf 2>/dev/null
     IFS=,
-    for d in $kdns; do echo "nameserver $d" >>/etc/resolv.conf 2>/dev/null; done
+    for d in $KILN_DNS; do echo "nameserver $d" >>/etc/resolv.conf 2>/dev/null; done
     unset IFS
   fi
 fi
@@ -191,10 +216,11 @@ else
   $bb env -i "$@" <"$in" >"$out" 2>"$err" &
 fi
 child=$!
-if [ -n "$ctl" ]; then
+if [ -n "$ctl" ] && [ -x "$agent" ]; then
   (
-    read -r req grace <"$ctl"
-    say "stop requested ($req)"
+    # one STP1 frame: its payload is the grace in seconds
+    grace=$($agent stop "$ctl") || { say "the control channel failed: no graceful stop"; exit 0; }
+    say "stop requested (grace ${grace}s)"
     $bb kill -TERM "$child" 2>/dev/null
     $bb sleep "${grace:-10}"
     $bb kill -KILL -1 2>/dev/null

@@ -114,10 +114,11 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                     net=vmres.net_record(vm_id, intent) if intent is not None else None)
     st.update(vm_id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
     try:
-        disk = _make_disk(root, pool, volume, files, rec.snapshot, opts, work)
+        disk = _make_disk(root, pool, volume, files, rec.snapshot, opts, work,
+                          channel=vmm == "qemu")
         boot = Boot(host, files, boot_files.kernel, boot_files.initrd, disk,
                     guest_init.INIT_PATH if work else "/sbin/init", opts, forwards, intent,
-                    vmres.UidPicker(reserved.uid_range))
+                    vmres.UidPicker(reserved.uid_range), work)
         launch = driver.prepare(st, rec, boot, reserved)
     except BaseException as e:
         _abandon(root, st, driver, rec, f"setup failed: {e}")
@@ -161,9 +162,13 @@ def _workload(config: dict[str, Any], opts: RunOptions, vm_id: str) -> Workload 
 
 
 def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: str,
-               opts: RunOptions, work: Workload | None) -> Path:
-    """The VM directory and its files, then the snapshot with kiln's init injected."""
+               opts: RunOptions, work: Workload | None, *, channel: bool) -> Path:
+    """The VM directory and its files, then the snapshot with kiln's init injected. The
+    workload goes to the driver (``channel``: QEMU sends it over the control channel,
+    ``runner.guest_init.channel``) or — Firecracker, until it has a channel (vsock) — onto
+    the snapshot."""
     from runner import guest_init
+    from runner.guest_init import agentbin
 
     files.dir.parent.mkdir(exist_ok=True)
     files.dir.mkdir(mode=0o700)
@@ -172,8 +177,12 @@ def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: 
         p.touch(mode=0o600)
     if not pool.has_volume(volume.id):
         pool.import_volume(volume.id, volume.path)
+    agent = None
+    if channel and work is not None:
+        agent = agentbin.ensure_agent(root.path / "kernels", scratch=root.tmp)
     snap = pool.create_snapshot(volume.id, snap_id=snap_id, size=opts.disk_size)
-    guest_init.inject(Path(snap.path), work, scratch=root.tmp)
+    guest_init.inject(Path(snap.path), work, scratch=root.tmp, agent=agent,
+                      on_disk=not channel)
     return Path(snap.path)
 
 

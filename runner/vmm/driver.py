@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from runner.guest_init import Workload
 from runner.vm.cgroup import VMCgroups
 from runner.vm.resources import NetIntent, UidPicker
 from runner.vm.spec import RunOptions, VMFiles
@@ -71,6 +72,7 @@ class Boot:
     forwards: tuple[Forward, ...]  # -p
     intent: NetIntent | None  # --net tap
     picker: UidPicker  # where another uid comes from when the helper refuses one
+    workload: Workload | None = None  # kiln's init: what the guest is sent to run
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@
   kiln network (the helper's range: the tap belongs to it);
 * ``prepare``: the control FIFOs, the cgroups, the tap (``runner.vm.resources``: QEMU as
   root opens it by name inside its namespace; as a user it gets an fd the helper
-  attached), the command line (``runner.vmm.qemuargv``);
+  attached), the command line (``runner.vmm.qemuargv``), the run's settings for the guest
+  (``Boot.workload`` with the network and a fresh machine id);
 * ``own``: spawn QEMU into its cgroups (``runner.vmm.process``), record the pid (state
-  ``running``), relay the workload's output files to kiln's stdout/stderr, honour
-  ``--timeout`` and Ctrl-C/SIGTERM — a graceful stop through the guest's control port
-  (``request_stop``), then SIGTERM, then SIGKILL of the VMM;
+  ``running``), send the settings over the control channel once the guest asks
+  (``runner.guest_init.sender``), relay the workload's output files to kiln's
+  stdout/stderr, honour ``--timeout`` and Ctrl-C/SIGTERM — a graceful stop through the
+  guest's control port (``request_stop``: a ``STP1`` frame), then SIGTERM, then SIGKILL
+  of the VMM;
 * ``stop`` (``kiln stop``): the same control port, then SIGKILL of the VMM and its cgroups;
   the owner records the outcome;
 * ``teardown``: nothing — QEMU holds nothing beyond the record's cgroups and network.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -28,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.root import Root
+from helper.base.errors import UsageError
+from runner import guest_init
+from runner.guest_init import channel
+from runner.guest_init.sender import SEED_BYTES, SettingsSender, send_stop
 from runner.vm import cgroup as vmcgroup
 from runner.vm import resources as vmres
 from runner.vm.spec import RunOptions, VMFiles, tail
@@ -49,21 +57,34 @@ class QemuLaunch:
     opts: RunOptions
     cgroup_dirs: tuple[str, ...]
     nic: vmres.QemuNic | None  # --net tap: the namespace to start in, fds to inherit
+    settings: channel.Settings | None = None  # None: the image's own init (--init image)
 
 
 def request_stop(control: Path, grace: float) -> bool:
     """Ask the guest init to stop the workload: SIGTERM, SIGKILL after ``grace`` s."""
-    try:
-        fd = os.open(f"{control}.in", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False  # no VMM holds the FIFO: nothing to stop gracefully
-    try:
-        os.write(fd, f"stop {max(0, round(grace))}\n".encode())
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    return send_stop(control, grace)
+
+
+def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
+                   tap: qemuargv.TapNic | None) -> channel.Settings:
+    """What the guest is sent: the workload, a fresh machine id, eth0 (``--net user``:
+    slirp's fixed addresses; ``--net tap``: the lease)."""
+    from helper.net.core import mac_for
+
+    guest_net = None
+    if net == "user":
+        guest_net = channel.GuestNet(mac_for(vm_id), *qemuargv.USER_NET)
+    elif tap is not None:
+        guest_net = channel.net_from_kernel_args(tap.mac, tap.kernel_args)
+    s = channel.Settings(w.argv, w.env, w.workdir, w.user, w.hostname,
+                         secrets.token_hex(16), guest_net)
+    try:  # refused now, before the boot, rather than when the guest asks
+        channel.encode_settings(s, time_ns=time.time_ns(), seed=bytes(SEED_BYTES))
+    except channel.FrameError as e:
+        raise UsageError(f"the run's settings cannot be sent to the guest: {e}",
+                         "shorten the command and environment: together they must fit "
+                         "in 64 KiB") from None
+    return s
 
 
 def _close(nic: vmres.QemuNic | None) -> None:
@@ -110,8 +131,10 @@ class QemuDriver:
                 interactive=opts.interactive,
                 runas=f"{rec.uid}:{rec.uid}" if as_root and rec.uid is not None else None,
                 chroot=files.chroot if as_root else None)
+            work = boot.workload
+            settings = guest_settings(work, rec.id, opts.net, spec.tap) if work else None
             return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
-                              tuple(rec.cgroup_dirs), nic)
+                              tuple(rec.cgroup_dirs), nic, settings)
         except BaseException:
             _close(nic)
             raise
@@ -137,7 +160,13 @@ class QemuDriver:
             ready()
             relays = ([supervise.Relay(files.stdout, 1), supervise.Relay(files.stderr, 2)]
                       if relay else [])
-            code, timed_out, stopped = _supervise(pid, files, opts, sigs, relays)
+            sender = SettingsSender(files.control, launch.settings) \
+                if launch.settings is not None else None
+            try:
+                code, timed_out, stopped = _supervise(pid, files, opts, sigs, relays, sender)
+            finally:
+                if sender is not None:
+                    sender.close()
         return Ended(tail(files.status, 256), code, timed_out, stopped,
                      tail(files.console), tail(files.vmm_log))
 
@@ -157,17 +186,22 @@ class QemuDriver:
 
 
 def _supervise(pid: int, files: VMFiles, opts: RunOptions, sigs: supervise.StopSignals,
-               relays: list[supervise.Relay]) -> tuple[int | None, bool, bool]:
-    """Wait for QEMU to exit, relaying output and acting on --timeout and signals: the
-    control port first, SIGTERM after the grace (+3 s), SIGKILL 2 s later. (exit code,
-    timed out, stopped)."""
+               relays: list[supervise.Relay], sender: SettingsSender | None
+               ) -> tuple[int | None, bool, bool]:
+    """Wait for QEMU to exit, sending the guest its settings, relaying output and acting
+    on --timeout and signals: the control port first (never inside a settings frame being
+    written), SIGTERM after the grace (+3 s), SIGKILL 2 s later. (exit code, timed out,
+    stopped)."""
     started = time.monotonic()
     timed_out = stopped = stop_sent = False
     force_at: float | None = None
+    pending: float | None = None  # the grace of a stop not written yet
     code: int | None = None
     handled = 0
     while True:
         got, wstatus = os.waitpid(pid, os.WNOHANG)
+        if sender is not None and not got:
+            sender.pump()
         for rl in relays:
             rl.pump()
         if got:
@@ -183,9 +217,11 @@ def _supervise(pid: int, files: VMFiles, opts: RunOptions, sigs: supervise.StopS
                 force_at = now
             stopped = want_stop = True
         if want_stop and not stop_sent:
-            grace = 1.0 if timed_out else opts.stop_grace
-            stop_sent = request_stop(files.control, grace)
-            force_at = now + grace + 3.0
+            pending = 1.0 if timed_out else opts.stop_grace
+            force_at = now + pending + 3.0
+        if pending is not None and not (sender is not None and sender.writing):
+            stop_sent = request_stop(files.control, pending)
+            pending = None
         if force_at is not None and now >= force_at:
             supervise.kill_vmm(pid, signal.SIGTERM if now - force_at < 2 else signal.SIGKILL)
         time.sleep(0.02)

@@ -8,8 +8,9 @@ kiln's stdout carries only the workload's output:
 * virtio-serial ports named ``kiln.stdout`` / ``kiln.stderr`` → ``stdout`` / ``stderr``
   files (plain char devices in the guest: no tty line discipline turning ``\\n`` into
   ``\\r\\n``); ``kiln.status`` → ``status`` (the init writes ``exit N``);
-* ``kiln.control`` → FIFOs ``ctl.in``/``ctl.out``: the host writes ``stop GRACE`` to
-  ``ctl.in`` for a graceful stop;
+* ``kiln.control`` → FIFOs ``ctl.in``/``ctl.out``: the control channel (frames,
+  ``runner.guest_init.channel``): the guest's hello on ``ctl.out``, the run's settings and
+  a graceful stop on ``ctl.in``;
 * ``kiln.stdin`` → kiln's stdin, only with ``-i``.
 
 Accelerator: KVM only when ``builder.probes.kvm()`` ran a guest (``kvm_verdict``, cached
@@ -25,8 +26,10 @@ Network: ``--net user`` is QEMU's slirp (``-p`` forwards bound to 127.0.0.1); ``
 opens a kiln tap by name (``ifname=``, made and bridged by the helper; QEMU must start in
 the namespace the tap lives in and open it before ``-runas`` drops root) with the VM's MAC,
 or — QEMU run by an ordinary user — uses the fd the helper attached (``fd=N``).
-Either way the guest's address reaches kiln's init as ``kiln.ip= kiln.gw= [kiln.dns=]`` on
-the kernel command line (the cloud kernel has no ``CONFIG_IP_PNP``: ``ip=`` does nothing).
+The guest's address is not on the kernel command line (a saved state would freeze it):
+kiln's init gets it, with the MAC it sets on eth0, over the control channel
+(``runner.guest_init.channel``; ``USER_NET`` for slirp). The tap's ``kiln.ip=`` words
+(``TapNic.kernel_args``) are still checked here: the driver turns them into the settings.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from runner.tempfiles import write_atomic
 
 SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-# --net user: slirp's fixed addresses, configured by kiln's init like a tap's
-USER_NET_ARGS = ("kiln.ip=10.0.2.15/24", "kiln.gw=10.0.2.2", "kiln.dns=10.0.2.3")
+# --net user: slirp's fixed addresses (address/prefix, gateway, name servers), sent to
+# kiln's init over the control channel like a tap's lease
+USER_NET = ("10.0.2.15/24", "10.0.2.2", ("10.0.2.3",))
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
 
@@ -189,10 +193,6 @@ def kernel_cmdline(spec: QemuSpec) -> str:
         parts.append("cryptomgr.notests")
         if spec.tsc_khz:
             parts.append(f"tsc_early_khz={spec.tsc_khz}")
-    if spec.net == "user":
-        parts += USER_NET_ARGS
-    elif spec.net == "tap" and spec.tap is not None:
-        parts += spec.tap.kernel_args
     parts += spec.extra_append
     return " ".join(parts)
 
@@ -245,7 +245,7 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         *_chardev_file("status", spec.status),
         "-device", "virtserialport,chardev=status,name=kiln.status",
         # FIFOs CONTROL.in/.out (made by kiln), held open by QEMU: the guest's read
-        # blocks until the host writes "stop GRACE" (a socket would read as EOF at once)
+        # blocks until the host writes a frame (a socket would read as EOF at once)
         "-chardev", f"pipe,id=control,path={_opt(spec.control)}",
         "-device", "virtserialport,chardev=control,name=kiln.control",
     ]

@@ -105,6 +105,23 @@ def test_inject_writes_root_owned_files(tmp_path: Path) -> None:
                                             for r in root.splitlines() if r.count("/") >= 6}
 
 
+def test_inject_for_the_control_channel_writes_no_config(tmp_path: Path) -> None:
+    """QEMU: the static files only (busybox, init, agent); the workload goes to the driver
+    (``Boot.workload``), never onto the disk."""
+    img = _ext4(tmp_path, {"proc/.keep": ""})
+    agent = tmp_path / "agent-bin"
+    agent.write_bytes(b"\x7fELF fake")
+    agent.chmod(0o755)
+    w = workload({"Cmd": ["sh"]}, env=["A=1"], hostname="h")
+    guest_init.inject(img, w, scratch=tmp_path, agent=agent, on_disk=False)
+    listing = _debugfs(img, "ls -p /.kiln")
+    rows = {r.split("/")[5]: r.split("/") for r in listing.splitlines() if r.count("/") >= 6}
+    assert set(rows) - {".", ".."} == {"busybox", "init", "agent"}
+    assert rows["agent"][2:5] == ["100755", "0", "0"]
+    with pytest.raises(KilnError, match="the control channel needs kiln's agent"):
+        guest_init.inject(img, w, on_disk=False)
+
+
 def test_inject_refuses_an_image_with_its_own_kiln_files(tmp_path: Path) -> None:
     img = _ext4(tmp_path, {".kiln/init": "#!/bin/sh\n"})
     with pytest.raises(KilnError) as e:
@@ -120,11 +137,17 @@ def test_inject_nothing_for_the_images_own_init(tmp_path: Path) -> None:
     assert img.read_bytes() == before
 
 
-def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "") -> list[str]:
-    """init.sh's network block, run by busybox sh with ``$bb`` a recorder: the commands it
-    would run for ``cmdline`` (paths moved under ``tmp_path``)."""
+def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "",
+                   channel: str = "") -> list[str]:
+    """init.sh's settings and network blocks, run by busybox sh with ``$bb`` a recorder:
+    the commands it would run for ``cmdline`` and a config on the disk (paths moved under
+    ``tmp_path``) — or, with ``channel``, for settings the agent printed (``channel``)."""
     text = (Path(guest_init.__file__).parent / "init.sh").read_text()
-    block = text[text.index("read -r cmdline </proc/cmdline"):text.index("# The user:")]
+    block = text[text.index("agent=/.kiln/agent"):text.index("# The user:")]
+    (tmp_path / "config").write_text("KILN_HOSTNAME=h\n")
+    agent = tmp_path / "agent"
+    agent.write_text(f"#!/bin/sh\ncat <<'EOF'\n{channel}\nEOF\n")
+    agent.chmod(0o755)
     (tmp_path / "cmdline").write_text(cmdline + "\n")
     (tmp_path / "eth0").mkdir()
     log = tmp_path / "log"
@@ -132,8 +155,13 @@ def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "") -> list[str]
     # The recorder fails the command named by $FAIL (e.g. "ip addr add"), like a real error.
     bb.write_text(f'#!/bin/sh\necho "$*" >>{log}\ncase "$*" in "$FAIL"*) exit 1 ;; esac\n')
     bb.chmod(0o755)
-    script = (f"bb={bb}\nsay() {{ echo \"say: $*\" >>{log}; }}\n"
+    script = (f"bb={bb}\nctl=/dev/null err=/dev/null\n"
+              f"say() {{ echo \"say: $*\" >>{log}; }}\nfinish() {{ echo finish $1 >>{log}; }}\n"
               + block.replace("/proc/cmdline", str(tmp_path / "cmdline"))
+              .replace("/.kiln/config", str(tmp_path / ("none" if channel else "config")))
+              .replace("/.kiln/agent", str(agent))
+              .replace("/etc/machine-id", str(tmp_path / "machine-id"))
+              .replace("[ -d /etc ]", "true")
               .replace("/sys/class/net/eth0", str(tmp_path / "eth0"))
               .replace("/etc/resolv.conf", str(tmp_path / "resolv.conf")))
     subprocess.run(["/bin/busybox", "sh", "-c", script], check=True,
@@ -144,19 +172,36 @@ def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "") -> list[str]
 def test_init_configures_eth0_from_the_kernel_command_line(tmp_path: Path) -> None:
     got = _run_net_block(tmp_path, "console=ttyS0 quiet kiln.ip=10.213.0.7/24 "
                          "kiln.gw=10.213.0.1 kiln.dns=192.0.2.53,192.0.2.54 init=/.kiln/init")
-    assert got == ["ip addr add 10.213.0.7/24 dev eth0", "ip link set eth0 up",
-                   "ip route add default via 10.213.0.1", "say: eth0 10.213.0.7/24"]
+    assert got == ["hostname h", "ip link set lo up", "ip addr add 10.213.0.7/24 dev eth0",
+                   "ip link set eth0 up", "ip route add default via 10.213.0.1",
+                   "say: eth0 10.213.0.7/24"]
     assert (tmp_path / "resolv.conf").read_text() == ("nameserver 192.0.2.53\n"
                                                        "nameserver 192.0.2.54\n")
 
 
+def test_init_configures_the_guest_from_the_control_channel(tmp_path: Path) -> None:
+    """The agent's assignments: hostname, machine id, the MAC set before eth0 comes up;
+    the kernel command line is not read."""
+    got = _run_net_block(tmp_path, "kiln.ip=10.9.9.9/24", channel=(
+        "KILN_HOSTNAME='vm1'\nKILN_MACHINE_ID='" + "ab" * 16 + "'\n"
+        "KILN_MAC='02:1f:2e:3d:4c:5b'\nKILN_IP='10.213.0.7/24'\nKILN_GW='10.213.0.1'\n"
+        "KILN_DNS='192.0.2.53'\nset -- 'PATH=/bin' -- 'echo' 'hi'"))
+    assert got == ["hostname vm1", "ip link set lo up",
+                   "ip link set eth0 address 02:1f:2e:3d:4c:5b",
+                   "ip addr add 10.213.0.7/24 dev eth0", "ip link set eth0 up",
+                   "ip route add default via 10.213.0.1", "say: eth0 10.213.0.7/24"]
+    assert (tmp_path / "machine-id").read_text() == "ab" * 16 + "\n"
+    assert (tmp_path / "resolv.conf").read_text() == "nameserver 192.0.2.53\n"
+
+
 def test_init_leaves_the_network_alone_without_kiln_ip(tmp_path: Path) -> None:
-    assert _run_net_block(tmp_path, "console=ttyS0 ip=10.0.0.2::10.0.0.1 kiln.gw=10.0.0.1") == []
+    assert _run_net_block(tmp_path, "console=ttyS0 ip=10.0.0.2::10.0.0.1 kiln.gw=10.0.0.1"
+                          ) == ["hostname h", "ip link set lo up"]
     assert not (tmp_path / "resolv.conf").exists()
 
 
 def test_init_reports_an_eth0_it_cannot_configure(tmp_path: Path) -> None:
     got = _run_net_block(tmp_path, "kiln.ip=10.213.0.7/24 kiln.gw=10.213.0.1",
                          fail="ip addr add")
-    assert got == ["ip addr add 10.213.0.7/24 dev eth0", "say: cannot configure eth0 with "
-                   "10.213.0.7/24"]
+    assert got == ["hostname h", "ip link set lo up", "ip addr add 10.213.0.7/24 dev eth0",
+                   "say: cannot configure eth0 with 10.213.0.7/24"]

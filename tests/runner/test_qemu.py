@@ -102,7 +102,8 @@ TAP = qemuargv.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
 def test_argv_exact_tap() -> None:
     a = qemuargv.argv(spec(net="tap", tap=TAP, runas="900001:900001",
                            chroot=Path("/r/vms/abc/empty")))
-    assert a[a.index("-append") + 1] == APPEND_TCG + " kiln.ip=10.213.0.2/24 kiln.gw=10.213.0.1"
+    # the network goes over the control channel, not the kernel command line
+    assert a[a.index("-append") + 1] == APPEND_TCG
     tail = a[a.index("virtserialport,chardev=control,name=kiln.control") + 1:]
     assert tail == [
         "-netdev", "tap,id=net0,ifname=kt-abcdefghijkl,script=no,downscript=no",
@@ -113,12 +114,37 @@ def test_argv_exact_tap() -> None:
     ]
 
 
-def test_net_user_passes_slirp_addresses_to_init() -> None:
-    a = qemuargv.argv(spec(net="user"))
-    assert a[a.index("-append") + 1] == (APPEND_TCG + " kiln.ip=10.0.2.15/24 kiln.gw=10.0.2.2"
-                                         " kiln.dns=10.0.2.3")
-    b = qemuargv.argv(spec())
-    assert b[b.index("-append") + 1] == APPEND_TCG  # --net none: no network words
+def test_no_network_words_on_the_kernel_command_line() -> None:
+    """--net user and tap: the addresses reach kiln's init over the control channel
+    (a saved state would freeze the command line)."""
+    for kw in ({"net": "user"}, {}, {"net": "tap", "tap": TAP}):
+        a = qemuargv.argv(spec(**kw))
+        assert a[a.index("-append") + 1] == APPEND_TCG
+
+
+def test_guest_settings_carry_the_network() -> None:
+    from runner.guest_init import Workload, channel
+    from runner.vmm.qemu import guest_settings
+
+    w = Workload(("echo", "hi"), (("PATH", "/bin"),), "", "", "vm1")
+    user = guest_settings(w, "abcdefghijkl", "user", None)
+    assert user.net is not None
+    assert (user.net.ip, user.net.gateway, user.net.dns) == ("10.0.2.15/24", "10.0.2.2",
+                                                             ("10.0.2.3",))
+    assert user.net.mac.startswith("02:")
+    tap = guest_settings(w, "abcdefghijkl", "tap", TAP)
+    assert tap.net == channel.GuestNet("02:1f:2e:3d:4c:5b", "10.213.0.2/24", "10.213.0.1")
+    none = guest_settings(w, "abcdefghijkl", "none", None)
+    assert none.net is None
+    assert (none.argv, none.hostname) == (("echo", "hi"), "vm1")
+    assert len({guest_settings(w, "abcdefghijkl", "none", None).machine_id
+                for _ in range(3)}) == 3  # a fresh machine id per run
+    big = Workload(("echo", "x" * (64 << 10)), (), "", "", "vm1")
+    with pytest.raises(UsageError) as e:  # refused before the boot, with the limit
+        guest_settings(big, "abcdefghijkl", "none", None)
+    assert e.value.message.startswith("the run's settings cannot be sent to the guest: SET1 "
+                                      "frame of 65")
+    assert e.value.message.endswith(" bytes exceeds the limit of 65536 bytes")
 
 
 @pytest.mark.parametrize(("tap", "message"), [
