@@ -47,8 +47,7 @@ have_all() {
 if ! have_all; then
   log "installing Debian packages with apt-get (a minute or two; quiet until it is done):"
   log "  QEMU, a cloud kernel, skopeo, umoci, a registry, filesystem and device-mapper tools,"
-  log "  busybox-static, python3, gcc (kiln's guest agent), e2fsprogs from bookworm-backports:"
-  log "  ${PKGS[*]}"
+  log "  busybox-static, python3, gcc (the guest agent), e2fsprogs from bookworm-backports: ${PKGS[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
