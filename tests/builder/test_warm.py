@@ -52,13 +52,15 @@ def _publish(root: Root, key: warm.WarmKey) -> warm.WarmRecord:
 def test_publish_find_list_remove(tmp_path: Path) -> None:
     root = Root(tmp_path / "root").ensure()
     rec = _publish(root, KEY)
-    assert rec.bytes >= 10000 and rec.volume == KEY.volume
+    assert rec.bytes >= 10000
+    assert rec.volume == KEY.volume
     assert warm.find(root, rec.id) == rec
     assert warm.list_images(root) == [rec]
     assert os.listdir(root.tmp) == []  # the work directory became the image
     assert sorted(os.listdir(warm.image_dir(root, rec.id))) == ["disk", "state", "warm.json"]
     warm.remove(root, rec.id)
-    assert warm.list_images(root) == [] and warm.find(root, rec.id) is None
+    assert warm.list_images(root) == []
+    assert warm.find(root, rec.id) is None
     with pytest.raises(NotFound):
         warm.remove(root, rec.id)
     with pytest.raises(UsageError):
