@@ -2,11 +2,13 @@
 that QEMU's ``pipe`` chardev holds open for the ``kiln.control`` port
 (``runner.vmm.qemuargv``), never blocking kiln.
 
-``SettingsSender.pump()`` is called by the driver's supervision loop: it reads the guest's
+``HelloListener`` hears the guest's ``HEL1`` (a warm save waits for it before pausing the
+guest). ``SettingsSender.pump()`` is called by the driver's supervision loop: it reads the guest's
 ``HEL1`` from ``CONTROL.out``, then stamps the settings with the host's time and fresh seed
 bytes (``channel.encode_settings``) and writes the ``SET1`` frame to ``CONTROL.in`` — every
 open and write non-blocking, so a QEMU that died or has not opened its FIFOs yet costs a
-retry on the next pump, never a hang. The time is taken when the guest asks, not when QEMU
+retry on the next pump, never a hang; a restored guest (``greeted``) said its hello before
+the save, so the frame goes out at once. The time is taken when the guest asks, not when QEMU
 starts: the boot before the hello takes seconds under TCG. ``send_stop`` writes ``STP1``
 (one write below ``PIPE_BUF``: atomic).
 """

@@ -151,3 +151,18 @@ def test_sigkill_during_create_leaves_nothing_gc_keeps(tmp_path: Path,
     assert [r["name"] for r in vms] == ["w-exit"]
     snaps = json.loads(kiln(root, "snapshot", "ls", "--json").stdout)
     assert [s["id"] for s in snaps] == [vms[0]["snapshot"]]
+
+
+def test_two_creations_of_one_key_make_one_image(world: tuple[Path, str]) -> None:
+    root, vol = world
+    procs = [subprocess.Popen([*KILN, "--root", str(root), "warm", "create", "--memory",
+                               "320M", vol], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=limit(180)) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    ids = sorted(out.split()[0] for out, _ in outs)
+    assert ids[0] == ids[1]
+    assert sum("already there" in out for out, _ in outs) == 1
+    ls = json.loads(kiln(root, "warm", "ls", "--json").stdout)
+    assert [i["id"] for i in ls if i["memory_mib"] == 320] == [ids[0]]
+    assert kiln(root, "warm", "rm", ids[0][:12]).stdout == ids[0] + "\n"
