@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.root import Root, rmtree
+from helper.base import fileops
 from helper.base.errors import NotFound, UsageError
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -179,35 +180,21 @@ def remove_for_volumes(root: Root, volumes: Iterable[str]) -> list[str]:
     return gone
 
 
-FICLONE = 0x40049409
-
 
 def clone_file(src: Path, dst: Path) -> None:
-    """``dst`` (made or replaced in place) becomes a copy of ``src``: a reflink where the
-    filesystem has them, else a sparse copy of ``src``'s data extents
-    (``copy_file_range``: in the kernel, holes stay holes)."""
-    import fcntl
-
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    with open(src, "rb") as fi, open(fd, "r+b") as fo:
+    """``dst`` (made 0600, or replaced in place) becomes a copy of ``src``: a reflink where
+    the filesystem has them, else a sparse copy of ``src``'s data extents (holes stay
+    holes; ``helper.base.fileops``)."""
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
         try:
-            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
+            fileops.clone(src, fd)
             return
         except OSError:
             pass
-        size = os.fstat(fi.fileno()).st_size
-        fo.truncate(0)
-        fo.truncate(size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
-            while start < end:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), end - start, start, start)
-                if n == 0:
-                    break
-                start += n
-            pos = end
+        size = src.stat().st_size
+        os.ftruncate(fd, 0)  # reads zeros everywhere, as sparse_copy needs
+        os.ftruncate(fd, size)
+        fileops.sparse_copy(src, fd)
+    finally:
+        os.close(fd)
