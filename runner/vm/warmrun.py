@@ -2,7 +2,8 @@
 
 * ``key_for``: the ``builder.warm.WarmKey`` of a run — the volume, the kernel's and
   initrd's contents, kiln's init (init.sh, agent.c, busybox), QEMU's version, the
-  accelerator and CPU model, memory, cpus, disk size and ``qemuargv.WARM_DEVICES``.
+  accelerator and CPU model, memory, cpus, disk size and ``qemuargv.WARM_DEVICES``; the
+  file hashes and QEMU's version cached by path, inode, size and mtime (``_Facts``).
 * ``create``: under the key's flock, an existing image is returned as is; else one VM is
   run through the lifecycle with ``WarmPlan("save")`` into a ``Root.workdir`` (removed by
   recovery if kiln dies), which ``builder.warm.publish`` renames into ``ROOT/warm/<id>``.
@@ -16,9 +17,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from builder import warm
@@ -33,29 +38,64 @@ log = logging.getLogger("kiln.vm")
 QEMU = "qemu-system-x86_64"
 
 
-def init_sha256() -> str:
-    """kiln's part of every guest: init.sh, the agent's source, busybox."""
-    from runner import guest_init
-    from runner.guest_init import agentbin
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
-    h = hashlib.sha256(guest_init.init_script())
-    h.update(agentbin.SOURCE.read_bytes())
-    h.update(warm.file_sha256(guest_init.BUSYBOX).encode())
-    return h.hexdigest()
+
+class _Facts:
+    """Content hashes and QEMU's version, cached in ``ROOT/kernels/warm-facts.json`` by each
+    file's path, inode, size and mtime (hashing the kernel, initrd and busybox and asking
+    QEMU its version would cost ~0.1 s of every warm run)."""
+
+    def __init__(self, root: Root) -> None:
+        self.path = root.path / "kernels" / "warm-facts.json"
+        try:
+            doc = json.loads(self.path.read_text())
+            self.known: dict[str, str] = doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            self.known = {}
+        self.dirty = False
+
+    def get(self, path: Path, compute: Callable[[], str]) -> str:
+        key = _fingerprint(path)
+        if key not in self.known:
+            self.known[key] = compute()
+            self.dirty = True
+        return self.known[key]
+
+    def sha256(self, path: Path) -> str:
+        return self.get(path, lambda: warm.file_sha256(path))
+
+    def save(self) -> None:
+        if self.dirty:
+            from runner.tempfiles import write_atomic
+
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.path, json.dumps(self.known).encode())
 
 
 def key_for(root: Root, volume_id: str, opts: RunOptions) -> warm.WarmKey:
     from builder import proc
-    from runner import kernel
+    from runner import guest_init, kernel
+    from runner.guest_init import agentbin
 
     files = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
     accel = qemuargv.host_accel(root)
-    return warm.WarmKey(
-        volume=volume_id, kernel_sha256=warm.file_sha256(files.kernel),
-        initrd_sha256=warm.file_sha256(files.initrd), init_sha256=init_sha256(),
-        vmm="qemu", vmm_version=proc.version_of(QEMU), accel=accel,
+    facts = _Facts(root)
+    init = hashlib.sha256(guest_init.init_script())  # kiln's init, agent, busybox
+    init.update(agentbin.SOURCE.read_bytes())
+    init.update(facts.sha256(guest_init.BUSYBOX).encode())
+    qemu = Path(proc.which(QEMU))
+    key = warm.WarmKey(
+        volume=volume_id, kernel_sha256=facts.sha256(files.kernel),
+        initrd_sha256=facts.sha256(files.initrd), init_sha256=init.hexdigest(), vmm="qemu",
+        vmm_version=facts.get(qemu, lambda: proc.version_of(str(qemu))), accel=accel,
         cpu_model="host" if accel == "kvm" else "qemu64", memory_mib=opts.memory >> 20,
         cpus=opts.cpus, disk_size=opts.disk_size, devices=qemuargv.WARM_DEVICES)
+    facts.save()
+    return key
 
 
 def _check(root: Root, opts: RunOptions) -> None:

@@ -75,10 +75,10 @@ def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
                    tap: qemuargv.TapNic | None) -> channel.Settings:
     """What the guest is sent: the workload, a fresh machine id, eth0 (``--net user``:
     slirp's fixed addresses; ``--net tap``: the lease)."""
-    from helper.net.core import mac_for
-
     guest_net = None
     if net == "user":
+        from helper.net.core import mac_for  # ~90 ms of imports: only when needed
+
         guest_net = channel.GuestNet(mac_for(vm_id), *qemuargv.USER_NET)
     elif tap is not None:
         guest_net = channel.net_from_kernel_args(tap.mac, tap.kernel_args)

@@ -166,3 +166,22 @@ def test_two_creations_of_one_key_make_one_image(world: tuple[Path, str]) -> Non
     ls = json.loads(kiln(root, "warm", "ls", "--json").stdout)
     assert [i["id"] for i in ls if i["memory_mib"] == 320] == [ids[0]]
     assert kiln(root, "warm", "rm", ids[0][:12]).stdout == ids[0] + "\n"
+
+
+def test_stdin_and_network_options_work_on_one_device_set(world: tuple[Path, str]) -> None:
+    """One warm image serves -i or not and --net none or user: the stdin port and the NIC
+    are always there (docs/warm.md, "The device set")."""
+    root, vol = world
+    run = [*KILN, "--root", str(root), "run", "--warm", "--rm"]
+    piped = subprocess.run([*run, "-i", vol, "--", "cat"], input="piped in\n",
+                           capture_output=True, text=True, timeout=limit(120), check=False)
+    assert (piped.returncode, piped.stdout) == (0, "piped in\n"), piped.stderr
+    closed = subprocess.run([*run, vol, "--", "cat"], input="not for the guest\n",
+                            capture_output=True, text=True, timeout=limit(120), check=False)
+    assert (closed.returncode, closed.stdout) == (0, ""), closed.stderr  # /dev/null
+    net = kiln(root, "run", "--warm", "--rm", "--net", "user", vol, "--", "sh", "-c",
+               "ip addr show eth0 | grep -o 'inet [0-9./]*'; ip route | grep default")
+    assert net.returncode == 0, net.stderr
+    assert net.stdout.split("\n")[:2] == ["inet 10.0.2.15/24",
+                                          "default via 10.0.2.2 dev eth0 "]
+    assert "making one" not in piped.stderr + closed.stderr + net.stderr
