@@ -39,3 +39,4 @@ _.kernel_sha256  # builder.warm.WarmKey: hashed whole by key_id (asdict), never 
 _.initrd_sha256  # ditto
 _.vmm_version  # ditto
 _.cpu_model  # ditto
+_.init_sha256  # ditto

@@ -76,8 +76,7 @@ _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         *, on_ready: Callable[[str], None] | None = None, warm: WarmPlan | None = None
         ) -> int:
-    """``kiln run``: returns the exit code kiln should exit with. ``warm``: save the VM
-    as a warm image, or restore it from one (``runner.vm.warmrun``, docs/warm.md)."""
+    """``kiln run``'s exit code; ``warm``: save or restore (``runner.vm.warmrun``)."""
     from builder.pool import open_pool
     from runner import guest_init, kernel
 
@@ -105,9 +104,9 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     work = _workload(volume.meta.get("config") or {}, opts, vm_id)
     files = VMFiles(st.vms_dir / vm_id)
     reserved = driver.reserve(host, opts, intent)
-    spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory,
+    spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory, "init": opts.init,
                 "kernel": str(boot_files.kernel), "initrd": str(boot_files.initrd),
-                "init": opts.init, "net": opts.net, "argv": list(work.argv) if work else [],
+                "net": opts.net, "argv": list(work.argv) if work else [],
                 "vmm_reason": vmm_reason, "warm": warm.mode if warm else ""}
     rec = st.create(vm_id=vm_id, name=opts.name, vmm=vmm, volume=volume.id,
                     snapshot=reaper.snapshot_id(vm_id), vm_dir=files.dir,

@@ -263,6 +263,20 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         "-chardev", f"pipe,id=control,path={_opt(spec.control)}",
         "-device", "virtserialport,chardev=control,name=kiln.control",
     ]
+    args += _optional_devices(spec)
+    if spec.runas is not None:
+        args += ["-runas", spec.runas]
+        if spec.chroot is not None:
+            args += ["-chroot", str(spec.chroot)]
+        args += ["-sandbox", SANDBOX_ROOT]
+    else:
+        args += ["-sandbox", SANDBOX_USER]
+    return args
+
+
+def _optional_devices(spec: QemuSpec) -> list[str]:
+    """The stdin port (-i; warm runs: always), a warm run's monitor, the NIC."""
+    args: list[str] = []
     if spec.interactive or spec.warm:
         how = "stdio,id=stdin,signal=off" if spec.interactive else "null,id=stdin"
         args += ["-chardev", how,
@@ -282,13 +296,6 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
                  "-device", f"virtio-net-device,netdev=net0,mac={spec.tap.mac}"]
     if spec.net == "none" and spec.warm:
         args += ["-device", "virtio-net-device"]  # the warm device set's NIC, unplugged
-    if spec.runas is not None:
-        args += ["-runas", spec.runas]
-        if spec.chroot is not None:
-            args += ["-chroot", str(spec.chroot)]
-        args += ["-sandbox", SANDBOX_ROOT]
-    else:
-        args += ["-sandbox", SANDBOX_USER]
     return args
 
 
