@@ -185,3 +185,21 @@ def test_stdin_and_network_options_work_on_one_device_set(world: tuple[Path, str
     assert net.stdout.split("\n")[:2] == ["inet 10.0.2.15/24",
                                           "default via 10.0.2.2 dev eth0 "]
     assert "making one" not in piped.stderr + closed.stderr + net.stderr
+
+
+def test_refusals_are_said_plainly(world: tuple[Path, str]) -> None:
+    root, vol = world
+    for extra, said in ((["--init", "image"], "--warm needs kiln's init"),
+                        (["--vmm", "firecracker"], "QEMU only")):
+        res = kiln(root, "run", "--warm", *extra, vol)
+        assert res.returncode == 125
+        assert said in res.stderr
+
+
+def test_volume_rm_takes_its_warm_images(world: tuple[Path, str]) -> None:
+    """Last: removes the module's volume."""
+    root, vol = world
+    assert warm.list_images(Root(root))
+    res = kiln(root, "volume", "rm", vol)
+    assert res.returncode == 0, res.stderr
+    assert warm.list_images(Root(root)) == []
