@@ -2,7 +2,8 @@
 
 The decision core ``plan_gc`` sees only facts — each volume's last use, whether something
 still references it, the blobs each volume needs, the blobs in the cache — and returns
-what to delete. Its two safety properties are property-tested: a referenced volume is
+what to delete (warm images of a removed volume go with it: ``builder.warm``). Its two
+safety properties are property-tested: a referenced volume is
 never removed, and a blob a kept volume needs is never removed.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import warm
 from builder.pool import snapshot_refs
 from builder.root import Root
 from builder.store import Store, Volume
@@ -141,6 +143,10 @@ def run_gc(root: Root, *, keep_seconds: float, dry_run: bool,
                         (root.blobs / "sha256" / digest[7:]).unlink()
     except Conflict:
         report.skipped.append("blob cache in use by a running build: volumes and blobs kept")
+    if not dry_run:  # warm images of removed (or vanished) volumes go too
+        gone = {v.id for v in store.list()}
+        orphans = {w.volume for w in warm.list_images(root)} - gone
+        report.removed_leftovers += [f"warm/{i}" for i in warm.remove_for_volumes(root, orphans)]
     return report
 
 

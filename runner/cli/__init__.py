@@ -5,7 +5,7 @@ the result is printed with rich, or as JSON with ``--json``. One handler
 (``runner.cli.common.KilnGroup``) maps errors to exit codes: 2 for what the argument
 parser rejects (click's own), 1 for every other failure, printed as a one-line error plus
 a hint; tracebacks only with ``--debug``. The command modules (``build``, ``dist``,
-``pool``, ``run``) define commands; this module registers them on ``cli``, explicitly.
+``pool``, ``run``, ``warm``) define commands; this module registers them on ``cli``, explicitly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from builder.root import Root, default_root
-from runner.cli import build, dist, pool, run
+from runner.cli import build, dist, pool, run, warm
 from runner.cli.common import Ctx, KilnGroup
 
 # Commands that never touch the root, and gc (it recovers itself, and not with --dry-run).
@@ -52,7 +52,8 @@ def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
 
 for _command in (build.version, build.doctor, build.build, build.volume, build.gc,
                  build.recipe, build.demo, dist.push, dist.pull, dist.refresh,
-                 pool.pool, pool.snapshot, run.run, run.ps, run.stop, run.rm_cmd, run.logs):
+                 pool.pool, pool.snapshot, run.run, run.ps, run.stop, run.rm_cmd, run.logs,
+                 warm.warm):
     cli.add_command(_command)
 build.volume.add_command(dist.volume_export)
 

@@ -145,8 +145,9 @@ def volume_inspect(ctx: Ctx, volume_id: str) -> None:
 @click.argument("volume_ids", metavar="ID...", nargs=-1, required=True)
 @pass_ctx
 def volume_rm(ctx: Ctx, volume_ids: tuple[str, ...]) -> None:
-    """Remove base volumes. Snapshots made from a volume are independent copies and
-    stay usable after their base is removed."""
+    """Remove base volumes and their warm images. Snapshots made from a volume are
+    independent copies and stay usable after their base is removed."""
+    from builder import warm
     from builder.pool import open_pool
     from builder.store import Store
 
@@ -157,6 +158,7 @@ def volume_rm(ctx: Ctx, volume_ids: tuple[str, ...]) -> None:
         v = store.get(vid)
         if pool is not None:
             pool.remove_volume(v.id)
+        warm.remove_for_volumes(ctx.root, [v.id])  # its warm images go with it
         store.remove(v)
         click.echo(v.id)
 

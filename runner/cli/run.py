@@ -53,6 +53,8 @@ from runner.cli.common import Ctx, fail, pass_ctx, print_json, print_table, regi
 @click.option("-d", "--detach", is_flag=True, help="run in the background; print the VM id")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="S", help="stop the VM after S seconds (exit 124)")
+@click.option("--warm", is_flag=True, help="start from a warm image (QEMU; made first when "
+              "none matches): a restore instead of a boot (docs/warm.md)")
 @registry_options
 @pass_ctx
 def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, memory: str,
@@ -60,7 +62,7 @@ def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, me
         env: tuple[str, ...], entrypoint: str | None, workdir: str | None, user: str | None,
         init: str, net: str,
         publish: tuple[str, ...], rm: bool, interactive: bool, detach: bool,
-        timeout: float | None, tls_verify: bool, no_tls_verify: bool,
+        timeout: float | None, warm: bool, tls_verify: bool, no_tls_verify: bool,
         authfile: Path | None) -> None:
     """Boot SOURCE (a volume id, a recipe or an image reference) as a microVM and run its
     workload (or CMD): like `docker run`, exit code included."""
@@ -80,7 +82,13 @@ def run(ctx: Ctx, source: str, command: tuple[str, ...], vmm: str, cpus: int, me
             detach=detach, timeout=timeout, command=command, entrypoint=entrypoint)
         reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
                               authfile=authfile.absolute() if authfile else None)
-        code = vm.run(ctx.root, source, opts, reg, on_ready=click.echo)
+        if warm:
+            from runner.vm import warmrun
+
+            code = warmrun.run(ctx.root, source, opts, reg, on_ready=click.echo,
+                               say=lambda line: click.echo(line, err=True))
+        else:
+            code = vm.run(ctx.root, source, opts, reg, on_ready=click.echo)
     except KilnError as e:
         e.exit_code = vmspec.EXIT_KILN
         if ctx.debug:

@@ -122,7 +122,7 @@ static int set_clock(const char *text) {
 }
 
 static const char *const SCALARS[] = {"hostname", "machine_id", "workdir", "user",
-                                      "mac", "ip", "gw", "dns"};
+                                      "mac", "ip", "gw", "dns", "stdin"};
 #define NSCALARS (sizeof SCALARS / sizeof *SCALARS)
 
 /* Check every record, apply seed and time, then print the assignments init.sh evals. */

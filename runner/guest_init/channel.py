@@ -59,6 +59,7 @@ class Settings:
     hostname: str
     machine_id: str  # 32 lowercase hex digits (/etc/machine-id)
     net: GuestNet | None = None
+    stdin: bool | None = None  # warm runs: is the kiln.stdin port the workload's stdin?
 
 
 def encode_frame(tag: bytes, payload: bytes) -> bytes:
@@ -123,6 +124,8 @@ def encode_settings(s: Settings, *, time_ns: int, seed: bytes) -> bytes:
     if s.net is not None:
         fields += [("mac", s.net.mac), ("ip", s.net.ip), ("gw", s.net.gateway),
                    ("dns", ",".join(s.net.dns))]
+    if s.stdin is not None:
+        fields.append(("stdin", "1" if s.stdin else "0"))
     fields += [("env", f"{k}={v}") for k, v in s.env]
     fields += [("arg", a) for a in s.argv]
     return encode_frame(SETTINGS, b"".join(_record(k, v) for k, v in fields))

@@ -61,7 +61,7 @@ done
 [ -n "$in" ] || in=/dev/null
 
 agent=/.kiln/agent
-KILN_MAC="" KILN_IP="" KILN_GW="" KILN_DNS="" KILN_MACHINE_ID=""
+KILN_MAC="" KILN_IP="" KILN_GW="" KILN_DNS="" KILN_MACHINE_ID="" KILN_STDIN=""
 if [ -e /.kiln/config ]; then
   . /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
   # The network on the kernel command line (Firecracker): kiln.ip=ADDR/PREFIX kiln.gw=GW
@@ -84,6 +84,8 @@ elif [ -n "$ctl" ] && [ -x "$agent" ]; then
     *) say "no settings from the host (see the workload's stderr)"; finish 125 ;;
   esac
   unset cfg
+  # a warm run always has the stdin port: stdin=0 says it is not the workload's
+  [ "$KILN_STDIN" = 0 ] && in=/dev/null
 else
   say "no settings: neither /.kiln/config nor the kiln.control port and /.kiln/agent"
   finish 125

@@ -2,11 +2,13 @@
 that QEMU's ``pipe`` chardev holds open for the ``kiln.control`` port
 (``runner.vmm.qemuargv``), never blocking kiln.
 
-``SettingsSender.pump()`` is called by the driver's supervision loop: it reads the guest's
+``HelloListener`` hears the guest's ``HEL1`` (a warm save waits for it before pausing the
+guest). ``SettingsSender.pump()`` is called by the driver's supervision loop: it reads the guest's
 ``HEL1`` from ``CONTROL.out``, then stamps the settings with the host's time and fresh seed
 bytes (``channel.encode_settings``) and writes the ``SET1`` frame to ``CONTROL.in`` — every
 open and write non-blocking, so a QEMU that died or has not opened its FIFOs yet costs a
-retry on the next pump, never a hang. The time is taken when the guest asks, not when QEMU
+retry on the next pump, never a hang; a restored guest (``greeted``) said its hello before
+the save, so the frame goes out at once. The time is taken when the guest asks, not when QEMU
 starts: the boot before the hello takes seconds under TCG. ``send_stop`` writes ``STP1``
 (one write below ``PIPE_BUF``: atomic).
 """
@@ -42,15 +44,46 @@ def send_stop(control: Path, grace: float) -> bool:
     return True
 
 
-class SettingsSender:
-    """Delivers one ``SET1`` frame once the guest said ``HEL1`` (``pump`` until ``done``)."""
+class HelloListener:
+    """Hears the guest's ``HEL1`` on ``CONTROL.out`` (``poll`` until it returns True)."""
 
-    def __init__(self, control: Path, settings: channel.Settings) -> None:
+    def __init__(self, control: Path) -> None:
+        self.control = control
+        self._fd: int | None = None
+        self._heard = b""
+
+    def poll(self) -> bool:
+        if self._fd is None:
+            self._fd = os.open(f"{self.control}.out", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(BlockingIOError):
+            self._heard += os.read(self._fd, 64)
+        if len(self._heard) < channel.HEADER.size:
+            return False
+        try:
+            tag, _, _ = channel.decode_frame(self._heard)
+        except channel.FrameError as e:
+            raise OSError(errno.EPROTO, f"the guest sent {self._heard[:8]!r}: {e}") from None
+        if tag != channel.HELLO:
+            raise OSError(errno.EPROTO, f"the guest sent {tag!r}, not HEL1")
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = None
+
+
+class SettingsSender:
+    """Delivers one ``SET1`` frame once the guest said ``HEL1`` (``pump`` until ``done``);
+    ``greeted``: a restored guest said it before its state was saved — send at once."""
+
+    def __init__(self, control: Path, settings: channel.Settings, *,
+                 greeted: bool = False) -> None:
         self.control, self.settings = control, settings
         self.done = False
-        self._out_fd: int | None = None
+        self._hello = None if greeted else HelloListener(control)
         self._in_fd: int | None = None
-        self._heard = b""
         self._frame: bytes | None = None
         self._pos = 0
 
@@ -64,7 +97,7 @@ class SettingsSender:
             return
         try:
             if self._frame is None:
-                if not self._hello():
+                if self._hello is not None and not self._hello.poll():
                     return
                 self._frame = channel.encode_settings(
                     self.settings, time_ns=time.time_ns(), seed=os.urandom(SEED_BYTES))
@@ -72,22 +105,6 @@ class SettingsSender:
         except (OSError, channel.FrameError) as e:
             log.warning("the guest's control channel: %s", e)
             self._finish()
-
-    def _hello(self) -> bool:
-        if self._out_fd is None:
-            self._out_fd = os.open(f"{self.control}.out",
-                                   os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(BlockingIOError):
-            self._heard += os.read(self._out_fd, 64)
-        if len(self._heard) < channel.HEADER.size:
-            return False
-        try:
-            tag, _, _ = channel.decode_frame(self._heard)
-        except channel.FrameError as e:
-            raise OSError(errno.EPROTO, f"the guest sent {self._heard[:8]!r}: {e}") from None
-        if tag != channel.HELLO:
-            raise OSError(errno.EPROTO, f"the guest sent {tag!r}, not HEL1")
-        return True
 
     def _write(self) -> None:
         assert self._frame is not None
@@ -111,8 +128,9 @@ class SettingsSender:
         self.close()
 
     def close(self) -> None:
-        for fd in (self._out_fd, self._in_fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._out_fd = self._in_fd = None
+        if self._hello is not None:
+            self._hello.close()
+        if self._in_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._in_fd)
+        self._in_fd = None

@@ -44,7 +44,7 @@ from builder.root import Root
 from helper.base.errors import KilnError, NotFound, UsageError
 from runner.vm import reaper
 from runner.vm import resources as vmres
-from runner.vm.spec import RunOptions, VMFiles, outcome
+from runner.vm.spec import RunOptions, VMFiles, WarmPlan, outcome
 from runner.vm.state import (
     LIVE,
     State,
@@ -59,6 +59,7 @@ from runner.vmm import choice as vmmchoice
 from runner.vmm import process as supervise
 from runner.vmm.driver import Boot, Driver
 from runner.vmm.qemuargv import forwards_of
+from runner.vmm.qemuwarm import WarmFailed
 from runner.volref import resolve_volume
 
 if TYPE_CHECKING:
@@ -73,8 +74,9 @@ _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
 def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
-        *, on_ready: Callable[[str], None] | None = None) -> int:
-    """``kiln run``: returns the exit code kiln should exit with."""
+        *, on_ready: Callable[[str], None] | None = None, warm: WarmPlan | None = None
+        ) -> int:
+    """``kiln run``'s exit code; ``warm``: save or restore (``runner.vm.warmrun``)."""
     from builder.pool import open_pool
     from runner import guest_init, kernel
 
@@ -102,10 +104,10 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     work = _workload(volume.meta.get("config") or {}, opts, vm_id)
     files = VMFiles(st.vms_dir / vm_id)
     reserved = driver.reserve(host, opts, intent)
-    spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory,
+    spec_doc = {"source": source, "cpus": opts.cpus, "memory": opts.memory, "init": opts.init,
                 "kernel": str(boot_files.kernel), "initrd": str(boot_files.initrd),
-                "init": opts.init, "net": opts.net, "argv": list(work.argv) if work else [],
-                "vmm_reason": vmm_reason}
+                "net": opts.net, "argv": list(work.argv) if work else [],
+                "vmm_reason": vmm_reason, "warm": warm.mode if warm else ""}
     rec = st.create(vm_id=vm_id, name=opts.name, vmm=vmm, volume=volume.id,
                     snapshot=reaper.snapshot_id(vm_id), vm_dir=files.dir,
                     cgroups=list(reserved.cgroups.dirs), want_uid=reserved.want_uid,
@@ -115,10 +117,10 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     st.update(vm_id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
     try:
         disk = _make_disk(root, pool, volume, files, rec.snapshot, opts, work,
-                          channel=vmm == "qemu")
+                          channel=vmm == "qemu", warm=warm)
         boot = Boot(host, files, boot_files.kernel, boot_files.initrd, disk,
                     guest_init.INIT_PATH if work else "/sbin/init", opts, forwards, intent,
-                    vmres.UidPicker(reserved.uid_range), work)
+                    vmres.UidPicker(reserved.uid_range), work, warm)
         launch = driver.prepare(st, rec, boot, reserved)
     except BaseException as e:
         _abandon(root, st, driver, rec, f"setup failed: {e}")
@@ -162,11 +164,14 @@ def _workload(config: dict[str, Any], opts: RunOptions, vm_id: str) -> Workload 
 
 
 def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: str,
-               opts: RunOptions, work: Workload | None, *, channel: bool) -> Path:
+               opts: RunOptions, work: Workload | None, *, channel: bool,
+               warm: WarmPlan | None = None) -> Path:
     """The VM directory and its files, then the snapshot with kiln's init injected. The
     workload goes to the driver (``channel``: QEMU sends it over the control channel,
     ``runner.guest_init.channel``) or — Firecracker, until it has a channel (vsock) — onto
-    the snapshot."""
+    the snapshot. A warm restore's snapshot is a clone of the warm image's disk (kiln's
+    init is on it already)."""
+    from builder.warm import clone_file
     from runner import guest_init
     from runner.guest_init import agentbin
 
@@ -181,6 +186,9 @@ def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: 
     if channel and work is not None:
         agent = agentbin.ensure_agent(root.path / "kernels", scratch=root.tmp)
     snap = pool.create_snapshot(volume.id, snap_id=snap_id, size=opts.disk_size)
+    if warm is not None and warm.mode == "restore":
+        clone_file(warm.disk, Path(snap.path))
+        return Path(snap.path)
     guest_init.inject(Path(snap.path), work, scratch=root.tmp, agent=agent,
                       on_disk=not channel)
     return Path(snap.path)
@@ -199,6 +207,9 @@ def _own(root: Root, st: State, driver: Driver[Any], launch: Any, rec: VMRecord,
         end = driver.own(st, launch, relay=ready_fd is None, ready=ready)
     except BaseException as e:
         _abandon(root, st, driver, rec, f"the VMM did not start: {e}")
+        if isinstance(e, WarmFailed) and opts.init == "kiln":  # the caller boots cold
+            with contextlib.suppress(KilnError, OSError):
+                remove(root, rec.id, st=st)
         raise
     out = outcome(end.status_text, end.vmm_code, timed_out=end.timed_out,
                   stopped=end.stopped, own_init=opts.init == "image",

@@ -1,7 +1,7 @@
 """What a VM run is given and what it ends with: ``RunOptions``, the VM directory's files
-(``VMFiles``) and the ``outcome`` (pure) — the record's end state and ``kiln run``'s exit
-code — from the guest's status report and the VMM's exit (``runner.vmm.driver.Ended``).
-Which VMM runs it: ``runner.vmm.choice``.
+(``VMFiles``), a warm run's ``WarmPlan``, and the ``outcome`` (pure) — the record's end
+state and ``kiln run``'s exit code — from the guest's status report and the VMM's exit
+(``runner.vmm.driver.Ended``). Which VMM runs it: ``runner.vmm.choice``.
 
 Exit codes: the workload's; 124 when --timeout fired; 125 when kiln or the VMM failed;
 137 when a stop had to kill the guest.
@@ -40,6 +40,17 @@ class RunOptions:
     command: tuple[str, ...] = ()
     entrypoint: str | None = None  # None: the image's; "": none
     stop_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class WarmPlan:
+    """Warm start (docs/warm.md) for one run: ``save`` boots to the guest's hello and
+    saves its state to ``state`` and its disk to ``disk``; ``restore`` starts from them
+    (the VM's own snapshot is a clone of ``disk``)."""
+
+    mode: str  # save | restore
+    state: Path
+    disk: Path
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,12 @@ lifecycle then waits for the owner to record the outcome, or records it); ``tear
 removes what the VMM holds beyond the record's cgroups and network (Firecracker's jail,
 which links the snapshot) — on a failed setup, ``kiln rm`` and the reaper's removal.
 
-Warm start (issue #14) adds, per VMM, ``save(st, rec, dest)`` — a running VM's state beside
-a copy of its disk — and ``restore(st, rec, boot, reserved, saved)`` → ``L``, the twin of
-``prepare`` whose launch ``own`` starts from the saved state instead of booting; the run,
-the outcome and every end path stay as they are.
+Warm start (issue #14, docs/warm.md) rides on the same steps: ``Boot.warm`` (a
+``WarmPlan``) tells ``prepare`` to give the VMM the warm device set, and ``own`` to either
+save (boot to the guest's hello, save its state beside a copy of its disk, end) or restore
+(start from the saved state instead of booting, then run as usual); the run, the outcome
+and every end path stay as they are. QEMU does it (``runner.vmm.qemuwarm``);
+Firecracker: not yet (``kiln run --warm`` takes QEMU).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Protocol, TypeVar
 from runner.guest_init import Workload
 from runner.vm.cgroup import VMCgroups
 from runner.vm.resources import NetIntent, UidPicker
-from runner.vm.spec import RunOptions, VMFiles
+from runner.vm.spec import RunOptions, VMFiles, WarmPlan
 from runner.vm.state import State, VMRecord
 from runner.vmm.qemuargv import Forward
 
@@ -73,6 +75,7 @@ class Boot:
     intent: NetIntent | None  # --net tap
     picker: UidPicker  # where another uid comes from when the helper refuses one
     workload: Workload | None = None  # kiln's init: what the guest is sent to run
+    warm: WarmPlan | None = None  # warm start: save to / restore from (docs/warm.md)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,16 @@
   of the VMM;
 * ``stop`` (``kiln stop``): the same control port, then SIGKILL of the VMM and its cgroups;
   the owner records the outcome;
+* warm start (docs/warm.md, ``runner.vmm.qemuwarm``): ``Boot.warm`` = save: the run
+  ends once the guest's state and disk are saved; restore: QEMU loads the state
+  (``-incoming defer``) and the settings go out at once (``SettingsSender(greeted=)``);
 * ``teardown``: nothing — QEMU holds nothing beyond the record's cgroups and network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -38,10 +42,10 @@ from runner.guest_init import channel
 from runner.guest_init.sender import SEED_BYTES, SettingsSender, send_stop
 from runner.vm import cgroup as vmcgroup
 from runner.vm import resources as vmres
-from runner.vm.spec import RunOptions, VMFiles, tail
+from runner.vm.spec import RunOptions, VMFiles, WarmPlan, tail
 from runner.vm.state import UID_BASE, UID_COUNT, State, VMRecord, alive, proc_start_time
 from runner.vmm import process as supervise
-from runner.vmm import qemuargv
+from runner.vmm import qemuargv, qemuwarm
 from runner.vmm.driver import Boot, Ended, Reservation
 
 log = logging.getLogger("kiln.vm")
@@ -58,6 +62,8 @@ class QemuLaunch:
     cgroup_dirs: tuple[str, ...]
     nic: vmres.QemuNic | None  # --net tap: the namespace to start in, fds to inherit
     settings: channel.Settings | None = None  # None: the image's own init (--init image)
+    warm: WarmPlan | None = None  # save to it, or restore from it (docs/warm.md)
+    disk: Path | None = None  # the VM's snapshot (a save copies it)
 
 
 def request_stop(control: Path, grace: float) -> bool:
@@ -69,10 +75,10 @@ def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
                    tap: qemuargv.TapNic | None) -> channel.Settings:
     """What the guest is sent: the workload, a fresh machine id, eth0 (``--net user``:
     slirp's fixed addresses; ``--net tap``: the lease)."""
-    from helper.net.core import mac_for
-
     guest_net = None
     if net == "user":
+        from helper.net.core import mac_for  # ~90 ms of imports: only when needed
+
         guest_net = channel.GuestNet(mac_for(vm_id), *qemuargv.USER_NET)
     elif tap is not None:
         guest_net = channel.net_from_kernel_args(tap.mac, tap.kernel_args)
@@ -130,11 +136,15 @@ class QemuDriver:
                 forwards=boot.forwards if opts.net == "user" else (),
                 interactive=opts.interactive,
                 runas=f"{rec.uid}:{rec.uid}" if as_root and rec.uid is not None else None,
-                chroot=files.chroot if as_root else None)
+                chroot=files.chroot if as_root else None,
+                warm=boot.warm.mode if boot.warm else None,
+                qmp=files.dir / "qmp.sock" if boot.warm else None)
             work = boot.workload
             settings = guest_settings(work, rec.id, opts.net, spec.tap) if work else None
+            if settings is not None and boot.warm is not None:  # the stdin port is always there
+                settings = dataclasses.replace(settings, stdin=opts.interactive)
             return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
-                              tuple(rec.cgroup_dirs), nic, settings)
+                              tuple(rec.cgroup_dirs), nic, settings, boot.warm, boot.disk)
         except BaseException:
             _close(nic)
             raise
@@ -157,10 +167,16 @@ class QemuDriver:
                 _close(nic)  # QEMU holds the tap now
             st.update(launch.vm_id, pid=pid, pid_start=proc_start_time(pid), state="running",
                       started=time.time())
+            if launch.warm is not None:
+                _warm_step(pid, launch)
+                if launch.warm.mode == "save":
+                    ready()
+                    return Ended("exit 0", 0, False, False, "", "")  # saved: QEMU quit
             ready()
             relays = ([supervise.Relay(files.stdout, 1), supervise.Relay(files.stderr, 2)]
                       if relay else [])
-            sender = SettingsSender(files.control, launch.settings) \
+            sender = SettingsSender(files.control, launch.settings,
+                                    greeted=launch.warm is not None) \
                 if launch.settings is not None else None
             try:
                 code, timed_out, stopped = _supervise(pid, files, opts, sigs, relays, sender)
@@ -183,6 +199,28 @@ class QemuDriver:
 
     def teardown(self, rec: VMRecord) -> None:
         del rec  # nothing beyond the record's cgroups and network
+
+
+def _warm_step(pid: int, launch: QemuLaunch) -> None:
+    """Save (boot to the hello, pause, copy the disk, write the state, quit) or restore
+    (load the state, continue); on failure QEMU is killed and ``WarmFailed`` raised."""
+    plan, qmp = launch.warm, launch.files.dir / "qmp.sock"
+    assert plan is not None
+    assert launch.disk is not None
+    try:
+        if plan.mode == "save":
+            qemuwarm.save(pid, qmp, launch.files.control, launch.disk, plan)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            if code != 0:
+                raise qemuwarm.WarmFailed(f"QEMU exited {code} after the save")
+        else:
+            qemuwarm.restore(qmp, plan)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            supervise.kill_vmm(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
 
 
 def _supervise(pid: int, files: VMFiles, opts: RunOptions, sigs: supervise.StopSignals,

@@ -11,7 +11,11 @@ kiln's stdout carries only the workload's output:
 * ``kiln.control`` → FIFOs ``ctl.in``/``ctl.out``: the control channel (frames,
   ``runner.guest_init.channel``): the guest's hello on ``ctl.out``, the run's settings and
   a graceful stop on ``ctl.in``;
-* ``kiln.stdin`` → kiln's stdin, only with ``-i``.
+* ``kiln.stdin`` → kiln's stdin, only with ``-i`` (warm runs: always, ``null`` without).
+
+Warm start (docs/warm.md): ``QemuSpec.warm`` = save | restore gives the fixed device set
+``WARM_DEVICES`` (NIC and stdin port always), a QMP socket, ``file.auto-read-only=off``
+on the disk and, to restore, ``-incoming defer``.
 
 Accelerator: KVM only when ``builder.probes.kvm()`` ran a guest (``kvm_verdict``, cached
 per boot under ``ROOT/kernels``: ~0.7 s when KVM is emulated; ``runner.vmm.choice`` asks
@@ -51,6 +55,11 @@ SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontr
 # --net user: slirp's fixed addresses (address/prefix, gateway, name servers), sent to
 # kiln's init over the control channel like a tap's lease
 USER_NET = ("10.0.2.15/24", "10.0.2.2", ("10.0.2.3",))
+# The device set of every warm-capable run (a saved state restores only into the same
+# devices): the disk, the serial ports (stdout, stderr, status, control, stdin) and a NIC —
+# without a network a NIC with no backend (the guest's eth0 stays down), without -i a
+# stdin port on QEMU's null chardev (the init then uses /dev/null: the settings' stdin=0).
+WARM_DEVICES = "qemu-microvm:blk,vport(stdout,stderr,status,control,stdin),net;v1"
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
 
@@ -96,6 +105,8 @@ class QemuSpec:
     runas: str | None = None  # "UID:GID" when started as root
     chroot: Path | None = None
     extra_append: tuple[str, ...] = field(default_factory=tuple)
+    warm: str | None = None  # save | restore: the warm device set (WARM_DEVICES), -qmp
+    qmp: Path | None = None  # with warm: QEMU's monitor socket
 
 
 def parse_forward(text: str) -> Forward:
@@ -235,7 +246,10 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         "-append", kernel_cmdline(spec),
         *_chardev_file("console", spec.console_log),
         "-serial", "chardev:console",
-        "-drive", f"id=root,file={_opt(spec.disk)},format=raw,if=none,discard=unmap",
+        # warm: without auto-read-only=off a save under -chroot fails (the disk is reopened
+        # read-only by path) and a restore under -runas cannot reopen it read-write
+        "-drive", f"id=root,file={_opt(spec.disk)},format=raw,if=none,discard=unmap"
+        + (",file.auto-read-only=off" if spec.warm else ""),
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-serial-device",
         *_chardev_file("stdout", spec.stdout),
@@ -249,9 +263,26 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         "-chardev", f"pipe,id=control,path={_opt(spec.control)}",
         "-device", "virtserialport,chardev=control,name=kiln.control",
     ]
-    if spec.interactive:
-        args += ["-chardev", "stdio,id=stdin,signal=off",
+    args += _optional_devices(spec)
+    if spec.runas is not None:
+        args += ["-runas", spec.runas]
+        if spec.chroot is not None:
+            args += ["-chroot", str(spec.chroot)]
+        args += ["-sandbox", SANDBOX_ROOT]
+    else:
+        args += ["-sandbox", SANDBOX_USER]
+    return args
+
+
+def _optional_devices(spec: QemuSpec) -> list[str]:
+    """The stdin port (-i; warm runs: always), a warm run's monitor, the NIC."""
+    args: list[str] = []
+    if spec.interactive or spec.warm:
+        how = "stdio,id=stdin,signal=off" if spec.interactive else "null,id=stdin"
+        args += ["-chardev", how,
                  "-device", "virtserialport,chardev=stdin,name=kiln.stdin"]
+    if spec.warm:
+        args += _warm_args(spec)
     if spec.net == "user":
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in spec.forwards)
         args += ["-netdev", f"user,id=net0{fwd}",
@@ -263,14 +294,18 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
             f"ifname={spec.tap.ifname},script=no,downscript=no"
         args += ["-netdev", f"tap,id=net0,{how}",
                  "-device", f"virtio-net-device,netdev=net0,mac={spec.tap.mac}"]
-    if spec.runas is not None:
-        args += ["-runas", spec.runas]
-        if spec.chroot is not None:
-            args += ["-chroot", str(spec.chroot)]
-        args += ["-sandbox", SANDBOX_ROOT]
-    else:
-        args += ["-sandbox", SANDBOX_USER]
+    if spec.net == "none" and spec.warm:
+        args += ["-device", "virtio-net-device"]  # the warm device set's NIC, unplugged
     return args
+
+
+def _warm_args(spec: QemuSpec) -> list[str]:
+    """A warm-capable run's monitor (save/restore over QMP), and a restore's wait for
+    its state (``-incoming defer``: the state comes as an fd, ``migrate-incoming``)."""
+    if spec.warm not in ("save", "restore") or spec.qmp is None:
+        raise UsageError(f"invalid warm mode {spec.warm!r}", "internal error")
+    args = ["-qmp", f"unix:{_opt(spec.qmp)},server=on,wait=off"]
+    return args + (["-incoming", "defer"] if spec.warm == "restore" else [])
 
 
 def _check_tap(tap: TapNic | None) -> None:

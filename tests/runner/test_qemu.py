@@ -200,3 +200,31 @@ def test_tsc_khz_on_this_host() -> None:
     mhz = float(next(line.split(":")[1] for line in Path("/proc/cpuinfo").read_text()
                      .splitlines() if line.startswith("cpu MHz")))
     assert khz == round(mhz * 1000)
+
+
+def test_argv_warm_device_set() -> None:
+    """Warm runs: the same devices whatever the run's options (NIC and stdin port always),
+    a QMP socket, the disk without auto-read-only; a restore waits for its state."""
+    save = qemuargv.argv(spec(warm="save", qmp=Path("/r/vms/abc/qmp.sock"),
+                              runas="820000:820000", chroot=Path("/r/vms/abc/empty")))
+    assert save[save.index("-drive") + 1] == (
+        "id=root,file=/p/snap.ext4,format=raw,if=none,discard=unmap,file.auto-read-only=off")
+    tail = save[save.index("virtserialport,chardev=control,name=kiln.control") + 1:]
+    assert tail == [
+        "-chardev", "null,id=stdin",
+        "-device", "virtserialport,chardev=stdin,name=kiln.stdin",
+        "-qmp", "unix:/r/vms/abc/qmp.sock,server=on,wait=off",
+        "-device", "virtio-net-device",
+        "-runas", "820000:820000",
+        "-chroot", "/r/vms/abc/empty",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+    ]
+    restore = qemuargv.argv(spec(warm="restore", qmp=Path("/q"), net="user",
+                                 interactive=True))
+    i = restore.index("-qmp")
+    assert restore[i:i + 4] == ["-qmp", "unix:/q,server=on,wait=off", "-incoming", "defer"]
+    assert "stdio,id=stdin,signal=off" in restore
+    assert restore.count("virtio-net-device,netdev=net0") == 1
+    assert "virtio-net-device" not in restore  # the user network's NIC is the one
+    with pytest.raises(UsageError, match="warm mode"):
+        qemuargv.argv(spec(warm="boot", qmp=Path("/q")))

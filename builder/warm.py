@@ -1,0 +1,200 @@
+"""Warm images (issue #14, docs/warm.md): a booted VM's saved state beside a copy of its
+disk, keyed by everything a restore must match.
+
+* ``WarmKey`` → ``key_id`` (pure): the SHA-256 of a canonical JSON of the volume id, the
+  kernel's and initrd's content hashes, kiln's init (init.sh, the agent, busybox) hash,
+  the VMM's name and version, the accelerator and CPU model, memory, cpus, disk size and
+  the device set. Any field that changes changes the id, so a stale image is never used:
+  it is simply not found.
+* The store, ``ROOT/warm/<id>/``: ``state`` (the VMM's saved state), ``disk`` (the disk
+  as it was when the VM was paused) and ``warm.json`` (``WarmRecord``: id, volume, vmm,
+  memory_mib, cpus, bytes allocated, created). An image is made in a work directory under
+  ``ROOT/tmp/`` (``Root.workdir``: flock-ed while its maker lives) and renamed into place
+  whole (``publish``); a SIGKILL at any step leaves only that work directory, which
+  ``Root.recover`` (every kiln command, ``kiln gc``) removes. ``key_lock`` is the per-key
+  flock that makes two concurrent creations of one key make one image.
+* ``remove_for_volumes`` is what ``kiln volume rm`` and ``kiln gc`` call: a volume's warm
+  images go with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.root import Root, rmtree
+from helper.base import fileops
+from helper.base.errors import NotFound, UsageError
+
+ID_RE = re.compile(r"^[0-9a-f]{64}$")
+STATE, DISK, RECORD = "state", "disk", "warm.json"
+
+
+@dataclass(frozen=True)
+class WarmKey:
+    """Everything a restore must match (``key_id`` hashes it)."""
+
+    volume: str
+    kernel_sha256: str
+    initrd_sha256: str
+    init_sha256: str  # kiln's init.sh + agent + busybox
+    vmm: str
+    vmm_version: str
+    accel: str
+    cpu_model: str
+    memory_mib: int
+    cpus: int
+    disk_size: int | None  # --disk-size, None: the volume's own
+    devices: str  # the device set (runner.vmm.qemuargv.WARM_DEVICES)
+
+
+def key_id(key: WarmKey) -> str:
+    """The warm image's id: SHA-256 of the key's canonical JSON (pure)."""
+    doc = json.dumps(asdict(key), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class WarmRecord:
+    """``warm.json``: what ``kiln warm ls --json`` prints for one image."""
+
+    id: str
+    volume: str
+    vmm: str
+    memory_mib: int
+    cpus: int
+    bytes: int  # allocated on disk: state + disk copy
+    created: float
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: object) -> WarmRecord:
+        if not isinstance(doc, dict) or set(doc) != set(cls.__dataclass_fields__):
+            raise ValueError("not a warm image record")
+        rec = cls(**doc)
+        if not ID_RE.fullmatch(rec.id) or not isinstance(rec.memory_mib, int):
+            raise ValueError("bad warm image record")
+        return rec
+
+
+def warm_dir(root: Root) -> Path:
+    return root.path / "warm"
+
+
+def image_dir(root: Root, image_id: str) -> Path:
+    return warm_dir(root) / image_id
+
+
+def check_id(image_id: str) -> str:
+    if not ID_RE.fullmatch(image_id):
+        raise UsageError(f"invalid warm image id {image_id!r}",
+                         "a warm image id is 64 hex digits (see `kiln warm ls`)")
+    return image_id
+
+
+@contextlib.contextmanager
+def key_lock(root: Root, image_id: str) -> Iterator[None]:
+    """The per-key flock: one creation of a key at a time."""
+    root.ensure()
+    with root.lock(f"warm-{check_id(image_id)}"):
+        yield
+
+
+def allocated(path: Path) -> int:
+    total = 0
+    for p in (path.rglob("*") if path.is_dir() else [path]):
+        with contextlib.suppress(OSError):
+            total += p.lstat().st_blocks * 512
+    return total
+
+
+def publish(root: Root, work: Path, image_id: str, volume: str, vmm: str,
+            memory_mib: int, cpus: int) -> WarmRecord:
+    """Write ``work``'s record and rename the work directory to ``ROOT/warm/<id>`` (the
+    caller holds ``key_lock``; ``work`` holds ``state`` and ``disk``)."""
+    rec = WarmRecord(image_id, volume, vmm, memory_mib, cpus, 0, time.time())
+    (work / RECORD).write_text(json.dumps(rec.as_json()))
+    rec = WarmRecord(**{**rec.as_json(), "bytes": allocated(work)})
+    (work / RECORD).write_text(json.dumps(rec.as_json()))
+    os.chmod(work, 0o700)
+    warm_dir(root).mkdir(mode=0o700, exist_ok=True)
+    os.rename(work, image_dir(root, image_id))
+    return rec
+
+
+def find(root: Root, image_id: str) -> WarmRecord | None:
+    """The published image ``image_id`` (None: none, or an unreadable one)."""
+    try:
+        doc = json.loads((image_dir(root, image_id) / RECORD).read_text())
+        return WarmRecord.from_json(doc)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def list_images(root: Root) -> list[WarmRecord]:
+    out: list[WarmRecord] = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.scandir(warm_dir(root)), key=lambda e: e.name):
+            if ID_RE.fullmatch(entry.name) and (rec := find(root, entry.name)) is not None:
+                out.append(rec)
+    return out
+
+
+def remove(root: Root, image_id: str) -> None:
+    """Remove one warm image (a restore that has its files open keeps them until it ends:
+    each clone copies the disk, and QEMU has read the state by then)."""
+    d = image_dir(root, check_id(image_id))
+    if not d.is_dir():
+        raise NotFound(f"no warm image {image_id}", "list them with `kiln warm ls`")
+    with key_lock(root, image_id):
+        rmtree(d)
+
+
+def remove_for_volumes(root: Root, volumes: Iterable[str]) -> list[str]:
+    """Remove every warm image of ``volumes`` (``kiln volume rm``, ``kiln gc``); their ids."""
+    doomed = set(volumes)
+    gone: list[str] = []
+    for rec in list_images(root):
+        if rec.volume in doomed:
+            with contextlib.suppress(NotFound, OSError):
+                remove(root, rec.id)
+                gone.append(rec.id)
+    return gone
+
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """``dst`` (made 0600, or replaced in place) becomes a copy of ``src``: a reflink where
+    the filesystem has them, else a sparse copy of ``src``'s data extents (holes stay
+    holes; ``helper.base.fileops``)."""
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fileops.clone(src, fd)
+            return
+        except OSError:
+            pass
+        size = src.stat().st_size
+        os.ftruncate(fd, 0)  # reads zeros everywhere, as sparse_copy needs
+        os.ftruncate(fd, size)
+        fileops.sparse_copy(src, fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,158 @@
+"""Warm start's commands (docs/warm.md): ``kiln warm create`` and ``kiln run --warm``.
+
+* ``key_for``: the ``builder.warm.WarmKey`` of a run — the volume, the kernel's and
+  initrd's contents, kiln's init (init.sh, agent.c, busybox), QEMU's version, the
+  accelerator and CPU model, memory, cpus, disk size and ``qemuargv.WARM_DEVICES``; the
+  file hashes and QEMU's version cached by path, inode, size and mtime (``_Facts``).
+* ``create``: under the key's flock, an existing image is returned as is; else one VM is
+  run through the lifecycle with ``WarmPlan("save")`` into a ``Root.workdir`` (removed by
+  recovery if kiln dies), which ``builder.warm.publish`` renames into ``ROOT/warm/<id>``.
+  The VM's record and snapshot go at its end (``--rm``), like any run's.
+* ``run``: the matching image (made first when there is none, said on stderr), then the
+  lifecycle with ``WarmPlan("restore")``; a restore that fails (``WarmFailed``) is said
+  in one line and the run boots cold. Options the key cannot carry are refused: ``--init
+  image`` (nothing of kiln's to wake), ``--vmm firecracker`` (not yet), a dm-thin pool
+  (its snapshots are devices: no clone of the image's disk file yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from builder import warm
+from builder.root import Root
+from helper.base.errors import KilnError, UsageError
+from runner.vm import lifecycle
+from runner.vm.spec import RunOptions, WarmPlan
+from runner.vmm import qemuargv
+from runner.vmm.qemuwarm import WarmFailed
+
+log = logging.getLogger("kiln.vm")
+QEMU = "qemu-system-x86_64"
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class _Facts:
+    """Content hashes and QEMU's version, cached in ``ROOT/kernels/warm-facts.json`` by each
+    file's path, inode, size and mtime (hashing the kernel, initrd and busybox and asking
+    QEMU its version would cost ~0.1 s of every warm run)."""
+
+    def __init__(self, root: Root) -> None:
+        self.path = root.path / "kernels" / "warm-facts.json"
+        try:
+            doc = json.loads(self.path.read_text())
+            self.known: dict[str, str] = doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            self.known = {}
+        self.dirty = False
+
+    def get(self, path: Path, compute: Callable[[], str]) -> str:
+        key = _fingerprint(path)
+        if key not in self.known:
+            self.known[key] = compute()
+            self.dirty = True
+        return self.known[key]
+
+    def sha256(self, path: Path) -> str:
+        return self.get(path, lambda: warm.file_sha256(path))
+
+    def save(self) -> None:
+        if self.dirty:
+            from runner.tempfiles import write_atomic
+
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.path, json.dumps(self.known).encode())
+
+
+def key_for(root: Root, volume_id: str, opts: RunOptions) -> warm.WarmKey:
+    from builder import proc
+    from runner import guest_init, kernel
+    from runner.guest_init import agentbin
+
+    files = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
+    accel = qemuargv.host_accel(root)
+    facts = _Facts(root)
+    init = hashlib.sha256(guest_init.init_script())  # kiln's init, agent, busybox
+    init.update(agentbin.SOURCE.read_bytes())
+    init.update(facts.sha256(guest_init.BUSYBOX).encode())
+    qemu = Path(proc.which(QEMU))
+    key = warm.WarmKey(
+        volume=volume_id, kernel_sha256=facts.sha256(files.kernel),
+        initrd_sha256=facts.sha256(files.initrd), init_sha256=init.hexdigest(), vmm="qemu",
+        vmm_version=facts.get(qemu, lambda: proc.version_of(str(qemu))), accel=accel,
+        cpu_model="host" if accel == "kvm" else "qemu64", memory_mib=opts.memory >> 20,
+        cpus=opts.cpus, disk_size=opts.disk_size, devices=qemuargv.WARM_DEVICES)
+    facts.save()
+    return key
+
+
+def _check(root: Root, opts: RunOptions) -> None:
+    from builder.pool import open_pool
+
+    if opts.vmm == "firecracker":
+        raise UsageError("warm start runs on QEMU only (for now)", "drop --vmm firecracker")
+    if opts.init != "kiln":
+        raise UsageError("--warm needs kiln's init", "drop --init image")
+    pool = open_pool(root.path)
+    if pool is not None and pool.config.backend == "dm-thin":
+        raise UsageError("warm start needs a reflink or copy pool (not dm-thin, yet)",
+                         "run without --warm, or `kiln pool init --backend reflink`")
+
+
+def create(root: Root, source: str, opts: RunOptions, registry_opts: Any
+           ) -> tuple[warm.WarmRecord, bool]:
+    """The warm image for ``source`` with ``opts``' key: (record, made now)."""
+    root.ensure()
+    _check(root, opts)
+    volume = lifecycle.resolve_volume(root, source, registry_opts)
+    image_id = warm.key_id(key_for(root, volume.id, opts))
+    with warm.key_lock(root, image_id):
+        found = warm.find(root, image_id)
+        if found is not None:
+            return found, False
+        with root.workdir("warm") as work:
+            plan = WarmPlan("save", work / warm.STATE, work / warm.DISK)
+            save_opts = RunOptions(
+                vmm="qemu", cpus=opts.cpus, memory=opts.memory, disk_size=opts.disk_size,
+                kernel=opts.kernel, initrd=opts.initrd, rm=True, command=("true",))
+            code = lifecycle.run(root, volume.id, save_opts, registry_opts, warm=plan)
+            if code != 0:
+                raise KilnError(f"the warm image of {source} could not be made (exit {code})",
+                                "see `kiln ps -a` and `kiln logs`; a cold `kiln run` boots")
+            return warm.publish(root, work, image_id, volume.id, "qemu",
+                                opts.memory >> 20, opts.cpus), True
+
+
+def run(root: Root, source: str, opts: RunOptions, registry_opts: Any, *,
+        on_ready: Any = None, say: Any = print) -> int:
+    """``kiln run --warm``: restore from the matching warm image, or boot cold when the
+    restore fails. ``say`` prints a line on stderr."""
+    root.ensure()
+    _check(root, opts)
+    volume = lifecycle.resolve_volume(root, source, registry_opts)
+    opts = dataclasses.replace(opts, vmm="qemu")
+    image_id = warm.key_id(key_for(root, volume.id, opts))
+    rec = warm.find(root, image_id)
+    if rec is None:
+        say(f"kiln: no warm image of {source} for these settings: making one")
+        rec, _ = create(root, volume.id, opts, registry_opts)
+    d = warm.image_dir(root, rec.id)
+    plan = WarmPlan("restore", d / warm.STATE, d / warm.DISK)
+    try:
+        return lifecycle.run(root, volume.id, opts, registry_opts, on_ready=on_ready,
+                             warm=plan)
+    except WarmFailed as e:
+        say(f"kiln: warning: the warm restore failed ({e.message}); booting cold")
+    return lifecycle.run(root, volume.id, opts, registry_opts, on_ready=on_ready)

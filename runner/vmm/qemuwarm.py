@@ -1,0 +1,122 @@
+"""QEMU's half of warm start (docs/warm.md): save a booted guest, restore one, over QMP.
+
+QEMU 7.2 has no ``file:`` migration transport and kiln's ``-sandbox spawn=deny`` kills
+``exec:``, so both directions pass an fd (``getfd`` over QMP, SCM_RIGHTS) and migrate
+over ``fd:warm``:
+
+* ``save``: wait for the guest's ``HEL1`` (kiln's init is ready and waits for its
+  settings: nothing of a run is in the guest yet), ``stop`` (QEMU drains and flushes the
+  disk), copy the disk (``builder.warm.clone_file``: reflink or sparse copy), raise the
+  migration bandwidth (the default 32 MiB/s would take seconds), ``migrate fd:warm`` into
+  the state file, wait for ``completed``, ``quit``.
+* ``restore`` (QEMU started with ``-incoming defer``): ``migrate-set-capabilities
+  events``, ``getfd``, ``migrate-incoming fd:warm``, wait for the MIGRATION event
+  ``completed``, ``cont`` (the state was saved paused). The driver then sends ``SET1`` at
+  once: the guest said ``HEL1`` before the save.
+
+Either raises ``WarmFailed`` (a ``KilnError``) with QEMU's reason; the driver kills QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from builder.warm import clone_file
+from helper.base.errors import KilnError
+from runner.guest_init.sender import HelloListener
+from runner.vm.spec import WarmPlan
+from runner.vmm.qmp import Qmp, QmpError
+
+BANDWIDTH = 64 << 30  # bytes/s: no throttle (the guest is paused)
+_FD = "warm"
+
+
+class WarmFailed(KilnError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "see the VM's vmm.log; `kiln warm rm ID` drops a bad image")
+
+
+def _exited(pid: int) -> bool:
+    got, _ = os.waitpid(pid, os.WNOHANG)
+    return got != 0
+
+
+def wait_hello(pid: int, control: Path, timeout: float) -> None:
+    """Until the guest's init says ``HEL1`` (QEMU ``pid`` must stay alive)."""
+    hello = HelloListener(control)
+    deadline = time.monotonic() + timeout
+    try:
+        while not hello.poll():
+            if _exited(pid):
+                raise WarmFailed("QEMU exited before the guest was ready")
+            if time.monotonic() > deadline:
+                raise WarmFailed(f"the guest did not get ready in {timeout:.0f} s")
+            time.sleep(0.01)
+    except OSError as e:
+        raise WarmFailed(f"the guest's control channel: {e}") from None
+    finally:
+        hello.close()
+
+
+def _migration_done(q: Qmp, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = q.execute("query-migrate").get("status", "")
+        if st == "completed":
+            return
+        if st in ("failed", "cancelled"):
+            why = q.execute("query-migrate").get("error-desc", st)
+            raise WarmFailed(f"QEMU could not save the VM: {why}")
+        if time.monotonic() > deadline:
+            raise WarmFailed(f"saving the VM took over {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+def save(pid: int, qmp: Path, control: Path, disk: Path, plan: WarmPlan, *,
+         timeout: float = 300.0) -> None:
+    """Boot → hello → paused state in ``plan.state``, disk copy in ``plan.disk``; QEMU
+    quits."""
+    wait_hello(pid, control, timeout)
+    try:
+        with Qmp(qmp) as q:
+            q.execute("stop")
+            clone_file(disk, plan.disk)
+            q.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
+            fd = os.open(plan.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)
+            try:
+                q.execute("getfd", {"fdname": _FD}, fd=fd)
+            finally:
+                os.close(fd)
+            q.execute("migrate", {"uri": f"fd:{_FD}"})
+            _migration_done(q, timeout)
+            q.execute("quit")
+    except (QmpError, OSError) as e:
+        raise WarmFailed(f"saving the VM failed: {e}") from None
+
+
+def restore(qmp: Path, plan: WarmPlan, *, timeout: float = 60.0) -> None:
+    """A QEMU started with ``-incoming defer`` loads ``plan.state`` and runs."""
+    try:
+        with Qmp(qmp, timeout=timeout) as q:
+            q.execute("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "events", "state": True}]})
+            fd = os.open(plan.state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                q.execute("getfd", {"fdname": _FD}, fd=fd)
+            finally:
+                os.close(fd)
+            q.execute("migrate-incoming", {"uri": f"fd:{_FD}"})
+            deadline = time.monotonic() + timeout
+            while True:
+                ev = q.wait_event("MIGRATION", timeout=max(0.1, deadline - time.monotonic()))
+                status = ev.get("data", {}).get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise WarmFailed("QEMU could not load the warm image's state")
+            q.execute("cont")
+    except (QmpError, OSError) as e:
+        raise WarmFailed(f"restoring the VM failed: {e}") from None

@@ -1,0 +1,205 @@
+"""Warm start for real (QEMU microvm, TCG here, as root: ``-runas``, ``-chroot``,
+``-sandbox``): `kiln warm create` saves a booted guest, `kiln run --warm` restores clones
+of it that get the run's settings over the control channel — output, exit code, the
+host's time, fresh random state, their own disks — and a warm image never outlives its
+inputs or a killed creation."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from builder import warm
+from builder.root import Root
+from builder.source import RegistryOptions
+from tests.support.images import busybox_layout
+from tests.support.run import KILN, vmms
+from tests.support.timing import limit
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="kiln's full hardening is root's")]
+
+
+def kiln(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KILN, "--root", str(root), *args], capture_output=True,
+                          text=True, check=False, timeout=limit(180),
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(root with a copy pool and a warm image of the busybox volume, volume id)."""
+    from builder.pipeline import build
+    from builder.pool import init_pool
+
+    root = tmp_path_factory.mktemp("warm") / "root"
+    init_pool(Root(root).ensure().path, backend="copy")
+    vol = build(Root(root), f"oci:{busybox_layout()}:1", RegistryOptions()).volume
+    res = kiln(root, "warm", "create", vol.id[7:19], "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["volume"] == vol.id
+    assert doc["memory_mib"] == 512
+    assert doc["vmm"] == "qemu"
+    return root, vol.id[7:19]
+
+
+def test_output_exit_code_and_a_restore_not_a_boot(world: tuple[Path, str]) -> None:
+    root, vol = world
+    res = kiln(root, "run", "--warm", "--name", "w-exit", vol, "--", "sh", "-c",
+               "echo out; echo err >&2; exit 7")
+    assert (res.returncode, res.stdout) == (7, "out\n"), res.stderr
+    assert res.stderr == "err\n"  # no "making one", no fallback warning
+    rec = next(r for r in json.loads(kiln(root, "ps", "-a", "--json").stdout)
+               if r["name"] == "w-exit")
+    assert rec["exit_code"] == 7
+    ls = json.loads(kiln(root, "warm", "ls", "--json").stdout)
+    assert [i["memory_mib"] for i in ls] == [512]
+
+
+def test_clock_is_the_hosts(world: tuple[Path, str]) -> None:
+    root, vol = world
+    p = subprocess.Popen([*KILN, "--root", str(root), "run", "--warm", "--rm", vol, "--",
+                          "busybox", "adjtimex"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], limit(120))
+    host = time.time()
+    assert ready, "no output"
+    out, err = p.communicate(timeout=limit(60))
+    assert p.returncode == 0, err
+    got = {k.strip(): int(v) for k, v in (line.split(":", 1) for line in out.splitlines()
+                                          if "time.tv_" in line)}
+    assert abs(host - (got["time.tv_sec"] + got["time.tv_usec"] / 1e6)) < 1.0
+
+
+def test_clones_differ_and_keep_their_writes(world: tuple[Path, str]) -> None:
+    root, vol = world
+    script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; ls /{} 2>&1; true"
+    one = kiln(root, "run", "--warm", "--rm", vol, "--", "sh", "-c",
+               "echo mine >/written-by-one && " + script.format("written-by-one"))
+    two = kiln(root, "run", "--warm", "--rm", vol, "--", "sh", "-c",
+               script.format("written-by-one"))
+    assert one.returncode == two.returncode == 0, (one.stderr, two.stderr)
+    r1, ls1, *_ = one.stdout.split("\n")
+    r2, ls2, *_ = two.stdout.split("\n")
+    assert len(r1) == len(r2) == 64
+    assert r1 != r2
+    assert ls1 == "/written-by-one"
+    assert "No such file" in ls2
+    image = warm.list_images(Root(root))[0]
+    disk = warm.image_dir(Root(root), image.id) / warm.DISK
+    found = subprocess.run(["debugfs", "-R", "stat /written-by-one", str(disk)],
+                           capture_output=True, text=True, check=False)
+    assert "File not found" in found.stderr
+
+
+def test_other_memory_makes_its_own_image(world: tuple[Path, str]) -> None:
+    root, vol = world
+    res = kiln(root, "run", "--warm", "--rm", "--memory", "256M", vol, "--", "echo", "hi")
+    assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
+    assert "no warm image" in res.stderr
+    assert "making one" in res.stderr
+    mems = sorted(i["memory_mib"] for i in json.loads(kiln(root, "warm", "ls", "--json").stdout))
+    assert mems == [256, 512]
+    again = kiln(root, "run", "--warm", "--rm", "--memory", "256M", vol, "--", "echo", "hi")
+    assert again.returncode == 0
+    assert "making one" not in again.stderr
+
+
+def test_a_failed_restore_boots_cold(world: tuple[Path, str], tmp_path: Path) -> None:
+    root, vol = world
+    res = kiln(root, "warm", "create", "--cpus", "2", vol, "--json")
+    assert res.returncode == 0, res.stderr
+    state = warm.image_dir(Root(root), json.loads(res.stdout)["id"]) / warm.STATE
+    with open(state, "r+b") as f:
+        f.truncate(4096)  # a torn state: QEMU refuses it
+    res = kiln(root, "run", "--warm", "--rm", "--cpus", "2", vol, "--", "echo", "cold")
+    assert (res.returncode, res.stdout) == (0, "cold\n"), res.stderr
+    assert res.stderr.count("\n") == 1
+    assert "booting cold" in res.stderr
+
+
+def test_sigkill_during_create_leaves_nothing_gc_keeps(tmp_path: Path,
+                                                       world: tuple[Path, str]) -> None:
+    root, vol = world
+    before = {i.id for i in warm.list_images(Root(root))}
+    p = subprocess.Popen([*KILN, "--root", str(root), "warm", "create", "--memory", "384M",
+                          vol], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + limit(60)
+    while not vmms(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vmms(root), "QEMU never started"
+    time.sleep(1.0)  # mid-boot
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    res = kiln(root, "gc")
+    assert res.returncode == 0, res.stderr
+    assert not vmms(root)  # the reaper killed the orphaned QEMU
+    assert os.listdir(Path(root) / "tmp") == []
+    assert {i.id for i in warm.list_images(Root(root))} == before
+    assert list(Path(root, "warm").glob(".*")) == []
+    # the killed creation's VM (a --rm run) and its snapshot are gone; w-exit's stay
+    vms = json.loads(kiln(root, "ps", "-a", "--json").stdout)
+    assert [r["name"] for r in vms] == ["w-exit"]
+    snaps = json.loads(kiln(root, "snapshot", "ls", "--json").stdout)
+    assert [s["id"] for s in snaps] == [vms[0]["snapshot"]]
+
+
+def test_two_creations_of_one_key_make_one_image(world: tuple[Path, str]) -> None:
+    root, vol = world
+    procs = [subprocess.Popen([*KILN, "--root", str(root), "warm", "create", "--memory",
+                               "320M", vol], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=limit(180)) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    ids = sorted(out.split()[0] for out, _ in outs)
+    assert ids[0] == ids[1]
+    assert sum("already there" in out for out, _ in outs) == 1
+    ls = json.loads(kiln(root, "warm", "ls", "--json").stdout)
+    assert [i["id"] for i in ls if i["memory_mib"] == 320] == [ids[0]]
+    assert kiln(root, "warm", "rm", ids[0][:12]).stdout == ids[0] + "\n"
+
+
+def test_stdin_and_network_options_work_on_one_device_set(world: tuple[Path, str]) -> None:
+    """One warm image serves -i or not and --net none or user: the stdin port and the NIC
+    are always there (docs/warm.md, "The device set")."""
+    root, vol = world
+    run = [*KILN, "--root", str(root), "run", "--warm", "--rm"]
+    piped = subprocess.run([*run, "-i", vol, "--", "cat"], input="piped in\n",
+                           capture_output=True, text=True, timeout=limit(120), check=False)
+    assert (piped.returncode, piped.stdout) == (0, "piped in\n"), piped.stderr
+    closed = subprocess.run([*run, vol, "--", "cat"], input="not for the guest\n",
+                            capture_output=True, text=True, timeout=limit(120), check=False)
+    assert (closed.returncode, closed.stdout) == (0, ""), closed.stderr  # /dev/null
+    net = kiln(root, "run", "--warm", "--rm", "--net", "user", vol, "--", "sh", "-c",
+               "ip addr show eth0 | grep -o 'inet [0-9./]*'; ip route | grep default")
+    assert net.returncode == 0, net.stderr
+    assert net.stdout.split("\n")[:2] == ["inet 10.0.2.15/24",
+                                          "default via 10.0.2.2 dev eth0 "]
+    assert "making one" not in piped.stderr + closed.stderr + net.stderr
+
+
+def test_refusals_are_said_plainly(world: tuple[Path, str]) -> None:
+    root, vol = world
+    for extra, said in ((["--init", "image"], "--warm needs kiln's init"),
+                        (["--vmm", "firecracker"], "QEMU only")):
+        res = kiln(root, "run", "--warm", *extra, vol)
+        assert res.returncode == 125
+        assert said in res.stderr
+
+
+def test_volume_rm_takes_its_warm_images(world: tuple[Path, str]) -> None:
+    """Last: removes the module's volume."""
+    root, vol = world
+    assert warm.list_images(Root(root))
+    res = kiln(root, "volume", "rm", vol)
+    assert res.returncode == 0, res.stderr
+    assert warm.list_images(Root(root)) == []
