@@ -15,6 +15,9 @@ disk, keyed by everything a restore must match.
   flock that makes two concurrent creations of one key make one image.
 * ``remove_for_volumes`` is what ``kiln volume rm`` and ``kiln gc`` call: a volume's warm
   images go with it.
+* The cap (``KILN_WARM_MAX``, default 4G): ``prune_plan`` (pure) picks the oldest images
+  to remove so the store fits, never the new one; ``prune`` applies it under the store's
+  flock after ``kiln warm create`` made an image.
 """
 
 from __future__ import annotations
@@ -25,17 +28,19 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.root import Root, rmtree
+from builder.units import parse_size
 from helper.base import fileops
 from helper.base.errors import NotFound, UsageError
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 STATE, DISK, RECORD = "state", "disk", "warm.json"
+MAX_ENV, MAX_DEFAULT = "KILN_WARM_MAX", "4G"
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,9 @@ def publish(root: Root, work: Path, image_id: str, volume: str, vmm: str,
     """Write ``work``'s record and rename the work directory to ``ROOT/warm/<id>`` (the
     caller holds ``key_lock``; ``work`` holds ``state`` and ``disk``)."""
     rec = WarmRecord(image_id, volume, vmm, memory_mib, cpus, 0, time.time())
-    (work / RECORD).write_text(json.dumps(rec.as_json()))
+    fileops.write_json(work / RECORD, rec.as_json(), 0o600)
     rec = WarmRecord(**{**rec.as_json(), "bytes": allocated(work)})
-    (work / RECORD).write_text(json.dumps(rec.as_json()))
+    fileops.write_json(work / RECORD, rec.as_json(), 0o600)
     os.chmod(work, 0o700)
     warm_dir(root).mkdir(mode=0o700, exist_ok=True)
     os.rename(work, image_dir(root, image_id))
@@ -179,6 +184,44 @@ def remove_for_volumes(root: Root, volumes: Iterable[str]) -> list[str]:
                 gone.append(rec.id)
     return gone
 
+
+def max_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """The cap on the warm images' total allocated size: ``$KILN_WARM_MAX`` (a size such
+    as ``4G``; default ``MAX_DEFAULT``)."""
+    env = os.environ if environ is None else environ
+    return parse_size(env.get(MAX_ENV) or MAX_DEFAULT, MAX_ENV)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    remove: tuple[str, ...]  # ids, oldest first
+    over: bool  # the new image alone is larger than the cap
+
+
+def prune_plan(others: Sequence[WarmRecord], cap: int, new_bytes: int) -> PrunePlan:
+    """Which of ``others`` (every image but the new one) to remove, oldest first (by
+    ``created``, then id), so that they and the new image of ``new_bytes`` fit in ``cap``;
+    when the new image alone does not fit, every other goes and ``over`` says so (pure)."""
+    total = new_bytes + sum(r.bytes for r in others)
+    doomed: list[str] = []
+    for rec in sorted(others, key=lambda r: (r.created, r.id)):
+        if total <= cap:
+            break
+        doomed.append(rec.id)
+        total -= rec.bytes
+    return PrunePlan(tuple(doomed), new_bytes > cap)
+
+
+def prune(root: Root, new: WarmRecord, cap: int) -> PrunePlan:
+    """Apply ``prune_plan`` to the store under its flock (``warm-store``), after ``new`` was
+    published; the caller must not hold a key lock (``remove`` takes each victim's)."""
+    root.ensure()
+    with root.lock("warm-store"):
+        plan = prune_plan([r for r in list_images(root) if r.id != new.id], cap, new.bytes)
+        for image_id in plan.remove:
+            with contextlib.suppress(NotFound, OSError):
+                remove(root, image_id)
+    return plan
 
 
 def clone_file(src: Path, dst: Path) -> None:

@@ -27,7 +27,10 @@ def warm() -> None:
 @pass_ctx
 def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, as_json: bool,
                 tls_verify: bool, no_tls_verify: bool, authfile: Path | None) -> None:
-    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU)."""
+    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU).
+
+    The oldest other images are then removed to keep their total under $KILN_WARM_MAX
+    (default 4G)."""
     from builder.source import RegistryOptions
     from runner.vm import warmrun
     from runner.vm.spec import RunOptions
@@ -35,7 +38,8 @@ def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, as_json: bool,
     opts = RunOptions(vmm="qemu", cpus=cpus, memory=parse_size(memory, "--memory"))
     reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
                           authfile=authfile.absolute() if authfile else None)
-    rec, made = warmrun.create(ctx.root, source, opts, reg)
+    rec, made = warmrun.create(ctx.root, source, opts, reg,
+                               say=lambda line: click.echo(line, err=True))
     if as_json:
         print_json(rec.as_json())
     else:

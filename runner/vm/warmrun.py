@@ -8,6 +8,8 @@
   run through the lifecycle with ``WarmPlan("save")`` into a ``Root.workdir`` (removed by
   recovery if kiln dies), which ``builder.warm.publish`` renames into ``ROOT/warm/<id>``.
   The VM's record and snapshot go at its end (``--rm``), like any run's.
+  A new image then prunes the oldest others to fit ``KILN_WARM_MAX``
+  (``builder.warm.prune``), said on stderr.
 * ``run``: the matching image (made first when there is none, said on stderr), then the
   lifecycle with ``WarmPlan("restore")``; a restore that fails (``WarmFailed``) is said
   in one line and the run boots cold. Options the key cannot carry are refused: ``--init
@@ -28,6 +30,7 @@ from typing import Any
 
 from builder import warm
 from builder.root import Root
+from builder.units import format_size
 from helper.base.errors import KilnError, UsageError
 from runner.vm import lifecycle
 from runner.vm.spec import RunOptions, WarmPlan
@@ -111,11 +114,27 @@ def _check(root: Root, opts: RunOptions) -> None:
                          "run without --warm, or `kiln pool init --backend reflink`")
 
 
-def create(root: Root, source: str, opts: RunOptions, registry_opts: Any
-           ) -> tuple[warm.WarmRecord, bool]:
-    """The warm image for ``source`` with ``opts``' key: (record, made now)."""
+def create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
+           say: Callable[[str], None] = print) -> tuple[warm.WarmRecord, bool]:
+    """The warm image for ``source`` with ``opts``' key: (record, made now). A new image
+    prunes the oldest others to fit ``KILN_WARM_MAX`` (said on ``say``)."""
+    cap = warm.max_bytes()
     root.ensure()
     _check(root, opts)
+    rec, made = _create(root, source, opts, registry_opts)
+    if made:
+        plan = warm.prune(root, rec, cap)
+        for gone in plan.remove:
+            say(f"kiln: removed warm image {gone[:12]} (the oldest: {warm.MAX_ENV} is "
+                f"{format_size(cap)})")
+        if plan.over:
+            say(f"kiln: warning: this warm image alone ({format_size(rec.bytes)}) is larger "
+                f"than {warm.MAX_ENV} ({format_size(cap)}); kept, every other removed")
+    return rec, made
+
+
+def _create(root: Root, source: str, opts: RunOptions, registry_opts: Any
+            ) -> tuple[warm.WarmRecord, bool]:
     volume = lifecycle.resolve_volume(root, source, registry_opts)
     image_id = warm.key_id(key_for(root, volume.id, opts))
     with warm.key_lock(root, image_id):
@@ -147,7 +166,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any, *,
     rec = warm.find(root, image_id)
     if rec is None:
         say(f"kiln: no warm image of {source} for these settings: making one")
-        rec, _ = create(root, volume.id, opts, registry_opts)
+        rec, _ = create(root, volume.id, opts, registry_opts, say)
     d = warm.image_dir(root, rec.id)
     plan = WarmPlan("restore", d / warm.STATE, d / warm.DISK)
     try:

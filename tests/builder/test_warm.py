@@ -4,6 +4,7 @@ the id; an image is published whole by a rename; a volume's images go with it.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -114,3 +115,62 @@ def test_gc_removes_the_images_of_volumes_that_are_gone(tmp_path: Path) -> None:
     report = run_gc(root, keep_seconds=0, dry_run=False)
     assert f"warm/{rec.id}" in report.removed_leftovers
     assert warm.list_images(root) == []
+
+
+_IMAGES = st.lists(st.tuples(st.integers(0, 50), st.integers(0, 1000)), max_size=12)
+
+
+def _records(spec: list[tuple[int, int]]) -> list[warm.WarmRecord]:
+    return [warm.WarmRecord(f"{i:064x}", KEY.volume, "qemu", 512, 1, size, float(created))
+            for i, (created, size) in enumerate(spec)]
+
+
+@given(spec=_IMAGES, cap=st.integers(0, 3000), new_bytes=st.integers(0, 1500))
+def test_prune_plan_removes_the_oldest_until_it_fits(spec: list[tuple[int, int]], cap: int,
+                                                     new_bytes: int) -> None:
+    others = _records(spec)
+    plan = warm.prune_plan(others, cap, new_bytes)
+    assert set(plan.remove) <= {r.id for r in others}  # never the new image
+    assert len(set(plan.remove)) == len(plan.remove)
+    kept = [r for r in others if r.id not in plan.remove]
+    total = new_bytes + sum(r.bytes for r in kept)
+    assert plan.over == (new_bytes > cap)
+    if plan.over:
+        assert kept == []  # said plainly, and everything else went
+    else:
+        assert total <= cap
+    order = [r.id for r in sorted(others, key=lambda r: (r.created, r.id))]
+    assert list(plan.remove) == order[:len(plan.remove)]  # the oldest first, in order
+    if plan.remove:  # and no more than needed: one fewer would not fit
+        last = next(r for r in others if r.id == plan.remove[-1])
+        assert total + last.bytes > cap
+
+
+def test_prune_plan_keeps_everything_that_fits() -> None:
+    others = _records([(3, 100), (1, 100), (2, 100)])
+    assert warm.prune_plan(others, 400, 100) == warm.PrunePlan((), False)
+    assert warm.prune_plan(others, 300, 100).remove == (others[1].id,)
+    assert warm.prune_plan(others, 50, 100) == warm.PrunePlan(
+        (others[1].id, others[2].id, others[0].id), True)
+
+
+def test_the_cap_comes_from_the_environment() -> None:
+    assert warm.max_bytes({}) == 4 << 30
+    assert warm.max_bytes({"KILN_WARM_MAX": "300M"}) == 300 << 20
+    with pytest.raises(UsageError, match="KILN_WARM_MAX"):
+        warm.max_bytes({"KILN_WARM_MAX": "lots"})
+
+
+def test_prune_removes_the_oldest_from_the_store(tmp_path: Path) -> None:
+    root = Root(tmp_path / "root").ensure()
+    recs = [_publish(root, dataclasses.replace(KEY, memory_mib=m)) for m in (256, 512, 1024)]
+    for i, rec in enumerate(recs):  # distinct, known creation times
+        doc = {**rec.as_json(), "created": 1000.0 + i}
+        (warm.image_dir(root, rec.id) / warm.RECORD).write_text(json.dumps(doc))
+    new = warm.find(root, recs[2].id)
+    assert new is not None
+    plan = warm.prune(root, new, 2 * new.bytes)
+    assert plan == warm.PrunePlan((recs[0].id,), False)
+    assert {r.id for r in warm.list_images(root)} == {recs[1].id, recs[2].id}
+    rec_file = warm.image_dir(root, new.id) / warm.RECORD
+    assert rec_file.stat().st_mode & 0o777 == 0o600

@@ -185,6 +185,42 @@ def test_refusals_are_said_plainly(world: tuple[Path, str]) -> None:
         assert said in res.stderr
 
 
+def test_the_cap_prunes_the_oldest_image(tmp_path: Path) -> None:
+    """Three images under a KILN_WARM_MAX that holds two: the third's creation removes the
+    first (the oldest) and says so; `kiln warm ls` shows the two newest."""
+    from builder.pipeline import build
+    from builder.pool import init_pool
+
+    root = tmp_path / "root"
+    init_pool(Root(root).ensure().path, backend="copy")
+    vol = build(Root(root), f"oci:{busybox_layout()}:1", RegistryOptions()).volume.id[7:19]
+    made: list[dict[str, int | str]] = []
+    cap = 4 << 30
+    for cpus in (1, 2, 3):
+        res = subprocess.run([*KILN, "--root", str(root), "warm", "create", "--memory", "256M",
+                              "--cpus", str(cpus), vol, "--json"], capture_output=True,
+                             text=True, check=False, timeout=limit(180),
+                             env={**os.environ, "KILN_WARM_MAX": str(cap)})
+        assert res.returncode == 0, res.stderr
+        made.append(json.loads(res.stdout))
+        if cpus < 3:
+            assert "removed" not in res.stderr
+        if cpus == 2:  # room for two of these, not three
+            sizes = [int(m["bytes"]) for m in made]
+            cap = sum(sizes) + max(sizes) // 2
+    first, second, third = (str(m["id"]) for m in made)
+    assert f"kiln: removed warm image {first[:12]}" in res.stderr
+    assert int(made[1]["bytes"]) + int(made[2]["bytes"]) <= cap
+    ls = kiln(root, "warm", "ls")
+    assert ls.returncode == 0, ls.stderr
+    assert second[:12] in ls.stdout
+    assert third[:12] in ls.stdout
+    assert first[:12] not in ls.stdout
+    listed = json.loads(kiln(root, "warm", "ls", "--json").stdout)
+    assert sorted(i["id"] for i in listed) == sorted([second, third])
+    assert not warm.image_dir(Root(root), first).exists()
+
+
 def test_volume_rm_takes_its_warm_images(world: tuple[Path, str]) -> None:
     """Last: removes the module's volume."""
     root, vol = world
