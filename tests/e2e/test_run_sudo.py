@@ -215,3 +215,33 @@ def test_the_reaper_removes_the_users_orphaned_cgroups_only(
     finally:
         cg.cgroup_kill(ccfg, foreign, version)
         helper_as(user, "cgroup-kill", {"vm": mine, "version": version})
+
+
+def test_warm_start_as_an_ordinary_user(flow: tuple[User, Path, str]) -> None:
+    """`kiln warm create` and `kiln run --warm` as the sudo caller (issue #14): the image
+    and its state are the caller's, 0600 in a 0700 directory; nothing is left running."""
+    user, root, vol = flow
+    before = (mounts(), loop_table())
+    res = kiln_as(user, root, "warm", "create", vol, "--json", check=False)
+    assert res.returncode == 0, res.stderr
+    image = json.loads(res.stdout)
+    res = kiln_as(user, root, "run", "--warm", "--rm", vol, "--", "echo", "X", check=False)
+    assert (res.returncode, res.stdout) == (0, "X\n"), res.stderr
+    assert "making one" not in res.stderr
+    assert "booting cold" not in res.stderr  # a restore, not a fallback
+    d = root / "warm" / image["id"]
+    st = d.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.uid, user.gid, 0o700)
+    for name in ("state", "disk", "warm.json"):
+        st = (d / name).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.uid, user.gid, 0o600), name
+    assert sorted(os.listdir(d)) == ["disk", "state", "warm.json"]
+    # Nothing of either VM is left: no QEMU, no cgroup, no mount, no loop device, no record.
+    assert vmms(root) == {}
+    assert cgroups_of(root) == {}
+    assert (mounts(), loop_table()) == before
+    assert os.listdir(BASE / "users" / str(user.uid) / "cgroups") == []
+    assert json.loads(kiln_as(user, root, "ps", "--all", "--json").stdout) == []
+    assert os.listdir(root / "tmp") == []
+    kiln_as(user, root, "warm", "rm", image["id"])
+    assert json.loads(kiln_as(user, root, "warm", "ls", "--json").stdout) == []
