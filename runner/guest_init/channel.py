@@ -25,6 +25,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+from runner.guest_init import Workload
+
 HEADER = struct.Struct(">4sI")
 HELLO, SETTINGS, STOP = b"HEL1", b"SET1", b"STP1"
 LIMITS = {HELLO: 0, SETTINGS: 64 << 10, STOP: 16}
@@ -52,11 +54,7 @@ class GuestNet:
 class Settings:
     """One run's settings, less what is stamped when they are sent (time, seed)."""
 
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    workdir: str
-    user: str
-    hostname: str
+    work: Workload  # argv, env, workdir, user, hostname
     machine_id: str  # 32 lowercase hex digits (/etc/machine-id)
     net: GuestNet | None = None
     stdin: bool | None = None  # warm runs: is the kiln.stdin port the workload's stdin?
@@ -96,7 +94,7 @@ def _record(key: str, value: str) -> bytes:
 
 
 def _checked(s: Settings, seed: bytes) -> None:
-    if not s.argv:
+    if not s.work.argv:
         raise FrameError("the settings have no command")
     if not _MACHINE_ID.fullmatch(s.machine_id):
         raise FrameError(f"invalid machine id {s.machine_id!r}")
@@ -118,16 +116,17 @@ def encode_settings(s: Settings, *, time_ns: int, seed: bytes) -> bytes:
     fresh ``seed`` bytes (pure)."""
     _checked(s, seed)
     sec, nsec = divmod(time_ns, 1_000_000_000)
-    fields = [("hostname", s.hostname), ("machine_id", s.machine_id),
+    w = s.work
+    fields = [("hostname", w.hostname), ("machine_id", s.machine_id),
               ("time", f"{sec}.{nsec:09d}"), ("seed", seed.hex()),
-              ("workdir", s.workdir), ("user", s.user)]
+              ("workdir", w.workdir), ("user", w.user)]
     if s.net is not None:
         fields += [("mac", s.net.mac), ("ip", s.net.ip), ("gw", s.net.gateway),
                    ("dns", ",".join(s.net.dns))]
     if s.stdin is not None:
         fields.append(("stdin", "1" if s.stdin else "0"))
-    fields += [("env", f"{k}={v}") for k, v in s.env]
-    fields += [("arg", a) for a in s.argv]
+    fields += [("env", f"{k}={v}") for k, v in w.env]
+    fields += [("arg", a) for a in w.argv]
     return encode_frame(SETTINGS, b"".join(_record(k, v) for k, v in fields))
 
 

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -72,9 +71,11 @@ def request_stop(control: Path, grace: float) -> bool:
 
 
 def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
-                   tap: qemuargv.TapNic | None) -> channel.Settings:
+                   tap: qemuargv.TapNic | None, stdin: bool | None = None
+                   ) -> channel.Settings:
     """What the guest is sent: the workload, a fresh machine id, eth0 (``--net user``:
-    slirp's fixed addresses; ``--net tap``: the lease)."""
+    slirp's fixed addresses; ``--net tap``: the lease); ``stdin`` for warm runs, whose
+    stdin port is always there (None: the port exists only with ``-i``)."""
     guest_net = None
     if net == "user":
         from helper.net.core import mac_for  # ~90 ms of imports: only when needed
@@ -82,8 +83,7 @@ def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
         guest_net = channel.GuestNet(mac_for(vm_id), *qemuargv.USER_NET)
     elif tap is not None:
         guest_net = channel.net_from_kernel_args(tap.mac, tap.kernel_args)
-    s = channel.Settings(w.argv, w.env, w.workdir, w.user, w.hostname,
-                         secrets.token_hex(16), guest_net)
+    s = channel.Settings(w, secrets.token_hex(16), guest_net, stdin)
     try:  # refused now, before the boot, rather than when the guest asks
         channel.encode_settings(s, time_ns=time.time_ns(), seed=bytes(SEED_BYTES))
     except channel.FrameError as e:
@@ -140,9 +140,8 @@ class QemuDriver:
                 warm=boot.warm.mode if boot.warm else None,
                 qmp=files.dir / "qmp.sock" if boot.warm else None)
             work = boot.workload
-            settings = guest_settings(work, rec.id, opts.net, spec.tap) if work else None
-            if settings is not None and boot.warm is not None:  # the stdin port is always there
-                settings = dataclasses.replace(settings, stdin=opts.interactive)
+            settings = guest_settings(work, rec.id, opts.net, spec.tap,
+                                      opts.interactive if boot.warm else None) if work else None
             return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
                               tuple(rec.cgroup_dirs), nic, settings, boot.warm, boot.disk)
         except BaseException:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.guest_init import agentbin
+from runner.guest_init import Workload, agentbin
 from runner.guest_init import channel as ch
 
 SEED = bytes(range(32))
@@ -39,7 +39,7 @@ def decode_settings(payload: bytes) -> dict[str, list[str]]:
     return out
 
 
-BASIC = ch.Settings(("echo", "hi"), (("PATH", "/bin"),), "/w", "0:0", "vm1", "ab" * 16)
+BASIC = ch.Settings(Workload(("echo", "hi"), (("PATH", "/bin"),), "/w", "0:0", "vm1"), "ab" * 16)
 
 
 def test_frames_exact_bytes() -> None:
@@ -72,7 +72,7 @@ _text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("
        seed=st.binary(min_size=32, max_size=256))
 def test_settings_round_trip(argv: list[str], env: list[tuple[str, str]], workdir: str,
                              user: str, t: int, seed: bytes) -> None:
-    s = ch.Settings(tuple(argv), tuple(env), workdir, user, "vm1", "0f" * 16, NET)
+    s = ch.Settings(Workload(tuple(argv), tuple(env), workdir, user, "vm1"), "0f" * 16, NET)
     tag, payload, rest = ch.decode_frame(ch.encode_settings(s, time_ns=t, seed=seed))
     assert (tag, rest) == (ch.SETTINGS, b"")
     got = decode_settings(payload)
@@ -103,7 +103,7 @@ def test_size_limits_are_refused_both_ways(size: int, tag: bytes) -> None:
 
 
 def test_oversized_settings_refused_with_a_clear_error() -> None:
-    big = ch.Settings(("x" * (64 << 10),), (), "", "", "vm1", "0" * 32)
+    big = ch.Settings(Workload(("x" * (64 << 10),), (), "", "", "vm1"), "0" * 32)
     with pytest.raises(ch.FrameError, match=r"^SET1 frame of 65\d{3} bytes exceeds the limit "
                                             r"of 65536 bytes$"):
         ch.encode_settings(big, time_ns=T, seed=SEED)
@@ -121,10 +121,11 @@ def test_malformed_frames(data: bytes, message: str) -> None:
 
 
 @pytest.mark.parametrize(("kw", "seed", "message"), [
-    ({"argv": ()}, SEED, "the settings have no command"),
+    ({"work": replace(BASIC.work, argv=())}, SEED, "the settings have no command"),
     ({"machine_id": "XYZ"}, SEED, "invalid machine id 'XYZ'"),
     ({}, b"short", "the seed must be 32 to 256 bytes, not 5"),
-    ({"argv": ("a\0b",)}, SEED, "the settings' arg contains a NUL byte"),
+    ({"work": replace(BASIC.work, argv=("a\0b",))}, SEED,
+     "the settings' arg contains a NUL byte"),
     ({"net": ch.GuestNet("02:00", "1.2.3.4/24", "1.2.3.1")}, SEED,
      "invalid MAC address '02:00'"),
     ({"net": ch.GuestNet(NET.mac, "1.2.3.4", "1.2.3.1")}, SEED,
@@ -174,7 +175,7 @@ def _agent(agent: Path, tmp: Path, frame: bytes, mode: str = "print"
 def test_agent_prints_what_a_shell_reads_back(agent: Path, tmp_path: Path, argv: list[str],
                                               env: list[tuple[str, str]],
                                               workdir: str) -> None:
-    s = ch.Settings(tuple(argv), tuple(env), workdir, "1:2", "vm1", "0f" * 16, NET)
+    s = ch.Settings(Workload(tuple(argv), tuple(env), workdir, "1:2", "vm1"), "0f" * 16, NET)
     res = _agent(agent, tmp_path, ch.encode_settings(s, time_ns=T, seed=SEED))
     assert res.returncode == 0, res.stderr
     (tmp_path / "cfg").write_bytes(res.stdout)

@@ -136,7 +136,7 @@ def test_guest_settings_carry_the_network() -> None:
     assert tap.net == channel.GuestNet("02:1f:2e:3d:4c:5b", "10.213.0.2/24", "10.213.0.1")
     none = guest_settings(w, "abcdefghijkl", "none", None)
     assert none.net is None
-    assert (none.argv, none.hostname) == (("echo", "hi"), "vm1")
+    assert (none.work.argv, none.work.hostname) == (("echo", "hi"), "vm1")
     assert len({guest_settings(w, "abcdefghijkl", "none", None).machine_id
                 for _ in range(3)}) == 3  # a fresh machine id per run
     big = Workload(("echo", "x" * (64 << 10)), (), "", "", "vm1")
