@@ -21,22 +21,9 @@ import pytest
 from builder import proc
 from helper.base import toolenv
 from helper.base.errors import KilnError, ToolNotFound, ToolTimeout
+from tests.support.procs import dead
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _dead(pid: int, within: float = 10.0) -> bool:
-    """``pid`` is gone or a zombie within ``within`` seconds (its reaper may be slow)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _status(pid: int, field: str) -> str:
@@ -117,11 +104,11 @@ def test_die_with_parent_kills_the_child_when_the_parent_dies(mode: str,
     assert parent.stdout is not None
     pid = int(parent.stdout.readline())
     try:
-        assert not _dead(pid, within=0.2)
+        assert not dead(pid, within=0.2)
         parent.kill()
         parent.wait()
         # killed at once, or still alive a second later
-        assert _dead(pid, within=10.0 if die_with_parent else 1.0) is die_with_parent
+        assert dead(pid, within=10.0 if die_with_parent else 1.0) is die_with_parent
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # our grandchild: started by this test
@@ -238,7 +225,7 @@ def test_wait_timeout_then_kill_reaches_the_group() -> None:
     assert child.wait(0.1) is None
     child.kill(signal.SIGTERM)
     assert child.wait(30) == -signal.SIGTERM
-    assert _dead(grandchild)
+    assert dead(grandchild)
     child.kill()  # reaped: nothing is signalled
     os.close(child.stdout)
 

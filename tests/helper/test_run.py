@@ -17,20 +17,9 @@ import pytest
 
 from helper.base import run, toolenv
 from helper.base.errors import ToolNotFound
+from tests.support.procs import dead
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_spawn_takes_only_an_absolute_binary() -> None:
@@ -85,7 +74,7 @@ def test_a_spawned_child_outlives_the_helper_unless_asked(die_with_parent: bool)
     try:
         op.kill()
         op.wait()
-        assert _gone(pid, 10.0 if die_with_parent else 1.0) is die_with_parent
+        assert dead(pid, 10.0 if die_with_parent else 1.0) is die_with_parent
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # our grandchild: started by this test
@@ -104,7 +93,7 @@ def test_wait_kills_the_group_when_the_time_is_up(tmp_path: Path) -> None:
     grandchild = int(pidfile.read_text())
     assert run.wait(child, 0.2) is None
     assert child.returncode == -signal.SIGKILL
-    assert _gone(grandchild, 10.0)
+    assert dead(grandchild, 10.0)
     assert run.wait(run.spawn(["/bin/sh", "-c", "exit 3"], stdout=subprocess.DEVNULL),
                     30) == 3
 
