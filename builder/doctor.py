@@ -11,7 +11,6 @@ without failing. The CLI owns presentation and exit codes.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import os
 import re
 from dataclasses import dataclass
@@ -64,6 +63,8 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def kiln_version() -> str:
+    import importlib.metadata  # ~10 ms (email.*): only where a version is printed
+
     try:
         return importlib.metadata.version("kiln-vm")
     except importlib.metadata.PackageNotFoundError:

@@ -35,11 +35,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from helper.base.errors import KilnError, NotFound
-from runner.vmm import fcapi as firecracker
 from runner.vmm import qemuargv
+
+if TYPE_CHECKING:
+    from runner.vmm import fcapi as firecracker
 
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -72,7 +74,9 @@ class VmNet:
         return qemuargv.TapNic(self.tap, self.mac, self.kernel_args)
 
     def firecracker_nic(self) -> firecracker.NetSpec:
-        return firecracker.NetSpec("eth0", self.tap, self.mac)
+        from runner.vmm import fcapi  # Firecracker's module: not on a QEMU run's path
+
+        return fcapi.NetSpec("eth0", self.tap, self.mac)
 
     def doc(self) -> dict[str, Any]:
         """What the VM's record keeps (and ``kiln ps --json`` shows as ``ip``)."""

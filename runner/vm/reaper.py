@@ -64,6 +64,7 @@ from runner.vm.state import (
     host_name,
     proc_start_time,
     root_key,
+    uses_jails,
     vm_of_host,
 )
 
@@ -306,7 +307,7 @@ def observe(root: Root, st: State, *, full: bool = False) -> tuple[Observed, lis
     from runner.vm import cgroup as vmcgroup
     from runner.vmm import choice as vmmchoice
 
-    cfg, _ = vmmchoice.config_problem(root.path)
+    cfg = vmmchoice.config_problem(root.path)[0] if uses_jails(root.path, recs) else None
     # The trusted config's cgroup parent: sudo callers' QEMU cgroups and Firecracker jails'
     # (cfg.cgroup.parent is the same value, and exists only when this one does).
     helper_parent = vmcgroup.helper_parent()

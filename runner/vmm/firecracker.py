@@ -55,7 +55,7 @@ from runner.tempfiles import locked_temp, write_atomic
 from runner.vm import cgroup as vmcgroup
 from runner.vm import resources as vmres
 from runner.vm.spec import RunOptions, VMFiles
-from runner.vm.state import LIVE, State, VMRecord, alive, proc_start_time
+from runner.vm.state import LIVE, State, VMRecord, alive, mark_jails, proc_start_time
 from runner.vmm import fcapi as fc
 from runner.vmm import process as supervise
 from runner.vmm.driver import Boot, Ended, Reservation
@@ -147,6 +147,7 @@ class FirecrackerDriver:
                 ) -> Reservation:
         del intent  # the tap belongs to the VM uid: from the jails' range either way
         cfg = self.cfg
+        mark_jails(self.root.path)  # before the record names a jail: the reaper looks
         vcg = vmcgroup.firecracker_plan(cfg.cgroup, host, opts.cpus, opts.memory)
         return Reservation(vcg, (cfg.uid_first, cfg.uid_count), want_uid=True,
                            doc=jail_doc(cfg, host, vcg))

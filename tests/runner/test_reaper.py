@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -235,3 +236,32 @@ def test_reconcile_on_a_real_root(tmp_path: Path) -> None:
     assert not (st.vms_dir / "bbbbbbbbbbbb").exists()
     assert (st.vms_dir / "not-kiln").is_dir()
     assert (st.vms_dir / "aaaaaaaaaaaa").is_dir()  # a failed VM keeps its files until rm
+
+
+def test_jails_are_looked_for_only_in_a_root_that_set_one_up(tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
+    """Loading the jails' configuration costs every command ~20 ms: the reaper does it only
+    for a root marked by the Firecracker driver (or holding a Firecracker record); the mark
+    is not a VM directory, so no round removes it."""
+    from runner.vmm import choice
+
+    root = Root(tmp_path).ensure()
+    st = State(root.path)
+    asked: list[Path] = []
+    monkeypatch.setattr(choice, "config_problem",
+                        lambda d: (asked.append(d), (None, "not configured"))[1])
+    reaper.observe(root, st)
+    assert asked == []
+    st.create(vm_id="cccccccccccc", name=None, vmm="firecracker", volume="sha256:" + "0" * 64,
+              snapshot="vmcccccccccccc", vm_dir=st.vms_dir / "cccccccccccc", cgroups=[],
+              want_uid=False, auto_remove=False, spec={})
+    reaper.observe(root, st)
+    assert asked == [root.path]
+    st.delete("cccccccccccc")
+    state.mark_jails(root.path)
+    state.mark_jails(root.path)  # idempotent
+    reaper.observe(root, st)
+    assert asked == [root.path, root.path]
+    for _ in range(2):
+        reaper.reconcile(root, st)
+    assert (st.vms_dir / state.JAILS_MARK).is_file()

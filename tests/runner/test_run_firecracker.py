@@ -382,6 +382,7 @@ def test_timeout_exits_124_and_cleans_up(world: dict[str, Any]) -> None:
     assert (rec["state"], rec["exit_code"], rec["reason"], rec["vmm"]) == \
         ("exited", None, "timed out (--timeout)", "firecracker")
     assert leftovers(world, vm_id) == []
+    assert (root / "vms" / state.JAILS_MARK).is_file()  # the reaper looks for jails here
     vm_dir = root / "vms" / vm_id
     assert "Running Firecracker v1.12.1" in (vm_dir / "console.log").read_text()
     fclog = (vm_dir / "vmm.log").read_text()  # Firecracker's own log, kept from the jail
