@@ -3,9 +3,9 @@ disk, keyed by everything a restore must match.
 
 * ``WarmKey`` → ``key_id`` (pure): the SHA-256 of a canonical JSON of the volume id, the
   kernel's and initrd's content hashes, kiln's init (init.sh, the agent, busybox) hash,
-  the VMM's name and version, the accelerator and CPU model, memory, cpus, disk size and
-  the device set. Any field that changes changes the id, so a stale image is never used:
-  it is simply not found.
+  the VMM's name and version, the accelerator and CPU model, memory, cpus, disk size,
+  the device set and the kernel command line. Any field that changes changes the id, so
+  a stale image is never used: it is simply not found.
 * The store, ``ROOT/warm/<id>/``: ``state`` (the VMM's saved state), ``disk`` (the disk
   as it was when the VM was paused) and ``warm.json`` (``WarmRecord``: id, volume, vmm,
   memory_mib, cpus, bytes allocated, created). An image is made in a work directory under
@@ -59,6 +59,7 @@ class WarmKey:
     cpus: int
     disk_size: int | None  # --disk-size, None: the volume's own
     devices: str  # the device set (runner.vmm.qemuargv.WARM_DEVICES)
+    cmdline: str  # the kernel command line the image was booted with
 
 
 def key_id(key: WarmKey) -> str:

@@ -40,3 +40,4 @@ _.initrd_sha256  # ditto
 _.vmm_version  # ditto
 _.cpu_model  # ditto
 _.init_sha256  # ditto
+_.cmdline  # ditto

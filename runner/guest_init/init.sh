@@ -60,13 +60,22 @@ done
 [ -n "$err" ] || err=$out
 [ -n "$in" ] || in=/dev/null
 
+# Everything that needs no settings is done before the hello: after a warm restore every
+# new code path is translated again under emulation (a fork+exec costs tens of ms then).
+$bb ip link set lo up 2>/dev/null
+read -r cmdline </proc/cmdline
+case " $cmdline " in
+  # a warm-capable boot (init_on_free=1): free the page cache now, so that the saved
+  # state holds only pages in use (zeroed pages cost nothing in it)
+  *" kiln.warm "*) echo 3 >/proc/sys/vm/drop_caches ;;
+esac
+
 agent=/.kiln/agent
 KILN_MAC="" KILN_IP="" KILN_GW="" KILN_DNS="" KILN_MACHINE_ID="" KILN_STDIN=""
 if [ -e /.kiln/config ]; then
   . /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
   # The network on the kernel command line (Firecracker): kiln.ip=ADDR/PREFIX kiln.gw=GW
   # [kiln.dns=A,B]. The kernel leaves dotted unknown words alone.
-  read -r cmdline </proc/cmdline
   for a in $cmdline; do
     case "$a" in
       kiln.ip=*) KILN_IP=${a#kiln.ip=} ;;
@@ -90,11 +99,10 @@ else
   say "no settings: neither /.kiln/config nor the kiln.control port and /.kiln/agent"
   finish 125
 fi
-$bb hostname "$KILN_HOSTNAME"
+echo "$KILN_HOSTNAME" >/proc/sys/kernel/hostname || say "cannot set the hostname"
 if [ -n "$KILN_MACHINE_ID" ] && [ -d /etc ]; then
   echo "$KILN_MACHINE_ID" >/etc/machine-id 2>/dev/null || say "cannot write /etc/machine-id"
 fi
-$bb ip link set lo up 2>/dev/null
 # eth0: without CONFIG_IP_PNP nobody else configures it. virtio_net is loaded by kiln's
 # initrd, so eth0 exists by now (or within a moment).
 if [ -n "$KILN_IP" ]; then

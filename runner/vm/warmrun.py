@@ -2,8 +2,9 @@
 
 * ``key_for``: the ``builder.warm.WarmKey`` of a run — the volume, the kernel's and
   initrd's contents, kiln's init (init.sh, agent.c, busybox), QEMU's version, the
-  accelerator and CPU model, memory, cpus, disk size and ``qemuargv.WARM_DEVICES``; the
-  file hashes and QEMU's version cached by path, inode, size and mtime (``_Facts``).
+  accelerator and CPU model, memory, cpus, disk size, ``qemuargv.WARM_DEVICES`` and the
+  kernel command line; the file hashes and QEMU's version cached by path, inode, size
+  and mtime (``_Facts``).
 * ``create``: under the key's flock, an existing image is returned as is; else one VM is
   run through the lifecycle with ``WarmPlan("save")`` into a ``Root.workdir`` (removed by
   recovery if kiln dies), which ``builder.warm.publish`` renames into ``ROOT/warm/<id>``.
@@ -96,7 +97,9 @@ def key_for(root: Root, volume_id: str, opts: RunOptions) -> warm.WarmKey:
         initrd_sha256=facts.sha256(files.initrd), init_sha256=init.hexdigest(), vmm="qemu",
         vmm_version=facts.get(qemu, lambda: proc.version_of(str(qemu))), accel=accel,
         cpu_model="host" if accel == "kvm" else "qemu64", memory_mib=opts.memory >> 20,
-        cpus=opts.cpus, disk_size=opts.disk_size, devices=qemuargv.WARM_DEVICES)
+        cpus=opts.cpus, disk_size=opts.disk_size, devices=qemuargv.WARM_DEVICES,
+        cmdline=" ".join(qemuargv.boot_args(guest_init.INIT_PATH, accel,
+                                            qemuargv.host_tsc_khz(), warm=True)))
     facts.save()
     return key
 

@@ -182,12 +182,18 @@ def host_accel(root: Root) -> str:
 
 
 def kernel_cmdline(spec: QemuSpec) -> str:
+    return " ".join([*boot_args(spec.init, spec.accel, spec.tsc_khz, bool(spec.warm)),
+                     *spec.extra_append])
+
+
+def boot_args(init: str, accel: str, tsc_khz: int | None, warm: bool) -> list[str]:
+    """The kernel command line's words (pure; a warm image's key holds them)."""
     parts = [
         "console=ttyS0",
         "root=/dev/vda",
         "rootfstype=ext4",
         "rw",
-        f"init={spec.init}",
+        f"init={init}",
         "panic=-1",  # a guest panic reboots, and -no-reboot turns that into an exit
         "reboot=t",
         "quiet",
@@ -197,15 +203,19 @@ def kernel_cmdline(spec: QemuSpec) -> str:
         "initcall_blacklist=pci_arch_init",
         "random.trust_cpu=on",  # no entropy wait for a workload's first getrandom()
     ]
-    if spec.accel == "tcg":
+    if accel == "tcg":
         # The crypto self-tests check the kernel's own crypto code against test vectors at
         # boot: emulated, they are ~0.4 s of a ~2.7 s boot here (initcall_debug:
         # crypto_algapi_init alone 409 ms); under KVM they cost milliseconds and stay on.
         parts.append("cryptomgr.notests")
-        if spec.tsc_khz:
-            parts.append(f"tsc_early_khz={spec.tsc_khz}")
-    parts += spec.extra_append
-    return " ".join(parts)
+        if tsc_khz:
+            parts.append(f"tsc_early_khz={tsc_khz}")
+    if warm:
+        # A warm-capable boot: freed pages are zeroed (and the init drops its page cache
+        # before the hello), so the saved state holds only the pages in use: 62 MB
+        # instead of 87 for a 512M busybox guest, and a restore reads that much less.
+        parts += ["init_on_free=1", "kiln.warm"]
+    return parts
 
 
 def _chardev_file(cid: str, path: Path) -> list[str]:

@@ -143,7 +143,7 @@ def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "",
     the commands it would run for ``cmdline`` and a config on the disk (paths moved under
     ``tmp_path``) — or, with ``channel``, for settings the agent printed (``channel``)."""
     text = (Path(guest_init.__file__).parent / "init.sh").read_text()
-    block = text[text.index("agent=/.kiln/agent"):text.index("# The user:")]
+    block = text[text.index("# Everything that needs no settings"):text.index("# The user:")]
     (tmp_path / "config").write_text("KILN_HOSTNAME=h\n")
     agent = tmp_path / "agent"
     agent.write_text(f"#!/bin/sh\ncat <<'EOF'\n{channel}\nEOF\n")
@@ -161,6 +161,8 @@ def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "",
               .replace("/.kiln/config", str(tmp_path / ("none" if channel else "config")))
               .replace("/.kiln/agent", str(agent))
               .replace("/etc/machine-id", str(tmp_path / "machine-id"))
+              .replace("/proc/sys/kernel/hostname", str(tmp_path / "hostname"))
+              .replace("/proc/sys/vm/drop_caches", str(tmp_path / "drop_caches"))
               .replace("[ -d /etc ]", "true")
               .replace("/sys/class/net/eth0", str(tmp_path / "eth0"))
               .replace("/etc/resolv.conf", str(tmp_path / "resolv.conf")))
@@ -172,11 +174,25 @@ def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "",
 def test_init_configures_eth0_from_the_kernel_command_line(tmp_path: Path) -> None:
     got = _run_net_block(tmp_path, "console=ttyS0 quiet kiln.ip=10.213.0.7/24 "
                          "kiln.gw=10.213.0.1 kiln.dns=192.0.2.53,192.0.2.54 init=/.kiln/init")
-    assert got == ["hostname h", "ip link set lo up", "ip addr add 10.213.0.7/24 dev eth0",
+    assert got == ["ip link set lo up", "ip addr add 10.213.0.7/24 dev eth0",
                    "ip link set eth0 up", "ip route add default via 10.213.0.1",
                    "say: eth0 10.213.0.7/24"]
+    assert (tmp_path / "hostname").read_text() == "h\n"
     assert (tmp_path / "resolv.conf").read_text() == ("nameserver 192.0.2.53\n"
                                                        "nameserver 192.0.2.54\n")
+    assert not (tmp_path / "drop_caches").exists()  # not a warm-capable boot
+
+
+def test_a_warm_capable_boot_drops_the_page_cache_before_the_hello(tmp_path: Path) -> None:
+    """With ``kiln.warm`` (``init_on_free=1`` beside it) the freed cache is zero pages, which
+    cost nothing in the saved state; ``lo`` is up before the settings either way."""
+    got = _run_net_block(tmp_path, "console=ttyS0 init_on_free=1 kiln.warm init=/.kiln/init")
+    assert (tmp_path / "drop_caches").read_text() == "3\n"
+    assert got == ["ip link set lo up"]
+    other = tmp_path / "other"
+    other.mkdir()
+    _run_net_block(other, "console=ttyS0 kiln.warmer")
+    assert not (other / "drop_caches").exists()  # a whole word only
 
 
 def test_init_configures_the_guest_from_the_control_channel(tmp_path: Path) -> None:
@@ -186,22 +202,23 @@ def test_init_configures_the_guest_from_the_control_channel(tmp_path: Path) -> N
         "KILN_HOSTNAME='vm1'\nKILN_MACHINE_ID='" + "ab" * 16 + "'\n"
         "KILN_MAC='02:1f:2e:3d:4c:5b'\nKILN_IP='10.213.0.7/24'\nKILN_GW='10.213.0.1'\n"
         "KILN_DNS='192.0.2.53'\nset -- 'PATH=/bin' -- 'echo' 'hi'"))
-    assert got == ["hostname vm1", "ip link set lo up",
+    assert got == ["ip link set lo up",
                    "ip link set eth0 address 02:1f:2e:3d:4c:5b",
                    "ip addr add 10.213.0.7/24 dev eth0", "ip link set eth0 up",
                    "ip route add default via 10.213.0.1", "say: eth0 10.213.0.7/24"]
     assert (tmp_path / "machine-id").read_text() == "ab" * 16 + "\n"
+    assert (tmp_path / "hostname").read_text() == "vm1\n"
     assert (tmp_path / "resolv.conf").read_text() == "nameserver 192.0.2.53\n"
 
 
 def test_init_leaves_the_network_alone_without_kiln_ip(tmp_path: Path) -> None:
     assert _run_net_block(tmp_path, "console=ttyS0 ip=10.0.0.2::10.0.0.1 kiln.gw=10.0.0.1"
-                          ) == ["hostname h", "ip link set lo up"]
+                          ) == ["ip link set lo up"]
     assert not (tmp_path / "resolv.conf").exists()
 
 
 def test_init_reports_an_eth0_it_cannot_configure(tmp_path: Path) -> None:
     got = _run_net_block(tmp_path, "kiln.ip=10.213.0.7/24 kiln.gw=10.213.0.1",
                          fail="ip addr add")
-    assert got == ["hostname h", "ip link set lo up", "ip addr add 10.213.0.7/24 dev eth0",
+    assert got == ["ip link set lo up", "ip addr add 10.213.0.7/24 dev eth0",
                    "say: cannot configure eth0 with 10.213.0.7/24"]
