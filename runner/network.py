@@ -5,7 +5,11 @@ the trusted config turns NAT on), ``net-lease``, then ``tap-attach`` (isolation 
 ``netns-create`` (isolation = netns), then one ``forward-add`` per ``-p`` — and undoes what
 it made if a step fails. The ``VmNet`` it returns is everything the VMM side needs:
 
-* ``kernel_args``: ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` for the guest's init;
+* the guest's addressing as the helper's ``net-lease`` answers it, field by field
+  (``guest_ip``, ``prefix``, ``gateway``, ``mac``, ``dns``): ``guest()`` is eth0 in the
+  settings QEMU's guest is sent (docs/run.md, "The control channel");
+  ``kernel_args`` the same as ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` words for
+  Firecracker's kernel command line (no channel there yet);
 * ``qemu_tap()`` → ``runner.vmm.qemuargv.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
 * ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.host.join_netns`` in
   the child before exec, as root; Firecracker: the jailer's ``--netns``) — the VM's own
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from helper.base.errors import KilnError, NotFound
+from runner.guest_init.channel import GuestNet
 from runner.vmm import qemuargv
 
 if TYPE_CHECKING:
@@ -63,12 +68,25 @@ class VmNet:
     tap: str
     netns: str | None  # the VM's own namespace (isolation = netns)
     namespace: str  # the kiln network's namespace ("" = the host's)
-    kernel_args: tuple[str, ...]
+    dns: tuple[str, ...] = ()  # the guest's name servers ([net] dns)
     forwards: tuple[qemuargv.Forward, ...] = ()
 
     @property
     def spawn_netns(self) -> str | None:
         return self.netns or self.namespace or None
+
+    def guest(self) -> GuestNet:
+        """eth0 as the guest configures it."""
+        return GuestNet(self.mac, f"{self.guest_ip}/{self.prefix}", self.gateway, self.dns)
+
+    @property
+    def kernel_args(self) -> tuple[str, ...]:
+        """The same as kernel command-line words kiln's init reads (dotted: the kernel
+        ignores them); Firecracker's, until its guests have the control channel."""
+        words = [f"kiln.ip={self.guest_ip}/{self.prefix}", f"kiln.gw={self.gateway}"]
+        if self.dns:
+            words.append("kiln.dns=" + ",".join(self.dns))
+        return tuple(words)
 
     def qemu_tap(self) -> qemuargv.TapNic:
         return qemuargv.TapNic(self.tap, self.mac, self.kernel_args)
@@ -117,7 +135,7 @@ def attach(call: Call, vm_id: str, root_key: str, uid: int, gid: int,
     return VmNet(vm_id=vm_id, ip=lease["ip"], guest_ip=lease["guest_ip"], prefix=lease["prefix"],
                  gateway=lease["gateway"], mac=lease["mac"], tap=lease["tap"],
                  netns=lease["netns"], namespace=bridge["namespace"],
-                 kernel_args=tuple(lease["kernel_args"]), forwards=tuple(done))
+                 dns=tuple(lease["dns"]), forwards=tuple(done))
 
 
 def detach(call: Call, vm_id: str) -> list[str]:

@@ -195,7 +195,7 @@ def release(book: Book, vm: str, uid: int) -> tuple[Book, Lease]:
 
 @dataclass(frozen=True)
 class GuestNet:
-    """What the guest configures on eth0 (kernel command line ``kiln.ip=`` etc.)."""
+    """What the guest configures on eth0 (the ``net-lease`` answer's fields)."""
 
     ip: str  # the guest's own address
     prefix: int
@@ -211,14 +211,6 @@ def guest_net(sec: NetSection, lease: Lease) -> GuestNet:
         hosts = list(link.hosts())[:2]
         return GuestNet(str(hosts[1]), link.prefixlen, str(hosts[0]), mac, sec.dns)
     return GuestNet(lease.ip, sec.network.prefixlen, sec.gateway, mac, sec.dns)
-
-
-def kernel_args(g: GuestNet) -> tuple[str, ...]:
-    """Kernel command-line words kiln's init reads (dotted: the kernel ignores them)."""
-    args = [f"kiln.ip={g.ip}/{g.prefix}", f"kiln.gw={g.gateway}"]
-    if g.dns:
-        args.append("kiln.dns=" + ",".join(g.dns))
-    return tuple(args)
 
 
 def netns_link_addresses(sec: NetSection) -> tuple[str, str]:

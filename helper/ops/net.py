@@ -90,7 +90,7 @@ def _guest(ctx: Ctx, got: nc.Lease) -> dict[str, Any]:
     names = nc.names(got.vm)
     return {"vm": got.vm, "ip": got.ip, "guest_ip": g.ip, "prefix": g.prefix,
             "gateway": g.gateway, "mac": g.mac, "dns": list(g.dns),
-            "kernel_args": list(nc.kernel_args(g)), "isolation": ctx.cfg.net.isolation,
+            "isolation": ctx.cfg.net.isolation,
             "tap": names.tap,
             "netns": names.netns if ctx.cfg.net.isolation == "netns" else None}
 
@@ -116,7 +116,8 @@ def bridge_remove(ctx: Ctx, req: BridgeRemove) -> dict[str, Any]:
 
 class NetLease(Req):
     """Allocate the VM's address (or return its existing lease) and say how the guest is
-    configured (kernel arguments, MAC, tap and namespace names)."""
+    configured (its address, prefix, gateway, MAC and name servers; tap and namespace
+    names)."""
 
     vm: KilnId = Field(description="the VM id")
     root: RootKey

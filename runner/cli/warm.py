@@ -22,12 +22,21 @@ def warm() -> None:
 @click.argument("source")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--memory", default="512M", show_default=True, metavar="SIZE")
+@click.option("--disk-size", default=None, metavar="SIZE",
+              help="grow the VM's snapshot (and its ext4) to SIZE")
+@click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="kernel to boot [default: the host's Debian cloud kernel]")
+@click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="initrd to boot unchanged [default: kiln's minimal initrd]")
 @click.option("--json", "as_json", is_flag=True, help="print the image as JSON")
 @registry_options
 @pass_ctx
-def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, as_json: bool,
+def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, disk_size: str | None,
+                kernel: Path | None, initrd: Path | None, as_json: bool,
                 tls_verify: bool, no_tls_verify: bool, authfile: Path | None) -> None:
-    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU).
+    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU): the one
+    `kiln run --warm` with the same --cpus, --memory, --disk-size, --kernel and --initrd
+    restores.
 
     The oldest other images are then removed to keep their total under $KILN_WARM_MAX
     (default 4G)."""
@@ -35,7 +44,9 @@ def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, as_json: bool,
     from runner.vm import warmrun
     from runner.vm.spec import RunOptions
 
-    opts = RunOptions(vmm="qemu", cpus=cpus, memory=parse_size(memory, "--memory"))
+    opts = RunOptions(vmm="qemu", cpus=cpus, memory=parse_size(memory, "--memory"),
+                      disk_size=parse_size(disk_size, "--disk-size") if disk_size else None,
+                      kernel=kernel, initrd=initrd)
     reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
                           authfile=authfile.absolute() if authfile else None)
     rec, made = warmrun.create(ctx.root, source, opts, reg,

@@ -134,13 +134,3 @@ def encode_stop(grace: float) -> bytes:
     """The ``STP1`` frame: SIGTERM the workload, SIGKILL everything ``grace`` s later."""
     return encode_frame(STOP, str(max(0, round(grace))).encode())
 
-
-def net_from_kernel_args(mac: str, args: tuple[str, ...]) -> GuestNet | None:
-    """A tap's ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` words (``helper.net.core.kernel_args``)
-    as the settings' network; None without ``kiln.ip=``."""
-    got = dict(a.partition("=")[::2] for a in args)
-    ip = got.get("kiln.ip", "")
-    if not ip:
-        return None
-    dns = tuple(d for d in got.get("kiln.dns", "").split(",") if d)
-    return GuestNet(mac, ip, got.get("kiln.gw", ""), dns)

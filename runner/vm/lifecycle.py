@@ -12,7 +12,9 @@ VMM; what differs is the VMM's driver (``runner.vmm.driver``), given by
    network objects, and what the driver reserves: the cgroups, Firecracker's jail);
 3. the VM directory, the snapshot, kiln's init injected into it; ``driver.prepare``: the
    VMM's own files, the cgroups, the tap (``runner.vm.resources``), how the VMM starts;
-4. ``--detach``: fork the owner (setsid) which does the rest; the parent prints the id;
+4. ``--detach``: fork the owner (setsid) which does the rest; the parent prints the id
+   once the VM runs (a warm one restored: a failed restore is the parent's
+   ``WarmFailed``, so ``runner.vm.warmrun`` boots cold and says so on kiln's stderr);
 5. ``driver.own``: launch (pid recorded, state ``running``), relay the workload's output
    to kiln's stdout/stderr, honour ``--timeout``, Ctrl-C/SIGTERM and ``kiln stop``
    (graceful first), the VMM's own teardown;
@@ -71,6 +73,7 @@ __all__ = ["RunOptions", "logs", "ps", "remove", "resolve_volume", "run", "stop"
 
 log = logging.getLogger("kiln.vm")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_WARM_FAILED = b"warm:"  # a detached owner's restore failed: the reason follows
 
 
 def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
@@ -238,7 +241,8 @@ def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles,
             body: Callable[[State, int | None], int],
             on_ready: Callable[[str], None] | None) -> int:
     """Fork the owner, which runs ``body(its own State, ready fd)``; print the id once it
-    wrote "ok" to the ready fd."""
+    wrote "ok" to the ready fd — after a warm restore, so a restore that fails is raised
+    here as ``WarmFailed`` (its VM removed by the owner) and the caller can boot cold."""
     # SQLite state must not cross a fork (its locks and WAL index are per process): the
     # owner opens its own connection, the parent reopens one if it needs it.
     st.close()
@@ -250,6 +254,10 @@ def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles,
             own.update(rec.id, owner_pid=os.getpid(), owner_start=proc_start_time(os.getpid()))
             body(own, w)
             return 0
+        except WarmFailed as e:  # the parent boots cold (runner.vm.warmrun): say why
+            with contextlib.suppress(OSError):
+                os.write(w, _WARM_FAILED + e.message.encode())
+            return 1
         except BaseException:  # told to the parent (it prints the record's reason) and kept
             import traceback
 
@@ -270,6 +278,8 @@ def _detach(root: Root, st: State, rec: VMRecord, files: VMFiles,
         if msg.startswith(b"ok"):
             break
     os.close(r)
+    if msg.startswith(_WARM_FAILED):  # the owner removed that VM; nothing was printed
+        raise WarmFailed(msg[len(_WARM_FAILED):].decode(errors="replace"))
     if not msg.startswith(b"ok"):
         cur = State(root.path).get(rec.id)
         raise KilnError(f"VM {rec.id} failed to start: "

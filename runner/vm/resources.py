@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from builder.root import Root
 from helper.base.errors import KilnError, UidInUse
+from runner.guest_init.channel import GuestNet
 from runner.vm import cgroup as vmcgroup
 from runner.vm.state import NET_ATTACHED, NET_RECORDED, NET_RELEASED, State, VMRecord, root_key
 from runner.vmm import qemuargv
@@ -135,20 +136,22 @@ def net_attach(root: Root, st: State, rec: VMRecord, intent: NetIntent,
 
 @dataclass(frozen=True)
 class QemuNic:
-    """How QEMU gets its tap: argv part, the namespace to start in, fds to inherit."""
+    """How QEMU gets its tap: argv part, the namespace to start in, fds to inherit; and
+    eth0 as the guest is told to configure it (the lease's fields)."""
 
     tap: qemuargv.TapNic
     netns: str | None
     keep_fds: tuple[int, ...]
+    guest: GuestNet
 
 
 def qemu_nic(root: Root, vmnet: network.VmNet) -> QemuNic:
     if os.geteuid() == 0:
-        return QemuNic(vmnet.qemu_tap(), vmnet.spawn_netns, ())
+        return QemuNic(vmnet.qemu_tap(), vmnet.spawn_netns, (), vmnet.guest())
     from runner import network
 
     fd = network.open_tap(vmnet.vm_id, root.path)
-    return QemuNic(replace(vmnet.qemu_tap(), fd=fd), None, (fd,))
+    return QemuNic(replace(vmnet.qemu_tap(), fd=fd), None, (fd,), vmnet.guest())
 
 
 def release_net(root: Root, st: State, vm_id: str, *, found: bool = False) -> None:

@@ -12,8 +12,9 @@
   A new image then prunes the oldest others to fit ``KILN_WARM_MAX``
   (``builder.warm.prune``), said on stderr.
 * ``run``: the matching image (made first when there is none, said on stderr), then the
-  lifecycle with ``WarmPlan("restore")``; a restore that fails (``WarmFailed``) is said
-  in one line and the run boots cold. Options the key cannot carry are refused: ``--init
+  lifecycle with ``WarmPlan("restore")``; a restore that fails (``WarmFailed``: with
+  ``--detach`` the owner's, raised in the parent before the id is printed) is said in one
+  line and the run boots cold. Options the key cannot carry are refused: ``--init
   image`` (nothing of kiln's to wake), ``--vmm firecracker`` (not yet), a dm-thin pool
   (its snapshots are devices: no clone of the image's disk file yet).
 """

@@ -71,18 +71,16 @@ def request_stop(control: Path, grace: float) -> bool:
 
 
 def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
-                   tap: qemuargv.TapNic | None, stdin: bool | None = None
+                   lease: channel.GuestNet | None, stdin: bool | None = None
                    ) -> channel.Settings:
     """What the guest is sent: the workload, a fresh machine id, eth0 (``--net user``:
-    slirp's fixed addresses; ``--net tap``: the lease); ``stdin`` for warm runs, whose
-    stdin port is always there (None: the port exists only with ``-i``)."""
-    guest_net = None
+    slirp's fixed addresses; ``--net tap``: ``lease``, the helper's answer); ``stdin`` for
+    warm runs, whose stdin port is always there (None: the port exists only with ``-i``)."""
+    guest_net = lease if net == "tap" else None
     if net == "user":
         from helper.net.core import mac_for  # ~90 ms of imports: only when needed
 
         guest_net = channel.GuestNet(mac_for(vm_id), *qemuargv.USER_NET)
-    elif tap is not None:
-        guest_net = channel.net_from_kernel_args(tap.mac, tap.kernel_args)
     s = channel.Settings(w, secrets.token_hex(16), guest_net, stdin)
     try:  # refused now, before the boot, rather than when the guest asks
         channel.encode_settings(s, time_ns=time.time_ns(), seed=bytes(SEED_BYTES))
@@ -140,7 +138,7 @@ class QemuDriver:
                 warm=boot.warm.mode if boot.warm else None,
                 qmp=files.dir / "qmp.sock" if boot.warm else None)
             work = boot.workload
-            settings = guest_settings(work, rec.id, opts.net, spec.tap,
+            settings = guest_settings(work, rec.id, opts.net, nic.guest if nic else None,
                                       opts.interactive if boot.warm else None) if work else None
             return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
                               tuple(rec.cgroup_dirs), nic, settings, boot.warm, boot.disk)

@@ -41,6 +41,7 @@ from tests.support.netrun import (
     GATEWAY,
     SUBNET,
     Net,
+    fetch,
     host_links,
     netns_env,
     sh,
@@ -75,34 +76,6 @@ set -- $(ip -4 -o addr show dev eth0); echo "eth0 $4"
 # A page naming the VM and the address its guest holds.
 PAGE = """mkdir -p /www; set -- $(ip -4 -o addr show dev eth0); echo "{name} $4" >/www/index.html
 exec busybox httpd -f -p 80 -h /www"""
-
-HTTP = """
-import socket, sys, time
-deadline = time.monotonic() + float(sys.argv[3])
-while True:
-    try:
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-        s.sendall(b"GET /index.html HTTP/1.0\\r\\n\\r\\n")
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-        print(data.decode().split("\\r\\n\\r\\n", 1)[-1].strip())
-        break
-    except OSError as e:
-        if time.monotonic() > deadline:
-            print(f"failed: {e}")
-            break
-        time.sleep(0.2)
-"""
-
-
-def fetch(ns: str, host: str, port: int, wait: float = 60) -> str:
-    """GET /index.html from inside namespace ``ns`` (retrying while the guest boots)."""
-    res = subprocess.run([sys.executable, "-c", HTTP, host, str(port), str(wait)],
-                         capture_output=True, text=True, timeout=wait + 30, check=False,
-                         preexec_fn=lambda: net.join_netns(ns))
-    return res.stdout.strip() or res.stderr.strip()
-
 
 def run_detached(root: Path, *args: str) -> str:
     res = kiln(root, "run", "--detach", *args, check=False)

@@ -214,16 +214,13 @@ def test_corrupt_lease_file_is_an_error(text: str) -> None:
 # -- guest addressing -----------------------------------------------------------------------
 
 
-def test_guest_net_and_kernel_args() -> None:
+def test_guest_net() -> None:
     lease = nc.Lease("abcdefghijkl", "rootkeya", 0, "10.213.0.7")
     plain = nc.guest_net(NetSection(dns=("192.0.2.53",)), lease)
     assert plain == nc.GuestNet("10.213.0.7", 24, "10.213.0.1", nc.mac_for("abcdefghijkl"),
                                 ("192.0.2.53",))
-    assert nc.kernel_args(plain) == ("kiln.ip=10.213.0.7/24", "kiln.gw=10.213.0.1",
-                                     "kiln.dns=192.0.2.53")
     iso = nc.guest_net(NetSection(isolation="netns"), lease)
     assert (iso.ip, iso.prefix, iso.gateway) == ("172.16.0.2", 30, "172.16.0.1")
-    assert nc.kernel_args(iso) == ("kiln.ip=172.16.0.2/30", "kiln.gw=172.16.0.1")
     assert nc.netns_link_addresses(NetSection()) == ("172.16.0.1/30", "172.16.0.2")
 
 

@@ -71,7 +71,6 @@ def test_bridge_taps_and_vm_namespaces_come_and_go_leaving_nothing(ns: str) -> N
     la = call(plain, "net-lease", {"vm": a, "root": ROOT_A})
     assert la == {"vm": a, "ip": "10.231.7.2", "guest_ip": "10.231.7.2", "prefix": 24,
                   "gateway": GATEWAY, "mac": nc.mac_for(a), "dns": [],
-                  "kernel_args": ["kiln.ip=10.231.7.2/24", f"kiln.gw={GATEWAY}"],
                   "isolation": "none", "tap": na.tap, "netns": None}
     assert call(plain, "net-lease", {"vm": a, "root": ROOT_A}) == la  # its lease again
     assert call(plain, "tap-attach", {"vm": a, "uid": UID, "gid": UID + 1}) == {"tap": na.tap}

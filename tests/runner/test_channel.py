@@ -145,12 +145,6 @@ def test_decode_settings_refusals() -> None:
             decode_settings(payload)
 
 
-def test_net_from_kernel_args() -> None:
-    assert ch.net_from_kernel_args(NET.mac, ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1",
-                                             "kiln.dns=192.0.2.53")) == NET
-    assert ch.net_from_kernel_args(NET.mac, ()) is None
-
-
 # -- the guest's reader: agent.c ------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from helper.base.errors import Conflict
 from helper.net import core as nc
 from helper.net import host as net
 from runner import network
+from runner.guest_init.channel import GuestNet
 from runner.vm import resources as vmres
 from runner.vm.state import State, VMRecord
 from runner.vmm import qemuargv
@@ -33,22 +34,29 @@ __all__ = ["ns"]  # the fixture, shared with test_net_ops
 
 @pytest.mark.slow
 def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
-    plain, iso = caller(cfg(ns, nat=True)), caller(cfg(ns, nat=True, isolation="netns"))
+    plain, iso = caller(cfg(ns, nat=True, dns=["192.0.2.53", "192.0.2.54"])), caller(
+        cfg(ns, nat=True, isolation="netns"))
     before = snapshot(ns)
     a, b = vm_id(), vm_id()
     va = network.attach(plain, a, ROOT_A, UID, UID, forwards=(qemuargv.Forward(8080, 80),))
     assert va == network.VmNet(
         vm_id=a, ip="10.231.7.2", guest_ip="10.231.7.2", prefix=24, gateway="10.231.7.1",
         mac=nc.mac_for(a), tap=nc.names(a).tap, netns=None, namespace=ns,
-        kernel_args=("kiln.ip=10.231.7.2/24", "kiln.gw=10.231.7.1"),
-        forwards=(qemuargv.Forward(8080, 80),))
+        dns=("192.0.2.53", "192.0.2.54"), forwards=(qemuargv.Forward(8080, 80),))
     assert va.spawn_netns == ns
+    # the guest's settings (QEMU) and kernel words (Firecracker), from the lease's fields
+    assert va.guest() == GuestNet(nc.mac_for(a), "10.231.7.2/24", "10.231.7.1",
+                                  ("192.0.2.53", "192.0.2.54"))
+    assert va.kernel_args == ("kiln.ip=10.231.7.2/24", "kiln.gw=10.231.7.1",
+                              "kiln.dns=192.0.2.53,192.0.2.54")
     assert va.qemu_tap() == qemuargv.TapNic(nc.names(a).tap, nc.mac_for(a), va.kernel_args)
     assert va.firecracker_nic().guest_mac == nc.mac_for(a)
     assert va.doc()["forwards"] == ["8080:80"]
     vb = network.attach(iso, b, ROOT_A, UID, UID)
     assert (vb.ip, vb.guest_ip, vb.prefix, vb.gateway, vb.netns, vb.spawn_netns) == (
         "10.231.7.3", "172.16.0.2", 30, "172.16.0.1", nc.names(b).netns, nc.names(b).netns)
+    assert vb.guest() == GuestNet(nc.mac_for(b), "172.16.0.2/30", "172.16.0.1")
+    assert vb.kernel_args == ("kiln.ip=172.16.0.2/30", "kiln.gw=172.16.0.1")
     rules = json.dumps(snapshot(ns)["rules"])
     assert "KILN-POSTROUTING" in rules
     assert "KILN-DNAT" in rules

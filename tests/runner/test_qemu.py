@@ -132,8 +132,10 @@ def test_guest_settings_carry_the_network() -> None:
     assert (user.net.ip, user.net.gateway, user.net.dns) == ("10.0.2.15/24", "10.0.2.2",
                                                              ("10.0.2.3",))
     assert user.net.mac.startswith("02:")
-    tap = guest_settings(w, "abcdefghijkl", "tap", TAP)
-    assert tap.net == channel.GuestNet("02:1f:2e:3d:4c:5b", "10.213.0.2/24", "10.213.0.1")
+    lease = channel.GuestNet("02:1f:2e:3d:4c:5b", "10.213.0.2/24", "10.213.0.1",
+                             ("192.0.2.53",))
+    assert guest_settings(w, "abcdefghijkl", "tap", lease).net == lease
+    assert guest_settings(w, "abcdefghijkl", "none", lease).net is None
     none = guest_settings(w, "abcdefghijkl", "none", None)
     assert none.net is None
     assert (none.work.argv, none.work.hostname) == (("echo", "hi"), "vm1")

@@ -1,5 +1,6 @@
 """`kiln run --net tap` through the `kiln` command in a namespace each test creates: the
-busybox ``world``, the trusted test config naming the namespace, the ``netns_env`` fixture."""
+busybox ``world``, the trusted test config naming the namespace, the ``netns_env`` fixture,
+``fetch`` (a page from inside a namespace)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,3 +127,31 @@ def netns_env(world: tuple[Path, str]) -> Iterator[Net]:
         # nothing of any test ever reaches the machine's own namespace
         assert host_links() == host_before
         assert SUBNET[:-4] not in sh("ip", "-4", "-o", "addr", "show")
+
+
+HTTP = """
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[3])
+while True:
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+        s.sendall(b"GET /index.html HTTP/1.0\\r\\n\\r\\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        print(data.decode().split("\\r\\n\\r\\n", 1)[-1].strip())
+        break
+    except OSError as e:
+        if time.monotonic() > deadline:
+            print(f"failed: {e}")
+            break
+        time.sleep(0.2)
+"""
+
+
+def fetch(ns: str, host: str, port: int, wait: float = 60) -> str:
+    """GET /index.html from inside namespace ``ns`` (retrying while the guest boots)."""
+    res = subprocess.run([sys.executable, "-c", HTTP, host, str(port), str(wait)],
+                         capture_output=True, text=True, timeout=wait + 30, check=False,
+                         preexec_fn=lambda: net.join_netns(ns))
+    return res.stdout.strip() or res.stderr.strip()
