@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from runner.vmm import qemuargv
 if TYPE_CHECKING:
     from runner.vmm import fcapi as firecracker
 
+_KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
@@ -86,10 +88,14 @@ class VmNet:
         words = [f"kiln.ip={self.guest_ip}/{self.prefix}", f"kiln.gw={self.gateway}"]
         if self.dns:
             words.append("kiln.dns=" + ",".join(self.dns))
+        bad = [w for w in words if not _KILN_ARG.fullmatch(w)]
+        if bad:  # a word with a space would add kernel parameters (init=…)
+            raise KilnError(f"invalid guest network argument {bad[0]!r}",
+                            "the helper's lease must hold addresses only: see docs/net.md")
         return tuple(words)
 
     def qemu_tap(self) -> qemuargv.TapNic:
-        return qemuargv.TapNic(self.tap, self.mac, self.kernel_args)
+        return qemuargv.TapNic(self.tap, self.mac)
 
     def firecracker_nic(self) -> firecracker.NetSpec:
         from runner.vmm import fcapi  # Firecracker's module: not on a QEMU run's path

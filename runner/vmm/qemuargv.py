@@ -32,8 +32,7 @@ the namespace the tap lives in and open it before ``-runas`` drops root) with th
 or — QEMU run by an ordinary user — uses the fd the helper attached (``fd=N``).
 The guest's address is not on the kernel command line (a saved state would freeze it):
 kiln's init gets it, with the MAC it sets on eth0, over the control channel
-(``runner.guest_init.channel``; ``USER_NET`` for slirp). The tap's ``kiln.ip=`` words
-(``TapNic.kernel_args``) are still checked here: the driver turns them into the settings.
+(``runner.guest_init.channel``; ``USER_NET`` for slirp).
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ USER_NET = ("10.0.2.15/24", "10.0.2.2", ("10.0.2.3",))
 # stdin port on QEMU's null chardev (the init then uses /dev/null: the settings' stdin=0).
 WARM_DEVICES = "qemu-microvm:blk,vport(stdout,stderr,status,control,stdin),net;v1"
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,6 @@ class TapNic:
 
     ifname: str  # kt-…
     mac: str  # helper.net.core.mac_for(VM id)
-    kernel_args: tuple[str, ...]  # kiln.ip=… kiln.gw=… [kiln.dns=…] (netcore.kernel_args)
     fd: int | None = None  # an fd on the tap the helper opened (QEMU run by a user)
 
 
@@ -328,10 +325,6 @@ def _check_tap(tap: TapNic | None) -> None:
         raise UsageError(f"invalid tap fd {tap.fd}", "internal error: the helper sends it")
     if not _MAC.fullmatch(tap.mac):
         raise UsageError(f"invalid MAC address {tap.mac!r}", "write six lowercase hex pairs")
-    bad = [a for a in tap.kernel_args if not _KILN_ARG.fullmatch(a)]
-    if bad:
-        raise UsageError(f"invalid guest network argument {bad[0]!r}",
-                         "only kiln.ip=, kiln.gw= and kiln.dns= with addresses")
 
 
 def forwards_of(texts: Sequence[str]) -> tuple[Forward, ...]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helper.base.errors import Conflict
+from helper.base.errors import Conflict, KilnError
 from helper.net import core as nc
 from helper.net import host as net
 from runner import network
@@ -32,6 +32,24 @@ pytestmark = pytest.mark.root
 __all__ = ["ns"]  # the fixture, shared with test_net_ops
 
 
+@pytest.mark.parametrize(("field", "value", "bad"), [
+    ("guest_ip", "10.0.0.2 init=/bin/sh", "kiln.ip=10.0.0.2 init=/bin/sh/24"),
+    ("gateway", "10.0.0.1\ninit=/bin/sh", "kiln.gw=10.0.0.1\ninit=/bin/sh"),
+    ("dns", ("192.0.2.53", "x y"), "kiln.dns=192.0.2.53,x y"),
+])
+def test_kernel_words_hold_addresses_only(field: str, value: object, bad: str) -> None:
+    """Firecracker's command line gets the lease as words: one that is not an address
+    would add a kernel parameter (init=...), so it is refused, naming the word."""
+    good = network.VmNet(vm_id="a", ip="10.0.0.2", guest_ip="10.0.0.2", prefix=24,
+                         gateway="10.0.0.1", mac="02:00:00:00:00:01", tap="kt-a", netns=None,
+                         namespace="", dns=("192.0.2.53",))
+    assert good.kernel_args == ("kiln.ip=10.0.0.2/24", "kiln.gw=10.0.0.1",
+                                "kiln.dns=192.0.2.53")
+    with pytest.raises(KilnError) as e:
+        _ = network.VmNet(**{**good.__dict__, field: value}).kernel_args
+    assert e.value.message == f"invalid guest network argument {bad!r}"
+
+
 @pytest.mark.slow
 def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
     plain, iso = caller(cfg(ns, nat=True, dns=["192.0.2.53", "192.0.2.54"])), caller(
@@ -49,7 +67,7 @@ def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
                                   ("192.0.2.53", "192.0.2.54"))
     assert va.kernel_args == ("kiln.ip=10.231.7.2/24", "kiln.gw=10.231.7.1",
                               "kiln.dns=192.0.2.53,192.0.2.54")
-    assert va.qemu_tap() == qemuargv.TapNic(nc.names(a).tap, nc.mac_for(a), va.kernel_args)
+    assert va.qemu_tap() == qemuargv.TapNic(nc.names(a).tap, nc.mac_for(a))
     assert va.firecracker_nic().guest_mac == nc.mac_for(a)
     assert va.doc()["forwards"] == ["8080:80"]
     vb = network.attach(iso, b, ROOT_A, UID, UID)

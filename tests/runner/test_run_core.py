@@ -118,8 +118,7 @@ def test_spawn_enters_a_network_namespace(tmp_path: Path) -> None:
 
 
 def test_qemu_takes_a_user_tap_by_fd_and_forwards_once_per_port() -> None:
-    tap = qemuargv.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b",
-                          ("kiln.ip=10.213.0.2/24", "kiln.gw=10.213.0.1"), fd=7)
+    tap = qemuargv.TapNic("kt-abcdefghijkl", "02:1f:2e:3d:4c:5b", fd=7)
     base = dict(name="kiln-x", kernel=Path("/k"), initrd=Path("/i"), disk=Path("/d"),
                 cpus=1, memory_mib=256, accel="tcg", tsc_khz=None, console_log=Path("/c"),
                 stdout=Path("/o"), stderr=Path("/e"), status=Path("/s"), control=Path("/ctl"),
