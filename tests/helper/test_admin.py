@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.firecracker import BIN_DIR
 from tests.support.oci import User, make_user
-from tests.support.sudo import BASE, GOOD_CONFIG, _sudoers, _write_config, helper_as
+from tests.support.sudo import BASE, GOOD_CONFIG, _write_config, helper_as, sudoers
 
 pytestmark = [pytest.mark.root, pytest.mark.loop]
 
@@ -27,7 +27,7 @@ def mounts_under(path: Path) -> list[str]:
 
 @pytest.fixture
 def departing(installed: str) -> Iterator[User]:
-    with make_user("kilnd") as user, _sudoers(user):
+    with make_user("kilnd") as user, sudoers(user):
         yield user
 
 

@@ -44,7 +44,16 @@ pytestmark = pytest.mark.root
 def installed() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("installing the helper needs root")
-    for _ in range(2):  # idempotent: the second run must succeed and change nothing
+    with helper_installed(twice=True) as helper:
+        yield helper
+
+
+@contextlib.contextmanager
+def helper_installed(*, twice: bool = False) -> Iterator[str]:
+    """The helper installed from this checkout, with the test config (pool directory under
+    ``BASE``), removed with everything under ``BASE`` afterwards (tests and ``bench/``).
+    ``twice``: install-helper is idempotent, the second run must succeed too."""
+    for _ in range(2 if twice else 1):
         subprocess.run([str(REPO / "scripts/install-helper")], check=True,
                        capture_output=True, timeout=300)
     Path("/etc/kiln").mkdir(mode=0o755, exist_ok=True)
@@ -78,7 +87,7 @@ def _cleanup_base() -> None:
 
 
 @contextlib.contextmanager
-def _sudoers(user: User) -> Iterator[User]:
+def sudoers(user: User) -> Iterator[User]:
     # Throw-away users get recycled uids: start the audit rate counter afresh.
     (AUDIT.parent / "rate" / str(user.uid)).unlink(missing_ok=True)
     rule = Path(f"/etc/sudoers.d/kiln-test-{user.name}")
@@ -96,14 +105,14 @@ def _sudoers(user: User) -> Iterator[User]:
 @pytest.fixture(scope="module")
 def sudo_user(unprivileged_user: User, installed: str) -> Iterator[User]:
     """A member of the helper's group (by a sudoers rule for the helper alone)."""
-    with _sudoers(unprivileged_user) as u:
+    with sudoers(unprivileged_user) as u:
         yield u
 
 
 @pytest.fixture(scope="module")
 def victim_user(second_user: User, installed: str) -> Iterator[User]:
     """Another such member: what an attacker must never reach."""
-    with _sudoers(second_user) as u:
+    with sudoers(second_user) as u:
         yield u
 
 
