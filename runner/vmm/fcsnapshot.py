@@ -10,11 +10,12 @@ against the real binary), not a later release's:
 * ``PUT /snapshot/load`` — on a fresh Firecracker (nothing configured but the logger):
   the state file and the memory file (``mem_backend`` ``File``: 1.12.1 deprecates
   ``mem_file_path`` here, and refuses both at once), both staged read-only in the chroot;
-  ``enable_diff_snapshots`` false (full snapshots only) and ``resume_vm`` false: kiln sends
-  the guest its settings over the control channel before it resumes the VM. 1.12.1 has no
-  ``vsock_override``, ``clock_realtime``, ``track_dirty_pages`` or ``huge_pages`` here (it
-  answers "unknown field"). It does have ``network_overrides`` (iface_id → host_dev_name),
-  not sent yet: a clone whose tap is named after its own VM id will need it.
+  ``enable_diff_snapshots`` false (full snapshots only); ``resume_vm`` as asked (kiln's
+  warm run resumes at once: the guest must run to accept the host's vsock connection that
+  brings its settings). 1.12.1 has no ``vsock_override``, ``clock_realtime``,
+  ``track_dirty_pages`` or ``huge_pages`` here (it answers "unknown field"): the restored
+  vsock socket keeps its saved path, which is the same name in every jail. It does have
+  ``network_overrides`` (iface_id → host_dev_name): a clone's NIC gets its own tap.
 
 A failed load ends the Firecracker process (1.12.1 exits after answering 400), so a
 restore that fails is torn down like a launch that failed.
@@ -72,14 +73,24 @@ def snapshot_create_request(snapshot: str, mem: str) -> ApiRequest:
     }, "SnapshotCreateParams")
 
 
-def snapshot_load_request(snapshot: str, mem: str) -> ApiRequest:
-    """``PUT /snapshot/load``: the VM from two staged chroot files, left paused."""
-    return ApiRequest("PUT", "/snapshot/load", {
+def snapshot_load_request(snapshot: str, mem: str, *, resume: bool = False,
+                          taps: tuple[tuple[str, str], ...] = ()) -> ApiRequest:
+    """``PUT /snapshot/load``: the VM from two staged chroot files, left paused unless
+    ``resume``; ``taps`` (iface_id, host_dev_name): the restored NICs' new taps (a clone
+    has its own, named after its own VM: ``network_overrides``)."""
+    body: dict[str, Any] = {
         "snapshot_path": jail_path(snapshot),
         "mem_backend": {"backend_type": "File", "backend_path": jail_path(mem)},
         "enable_diff_snapshots": False,
-        "resume_vm": False,
-    }, "SnapshotLoadParams")
+        "resume_vm": resume,
+    }
+    if taps:
+        from runner.vmm.fcapi import NetSpec, network_interface_body  # (no cycle at import)
+
+        body["network_overrides"] = [
+            {k: network_interface_body(NetSpec(i, t))[k] for k in ("iface_id", "host_dev_name")}
+            for i, t in taps]
+    return ApiRequest("PUT", "/snapshot/load", body, "SnapshotLoadParams")
 
 
 def snapshot_items(state: Path, mem: Path) -> tuple[StageItem, StageItem]:
