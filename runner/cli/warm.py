@@ -22,12 +22,15 @@ def warm() -> None:
 @click.argument("source")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--memory", default="512M", show_default=True, metavar="SIZE")
+@click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default="auto",
+              show_default=True, help="the VMM whose warm image to make (as kiln run's)")
 @click.option("--json", "as_json", is_flag=True, help="print the image as JSON")
 @registry_options
 @pass_ctx
-def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, as_json: bool,
+def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, vmm: str, as_json: bool,
                 tls_verify: bool, no_tls_verify: bool, authfile: Path | None) -> None:
-    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU).
+    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU, or
+    Firecracker through its snapshot API).
 
     The oldest other images are then removed to keep their total under $KILN_WARM_MAX
     (default 4G)."""
@@ -35,7 +38,7 @@ def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, as_json: bool,
     from runner.vm import warmrun
     from runner.vm.spec import RunOptions
 
-    opts = RunOptions(vmm="qemu", cpus=cpus, memory=parse_size(memory, "--memory"))
+    opts = RunOptions(vmm=vmm, cpus=cpus, memory=parse_size(memory, "--memory"))
     reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
                           authfile=authfile.absolute() if authfile else None)
     rec, made = warmrun.create(ctx.root, source, opts, reg,

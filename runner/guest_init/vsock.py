@@ -24,7 +24,9 @@ listener, so a restored agent accepts the host's next connection and greets it a
 hear ``HEL1``, then (with settings) stamp and write ``SET1`` — or (a warm save: settings
 None) keep the connection open once the hello is heard (``heard``), the guest paused
 mid-exchange. Firecracker's own handshake is checked; a refused or closed connection is
-retried, a frame that breaks the protocol ends the exchange (``failed``).
+retried, and so is one Firecracker has not answered within ``RETRY_AFTER`` s (it holds a
+CONNECT until the guest's vsock driver answers it: a guest still booting may not yet);
+a frame that breaks the protocol ends the exchange (``failed``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ GUEST_CID = 3  # the lowest guest CID (0-2 are reserved)
 PORT = 5252  # the agent's vsock port (kiln.ctl=vsock:PORT)
 UDS = "v.sock"  # Firecracker's end, directly in the chroot
 RETRY = 0.05  # s between connection attempts while the guest does not listen yet
+RETRY_AFTER = 1.0  # s: an attempt Firecracker neither answers nor closes is given up
 _LINE_MAX = 64  # Firecracker's "OK <port>\n" is far shorter
 
 
@@ -68,6 +71,7 @@ class VsockSender:
         self._ok = False
         self._frame: bytes | None = None
         self._next = 0.0
+        self._since = 0.0  # when the current attempt connected
 
     def pump(self) -> None:
         if self.done or self.failed or (self.heard and self.settings is None):
@@ -90,6 +94,9 @@ class VsockSender:
         assert self._sock is not None
         if not self.heard:
             self._read()
+            if not self._ok and time.monotonic() - self._since > RETRY_AFTER:
+                # no answer: the guest's side never took the request (not running yet)
+                raise TimeoutError(errno.ETIMEDOUT, "no answer to CONNECT")
             if not self._ok or not channel.heard_hello(self._buf):
                 return
             self.heard = True
@@ -107,6 +114,7 @@ class VsockSender:
             s.close()
             raise
         self._sock = s
+        self._since = time.monotonic()
 
     def _read(self) -> None:
         assert self._sock is not None
