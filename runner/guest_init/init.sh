@@ -72,6 +72,7 @@ if [ -e /.kiln/config ]; then
   . /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
   # The network on the kernel command line (Firecracker): kiln.ip=ADDR/PREFIX kiln.gw=GW
   # [kiln.dns=A,B]. The kernel leaves dotted unknown words alone.
+  read -r cmdline </proc/cmdline
   for a in $cmdline; do
     case "$a" in
       kiln.ip=*) KILN_IP=${a#kiln.ip=} ;;
