@@ -85,18 +85,13 @@ class NetSpec:
     guest_mac: str | None = None
 
 
-_IFACE = re.compile(r"^eth[0-9]{1,2}$")
-_DEV = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1, no '/' or blanks
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def network_interface_body(n: NetSpec) -> dict[str, Any]:
     """The ``PUT /network-interfaces/{iface_id}`` body (swagger ``NetworkInterface``)."""
-    if not _IFACE.fullmatch(n.iface_id):
-        raise UsageError(f"invalid interface id {n.iface_id!r}", "use eth0, eth1, …")
-    if not _DEV.fullmatch(n.host_dev_name):
-        raise UsageError(f"invalid tap name {n.host_dev_name!r}",
-                         "a network device name of at most 15 characters")
+    fcs.check_iface(n.iface_id)
+    fcs.check_tap(n.host_dev_name)
     body: dict[str, Any] = {"iface_id": n.iface_id, "host_dev_name": n.host_dev_name}
     if n.guest_mac is not None:
         if not _MAC.fullmatch(n.guest_mac):
@@ -415,12 +410,6 @@ class FirecrackerVM:
             self.vsock = self.ops.jail_grant_vsock(self.plan.vm_id)
         info: dict[str, Any] = self.client().get("/")
         return info
-
-    def export(self, dest_dir: Path) -> dict[str, int]:
-        """The snapshot files ``snapshot_create`` wrote, copied out of the jail into new
-        files ``dest_dir/<name>`` (the caller's, 0600): {name: bytes}."""
-        return {n: self.ops.jail_export(self.plan.vm_id, n, dest_dir / n)
-                for n in (fcs.STATE, fcs.MEM)}
 
     def running(self) -> bool:
         return bool(cg.cgroup_pids(self.cfg.cgroup, self.plan.vm_id,

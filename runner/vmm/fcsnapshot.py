@@ -27,6 +27,7 @@ kiln's modules never import each other both ways.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from typing import Any, Literal
 from helper.base.errors import UsageError
 from helper.jail.jailer import StageItem, check_name
 
+IFACE_RE = re.compile(r"^eth[0-9]{1,2}$")
+DEV_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1, no '/' or blanks
 STATE = "vm.state"  # the microVM state file, in the chroot
 MEM = "vm.mem"  # the guest memory file, in the chroot
 
@@ -55,6 +58,19 @@ def jail_path(path: str) -> str:
                          "name a file directly in the chroot: /NAME")
     check_name(name)
     return path
+
+
+def check_iface(iface: str) -> str:
+    if not IFACE_RE.fullmatch(iface):
+        raise UsageError(f"invalid interface id {iface!r}", "use eth0, eth1, …")
+    return iface
+
+
+def check_tap(dev: str) -> str:
+    if not DEV_RE.fullmatch(dev):
+        raise UsageError(f"invalid tap name {dev!r}",
+                         "a network device name of at most 15 characters")
+    return dev
 
 
 def vm_state_request(state: Literal["Paused", "Resumed"]) -> ApiRequest:
@@ -85,11 +101,8 @@ def snapshot_load_request(snapshot: str, mem: str, *, resume: bool = False,
         "resume_vm": resume,
     }
     if taps:
-        from runner.vmm.fcapi import NetSpec, network_interface_body  # (no cycle at import)
-
         body["network_overrides"] = [
-            {k: network_interface_body(NetSpec(i, t))[k] for k in ("iface_id", "host_dev_name")}
-            for i, t in taps]
+            {"iface_id": check_iface(i), "host_dev_name": check_tap(t)} for i, t in taps]
     return ApiRequest("PUT", "/snapshot/load", body, "SnapshotLoadParams")
 
 
