@@ -223,3 +223,29 @@ class HelperOps:
 
     def jail_remove(self, vm_id: str) -> None:
         self._call("jail-remove", {"vm": vm_id})
+
+    def jail_grant_vsock(self, vm_id: str) -> Path:
+        return Path(self._call("jail-grant-vsock", {"vm": vm_id})["socket"])
+
+    def jail_import(self, vm_id: str, name: str, source: Path) -> None:
+        """Copy this user's ``source`` into the jail (passed open: ``sudo -C``)."""
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            call("jail-import", {"vm": vm_id, "name": name, "fd": fd}, area=self.area_dir,
+                 pass_fd=fd)
+        finally:
+            os.close(fd)
+
+    def jail_export(self, vm_id: str, name: str, dest: Path) -> int:
+        """The jail's ``name`` into a new file ``dest`` (this user's, 0600, made here and
+        passed open); its size. A refusal removes ``dest``."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            return int(call("jail-export", {"vm": vm_id, "name": name, "fd": fd},
+                            area=self.area_dir, pass_fd=fd)["bytes"])
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)

@@ -39,7 +39,7 @@ from helper.base import fileops
 from helper.base.errors import NotFound, UsageError
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
-STATE, DISK, RECORD = "state", "disk", "warm.json"
+STATE, DISK, MEM, RECORD = "state", "disk", "mem", "warm.json"
 MAX_ENV, MAX_DEFAULT = "KILN_WARM_MAX", "4G"
 
 

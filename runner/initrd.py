@@ -37,8 +37,10 @@ BUSYBOX = Path("/bin/busybox")
 # In load order; dependencies are added (and ordered) by plan_modules.
 WANTED = ("virtio_mmio", "virtio_blk", "virtio_console", "ext4")
 # virtio_pci: harmless on microvm, lets the initrd serve q35/pc too; virtio_net (+ failover,
-# net_failover): --net user and --net tap, so eth0 exists before kiln's init configures it
-OPTIONAL = ("virtio_pci", "virtio_net")
+# net_failover): --net user and --net tap, so eth0 exists before kiln's init configures it;
+# vmw_vsock_virtio_transport (+ vsock, vmw_vsock_virtio_transport_common): the control
+# channel on Firecracker (docs/run.md), modules on Debian's cloud kernel
+OPTIONAL = ("virtio_pci", "virtio_net", "vmw_vsock_virtio_transport")
 APPLETS = ("sh", "mount", "umount", "cat", "insmod", "usleep", "sleep", "switch_root", "echo")
 
 INIT_SCRIPT = r"""#!/bin/busybox sh

@@ -276,6 +276,16 @@ def jail_grant_api(cfg: JailConfig, jail_id: str, caller_uid: int, caller_gid: i
     """Hand the API socket to the caller's uid: ``BASE/<fc>/ID/api.sock`` (0600, the caller's),
     a hard link of the chroot's socket, in the root-owned jail directory (0711). Also makes
     console.log the caller's (0400). Waits up to ``timeout`` for the socket."""
+    return grant_socket(cfg, jail_id, caller_uid, caller_gid, API_SOCK, "api.sock",
+                        timeout=timeout, console=True)
+
+
+def grant_socket(cfg: JailConfig, jail_id: str, caller_uid: int, caller_gid: int,
+                 inner: str, outer: str, *, timeout: float = 5.0,
+                 console: bool = False) -> Path:
+    """Hard-link the socket Firecracker bound at ``inner`` (a path in the chroot) to
+    ``BASE/<fc>/ID/<outer>``, the caller uid's alone (0600). The socket must be the VM's
+    (or the caller's, granted before); ``console``: also hand over console.log."""
     check_vm_id(jail_id)
     for what, n in (("uid", caller_uid), ("gid", caller_gid)):
         if type(n) is not int or not 0 <= n <= UID_MAX:
@@ -286,53 +296,61 @@ def jail_grant_api(cfg: JailConfig, jail_id: str, caller_uid: int, caller_gid: i
         rst = os.stat("root", dir_fd=jfd, follow_symlinks=False)
         if caller_uid == rst.st_uid:
             raise UsageError("the caller is the VM's own uid", "")
-        run = Path(API_SOCK).relative_to("/")
+        sock = Path(inner).relative_to("/")
+        what = "API" if outer == "api.sock" else outer
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                rfd = open_dir_nofollow(jd / "root" / run.parent)
-                break
-            except NotFound:
-                if time.monotonic() > deadline:
-                    raise NotFound(f"{jd}/root/{run.parent} never appeared",
-                                   "did jail-launch succeed? see console.log") from None
-                time.sleep(0.02)
+        rfd = _await_dir(jd / "root" / sock.parent, deadline)
         try:
-            while True:
-                try:
-                    sst = os.stat(run.name, dir_fd=rfd, follow_symlinks=False)
-                    break
-                except FileNotFoundError:
-                    if time.monotonic() > deadline:
-                        raise NotFound(f"no API socket in jail {jail_id}",
-                                       "Firecracker did not start; see console.log") from None
-                    time.sleep(0.02)
+            sst = _await_socket(rfd, sock.name, jail_id, deadline)
             # Owned by the VM, or by the caller when granted before (the link shares it).
             if not stat.S_ISSOCK(sst.st_mode) or sst.st_uid not in (rst.st_uid, caller_uid):
-                raise Conflict(f"the API socket of jail {jail_id} is not the VM's socket", "")
+                raise Conflict(f"the {what} socket of jail {jail_id} is not the VM's socket", "")
             with contextlib.suppress(FileNotFoundError):
-                old = os.stat("api.sock", dir_fd=jfd, follow_symlinks=False)
+                old = os.stat(outer, dir_fd=jfd, follow_symlinks=False)
                 if not stat.S_ISSOCK(old.st_mode):
-                    raise Conflict(f"{jd}/api.sock exists and is not a socket", "")
-                os.unlink("api.sock", dir_fd=jfd)
-            os.link(run.name, "api.sock", src_dir_fd=rfd, dst_dir_fd=jfd,
-                    follow_symlinks=False)
+                    raise Conflict(f"{jd}/{outer} exists and is not a socket", "")
+                os.unlink(outer, dir_fd=jfd)
+            os.link(sock.name, outer, src_dir_fd=rfd, dst_dir_fd=jfd, follow_symlinks=False)
         finally:
             os.close(rfd)
-        linked = os.stat("api.sock", dir_fd=jfd, follow_symlinks=False)
+        linked = os.stat(outer, dir_fd=jfd, follow_symlinks=False)
         if (linked.st_ino, linked.st_dev) != (sst.st_ino, sst.st_dev):
-            os.unlink("api.sock", dir_fd=jfd)
-            raise Conflict(f"the API socket of jail {jail_id} changed while granting", "")
+            os.unlink(outer, dir_fd=jfd)
+            raise Conflict(f"the {what} socket of jail {jail_id} changed while granting", "")
         # A socket cannot be opened to fchown it: by name, in jd, which only root writes,
         # so the name checked above stays put. The caller's uid alone: its primary group
         # may be shared with other users.
-        os.chown("api.sock", caller_uid, 0, dir_fd=jfd, follow_symlinks=False)
-        os.chmod("api.sock", 0o600, dir_fd=jfd)
-        _give_console(jfd, jail_id, caller_uid)
+        os.chown(outer, caller_uid, 0, dir_fd=jfd, follow_symlinks=False)
+        os.chmod(outer, 0o600, dir_fd=jfd)
+        if console:
+            _give_console(jfd, jail_id, caller_uid)
         os.chmod(jd, 0o711)  # noqa: S103 - traversal only; what is inside guards itself
     finally:
         os.close(jfd)
-    return jd / "api.sock"
+    return jd / outer
+
+
+def _await_dir(path: Path, deadline: float) -> int:
+    while True:
+        try:
+            return open_dir_nofollow(path)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise NotFound(f"{path} never appeared",
+                               "did jail-launch succeed? see console.log") from None
+            time.sleep(0.02)
+
+
+def _await_socket(rfd: int, name: str, jail_id: str, deadline: float) -> os.stat_result:
+    while True:
+        try:
+            return os.stat(name, dir_fd=rfd, follow_symlinks=False)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise NotFound(f"no {name} socket in jail {jail_id}",
+                               "Firecracker did not start or bind it; see console.log"
+                               ) from None
+            time.sleep(0.02)
 
 
 def _give_console(jfd: int, jail_id: str, caller_uid: int) -> None:

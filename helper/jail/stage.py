@@ -393,7 +393,7 @@ def _stage_file(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int,
         def copy(to_uid: int, mode: int) -> None:
             size = os.fstat(src.fd).st_size
             budget.spend(size, str(item.source))
-            _copy_fd(src.fd, rfd, item.name, to_uid, gid, mode, size)
+            copy_fd(src.fd, rfd, item.name, to_uid, gid, mode, size)
 
         if item.writable and owner is not None:
             copy(uid, 0o600)
@@ -425,7 +425,7 @@ def _stage_file(cfg: JailConfig, rfd: int, item: StageItem, uid: int, gid: int,
         src.close()
 
 
-def _copy_fd(src: int, rfd: int, name: str, uid: int, gid: int, mode: int,
+def copy_fd(src: int, rfd: int, name: str, uid: int, gid: int, mode: int,
              limit: int) -> None:
     """Copy ``src`` into a new ``name``, data extents only: holes stay holes, so a sparse
     image costs the jail what it really holds; never more than the ``limit`` bytes that

@@ -138,7 +138,7 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
 
     with vmuids.locked(ctx), contextlib.ExitStack() as stack:  # uid: checked and claimed
         vmuids.check_free(ctx, req.uid, req.gid, cfg)  # as one step (helper.vmuids)
-        budget = None if ctx.trusted else _copy_budget(ctx, cfg, stack)
+        budget = None if ctx.trusted else copy_budget(ctx, cfg, stack)
         try:
             staged = jailstage.jail_stage(
                 cfg, req.vm, req.uid, req.gid, items, caller_uid=ctx.caller_uid,
@@ -160,7 +160,7 @@ def jail_stage(ctx: Ctx, req: JailStage) -> dict[str, Any]:
     return {"root": str(staged.root), "warnings": staged.warnings}
 
 
-def _copy_budget(ctx: Ctx, cfg: jail.JailConfig,
+def copy_budget(ctx: Ctx, cfg: jail.JailConfig,
                  stack: contextlib.ExitStack) -> jailstage.Budget:
     """What a sudo caller's jail copies may take: the rest of its ``[limits] jail_bytes``
     (its jails' copies so far counted) and of the disk space no area's images were

@@ -28,15 +28,17 @@ def warm() -> None:
               help="kernel to boot [default: the host's Debian cloud kernel]")
 @click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="initrd to boot unchanged [default: kiln's minimal initrd]")
+@click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default="auto",
+              show_default=True, help="the VMM whose warm image to make (as kiln run's)")
 @click.option("--json", "as_json", is_flag=True, help="print the image as JSON")
 @registry_options
 @pass_ctx
 def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, disk_size: str | None,
-                kernel: Path | None, initrd: Path | None, as_json: bool,
+                kernel: Path | None, initrd: Path | None, vmm: str, as_json: bool,
                 tls_verify: bool, no_tls_verify: bool, authfile: Path | None) -> None:
-    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU): the one
-    `kiln run --warm` with the same --cpus, --memory, --disk-size, --kernel and --initrd
-    restores.
+    """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU, or
+    Firecracker through its snapshot API): the one `kiln run --warm` with the same --vmm,
+    --cpus, --memory, --disk-size, --kernel and --initrd restores.
 
     The oldest other images are then removed to keep their total under $KILN_WARM_MAX
     (default 4G)."""
@@ -44,7 +46,7 @@ def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, disk_size: str | 
     from runner.vm import warmrun
     from runner.vm.spec import RunOptions
 
-    opts = RunOptions(vmm="qemu", cpus=cpus, memory=parse_size(memory, "--memory"),
+    opts = RunOptions(vmm=vmm, cpus=cpus, memory=parse_size(memory, "--memory"),
                       disk_size=parse_size(disk_size, "--disk-size") if disk_size else None,
                       kernel=kernel, initrd=initrd)
     reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,

@@ -3,17 +3,26 @@
  * Built static by scripts/install-deps.sh (gcc -static -Os; else by kiln on first use) and
  * written into every VM's snapshot as /.kiln/agent; run by /.kiln/init (init.sh) as root.
  *
- *   agent settings PORT   send HEL1, read one frame: SET1 -> seed the kernel CRNG
+ *   agent settings CHAN   send HEL1, read one frame: SET1 -> seed the kernel CRNG
  *                         (RNDADDENTROPY + RNDRESEEDCRNG), set CLOCK_REALTIME, print the
  *                         settings as shell assignments for init.sh; STP1 -> exit 3
- *   agent stop PORT       read one frame: STP1 -> print its grace (seconds)
+ *   agent greet CHAN      as settings, but apply nothing (tests: the framing on a host)
+ *   agent stop CHAN       read one frame: STP1 -> print its grace (seconds)
  *   agent print FILE      read one SET1 frame and print it, applying nothing (tests)
+ *
+ * CHAN is the virtio-serial port's device (QEMU), `vsock:PORT` (Firecracker: listen on
+ * that AF_VSOCK port; the host connects through Firecracker's hybrid vsock) or `fd:N`
+ * (an inherited connected socket: tests). On vsock the host may connect more than once:
+ * a connection that closes before a whole frame arrived (the host gave up, or a restored
+ * snapshot's transport reset cut the one the hello went out on) is dropped and the next
+ * one accepted, which is greeted again. Only a frame that breaks the protocol ends it.
  *
  * A frame is a 4-byte tag, a 4-byte big-endian length and the payload; each tag has a
  * hard limit checked before its payload is read, so the guest never reads unbounded data.
  * Exit status: 0 done, 1 a system call failed, 2 a protocol error (said on stderr),
  * 3 a stop request came instead of the settings.
  */
+#define _GNU_SOURCE /* accept4 */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/random.h>
@@ -22,6 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <linux/vm_sockets.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -36,6 +47,8 @@ static int fail(int code, const char *what, const char *detail) {
     fprintf(stderr, "kiln-agent: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
     return code;
 }
+
+#define CLOSED 100 /* read_frame: the channel closed before a whole header (not said) */
 
 static int read_full(int fd, unsigned char *buf, size_t n) {
     size_t got = 0;
@@ -53,7 +66,7 @@ static int read_frame(int fd, const char *const *tags, const uint32_t *limits, i
                       uint32_t *len) {
     unsigned char h[8];
     char msg[96];
-    if (read_full(fd, h, sizeof h) < 0) return -fail(2, "the control channel closed", 0);
+    if (read_full(fd, h, sizeof h) < 0) return -CLOSED;
     *len = (uint32_t)h[4] << 24 | (uint32_t)h[5] << 16 | (uint32_t)h[6] << 8 | h[7];
     for (int i = 0; i < ntags; i++) {
         if (memcmp(h, tags[i], 4) != 0) continue;
@@ -174,20 +187,77 @@ static int apply_settings(uint32_t len, int apply) {
     return fflush(stdout) ? fail(1, "cannot write the settings", strerror(errno)) : 0;
 }
 
-int main(int argc, char **argv) {
+/* A vsock listener on PORT (any CID: the host is CID 2). */
+static int vsock_listen(const char *port_text) {
+    char *end;
+    unsigned long port = strtoul(port_text, &end, 10);
+    if (*port_text == 0 || *end || port == 0 || port > 0xfffffffeUL)
+        return -fail(2, "bad vsock port", port_text);
+    int s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -fail(1, "cannot make a vsock socket", strerror(errno));
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY,
+                            .svm_port = (unsigned)port};
+    if (bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 1) < 0) {
+        int err = errno;
+        close(s);
+        return -fail(1, "cannot listen on the vsock port", strerror(err));
+    }
+    return s;
+}
+
+/* One exchange on `fd`: greet (when asked) and read one frame. */
+static int exchange(int fd, int greet, uint32_t *len) {
     static const char *const tags[] = {"SET1", "STP1"};
     static const uint32_t limits[] = {SETTINGS_MAX, STOP_MAX};
-    if (argc != 3 || (strcmp(argv[1], "settings") && strcmp(argv[1], "stop") &&
-                      strcmp(argv[1], "print")))
-        return fail(2, "usage: agent settings|stop|print PORT", 0);
-    int fd = open(argv[2], O_RDWR | O_CLOEXEC | O_NOCTTY);
-    if (fd < 0) return fail(1, argv[2], strerror(errno));
-    int settings = strcmp(argv[1], "stop") != 0, apply = !strcmp(argv[1], "settings");
-    if (apply && write(fd, "HEL1\0\0\0\0", 8) != 8)
-        return fail(1, "cannot greet the host", strerror(errno));
-    uint32_t len = 0;
-    int got = read_frame(fd, tags, limits, 2, &len);
+    if (greet && write(fd, "HEL1\0\0\0\0", 8) != 8) return -CLOSED;
+    return read_frame(fd, tags, limits, 2, len);
+}
+
+/* The channel's one frame: a device or fd is read once; a vsock listener accepts until a
+ * connection brings a whole frame (or breaks the protocol). */
+static int channel_frame(const char *chan, int greet, uint32_t *len) {
+    int got;
+    if (!strncmp(chan, "vsock:", 6)) {
+        int s = vsock_listen(chan + 6);
+        if (s < 0) return s;
+        do {
+            int c = accept4(s, 0, 0, SOCK_CLOEXEC);
+            if (c < 0) {
+                if (errno == EINTR || errno == ECONNABORTED) { got = -CLOSED; continue; }
+                got = -fail(1, "cannot accept on the vsock port", strerror(errno));
+                break;
+            }
+            got = exchange(c, greet, len);
+            close(c);
+        } while (got == -CLOSED);
+        close(s);
+        return got;
+    }
+    int fd;
+    if (!strncmp(chan, "fd:", 3)) {
+        char *end;
+        long n = strtol(chan + 3, &end, 10);
+        if (chan[3] == 0 || *end || n < 0 || n > 1023) return -fail(2, "bad fd", chan);
+        fd = (int)n;
+    } else {
+        fd = open(chan, O_RDWR | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) return -fail(1, chan, strerror(errno));
+    }
+    if (greet && write(fd, "HEL1\0\0\0\0", 8) != 8)
+        return -fail(1, "cannot greet the host", strerror(errno));
+    got = exchange(fd, 0, len);
     close(fd);
+    return got == -CLOSED ? -fail(2, "the control channel closed", 0) : got;
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argc == 3 ? argv[1] : "";
+    int settings = strcmp(mode, "stop") != 0, apply = !strcmp(mode, "settings");
+    int greet = apply || !strcmp(mode, "greet");
+    if (!greet && strcmp(mode, "stop") && strcmp(mode, "print"))
+        return fail(2, "usage: agent settings|greet|stop|print CHANNEL", 0);
+    uint32_t len = 0;
+    int got = channel_frame(argv[2], greet, &len);
     if (got < 0) return -got;
     if (got == 1) {  /* STP1: the grace, digits only */
         if (len == 0 || strspn((char *)payload, "0123456789") != len)

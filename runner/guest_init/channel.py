@@ -15,8 +15,10 @@ a payload is read:
   NUL byte (``arg`` and ``env`` repeat, in order);
 * ``STP1`` (host → guest, ≤ 16 bytes): stop the workload, payload the grace in seconds.
 
-``encode_settings`` is what the QEMU driver sends; ``decode_frame`` reads the guest's
-hello (and is the tests' oracle, with their own settings decoder).
+``encode_settings`` is what the drivers send; ``heard_hello`` reads the guest's hello
+(``decode_frame`` is also the tests' oracle, with their own settings decoder). The QEMU
+end of the channel is ``runner.guest_init.sender``, Firecracker's ``runner.guest_init.vsock``:
+both use these functions, so the bytes on either channel are the same.
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ def decode_frame(data: bytes) -> tuple[bytes, bytes, bytes]:
     if len(data) < end:
         raise FrameError("incomplete frame payload")
     return tag, data[HEADER.size:end], data[end:]
+
+
+def heard_hello(data: bytes) -> bool:
+    """Whether ``data`` (what the guest sent so far) holds its whole ``HEL1``; False while
+    it is shorter than a header; ``FrameError`` when it is anything else (both channels:
+    the QEMU port, Firecracker's vsock)."""
+    if len(data) < HEADER.size:
+        return False
+    tag, _, _ = decode_frame(data)
+    if tag != HELLO:
+        raise FrameError(f"the guest sent {tag!r}, not HEL1")
+    return True
 
 
 def _record(key: str, value: str) -> bytes:

@@ -2,16 +2,16 @@
 # kiln guest init: PID 1 of every VM booted with `--init kiln` (the default).
 #
 # Mounts /proc, /sys, /dev; takes the run's settings (hostname, machine id, workdir, user,
-# PATH, the environment, the argv, eth0) from the host over the kiln.control port
+# PATH, the environment, the argv, eth0) from the host over the control channel
 # (docs/run.md, "The control channel": /.kiln/agent greets the host, reads one framed
 # message, seeds the kernel's random generator, sets the clock and prints the settings as
-# shell assignments), or — Firecracker, which has no such port yet — from /.kiln/config
-# and the kernel command line; runs the workload with its stdout/stderr on virtio-serial
-# ports; reports "exit N" on the kiln.status port (without one, as under Firecracker:
-# "kiln-init: exit N" on the console); powers off. A stop request is an STP1 frame on the
-# kiln.control port (QEMU) or Ctrl-Alt-Del (Firecracker's only one, which the kernel
-# turns into SIGINT for PID 1 once kernel.ctrl-alt-del is 0): either way the workload
-# gets SIGTERM. Everything
+# shell assignments) — the kiln.control port on QEMU, vsock on Firecracker (kiln.ctl=
+# vsock:PORT on the command line) — or, a cold Firecracker run, from /.kiln/config and the
+# command line; runs the workload with its stdout/stderr on virtio-serial ports; reports
+# "exit N" on the kiln.status port (without one, as under Firecracker: "kiln-init: exit N"
+# on the console); powers off. A stop request is an STP1 frame on the kiln.control port
+# (QEMU) or Ctrl-Alt-Del (Firecracker's only one, which the kernel turns into SIGINT for
+# PID 1 once kernel.ctrl-alt-del is 0): either way the workload gets SIGTERM. Everything
 # runs through kiln's own busybox, so images without a shell work. The workload itself is
 # always exec'd by absolute path: this busybox prefers its applets to files of the same
 # name, and the image's `echo` must win over busybox's.
@@ -35,9 +35,15 @@ $bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null
 $bb mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
 
 # The host's channels: virtio-serial ports by name (shell builtins only: every fork
-# costs milliseconds under emulation).
+# costs milliseconds under emulation). Firecracker has no such ports: there kiln puts
+# kiln.ctl=vsock:PORT on the command line (only where the channel is: never a setting).
 status="" out="" err="" in="" ctl=""
+read -r cmdline </proc/cmdline
+for a in $cmdline; do
+  case "$a" in kiln.ctl=vsock:*) ctl=${a#kiln.ctl=} ;; esac
+done
 i=0
+case "$ctl" in vsock:*) i=400 ;; esac
 while [ "$i" -lt 400 ]; do
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue
@@ -85,7 +91,8 @@ if [ -e /.kiln/config ]; then
   done
 elif [ -n "$ctl" ] && [ -x "$agent" ]; then
   # The agent blocks until the host's settings frame arrives (QEMU holds the port's FIFO
-  # open: no EOF). Its complaints go to the workload's stderr (kiln run's).
+  # open: no EOF; on vsock it listens until the host connects). Its complaints go to the
+  # workload's stderr (kiln run's; the console under Firecracker).
   cfg=$($agent settings "$ctl" 2>"$err")
   case $? in
     0) eval "$cfg" ;;
@@ -226,7 +233,8 @@ else
   $bb env -i "$@" <"$in" >"$out" 2>"$err" &
 fi
 child=$!
-if [ -n "$ctl" ] && [ -x "$agent" ]; then
+# Firecracker (vsock): a stop is Ctrl-Alt-Del, as before the channel.
+if [ -n "$ctl" ] && [ "${ctl#vsock:}" = "$ctl" ] && [ -x "$agent" ]; then
   (
     # one STP1 frame: its payload is the grace in seconds
     grace=$($agent stop "$ctl") || { say "the control channel failed: no graceful stop"; exit 0; }

@@ -57,15 +57,10 @@ class HelloListener:
             self._fd = os.open(f"{self.control}.out", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(BlockingIOError):
             self._heard += os.read(self._fd, 64)
-        if len(self._heard) < channel.HEADER.size:
-            return False
         try:
-            tag, _, _ = channel.decode_frame(self._heard)
+            return channel.heard_hello(self._heard)
         except channel.FrameError as e:
             raise OSError(errno.EPROTO, f"the guest sent {self._heard[:8]!r}: {e}") from None
-        if tag != channel.HELLO:
-            raise OSError(errno.EPROTO, f"the guest sent {tag!r}, not HEL1")
-        return True
 
     def close(self) -> None:
         if self._fd is not None:

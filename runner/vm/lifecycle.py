@@ -120,7 +120,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     st.update(vm_id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
     try:
         disk = _make_disk(root, pool, volume, files, rec.snapshot, opts, work,
-                          channel=vmm == "qemu", warm=warm)
+                          channel=vmm == "qemu" or warm is not None, warm=warm)
         boot = Boot(host, files, boot_files.kernel, boot_files.initrd, disk,
                     guest_init.INIT_PATH if work else "/sbin/init", opts, forwards, intent,
                     vmres.UidPicker(reserved.uid_range), work, warm)
@@ -171,9 +171,9 @@ def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: 
                warm: WarmPlan | None = None) -> Path:
     """The VM directory and its files, then the snapshot with kiln's init injected. The
     workload goes to the driver (``channel``: QEMU sends it over the control channel,
-    ``runner.guest_init.channel``) or — Firecracker, until it has a channel (vsock) — onto
-    the snapshot. A warm restore's snapshot is a clone of the warm image's disk (kiln's
-    init is on it already)."""
+    ``runner.guest_init.channel``; a warm Firecracker run over vsock) or — a cold
+    Firecracker run — onto the snapshot. A warm restore's snapshot is a clone of the warm
+    image's disk (kiln's init is on it already)."""
     from builder.warm import clone_file
     from runner import guest_init
     from runner.guest_init import agentbin

@@ -51,6 +51,21 @@ class WarmPlan:
     mode: str  # save | restore
     state: Path
     disk: Path
+    mem: Path | None = None  # the guest's memory apart from its state (Firecracker)
+
+
+@dataclass(frozen=True)
+class WarmFacts:
+    """What a warm key takes from the VMM (``Driver.warm_facts``): its name, the binary
+    whose version counts, the accelerator, the CPU model, the device set and the kernel
+    command line a warm-capable boot gets."""
+
+    vmm: str
+    binary: Path
+    accel: str
+    cpu_model: str
+    devices: str
+    cmdline: str
 
 
 @dataclass(frozen=True)

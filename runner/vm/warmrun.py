@@ -1,10 +1,11 @@
 """Warm start's commands (docs/warm.md): ``kiln warm create`` and ``kiln run --warm``.
 
 * ``key_for``: the ``builder.warm.WarmKey`` of a run — the volume, the kernel's and
-  initrd's contents, kiln's init (init.sh, agent.c, busybox), QEMU's version, the
-  accelerator and CPU model, memory, cpus, disk size, ``qemuargv.WARM_DEVICES`` and the
-  kernel command line; the file hashes and QEMU's version cached by path, inode, size
-  and mtime (``_Facts``).
+  initrd's contents, kiln's init (init.sh, agent.c, busybox), memory, cpus, disk size and
+  what the VMM's driver says (``Driver.warm_facts``: its name, its binary's version, the
+  accelerator, CPU model, device set and kernel command line; the VMM is
+  ``choice.pick``'s, never decided here); the file hashes and the version cached by path,
+  inode, size and mtime (``_Facts``).
 * ``create``: under the key's flock, an existing image is returned as is; else one VM is
   run through the lifecycle with ``WarmPlan("save")`` into a ``Root.workdir`` (removed by
   recovery if kiln dies), which ``builder.warm.publish`` renames into ``ROOT/warm/<id>``.
@@ -15,8 +16,8 @@
   lifecycle with ``WarmPlan("restore")``; a restore that fails (``WarmFailed``: with
   ``--detach`` the owner's, raised in the parent before the id is printed) is said in one
   line and the run boots cold. Options the key cannot carry are refused: ``--init
-  image`` (nothing of kiln's to wake), ``--vmm firecracker`` (not yet), a dm-thin pool
-  (its snapshots are devices: no clone of the image's disk file yet).
+  image`` (nothing of kiln's to wake), a dm-thin pool (its snapshots are devices: no clone
+  of the image's disk file yet), and what the driver refuses (Firecracker: a network).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from builder.units import format_size
 from helper.base.errors import KilnError, UsageError
 from runner.vm import lifecycle
 from runner.vm.spec import RunOptions, WarmPlan
-from runner.vmm import qemuargv
+from runner.vmm import choice as vmmchoice
+from runner.vmm.driver import Driver
 from runner.vmm.qemuwarm import WarmFailed
 
 log = logging.getLogger("kiln.vm")
-QEMU = "qemu-system-x86_64"
 
 
 def _fingerprint(path: Path) -> str:
@@ -81,41 +82,53 @@ class _Facts:
                 write_atomic(self.path, json.dumps(self.known).encode())
 
 
-def key_for(root: Root, volume_id: str, opts: RunOptions) -> warm.WarmKey:
+def key_for(root: Root, volume_id: str, opts: RunOptions,
+            driver: Driver[Any] | None = None) -> warm.WarmKey:
+    """The warm key of ``opts`` on ``driver``'s VMM (its ``warm_facts``: the VMM's name,
+    binary, accelerator, CPU model and device set; ``choice.driver_for`` decides which)."""
     from builder import proc
     from runner import guest_init, kernel
     from runner.guest_init import agentbin
 
+    if driver is None:
+        driver = _driver(root, opts)[1]
+    vmm = driver.warm_facts(opts)
     files = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
-    accel = qemuargv.host_accel(root)
     facts = _Facts(root)
     init = hashlib.sha256(guest_init.init_script())  # kiln's init, agent, busybox
     init.update(agentbin.SOURCE.read_bytes())
     init.update(facts.sha256(guest_init.BUSYBOX).encode())
-    qemu = Path(proc.which(QEMU))
     key = warm.WarmKey(
         volume=volume_id, kernel_sha256=facts.sha256(files.kernel),
-        initrd_sha256=facts.sha256(files.initrd), init_sha256=init.hexdigest(), vmm="qemu",
-        vmm_version=facts.get(qemu, lambda: proc.version_of(str(qemu))), accel=accel,
-        cpu_model="host" if accel == "kvm" else "qemu64", memory_mib=opts.memory >> 20,
-        cpus=opts.cpus, disk_size=opts.disk_size, devices=qemuargv.WARM_DEVICES,
-        cmdline=" ".join(qemuargv.boot_args(guest_init.INIT_PATH, accel,
-                                            qemuargv.host_tsc_khz(), warm=True)))
+        initrd_sha256=facts.sha256(files.initrd), init_sha256=init.hexdigest(),
+        vmm=vmm.vmm, vmm_version=facts.get(vmm.binary, lambda: proc.version_of(
+            str(vmm.binary))), accel=vmm.accel, cpu_model=vmm.cpu_model,
+        memory_mib=opts.memory >> 20, cpus=opts.cpus, disk_size=opts.disk_size,
+        devices=vmm.devices, cmdline=vmm.cmdline)
     facts.save()
     return key
 
 
-def _check(root: Root, opts: RunOptions) -> None:
+def _driver(root: Root, opts: RunOptions) -> tuple[str, Driver[Any]]:
+    """The VMM (``choice.pick``: ``auto`` asks KVM and the config) and its driver."""
+    vmm, _, cfg = vmmchoice.pick(root, opts.vmm)
+    return vmm, vmmchoice.driver_for(root, vmm, cfg)
+
+
+def _check(root: Root, opts: RunOptions) -> tuple[RunOptions, Driver[Any]]:
+    """``opts`` with the VMM decided, and its driver; refuses what cannot be warm."""
     from builder.pool import open_pool
 
-    if opts.vmm == "firecracker":
-        raise UsageError("warm start runs on QEMU only (for now)", "drop --vmm firecracker")
     if opts.init != "kiln":
         raise UsageError("--warm needs kiln's init", "drop --init image")
     pool = open_pool(root.path)
     if pool is not None and pool.config.backend == "dm-thin":
         raise UsageError("warm start needs a reflink or copy pool (not dm-thin, yet)",
                          "run without --warm, or `kiln pool init --backend reflink`")
+    vmm, driver = _driver(root, opts)
+    opts = dataclasses.replace(opts, vmm=vmm)
+    driver.warm_facts(opts)  # refuses what this VMM's warm runs cannot do
+    return opts, driver
 
 
 def create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
@@ -124,8 +137,8 @@ def create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     prunes the oldest others to fit ``KILN_WARM_MAX`` (said on ``say``)."""
     cap = warm.max_bytes()
     root.ensure()
-    _check(root, opts)
-    rec, made = _create(root, source, opts, registry_opts)
+    opts, driver = _check(root, opts)
+    rec, made = _create(root, source, opts, registry_opts, driver)
     if made:
         plan = warm.prune(root, rec, cap)
         for gone in plan.remove:
@@ -137,24 +150,25 @@ def create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
     return rec, made
 
 
-def _create(root: Root, source: str, opts: RunOptions, registry_opts: Any
-            ) -> tuple[warm.WarmRecord, bool]:
+def _create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
+            driver: Driver[Any]) -> tuple[warm.WarmRecord, bool]:
     volume = lifecycle.resolve_volume(root, source, registry_opts)
-    image_id = warm.key_id(key_for(root, volume.id, opts))
+    image_id = warm.key_id(key_for(root, volume.id, opts, driver))
     with warm.key_lock(root, image_id):
         found = warm.find(root, image_id)
         if found is not None:
             return found, False
         with root.workdir("warm") as work:
-            plan = WarmPlan("save", work / warm.STATE, work / warm.DISK)
+            mem = work / warm.MEM if opts.vmm == "firecracker" else None
+            plan = WarmPlan("save", work / warm.STATE, work / warm.DISK, mem)
             save_opts = RunOptions(
-                vmm="qemu", cpus=opts.cpus, memory=opts.memory, disk_size=opts.disk_size,
+                vmm=opts.vmm, cpus=opts.cpus, memory=opts.memory, disk_size=opts.disk_size,
                 kernel=opts.kernel, initrd=opts.initrd, rm=True, command=("true",))
             code = lifecycle.run(root, volume.id, save_opts, registry_opts, warm=plan)
             if code != 0:
                 raise KilnError(f"the warm image of {source} could not be made (exit {code})",
                                 "see `kiln ps -a` and `kiln logs`; a cold `kiln run` boots")
-            return warm.publish(root, work, image_id, volume.id, "qemu",
+            return warm.publish(root, work, image_id, volume.id, opts.vmm,
                                 opts.memory >> 20, opts.cpus), True
 
 
@@ -163,16 +177,16 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any, *,
     """``kiln run --warm``: restore from the matching warm image, or boot cold when the
     restore fails. ``say`` prints a line on stderr."""
     root.ensure()
-    _check(root, opts)
+    opts, driver = _check(root, opts)
     volume = lifecycle.resolve_volume(root, source, registry_opts)
-    opts = dataclasses.replace(opts, vmm="qemu")
-    image_id = warm.key_id(key_for(root, volume.id, opts))
+    image_id = warm.key_id(key_for(root, volume.id, opts, driver))
     rec = warm.find(root, image_id)
     if rec is None:
         say(f"kiln: no warm image of {source} for these settings: making one")
         rec, _ = create(root, volume.id, opts, registry_opts, say)
     d = warm.image_dir(root, rec.id)
-    plan = WarmPlan("restore", d / warm.STATE, d / warm.DISK)
+    mem = d / warm.MEM if opts.vmm == "firecracker" else None
+    plan = WarmPlan("restore", d / warm.STATE, d / warm.DISK, mem)
     try:
         return lifecycle.run(root, volume.id, opts, registry_opts, on_ready=on_ready,
                              warm=plan)

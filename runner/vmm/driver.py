@@ -29,8 +29,10 @@ Warm start (issue #14, docs/warm.md) rides on the same steps: ``Boot.warm`` (a
 ``WarmPlan``) tells ``prepare`` to give the VMM the warm device set, and ``own`` to either
 save (boot to the guest's hello, save its state beside a copy of its disk, end) or restore
 (start from the saved state instead of booting, then run as usual); the run, the outcome
-and every end path stay as they are. QEMU does it (``runner.vmm.qemuwarm``);
-Firecracker: not yet (``kiln run --warm`` takes QEMU).
+and every end path stay as they are. ``warm_facts(opts)`` gives the warm key what it takes
+from the VMM (name, binary, accelerator, CPU model, device set) and refuses what that
+VMM's warm runs cannot do. QEMU: ``runner.vmm.qemuwarm``; Firecracker:
+``runner.vmm.fcwarm`` (snapshot API, settings over vsock).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, Protocol, TypeVar
 from runner.guest_init import Workload
 from runner.vm.cgroup import VMCgroups
 from runner.vm.resources import NetIntent, UidPicker
-from runner.vm.spec import RunOptions, VMFiles, WarmPlan
+from runner.vm.spec import RunOptions, VMFiles, WarmFacts, WarmPlan
 from runner.vm.state import State, VMRecord
 from runner.vmm.qemuargv import Forward
 
@@ -94,6 +96,8 @@ class Driver(Protocol[L]):
     """One VMM. See the module docstring for when each step runs."""
 
     def check(self, opts: RunOptions) -> None: ...
+
+    def warm_facts(self, opts: RunOptions) -> WarmFacts: ...
 
     def reserve(self, host: str, opts: RunOptions, intent: NetIntent | None
                 ) -> Reservation: ...

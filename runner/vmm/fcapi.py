@@ -14,10 +14,13 @@ creates anything, so the state layer can record the resource first):
 6. ``InstanceStart``.
 
 Warm start (``runner.vmm.fcsnapshot``'s requests): ``pause``, ``snapshot_create`` (files in
-the chroot), ``resume``; ``restore`` launches a plan made with ``launch_plan(restore=…)``
-(rootfs and the staged state and memory files, no kernel) through steps 1-4, sends the
-logger alone (``snapshot/load`` is refused after any boot resource), loads the snapshot and
-leaves the VM paused.
+the chroot), ``export`` (out of the jail through the helper: ``jail-export``), ``resume``;
+``restore`` launches a plan made with ``launch_plan(restore=…)`` (the rootfs staged, the
+state and memory files copied in through fds before the launch: ``jail-import``; no kernel)
+through steps 1-4, sends the logger alone (``snapshot/load`` is refused after any boot
+resource), loads the snapshot (moving NICs onto the clone's taps) and leaves the VM paused
+or resumes it. A plan with ``vsock`` has its control channel's socket handed over
+(``jail-grant-vsock``) once Firecracker bound it: after ``configure``, or the load.
 
 Stop: ``SendCtrlAltDel``, wait for the cgroup to empty, then kill the whole cgroup
 (Firecracker is detached from us, so signalling one pid is not enough). Destroy: kill the
@@ -35,10 +38,7 @@ uses). ``kiln run``'s side — the record, the console, stop and teardown — is
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import re
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,11 +46,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from helper import cgroup as cg
-from helper.base.errors import KilnError, NotFound, UsageError
+from helper.base.errors import NotFound, UsageError
 from helper.cgroup import Limits
 from helper.jail import jailer as jail
 from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
 from runner.vmm import fcsnapshot as fcs
+from runner.vmm.fcclient import ApiClient, ApiError
+
+__all__ = ["ApiClient", "ApiError"]  # re-exported: callers know them as fcapi's
 from runner.vmm.fcsnapshot import ApiRequest
 
 KERNEL = "vmlinux"
@@ -60,10 +63,6 @@ ROOT_BLOCK = "rootfs"
 LOG = "firecracker.log"
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 NO_LIMITS = Limits()
-
-
-class ApiError(KilnError):
-    """Firecracker's API refused a request or did not answer."""
 
 
 # -- pure: VM configuration → API requests ---------------------------------------------
@@ -86,18 +85,13 @@ class NetSpec:
     guest_mac: str | None = None
 
 
-_IFACE = re.compile(r"^eth[0-9]{1,2}$")
-_DEV = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1, no '/' or blanks
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def network_interface_body(n: NetSpec) -> dict[str, Any]:
     """The ``PUT /network-interfaces/{iface_id}`` body (swagger ``NetworkInterface``)."""
-    if not _IFACE.fullmatch(n.iface_id):
-        raise UsageError(f"invalid interface id {n.iface_id!r}", "use eth0, eth1, …")
-    if not _DEV.fullmatch(n.host_dev_name):
-        raise UsageError(f"invalid tap name {n.host_dev_name!r}",
-                         "a network device name of at most 15 characters")
+    fcs.check_iface(n.iface_id)
+    fcs.check_tap(n.host_dev_name)
     body: dict[str, Any] = {"iface_id": n.iface_id, "host_dev_name": n.host_dev_name}
     if n.guest_mac is not None:
         if not _MAC.fullmatch(n.guest_mac):
@@ -105,6 +99,15 @@ def network_interface_body(n: NetSpec) -> dict[str, Any]:
                              "write six lowercase hex pairs")
         body["guest_mac"] = n.guest_mac
     return body
+
+
+@dataclass(frozen=True)
+class VsockSpec:
+    """The hybrid vsock device (``runner.guest_init.vsock``): the guest's CID and the Unix
+    socket Firecracker binds in the chroot."""
+
+    guest_cid: int
+    uds_path: str  # "/NAME": directly in the chroot
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class VmConfig:
     nets: tuple[NetSpec, ...] = ()
     log_path: str | None = f"/{LOG}"
     log_level: str = "Info"
+    vsock: VsockSpec | None = None  # the control channel (docs/run.md)
 
 
 def api_requests(vm: VmConfig) -> list[ApiRequest]:
@@ -154,6 +158,11 @@ def api_requests(vm: VmConfig) -> list[ApiRequest]:
     for n in vm.nets:
         reqs.append(ApiRequest("PUT", f"/network-interfaces/{n.iface_id}",
                                network_interface_body(n), "NetworkInterface"))
+    if vm.vsock is not None:
+        reqs.append(ApiRequest("PUT", "/vsock", {
+            "guest_cid": vm.vsock.guest_cid,
+            "uds_path": fcs.jail_path(vm.vsock.uds_path),
+        }, "Vsock"))
     return reqs
 
 
@@ -163,13 +172,16 @@ def expected_vm_config(vm: VmConfig) -> dict[str, Any]:
     The logger is write-only in 1.12.1 (``/vm/config`` reports ``null``), so it is not
     compared; everything else must match field for field."""
     by_path = {r.path: r.body for r in api_requests(vm)}
-    return {
+    got = {
         "boot-source": by_path["/boot-source"],
         "machine-config": by_path["/machine-config"],
         "drives": [by_path[f"/drives/{d.drive_id}"] for d in vm.drives],
         "network-interfaces": [by_path[f"/network-interfaces/{n.iface_id}"]
                                for n in vm.nets],
     }
+    if vm.vsock is not None:
+        got["vsock"] = by_path["/vsock"]
+    return got
 
 
 def config_mismatches(expected: Any, got: Any, where: str = "") -> list[str]:
@@ -204,7 +216,8 @@ class LaunchPlan:
     stage: tuple[StageItem, ...]
     logs: tuple[str, ...]
     vm: VmConfig
-    restore: bool = False  # stages a snapshot (``fcsnapshot.snapshot_items``), no kernel
+    restore: bool = False  # imports a snapshot (``fcsnapshot.snapshot_items``), no kernel
+    imports: tuple[StageItem, ...] = ()  # files copied in by fd (``PrivOps.jail_import``)
 
 
 def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: Path,
@@ -214,13 +227,15 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
                 taps: Sequence[str] = (), nets: Sequence[NetSpec] = (),
                 read_only_root: bool = False,
                 resource_limits: tuple[tuple[str, int], ...] = (),
-                restore: tuple[Path, Path] | None = None) -> LaunchPlan:
+                restore: tuple[Path, Path] | None = None,
+                vsock: VsockSpec | None = None) -> LaunchPlan:
     """Everything needed to launch one VM, decided up front (pure apart from validation).
 
     ``uid`` doubles as gid. ``rootfs``: a snapshot file, or ``/dev/mapper/…`` (dm-thin).
     ``nets`` (``runner.network``'s tap and MAC) or bare ``taps`` (no MAC) become eth0, eth1, ….
     ``restore``: (state, memory) of a snapshot, staged instead of the kernel and initrd
-    (the rootfs keeps its name: the saved drive's path)."""
+    (the rootfs keeps its name: the saved drive's path). ``vsock``: the control channel's
+    device (a restore brings the saved one back: its socket is bound at the load)."""
     cg.check_vm_id(vm_id)
     block = str(rootfs).startswith("/dev/mapper/")
     root_name = ROOT_BLOCK if block else ROOTFS
@@ -228,8 +243,9 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
     if initrd is not None:
         stage.append(StageItem(INITRD, initrd))
     stage.append(StageItem(root_name, rootfs, writable=not read_only_root))
-    if restore is not None:
-        stage = [stage[-1], *fcs.snapshot_items(*restore)]
+    imports: tuple[StageItem, ...] = ()
+    if restore is not None:  # the caller's files: copied in through fds (a sudo caller's
+        stage, imports = [stage[-1]], fcs.snapshot_items(*restore)  # are not stageable)
     if cgroup_version == 2:
         # Limits go in through cgroup-create; the jailer only moves into P/ID.
         cgroups: tuple[tuple[str, str], ...] = ()
@@ -248,84 +264,10 @@ def launch_plan(cfg: JailConfig, *, vm_id: str, uid: int, kernel: Path, rootfs: 
         boot_args=boot_args, vcpus=cpus, mem_mib=mem_mib,
         drives=(DriveSpec("rootfs", f"/{root_name}", root=True, read_only=read_only_root),),
         nets=tuple(nets) or tuple(NetSpec(f"eth{i}", t) for i, t in enumerate(taps)),
+        vsock=vsock,
     )
-    return LaunchPlan(vm_id, spec, limits, tuple(stage), (LOG,), vm, restore is not None)
-
-
-# -- API client ---------------------------------------------------------------------------
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self._path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
-class ApiClient:
-    """Firecracker's HTTP API over its Unix socket (one connection per request)."""
-
-    def __init__(self, sock: Path, timeout: float = 5.0) -> None:
-        self.sock = sock
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None
-                ) -> tuple[int, Any]:
-        conn = _UnixConnection(str(self.sock), self.timeout)
-        try:
-            payload = json.dumps(body) if body is not None else None
-            headers = {"Accept": "application/json"}
-            if payload is not None:
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=payload, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as e:
-            raise ApiError(f"Firecracker API {method} {path} failed: {e}",
-                           f"is Firecracker running? see its console.log ({self.sock})"
-                           ) from None
-        finally:
-            conn.close()
-        data = json.loads(raw) if raw.strip() else None
-        return resp.status, data
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        status, data = self.request(method, path, body)
-        if not 200 <= status < 300:
-            fault = data.get("fault_message") if isinstance(data, dict) else data
-            raise ApiError(f"Firecracker refused {method} {path} ({status}): {fault}",
-                           "see firecracker.log in the VM's jail")
-        return data
-
-    def get(self, path: str) -> Any:
-        return self.call("GET", path)
-
-    def put(self, path: str, body: dict[str, Any]) -> None:
-        self.call("PUT", path, body)
-
-    def action(self, action_type: str) -> None:
-        self.put("/actions", {"action_type": action_type})
-
-    def wait_ready(self, timeout: float = 5.0) -> dict[str, Any]:
-        """``GET /`` until it answers (the socket exists before the server accepts)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                info: dict[str, Any] = self.get("/")
-                return info
-            except ApiError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+    return LaunchPlan(vm_id, spec, limits, tuple(stage), (LOG,), vm, restore is not None,
+                      imports)
 
 
 # -- the jail configuration ----------------------------------------------------------------
@@ -358,6 +300,9 @@ class PrivOps(Protocol):
     def jail_launch(self, spec: JailSpec) -> int: ...
     def jail_grant_api(self, vm_id: str) -> Path: ...
     def jail_remove(self, vm_id: str) -> None: ...
+    def jail_grant_vsock(self, vm_id: str) -> Path: ...
+    def jail_import(self, vm_id: str, name: str, source: Path) -> None: ...
+    def jail_export(self, vm_id: str, name: str, dest: Path) -> int: ...
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -373,6 +318,7 @@ class FirecrackerVM:
     on_step: Callable[[str], None] = lambda _step: None
     pid: int | None = None
     sock: Path | None = None
+    vsock: Path | None = None  # the control channel's socket, once granted
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -396,6 +342,8 @@ class FirecrackerVM:
         self.on_step("jail")
         staged = self.ops.jail_stage(p.vm_id, p.spec.uid, p.spec.gid, p.stage, p.logs)
         self.warnings += staged.warnings
+        for item in p.imports:  # into the jail before the jailer hands it to the VM
+            self.ops.jail_import(p.vm_id, item.name, item.source)
         self.on_step("launch")
         self.pid = self.ops.jail_launch(p.spec)
         self.on_step("api")
@@ -413,6 +361,8 @@ class FirecrackerVM:
         if bad:
             raise ApiError(f"Firecracker did not take the configuration: {'; '.join(bad)}",
                            "the binary may be older than kiln expects (1.12)")
+        if self.plan.vm.vsock is not None:  # bound by PUT /vsock
+            self.vsock = self.ops.jail_grant_vsock(self.plan.vm_id)
         return got
 
     def start(self) -> None:
@@ -436,14 +386,16 @@ class FirecrackerVM:
         """A full snapshot of the paused VM into chroot files (it writes all guest memory)."""
         self.send(fcs.snapshot_create_request(snapshot, mem), timeout=120.0)
 
-    def snapshot_load(self, snapshot: str, mem: str) -> None:
-        """Load staged chroot files into a fresh Firecracker; the VM stays paused. On an
-        error Firecracker exits (1.12.1): destroy the VM."""
-        self.send(fcs.snapshot_load_request(snapshot, mem), timeout=30.0)
+    def snapshot_load(self, snapshot: str, mem: str, *, resume: bool = False,
+                      taps: tuple[tuple[str, str], ...] = ()) -> None:
+        """Load staged chroot files into a fresh Firecracker; the VM stays paused unless
+        ``resume``. On an error Firecracker exits (1.12.1): destroy the VM."""
+        self.send(fcs.snapshot_load_request(snapshot, mem, resume=resume, taps=taps),
+                  timeout=30.0)
 
-    def restore(self) -> dict[str, Any]:
-        """Steps 1-4 of a restore plan, the logger, ``snapshot/load``: a paused VM
-        (``resume`` runs it). Returns ``GET /``."""
+    def restore(self, *, resume: bool = False) -> dict[str, Any]:
+        """Steps 1-4 of a restore plan, the logger, ``snapshot/load`` (the plan's NICs onto
+        their taps): a paused VM (``resume`` runs it). Returns ``GET /``."""
         if not self.plan.restore:
             raise UsageError(f"VM {self.plan.vm_id}'s plan stages no snapshot",
                              "make it with launch_plan(restore=(state, memory))")
@@ -452,7 +404,10 @@ class FirecrackerVM:
         for r in api_requests(self.plan.vm):
             if r.path == "/logger":
                 self.send(r)
-        self.snapshot_load(f"/{fcs.STATE}", f"/{fcs.MEM}")
+        taps = tuple((n.iface_id, n.host_dev_name) for n in self.plan.vm.nets)
+        self.snapshot_load(f"/{fcs.STATE}", f"/{fcs.MEM}", resume=resume, taps=taps)
+        if self.plan.vm.vsock is not None:  # the saved device's socket, bound by the load
+            self.vsock = self.ops.jail_grant_vsock(self.plan.vm_id)
         info: dict[str, Any] = self.client().get("/")
         return info
 

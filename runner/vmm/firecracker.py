@@ -54,7 +54,7 @@ from helper.jail import jailer as jail
 from runner.tempfiles import locked_temp, write_atomic
 from runner.vm import cgroup as vmcgroup
 from runner.vm import resources as vmres
-from runner.vm.spec import RunOptions, VMFiles
+from runner.vm.spec import RunOptions, VMFiles, WarmFacts, WarmPlan
 from runner.vm.state import LIVE, State, VMRecord, alive, mark_jails, proc_start_time
 from runner.vmm import fcapi as fc
 from runner.vmm import process as supervise
@@ -125,6 +125,7 @@ class FcLaunch:
     initrd: Path
     rec: VMRecord  # the record it was made for (its uid)
     vm: fc.FirecrackerVM
+    settings: Any = None  # warm runs: the guest's settings (channel.Settings), over vsock
 
 
 class FirecrackerDriver:
@@ -143,6 +144,21 @@ class FirecrackerDriver:
             raise UsageError("Firecracker VMs have no --net user and no -i (stdin) yet",
                              "use --vmm qemu for those, or --net tap")
 
+    def warm_facts(self, opts: RunOptions) -> WarmFacts:
+        """The warm key's VMM facts; what a Firecracker warm run cannot do yet is refused."""
+        from runner.vmm import fcwarm
+
+        self.check(opts)
+        if opts.net != "none":
+            raise UsageError("Firecracker warm runs have no network yet (--net none only)",
+                             "drop --net, or use --vmm qemu")
+        from runner import guest_init
+        from runner.guest_init import vsock
+
+        cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg()))
+        return WarmFacts("firecracker", self.cfg.firecracker, "kvm", "host", fcwarm.DEVICES,
+                         cmdline)
+
     def reserve(self, host: str, opts: RunOptions, intent: vmres.NetIntent | None
                 ) -> Reservation:
         del intent  # the tap belongs to the VM uid: from the jails' range either way
@@ -157,7 +173,7 @@ class FirecrackerDriver:
         del reserved  # the launch plan reads the record's document
         vmlinux, initrd = boot_kernel(boot.kernel, boot.initrd, self.root.path / "kernels")
         vm, rec = self._make(st, rec, boot, vmlinux, initrd)
-        return FcLaunch(boot, vmlinux, initrd, rec, vm)
+        return FcLaunch(boot, vmlinux, initrd, rec, vm, _warm_settings(boot))
 
     def _make(self, st: State, rec: VMRecord, boot: Boot, vmlinux: Path, initrd: Path
               ) -> tuple[fc.FirecrackerVM, VMRecord]:
@@ -167,11 +183,13 @@ class FirecrackerDriver:
         vn = None
         if boot.intent is not None:
             vn, rec = vmres.net_attach(self.root, st, rec, boot.intent, boot.picker)
+        warm = _warm_launch(boot.warm)
         vm = make_vm(self.cfg, ops_for(self.root.path), rec, vmlinux=vmlinux, initrd=initrd,
                      rootfs=boot.disk, cpus=boot.opts.cpus, memory=boot.opts.memory,
                      init=boot.init, nets=(vn.firecracker_nic(),) if vn else (),
                      netns=vn.spawn_netns if vn else None,
-                     kernel_args=vn.kernel_args if vn else ())
+                     kernel_args=(*(vn.kernel_args if vn else ()), *warm["args"]),
+                     vsock=warm["vsock"], restore=warm["restore"])
         return vm, rec
 
     def own(self, st: State, launch: FcLaunch, *, relay: bool,
@@ -183,7 +201,8 @@ class FirecrackerDriver:
         while True:
             try:
                 return run_vm(st, rec.id, boot.files, vm, timeout=boot.opts.timeout,
-                              stop_grace=boot.opts.stop_grace, relay=relay, ready=ready)
+                              stop_grace=boot.opts.stop_grace, relay=relay, ready=ready,
+                              warm=boot.warm, disk=boot.disk, settings=launch.settings)
             except UidInUse as e:
                 vmres.release_net(self.root, st, rec.id)
                 rec = boot.picker.another(st, rec, e)
@@ -220,12 +239,38 @@ class FirecrackerDriver:
             raise
 
 
+def _warm_launch(warm: WarmPlan | None) -> dict[str, Any]:
+    """What a warm run adds to the launch: the vsock device and ``kiln.ctl=`` (save and
+    restore have the same device set), the saved files (restore)."""
+    if warm is None:
+        return {"args": (), "vsock": None, "restore": None}
+    from runner.guest_init import vsock
+    from runner.vmm import fcwarm
+
+    restore = (warm.state, warm.mem) if warm.mode == "restore" and warm.mem else None
+    return {"args": (vsock.kernel_arg(),), "vsock": fcwarm.VSOCK, "restore": restore}
+
+
+def _warm_settings(boot: Boot) -> Any:
+    """A warm restore's settings for the guest (sent over vsock); None otherwise (a cold
+    run's are on its disk, a save sends none)."""
+    if boot.warm is None or boot.warm.mode != "restore" or boot.workload is None:
+        return None
+    import secrets
+
+    from runner.guest_init import channel
+
+    return channel.Settings(boot.workload, secrets.token_hex(16), None, None)
+
+
 def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Path,
             initrd: Path, rootfs: Path, cpus: int, memory: int, init: str,
             nets: tuple[fc.NetSpec, ...] = (), netns: str | None = None,
-            kernel_args: tuple[str, ...] = ()) -> fc.FirecrackerVM:
+            kernel_args: tuple[str, ...] = (), vsock: fc.VsockSpec | None = None,
+            restore: tuple[Path, Path] | None = None) -> fc.FirecrackerVM:
     """``nets``/``netns``/``kernel_args``: ``--net tap`` (``runner.network.VmNet``): eth0 on
-    the VM's tap, the namespace the jailer joins, the guest's ``kiln.ip=``… words."""
+    the VM's tap, the namespace the jailer joins, the guest's ``kiln.ip=``… words;
+    ``vsock``/``restore``: warm start (``runner.vmm.fcwarm``)."""
     doc = rec.fc_doc
     version = int(doc["cgroup_version"])
     limits = cg.Limits(**doc["limits"])
@@ -235,7 +280,7 @@ def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Pa
     plan = fc.launch_plan(cfg, vm_id=host_of(rec), uid=rec.uid, kernel=vmlinux, initrd=initrd,
                           rootfs=rootfs, boot_args=boot_args, cpus=cpus,
                           mem_mib=memory >> 20, cgroup_version=version, limits=limits,
-                          netns=netns, nets=nets)
+                          netns=netns, nets=nets, vsock=vsock, restore=restore)
     return fc.FirecrackerVM(cfg, ops, plan)
 
 
@@ -277,15 +322,29 @@ def _stop(vm: fc.FirecrackerVM, grace: float, ch: Channels, sigs: supervise.Stop
 
 def run_vm(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, *,
            timeout: float | None, stop_grace: float, relay: bool,
-           ready: Callable[[], None]) -> Ended:
-    """Launch, configure, start, supervise to the end, tear down. Raises (after tearing
-    down) when the VM did not start."""
+           ready: Callable[[], None], warm: WarmPlan | None = None,
+           disk: Path | None = None, settings: Any = None) -> Ended:
+    """Launch, configure, start (or restore), supervise to the end, tear down. Raises
+    (after tearing down) when the VM did not start. ``warm`` save: the run ends once the
+    guest's state, memory and disk are saved; restore: ``settings`` go out over vsock."""
     ch = Channels(vm.console_log, files.console, files.stdout, files.stderr, relay)
     with supervise.StopSignals() as sigs:
         _start(st, vm_id, files, vm, ch)
+        if warm is not None and warm.mode == "save":
+            return _save(vm, files, ch, warm, disk, ready)
         ready()
-        timed_out, stopped, killed = _watch(vm, Path(files.dir), ch, sigs, timeout,
-                                            stop_grace)
+        sender = None
+        if settings is not None:
+            from runner.guest_init.vsock import VsockSender
+
+            assert vm.vsock is not None
+            sender = VsockSender(vm.vsock, settings)
+        try:
+            timed_out, stopped, killed = _watch(vm, Path(files.dir), ch, sigs, timeout,
+                                                stop_grace, sender)
+        finally:
+            if sender is not None:
+                sender.close()
         ch.pump(final=True)
     vmm_tail = _save_log(vm, files.vmm_log)
     with contextlib.suppress(KilnError, OSError):
@@ -298,18 +357,40 @@ def run_vm(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, *,
                  "\n".join(ch.split.seen), vmm_tail)
 
 
+def _save(vm: fc.FirecrackerVM, files: VMFiles, ch: Channels, warm: WarmPlan,
+          disk: Path | None, ready: Callable[[], None]) -> Ended:
+    """A warm save (``runner.vmm.fcwarm``): hello, pause, disk, snapshot, files out; the
+    VM is destroyed either way."""
+    from runner.vmm import fcwarm
+
+    assert disk is not None
+    try:
+        fcwarm.save(vm, disk, warm)
+    finally:
+        ch.pump(final=True)
+        _save_log(vm, files.vmm_log)
+        with contextlib.suppress(KilnError, OSError):
+            vm.destroy()
+    ready()
+    return Ended("exit 0\n", 0, False, False, "", "")
+
+
 def _start(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, ch: Channels
            ) -> None:
-    """Launch, configure and boot, each step recorded first; on failure the VM's console
-    and log are kept and the VM is destroyed."""
+    """Launch, configure and boot — or restore a snapshot and resume it — each step
+    recorded first; on failure the VM's console and log are kept and the VM is destroyed
+    (a failed restore raises ``WarmFailed``: the run boots cold)."""
     vm.on_step = lambda step: _record_step(st, vm_id, step)
     try:
-        vm.launch()
-        assert vm.pid is not None
-        st.update(vm_id, pid=vm.pid, pid_start=proc_start_time(vm.pid))
-        vm.configure()
-        vm.on_step("start")
-        vm.client(timeout=10.0).action("InstanceStart")
+        if vm.plan.restore:
+            _restore(st, vm_id, vm)
+        else:
+            vm.launch()
+            assert vm.pid is not None
+            st.update(vm_id, pid=vm.pid, pid_start=proc_start_time(vm.pid))
+            vm.configure()
+            vm.on_step("start")
+            vm.client(timeout=10.0).action("InstanceStart")
     except BaseException:
         ch.pump(final=True)
         _save_log(vm, files.vmm_log)
@@ -321,8 +402,21 @@ def _start(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, ch: Chan
         log.warning("%s", w)
 
 
+def _restore(st: State, vm_id: str, vm: fc.FirecrackerVM) -> None:
+    from runner.vmm.qemuwarm import WarmFailed
+
+    try:
+        vm.restore(resume=True)  # the guest runs: its agent accepts the host's connection
+    except fc.ApiError as e:
+        raise WarmFailed(f"Firecracker could not load the warm image: {e.message}") from None
+    finally:
+        if vm.pid is not None:
+            st.update(vm_id, pid=vm.pid, pid_start=proc_start_time(vm.pid))
+
+
 def _watch(vm: fc.FirecrackerVM, vm_dir: Path, ch: Channels, sigs: supervise.StopSignals,
-           timeout: float | None, stop_grace: float) -> tuple[bool, bool, bool]:
+           timeout: float | None, stop_grace: float, sender: Any = None
+           ) -> tuple[bool, bool, bool]:
     """Pump the console until the VM ends, or stop it on --timeout, a signal or ``kiln
     stop``: (timed out, stopped, killed)."""
     started = time.monotonic()
@@ -330,6 +424,8 @@ def _watch(vm: fc.FirecrackerVM, vm_dir: Path, ch: Channels, sigs: supervise.Sto
     marked: float | None = None
     while True:
         ch.pump()
+        if sender is not None:
+            sender.pump()
         if not vm.running():
             return timed_out, stopped, False
         now = time.monotonic()

@@ -41,7 +41,7 @@ from runner.guest_init import channel
 from runner.guest_init.sender import SEED_BYTES, SettingsSender, send_stop
 from runner.vm import cgroup as vmcgroup
 from runner.vm import resources as vmres
-from runner.vm.spec import RunOptions, VMFiles, WarmPlan, tail
+from runner.vm.spec import RunOptions, VMFiles, WarmFacts, WarmPlan, tail
 from runner.vm.state import UID_BASE, UID_COUNT, State, VMRecord, alive, proc_start_time
 from runner.vmm import process as supervise
 from runner.vmm import qemuargv, qemuwarm
@@ -103,6 +103,20 @@ class QemuDriver:
 
     def check(self, opts: RunOptions) -> None:
         del opts  # QEMU does everything kiln run offers
+
+    def warm_facts(self, opts: RunOptions) -> WarmFacts:
+        """The warm key's VMM facts: the binary (its version counts), the accelerator and
+        CPU model (a state saved under KVM does not load under TCG), the device set."""
+        del opts  # every option is carried by a warm run's fixed device set
+        from builder import proc
+        from runner import guest_init
+
+        accel = qemuargv.host_accel(self.root)
+        cmdline = qemuargv.boot_args(guest_init.INIT_PATH, accel, qemuargv.host_tsc_khz(),
+                                     warm=True)
+        return WarmFacts("qemu", Path(proc.which("qemu-system-x86_64")), accel,
+                         "host" if accel == "kvm" else "qemu64", qemuargv.WARM_DEVICES,
+                         " ".join(cmdline))
 
     def reserve(self, host: str, opts: RunOptions, intent: vmres.NetIntent | None
                 ) -> Reservation:

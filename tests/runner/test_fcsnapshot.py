@@ -116,15 +116,16 @@ def test_restore_plan_stages_rootfs_and_snapshot_only() -> None:
     p = plan(restore=(state, mem))
     assert p.restore
     assert [(i.name, str(i.source), i.writable) for i in p.stage] == [
-        ("rootfs.ext4", "/var/lib/kiln/pool/fs/snapshots/abc2.ext4", True),
-        ("vm.state", str(state), False),
-        ("vm.mem", str(mem), False),
-    ]
+        ("rootfs.ext4", "/var/lib/kiln/pool/fs/snapshots/abc2.ext4", True)]
+    # The caller's saved files are copied in through fds (jail-import), never staged.
+    assert [(i.name, str(i.source)) for i in p.imports] == [
+        ("vm.state", str(state)), ("vm.mem", str(mem))]
     assert p.logs == ("firecracker.log",)
     assert p.spec == plan().spec  # the same jailer launch
     blk = plan(restore=(state, mem), rootfs=Path("/dev/mapper/kiln-abc-snap-abc2"))
-    assert [i.name for i in blk.stage] == ["rootfs", "vm.state", "vm.mem"]
+    assert [i.name for i in blk.stage] == ["rootfs"]
     assert not plan().restore
+    assert plan().imports == ()
 
 
 # -- FirecrackerVM against a fake API socket ------------------------------------------------
@@ -201,6 +202,17 @@ class _FakeOps:
     def jail_remove(self, vm_id: str) -> None:
         self.calls.append("jail_remove")
 
+    def jail_grant_vsock(self, vm_id: str) -> Path:
+        self.calls.append("jail_grant_vsock")
+        return Path("/nonexistent/vsock.sock")
+
+    def jail_import(self, vm_id: str, name: str, source: Path) -> None:
+        self.calls.append(f"jail_import {name} {source}")
+
+    def jail_export(self, vm_id: str, name: str, dest: Path) -> int:
+        self.calls.append(f"jail_export {name} {dest}")
+        return 0
+
 
 def test_vm_methods_send_the_built_bodies(
         fake_api: tuple[Path, list[tuple[str, str, Any]]]) -> None:
@@ -223,7 +235,8 @@ def test_restore_launches_then_sends_only_the_logger_and_the_load(
     vm = fc.FirecrackerVM(CFG, ops, plan(restore=(Path("/w/s"), Path("/w/m"))),
                           on_step=steps.append)
     assert vm.restore() == {"state": "Paused"}
-    assert ops.calls == ["cgroup_create", "jail_stage ['rootfs.ext4', 'vm.state', 'vm.mem']",
+    assert ops.calls == ["cgroup_create", "jail_stage ['rootfs.ext4']",
+                         "jail_import vm.state /w/s", "jail_import vm.mem /w/m",
                          "jail_launch", "jail_grant_api"]
     assert steps == ["cgroup", "jail", "launch", "api", "restore"]
     logger = fc.api_requests(vm.plan.vm)[0]
@@ -240,3 +253,35 @@ def test_restore_refuses_a_boot_plan() -> None:
     assert e.value.message == "VM abc2's plan stages no snapshot"
     assert ops.calls == []  # refused before anything was made
 
+
+
+def test_warm_bodies_validate_against_1_12_1(swagger: dict[str, Any]) -> None:
+    """A warm run's load resumes at once and moves the NIC onto the clone's tap; the
+    control channel's ``PUT /vsock`` (exact bodies, no field 1.12.1 lacks)."""
+    load = fcs.snapshot_load_request("/vm.state", "/vm.mem", resume=True,
+                                     taps=(("eth0", "kt-abcdefgh"),))
+    assert load.body == {
+        "snapshot_path": "/vm.state",
+        "mem_backend": {"backend_type": "File", "backend_path": "/vm.mem"},
+        "enable_diff_snapshots": False, "resume_vm": True,
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "kt-abcdefgh"}]}
+    check_against_spec(swagger, load)
+    for o in load.body["network_overrides"]:
+        assert unknown_fields(swagger, "NetworkOverride", o) == []
+    (vsock,) = [r for r in fc.api_requests(fc.VmConfig(vsock=fc.VsockSpec(3, "/v.sock")))
+                if r.path == "/vsock"]
+    assert (vsock.method, vsock.body, vsock.definition) == (
+        "PUT", {"guest_cid": 3, "uds_path": "/v.sock"}, "Vsock")
+    check_against_spec(swagger, vsock)
+    with pytest.raises(jsonschema.ValidationError):  # the schema's CID floor is real
+        validate(swagger, "Vsock", {"guest_cid": 2, "uds_path": "/v.sock"})
+    with pytest.raises(UsageError):
+        fcs.snapshot_load_request("/s", "/m", taps=(("eth0", "a/b"),))
+    with pytest.raises(UsageError):
+        fc.api_requests(fc.VmConfig(vsock=fc.VsockSpec(3, "/run/v.sock")))
+
+
+def test_vsock_shows_in_the_expected_config() -> None:
+    vm = fc.VmConfig(vsock=fc.VsockSpec(3, "/v.sock"))
+    assert fc.expected_vm_config(vm)["vsock"] == {"guest_cid": 3, "uds_path": "/v.sock"}
+    assert "vsock" not in fc.expected_vm_config(fc.VmConfig())

@@ -161,3 +161,20 @@ def test_real_initrd_loads_virtio_net_after_its_dependencies(tmp_path: Path) -> 
     net = order.index("lib/modules/virtio_net.ko")
     for dep in ("failover", "net_failover", "virtio", "virtio_ring"):
         assert order.index(f"lib/modules/{dep}.ko") < net, dep
+
+
+def test_real_initrd_loads_the_vsock_transport_after_its_dependencies(tmp_path: Path) -> None:
+    """Firecracker's control channel is vsock (docs/run.md): the cloud kernel has the
+    transport as modules, so the initrd carries vsock, the common transport and the virtio
+    transport, dependencies first."""
+    mods = _host_modules()
+    if "vmw_vsock_virtio_transport" not in initrd.parse_modules_dep(
+            (mods / "modules.dep").read_text()):
+        pytest.skip("this kernel has the vsock transport built in or not at all")
+    image = initrd.ensure_initrd(tmp_path, mods)
+    order = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "lib/modules/load.order"],
+                           stdin=image.open("rb"), capture_output=True, check=True
+                           ).stdout.decode().split()
+    transport = order.index("lib/modules/vmw_vsock_virtio_transport.ko")
+    for dep in ("vsock", "vmw_vsock_virtio_transport_common", "virtio", "virtio_ring"):
+        assert order.index(f"lib/modules/{dep}.ko") < transport, dep

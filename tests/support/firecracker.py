@@ -16,6 +16,7 @@ from builder.probes import Probe
 from helper import cgroup as cg
 from helper.cgroup import Limits
 from helper.jail import jailer as jail
+from helper.jail import snapfiles
 from helper.jail import stage as jailstage
 from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
 
@@ -86,3 +87,26 @@ class InProcessOps:
 
     def jail_remove(self, vm_id: str) -> None:
         jail.jail_remove(self.cfg, vm_id)
+
+    def jail_grant_vsock(self, vm_id: str) -> Path:
+        return jail.grant_socket(self.cfg, vm_id, self.caller_uid, self.caller_gid,
+                                 "/v.sock", "vsock.sock")
+
+    def jail_import(self, vm_id: str, name: str, source: Path) -> None:
+        # the VM's gid: the one its log file was staged for
+        gid = os.stat(jail.chroot(self.cfg, vm_id) / "firecracker.log").st_gid
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            snapfiles.import_file(self.cfg, vm_id, name, gid, fd,
+                                  snapfiles.check_source(fd, None))
+        finally:
+            os.close(fd)
+
+    def jail_export(self, vm_id: str, name: str, dest: Path) -> int:
+        uid = os.stat(jail.chroot(self.cfg, vm_id)).st_uid  # the jailer's chown: the VM's
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            snapfiles.check_dest(fd, os.getuid())
+            return snapfiles.export_file(self.cfg, vm_id, name, uid, fd, None)
+        finally:
+            os.close(fd)
