@@ -54,7 +54,9 @@ if ! have_all; then
 fi
 have_all || { echo "install-deps: Debian packages still missing after apt-get" >&2; exit 1; }
 
-PY=${PYTHON:-python3}
+# Debian's python3, whatever else is on PATH: the sudo tests run this venv's python as
+# ordinary users, who cannot reach an interpreter under a 0700 home (pyenv in /root).
+PY=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   "$PY" -m venv .venv

@@ -69,12 +69,6 @@ done
 # Everything that needs no settings is done before the hello: after a warm restore every
 # new code path is translated again under emulation (a fork+exec costs tens of ms then).
 $bb ip link set lo up 2>/dev/null
-read -r cmdline </proc/cmdline
-case " $cmdline " in
-  # a warm-capable boot (init_on_free=1): free the page cache now, so that the saved
-  # state holds only pages in use (zeroed pages cost nothing in it)
-  *" kiln.warm "*) echo 3 >/proc/sys/vm/drop_caches ;;
-esac
 
 agent=/.kiln/agent
 KILN_MAC="" KILN_IP="" KILN_GW="" KILN_DNS="" KILN_MACHINE_ID="" KILN_STDIN=""

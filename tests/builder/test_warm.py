@@ -20,7 +20,7 @@ KEY = warm.WarmKey(volume="sha256:" + "a" * 64, kernel_sha256="b" * 64,
                    initrd_sha256="c" * 64, init_sha256="d" * 64, vmm="qemu",
                    vmm_version="QEMU emulator version 7.2.22", accel="tcg",
                    cpu_model="qemu64", memory_mib=512, cpus=1, disk_size=None,
-                   devices="qemu-microvm:v1", cmdline="console=ttyS0 init_on_free=1 kiln.warm")
+                   devices="qemu-microvm:v1", cmdline="console=ttyS0 init_on_free=1")
 FIELDS = [f.name for f in dataclasses.fields(warm.WarmKey)]
 
 

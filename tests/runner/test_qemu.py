@@ -223,12 +223,11 @@ def test_argv_warm_device_set() -> None:
     assert "stdio,id=stdin,signal=off" in restore
     assert restore.count("virtio-net-device,netdev=net0") == 1
     assert "virtio-net-device" not in restore  # the user network's NIC is the one
-    # freed pages zeroed, the init told to drop its page cache before the hello: only a
-    # warm-capable boot pays for a smaller state
+    # freed pages zeroed: only a warm-capable boot pays for a smaller state
     words = save[save.index("-append") + 1].split()
-    assert words[-2:] == ["init_on_free=1", "kiln.warm"]
+    assert words[-1] == "init_on_free=1"
     assert words == qemuargv.boot_args("/.kiln/init", "tcg", 2600000, warm=True)
     cold = qemuargv.argv(spec())
-    assert not {"init_on_free=1", "kiln.warm"} & set(cold[cold.index("-append") + 1].split())
+    assert "init_on_free=1" not in cold[cold.index("-append") + 1].split()
     with pytest.raises(UsageError, match="warm mode"):
         qemuargv.argv(spec(warm="boot", qmp=Path("/q")))
