@@ -199,6 +199,27 @@ def test_sudo_argv() -> None:
         "/opt/kiln/bin/kiln-helper", "volume-import"]
 
 
+def test_a_sudo_caller_asks_a_read_once_until_it_changes_something(monkeypatch: Any) -> None:
+    """Each sudo round costs ~180 ms: ``pool-list`` is asked once per process until any
+    other op (which may change its answer) runs; callers get their own copy."""
+    asked: list[str] = []
+
+    def sudo(op: str, request: dict[str, Any], *_: object) -> dict[str, Any]:
+        asked.append(op)
+        return {"volumes": {}, "snapshots": [str(len(asked))]}
+
+    monkeypatch.setattr(client, "privileged", lambda: False)
+    monkeypatch.setattr(client, "_sudo", sudo)
+    monkeypatch.setattr(client, "_memo", {})
+    first = client.call("pool-list", {})
+    first["snapshots"] = ["changed by a caller"]
+    assert client.call("pool-list", {}) == {"volumes": {}, "snapshots": ["1"]}
+    client.call("snapshot-create", {"volume": "v", "snapshot": "s"})
+    assert client.call("pool-list", {})["snapshots"] == ["3"]
+    assert client.call("pool-list", {})["snapshots"] == ["3"]
+    assert asked == ["pool-list", "snapshot-create", "pool-list"]
+
+
 def test_client_rel_refuses_paths_outside_the_area(tmp_path: Path) -> None:
     assert client.rel(tmp_path, tmp_path / "pool" / "x.img") == "pool/x.img"
     with pytest.raises(UsageError, match="is outside"):
