@@ -116,6 +116,19 @@ class KilnGroup(click.Group):
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def machine_options(f: F) -> F:
+    """``--cpus``, ``--memory``, ``--disk-size``, ``--kernel``, ``--initrd``: the machine
+    ``kiln run`` boots and ``kiln warm create`` saves (a warm image's key holds them)."""
+    f = click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="initrd to boot unchanged [default: kiln's minimal initrd]")(f)
+    f = click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="kernel to boot [default: the host's Debian cloud kernel]")(f)
+    f = click.option("--disk-size", default=None, metavar="SIZE",
+                     help="grow the VM's snapshot (and its ext4) to SIZE")(f)
+    f = click.option("--memory", default="512M", show_default=True, metavar="SIZE")(f)
+    return click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)(f)
+
+
 def registry_options(f: F) -> F:
     """``--tls-verify``, ``--no-tls-verify`` and ``--authfile``, as podman spells them."""
     f = click.option("--authfile", type=click.Path(path_type=Path, dir_okay=False),

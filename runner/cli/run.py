@@ -14,7 +14,15 @@ import click
 
 from builder.units import parse_size
 from helper.base.errors import KilnError
-from runner.cli.common import Ctx, fail, pass_ctx, print_json, print_table, registry_options
+from runner.cli.common import (
+    Ctx,
+    fail,
+    machine_options,
+    pass_ctx,
+    print_json,
+    print_table,
+    registry_options,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,14 +30,7 @@ from runner.cli.common import Ctx, fail, pass_ctx, print_json, print_table, regi
 @click.argument("command", nargs=-1, metavar="[-- CMD ARG…]")
 @click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default="auto",
               show_default=True, help="auto: Firecracker when configured and KVM works")
-@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.option("--memory", default="512M", show_default=True, metavar="SIZE")
-@click.option("--disk-size", default=None, metavar="SIZE",
-              help="grow the VM's snapshot (and its ext4) to SIZE")
-@click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="kernel to boot [default: the host's Debian cloud kernel]")
-@click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="initrd to boot unchanged [default: kiln's minimal initrd]")
+@machine_options
 @click.option("--name", default=None, help="a name for the VM (ps, stop, rm, logs)")
 @click.option("-e", "--env", "env", multiple=True, metavar="K=V",
               help="set an environment variable (repeatable)")

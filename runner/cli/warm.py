@@ -10,7 +10,14 @@ from pathlib import Path
 import click
 
 from builder.units import format_size, parse_size
-from runner.cli.common import Ctx, pass_ctx, print_json, print_table, registry_options
+from runner.cli.common import (
+    Ctx,
+    machine_options,
+    pass_ctx,
+    print_json,
+    print_table,
+    registry_options,
+)
 
 
 @click.group()
@@ -20,14 +27,7 @@ def warm() -> None:
 
 @warm.command("create")
 @click.argument("source")
-@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.option("--memory", default="512M", show_default=True, metavar="SIZE")
-@click.option("--disk-size", default=None, metavar="SIZE",
-              help="grow the VM's snapshot (and its ext4) to SIZE")
-@click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="kernel to boot [default: the host's Debian cloud kernel]")
-@click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="initrd to boot unchanged [default: kiln's minimal initrd]")
+@machine_options
 @click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default="auto",
               show_default=True, help="the VMM whose warm image to make (as kiln run's)")
 @click.option("--json", "as_json", is_flag=True, help="print the image as JSON")

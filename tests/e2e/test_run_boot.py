@@ -19,7 +19,7 @@ from builder.source import RegistryOptions
 from runner.vm.state import State, host_name, root_key, vm_of_host
 from tests.support.images import busybox_layout
 from tests.support.oci import make_layout, mkdir, reg
-from tests.support.run import KILN
+from tests.support.run import KILN, forwarded_reply, free_port
 from tests.support.timing import limit
 
 VM_ID = re.compile(r"^[a-z2-7]{12}$")
@@ -223,27 +223,15 @@ def test_interactive_stdin_reaches_the_workload(world: tuple[Path, str, str]) ->
 
 @pytest.mark.slow
 def test_net_user_forwards_a_port(world: tuple[Path, str, str]) -> None:
-    import socket
 
     root, busybox, _ = world
-    with socket.socket() as s:  # a free host port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     p = subprocess.Popen([*KILN, "--root", str(root), "run", "--rm", "--net", "user", "-p",
                           f"{port}:8080", "--timeout", str(int(limit(60))), busybox, "--",
                           "sh", "-c", "echo hello-net | nc -l -p 8080"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          stdin=subprocess.DEVNULL)
-    got = b""
-    deadline = time.monotonic() + limit(60)
-    # Until the reply, or the VM ended (nothing more will listen), or the hang guard.
-    while time.monotonic() < deadline and b"hello-net" not in got and p.poll() is None:
-        try:  # slirp accepts before the guest listens, then resets: retry
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-                got = c.recv(100)
-        except OSError:
-            pass
-        time.sleep(0.3)
+    got = forwarded_reply(port, p, b"hello-net")
     _out, err = p.communicate(timeout=limit(60))
     assert got == b"hello-net\n"
     assert p.returncode == 0, err

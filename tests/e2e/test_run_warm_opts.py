@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from builder.root import Root
 from helper.net import core as nc
 from tests.support.cli import KILN, kiln, wait_for
 from tests.support.netrun import GATEWAY, SUBNET, Net, fetch, netns_env, world
+from tests.support.run import forwarded_reply, free_port
 from tests.support.timing import limit
 
 pytestmark = [pytest.mark.slow, pytest.mark.root,
@@ -135,30 +134,16 @@ def test_a_failed_restore_with_detach_boots_cold(warmed: tuple[Path, str]) -> No
     kiln(root, "warm", "rm", made["id"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("mode", [COLD, WARM], ids=["cold", "warm"])
 def test_publish_on_net_user(warmed: tuple[Path, str], mode: tuple[str, ...]) -> None:
     root, vol = warmed
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([*KILN, "--root", str(root), "run", *mode, "--rm", "--net", "user",
                           "-p", f"{port}:8080", "--timeout", str(int(limit(60))), vol, "--",
                           "sh", "-c", "echo hello-net | nc -l -p 8080; echo served"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          stdin=subprocess.DEVNULL)
-    got = b""
-    deadline = time.monotonic() + limit(60)
-    while time.monotonic() < deadline and b"hello-net" not in got and p.poll() is None:
-        try:  # slirp accepts before the guest listens, then resets: retry
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-                got = c.recv(100)
-        except OSError:
-            pass
-        time.sleep(0.3)
+    got = forwarded_reply(port, p, b"hello-net")
     out, err = p.communicate(timeout=limit(60))
     assert got == b"hello-net\n"
     assert (p.returncode, out, err) == (0, "served\n", "")

@@ -4,6 +4,7 @@ guest clock's distance from the host's."""
 from __future__ import annotations
 
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -40,3 +41,25 @@ def clock_skew(root: Path, run_args: list[str]) -> float:
     got = {k.strip(): int(v) for k, v in (line.split(":", 1) for line in out.splitlines()
                                           if "time.tv_" in line)}
     return abs(host - (got["time.tv_sec"] + got["time.tv_usec"] / 1e6))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for ``-p PORT:…``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def forwarded_reply(port: int, vm: subprocess.Popen[str], want: bytes) -> bytes:
+    """What the guest's listener behind ``--net user -p PORT:…`` sends, asked again until
+    ``want`` is in it, the VM ended (nothing more will listen) or a busy machine's minute."""
+    got = b""
+    deadline = time.monotonic() + limit(60)
+    while time.monotonic() < deadline and want not in got and vm.poll() is None:
+        try:  # slirp accepts before the guest listens, then resets: retry
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                got = c.recv(100)
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return got
