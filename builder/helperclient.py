@@ -261,3 +261,18 @@ class HelperOps:
             raise
         finally:
             os.close(fd)
+
+    def jail_export_disk(self, vm_id: str, dest: Path) -> int:
+        """The jail's disk (the VM's own copy of its snapshot) into a new file ``dest``
+        (this user's, 0600, made here and passed open); its size. A refusal removes
+        ``dest``."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            return int(call("jail-export-disk", {"vm": vm_id, "fd": fd}, area=self.area_dir,
+                            pass_fd=fd)["bytes"])
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)

@@ -18,6 +18,7 @@ from helper.base.errors import UsageError
 from helper.ops import admin as ops_admin
 from helper.ops import dm as ops_dm
 from helper.ops import jail as ops_jail
+from helper.ops import jaildisk as ops_jaildisk
 from helper.ops import jailfiles as ops_jailfiles
 from helper.ops import net as ops_net
 from helper.ops import storage as ops_storage
@@ -50,6 +51,7 @@ OPS: dict[str, tuple[type[Req], Op]] = {
     **ops_vm.OPS,
     **ops_jail.OPS,
     **ops_jailfiles.OPS,
+    **ops_jaildisk.OPS,
     **ops_net.OPS,
     **ops_usage.OPS,
     **ops_admin.OPS,

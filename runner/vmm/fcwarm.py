@@ -2,13 +2,15 @@
 API, and what a restore needs; the driver (``runner.vmm.firecracker``) calls these.
 
 * ``save``: wait for the guest's ``HEL1`` over vsock (``wait_hello``: kiln's init is up
-  and waits for its settings), then ``save_paused``: ``PATCH /vm Paused``, copy the disk
-  (``builder.warm.clone_file``), ``PUT /snapshot/create`` (Firecracker, the VM's uid,
-  writes ``vm.state`` and ``vm.mem`` into the chroot), and take both out of the jail into
-  the warm image's work directory through the helper (``jail-export``: new files of the
-  caller's, 0600, passed open). ``save_paused`` is separate so that the mechanics run
-  for real where no guest can boot (tests/runner/test_firecracker_warm.py): nothing fakes
-  a guest on this path.
+  and waits for its settings), then ``save_paused``: ``PATCH /vm Paused``, ``PUT
+  /snapshot/create`` (Firecracker, the VM's uid, writes ``vm.state`` and ``vm.mem`` into
+  the chroot), and take both and the VM's disk out of the jail into the warm image's work
+  directory through the helper (``jail-export``, ``jail-export-disk``: new files of the
+  caller's, 0600, passed open). The disk comes from the jail, not from the snapshot it
+  was staged from: a sudo caller's VM writes a private copy (``helper.ops.jaildisk``).
+  ``save_paused`` is separate so that the mechanics run for real where no guest can boot
+  (tests/runner/test_firecracker_warm.py, as root; tests/helper/
+  test_firecracker_warm_sudo.py, as a sudo caller): nothing fakes a guest on this path.
 * ``facts``: the key's VMM facts (the driver's ``warm_facts``): Firecracker's version from
   the binary, the accelerator (always KVM) and the device set — the rootfs, the vsock
   device (CID, socket name), no NIC.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from builder.warm import clone_file
 from helper.base.errors import KilnError
 from runner.guest_init import vsock
 from runner.vm.spec import WarmPlan
@@ -60,26 +61,25 @@ def wait_hello(vm: fc.FirecrackerVM, timeout: float) -> vsock.VsockSender:
     return sender
 
 
-def save_paused(vm: fc.FirecrackerVM, disk: Path, plan: WarmPlan) -> None:
-    """Pause the running VM, copy its disk, snapshot it, take the files out of the jail."""
+def save_paused(vm: fc.FirecrackerVM, plan: WarmPlan) -> None:
+    """Pause the running VM, snapshot it, take its files and its disk out of the jail."""
     if plan.mem is None:
         raise WarmFailed("internal error: a Firecracker save needs a memory file")
     try:
-        vm.pause()  # Firecracker flushes nothing of the guest's: the disk is "Unsafe"
-        clone_file(disk, plan.disk)  # cache, but the guest waits idle for its settings
-        vm.snapshot_create(f"/{fcs.STATE}", f"/{fcs.MEM}")
+        vm.pause()  # the guest's writes are in the disk file already (cache "Unsafe": no
+        vm.snapshot_create(f"/{fcs.STATE}", f"/{fcs.MEM}")  # flush is forwarded, none needed)
+        vm.ops.jail_export_disk(vm.plan.vm_id, plan.disk)
         vm.ops.jail_export(vm.plan.vm_id, fcs.STATE, plan.state)
         vm.ops.jail_export(vm.plan.vm_id, fcs.MEM, plan.mem)
     except (KilnError, OSError) as e:
         raise WarmFailed(f"saving the VM failed: {getattr(e, 'message', e)}") from None
 
 
-def save(vm: fc.FirecrackerVM, disk: Path, plan: WarmPlan, *, timeout: float = 300.0
-         ) -> None:
+def save(vm: fc.FirecrackerVM, plan: WarmPlan, *, timeout: float = 300.0) -> None:
     """Boot → hello → paused state, memory and disk copy in ``plan``."""
     sender = wait_hello(vm, timeout)
     try:
-        save_paused(vm, disk, plan)
+        save_paused(vm, plan)
     finally:
         sender.close()
 

@@ -202,7 +202,7 @@ class FirecrackerDriver:
             try:
                 return run_vm(st, rec.id, boot.files, vm, timeout=boot.opts.timeout,
                               stop_grace=boot.opts.stop_grace, relay=relay, ready=ready,
-                              warm=boot.warm, disk=boot.disk, settings=launch.settings)
+                              warm=boot.warm, settings=launch.settings)
             except UidInUse as e:
                 vmres.release_net(self.root, st, rec.id)
                 rec = boot.picker.another(st, rec, e)
@@ -323,7 +323,7 @@ def _stop(vm: fc.FirecrackerVM, grace: float, ch: Channels, sigs: supervise.Stop
 def run_vm(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, *,
            timeout: float | None, stop_grace: float, relay: bool,
            ready: Callable[[], None], warm: WarmPlan | None = None,
-           disk: Path | None = None, settings: Any = None) -> Ended:
+           settings: Any = None) -> Ended:
     """Launch, configure, start (or restore), supervise to the end, tear down. Raises
     (after tearing down) when the VM did not start. ``warm`` save: the run ends once the
     guest's state, memory and disk are saved; restore: ``settings`` go out over vsock."""
@@ -331,7 +331,7 @@ def run_vm(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, *,
     with supervise.StopSignals() as sigs:
         _start(st, vm_id, files, vm, ch)
         if warm is not None and warm.mode == "save":
-            return _save(vm, files, ch, warm, disk, ready)
+            return _save(vm, files, ch, warm, ready)
         ready()
         sender = None
         if settings is not None:
@@ -358,14 +358,13 @@ def run_vm(st: State, vm_id: str, files: VMFiles, vm: fc.FirecrackerVM, *,
 
 
 def _save(vm: fc.FirecrackerVM, files: VMFiles, ch: Channels, warm: WarmPlan,
-          disk: Path | None, ready: Callable[[], None]) -> Ended:
-    """A warm save (``runner.vmm.fcwarm``): hello, pause, disk, snapshot, files out; the
-    VM is destroyed either way."""
+          ready: Callable[[], None]) -> Ended:
+    """A warm save (``runner.vmm.fcwarm``): hello, pause, snapshot, files and disk out;
+    the VM is destroyed either way."""
     from runner.vmm import fcwarm
 
-    assert disk is not None
     try:
-        fcwarm.save(vm, disk, warm)
+        fcwarm.save(vm, warm)
     finally:
         ch.pump(final=True)
         _save_log(vm, files.vmm_log)

@@ -213,6 +213,10 @@ class _FakeOps:
         self.calls.append(f"jail_export {name} {dest}")
         return 0
 
+    def jail_export_disk(self, vm_id: str, dest: Path) -> int:
+        self.calls.append(f"jail_export_disk {dest}")
+        return 0
+
 
 def test_vm_methods_send_the_built_bodies(
         fake_api: tuple[Path, list[tuple[str, str, Any]]]) -> None:

@@ -85,7 +85,7 @@ def test_save_paused_export_import_load_resume(env: jail.JailConfig,
     vm = real.make_vm(env, kernel_files, "fcwarmb", mem_mib=128, vsock=fcwarm.VSOCK)
     try:
         vm.start()
-        fcwarm.save_paused(vm, env.sources[0] / "snap.ext4", plan)
+        fcwarm.save_paused(vm, plan)
         assert vm.client().get("/")["state"] == "Paused"
         pid = vm.pid
     finally:

@@ -19,6 +19,7 @@ from helper.jail import jailer as jail
 from helper.jail import snapfiles
 from helper.jail import stage as jailstage
 from helper.jail.jailer import JailConfig, JailSpec, Staged, StageItem
+from helper.ops import jaildisk
 
 # Firecracker's API definition trimmed to what kiln uses and brought back to 1.12.1, the release
 # kiln runs (its header says what changed and how it was checked against the real binary).
@@ -108,5 +109,14 @@ class InProcessOps:
         try:
             snapfiles.check_dest(fd, os.getuid())
             return snapfiles.export_file(self.cfg, vm_id, name, uid, fd, None)
+        finally:
+            os.close(fd)
+
+    def jail_export_disk(self, vm_id: str, dest: Path) -> int:
+        uid = os.stat(jail.chroot(self.cfg, vm_id)).st_uid
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            snapfiles.check_dest(fd, os.getuid())
+            return jaildisk.export_disk(self.cfg, vm_id, uid, fd, single_link=False, cap=None)
         finally:
             os.close(fd)

@@ -1,0 +1,95 @@
+"""Op ``jail-export-disk``: a caller's Firecracker jail's writable disk out to a file the
+caller passes open (warm start's save, docs/warm.md, docs/helper.md).
+
+Why an op: a sudo caller's VM never writes the caller's snapshot. ``jail-stage`` gives
+the VM a private copy (``rootfs.ext4`` in the chroot, the VM uid's, 0600), so what the
+guest wrote before it was paused is only there — a warm image must hold that disk, not
+the snapshot it was staged from (the saved memory's page cache describes the disk the
+guest wrote; the other one would corrupt its filesystem after a restore).
+
+As ``jail-export`` (``helper.ops.jailfiles``): only the caller's own jail (its claim);
+the caller never names a path: the jail's file is reached by fd from the root-owned jail
+directory down (``safepath.open_beneath``: no symlinks, no magic links), opened
+``O_NONBLOCK`` (a FIFO the VM's uid planted cannot block root), and must be a regular
+file owned by the jail's VM uid with one link (a sudo caller's is always a private copy;
+root in-process has its own snapshot hard-linked there: two links). The destination is
+``snapfiles.check_dest``'s: the caller's own empty regular file open for writing. What is
+copied is bounded by ``[limits] jail_bytes``: the copy came into the jail charged
+against it, and a Firecracker block device never grows its file. Holes stay holes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field
+
+from helper import cgattach, claims, vmuids
+from helper.base import safepath
+from helper.base.errors import UsageError
+from helper.base.fileops import sparse_copy_fd
+from helper.jail import snapfiles
+from helper.jail.jailer import JailConfig, jail_dir, open_dir_nofollow
+from helper.ops import jail as ops_jail
+from helper.ops.base import Ctx, KilnId, Op, Req, passed_fd
+
+DISK = "rootfs.ext4"  # runner.vmm.fcapi.ROOTFS: a file-backed root drive's name
+
+
+class JailExportDisk(Req):
+    """Copy the caller's jail's disk (``rootfs.ext4``) into a file the caller passes open
+    (its own, empty, open for writing)."""
+
+    vm: KilnId = Field(description="the VM (= jail) id (a jail the caller staged)")
+    fd: int = Field(ge=3, le=255, description="the destination file descriptor")
+
+
+def _vm_uid(ctx: Ctx, claim: dict[str, Any], vm: str) -> int:
+    """The jail's VM uid: the caller's jail claim, or (root in-process, no claim) the
+    host-wide ledger jail-stage wrote."""
+    doc = claim if not ctx.trusted else claims.read(ctx.cfg.pool_dir, vmuids.LEDGER, vm) or {}
+    uid = doc.get("uid")
+    if not isinstance(uid, int):
+        raise UsageError(f"jail {vm} has no VM uid on record", "stage it again (jail-stage)")
+    return uid
+
+
+def export_disk(cfg: JailConfig, jail_id: str, vm_uid: int, dst_fd: int, *,
+                single_link: bool, cap: int | None) -> int:
+    """Copy the jail's ``rootfs.ext4`` into ``dst_fd`` (checked by ``check_dest``); its
+    size. Every check precedes the first byte copied."""
+    jfd = open_dir_nofollow(jail_dir(cfg, jail_id))
+    try:
+        src = safepath.open_beneath(
+            jfd, f"root/{DISK}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(jfd)
+    try:
+        st = safepath.fstat_kind(src, "reg", f"jail {jail_id}'s {DISK}", owner=vm_uid,
+                                 single_link=single_link)
+        if cap is not None and st.st_size > cap:
+            raise UsageError(f"refusing jail {jail_id}'s {DISK}: {st.st_size} bytes, over "
+                             f"the caller's jail space of {cap}", "")
+        size = sparse_copy_fd(src, dst_fd, st.st_size)
+        os.ftruncate(dst_fd, size)  # a trailing hole
+        os.fsync(dst_fd)
+    finally:
+        os.close(src)
+    return size
+
+
+@cgattach.held
+def jail_export_disk(ctx: Ctx, req: JailExportDisk) -> dict[str, Any]:
+    claim = ops_jail.check_jail_owner(ctx, req.vm)
+    passed_fd(req.fd, "pass the destination file open")
+    snapfiles.check_dest(req.fd, None if ctx.trusted else ctx.caller_uid)
+    size = export_disk(ops_jail.jail_config(ctx), req.vm, _vm_uid(ctx, claim, req.vm),
+                       req.fd, single_link=not ctx.trusted,
+                       cap=None if ctx.trusted else ctx.cfg.limits.jail_bytes)
+    return {"bytes": size}
+
+
+OPS: dict[str, tuple[type[Req], Op]] = {
+    "jail-export-disk": (JailExportDisk, jail_export_disk),
+}
