@@ -455,3 +455,31 @@ def test_export_never_writes_with_roots_rights(sudo_user: User, jail: tuple[str,
     assert "No space left" in msg
     assert os.stat(dst).st_size == 0
     assert os.stat(dst).st_blocks == 0
+
+
+@pytest.mark.slow
+def test_a_source_grown_after_its_check_is_copied_only_as_far_as_checked(
+        sudo_user: User, jail: tuple[str, Path]) -> None:
+    """The attacker's source passes the size check at 4 KiB, then grows by 8 MiB while the
+    import waits for the promise lock: the copy (and the jail_bytes charge) stay 4 KiB."""
+    vm, root = jail
+    src = user_file(sudo_user, "grows", b"A" * 4096)
+    lock = os.open(BASE / "users", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        argv = ["setpriv", f"--reuid={sudo_user.uid}", f"--regid={sudo_user.gid}",
+                "--clear-groups", "--", "/usr/bin/python3", "-I", "-c", _PASS, str(src),
+                str(os.O_RDONLY), "jail-import", json.dumps({"vm": vm, "name": "vm.mem"}),
+                HELPER]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd="/")
+        time.sleep(1.5)  # checked, waiting for the lock
+        with open(src, "ab") as f:
+            f.write(os.urandom(8 << 20))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(lock)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == {"bytes": 4096}
+    assert (root / "vm.mem").read_bytes() == b"A" * 4096
