@@ -7,34 +7,34 @@ guest wrote before it was paused is only there — a warm image must hold that d
 the snapshot it was staged from (the saved memory's page cache describes the disk the
 guest wrote; the other one would corrupt its filesystem after a restore).
 
-As ``jail-export`` (``helper.ops.jailfiles``): only the caller's own jail (its claim);
-the caller never names a path: the jail's file is reached by fd from the root-owned jail
-directory down (``safepath.open_beneath``: no symlinks, no magic links), opened
-``O_NONBLOCK`` (a FIFO the VM's uid planted cannot block root), and must be a regular
-file owned by the jail's VM uid with one link (a sudo caller's is always a private copy;
-root in-process has its own snapshot hard-linked there: two links). The destination is
-``snapfiles.check_dest``'s: the caller's own empty regular file open for writing. What is
-copied is bounded by ``[limits] jail_bytes``: the copy came into the jail charged
-against it, and a Firecracker block device never grows its file. Holes stay holes.
+As ``jail-export`` (``helper.ops.jailfiles``), through the same code
+(``snapfiles.export_file``): only the caller's own jail (its claim), the jail directory
+still the one the claim records; the caller never names a path: the jail's file is
+reached from the root-owned jail directory down (``safepath.open_beneath``: no symlinks,
+no magic links) as an ``O_PATH`` fd, checked — a regular file owned by the jail's VM uid
+with one link (a sudo caller's is always a private copy; root in-process has its own
+snapshot hard-linked there: two links) — before root opens it for reading; the bytes move
+in a child with the caller's uid only, into ``snapfiles.check_dest``'s destination (the
+caller's own empty regular file open for writing). What is copied is bounded by
+``[limits] jail_bytes``: the copy came into the jail charged against it, and a
+Firecracker block device never grows its file. Holes stay holes.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import Field
 
 from helper import cgattach, claims, vmuids
-from helper.base import safepath
 from helper.base.errors import UsageError
-from helper.base.fileops import sparse_copy_fd
 from helper.jail import snapfiles
-from helper.jail.jailer import JailConfig, jail_dir, open_dir_nofollow
+from helper.jail.jailer import JailConfig
 from helper.ops import jail as ops_jail
+from helper.ops import jailfiles
 from helper.ops.base import Ctx, KilnId, Op, Req, passed_fd
 
-DISK = "rootfs.ext4"  # runner.vmm.fcapi.ROOTFS: a file-backed root drive's name
+DISK = snapfiles.DISK  # runner.vmm.fcapi.ROOTFS: a file-backed root drive's name
 
 
 class JailExportDisk(Req):
@@ -56,27 +56,14 @@ def _vm_uid(ctx: Ctx, claim: dict[str, Any], vm: str) -> int:
 
 
 def export_disk(cfg: JailConfig, jail_id: str, vm_uid: int, dst_fd: int, *,
-                single_link: bool, cap: int | None) -> int:
-    """Copy the jail's ``rootfs.ext4`` into ``dst_fd`` (checked by ``check_dest``); its
-    size. Every check precedes the first byte copied."""
-    jfd = open_dir_nofollow(jail_dir(cfg, jail_id))
-    try:
-        src = safepath.open_beneath(
-            jfd, f"root/{DISK}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    finally:
-        os.close(jfd)
-    try:
-        st = safepath.fstat_kind(src, "reg", f"jail {jail_id}'s {DISK}", owner=vm_uid,
-                                 single_link=single_link)
-        if cap is not None and st.st_size > cap:
-            raise UsageError(f"refusing jail {jail_id}'s {DISK}: {st.st_size} bytes, over "
-                             f"the caller's jail space of {cap}", "")
-        size = sparse_copy_fd(src, dst_fd, st.st_size)
-        os.ftruncate(dst_fd, size)  # a trailing hole
-        os.fsync(dst_fd)
-    finally:
-        os.close(src)
-    return size
+                single_link: bool, cap: int | None, ident: list[int] | None = None,
+                caller: tuple[int, int] | None = None) -> int:
+    """Copy the jail's ``rootfs.ext4`` into ``dst_fd`` (checked by ``check_dest``) the way
+    ``jail-export`` copies a snapshot file (``snapfiles.export_file``: the claim's jail
+    directory, the file checked by an ``O_PATH`` fd before root opens it, the bytes moved
+    as the caller); its size."""
+    return snapfiles.export_file(cfg, jail_id, DISK, vm_uid, dst_fd, cap, ident=ident,
+                                 caller=caller, single_link=single_link)
 
 
 @cgattach.held
@@ -86,7 +73,9 @@ def jail_export_disk(ctx: Ctx, req: JailExportDisk) -> dict[str, Any]:
     snapfiles.check_dest(req.fd, None if ctx.trusted else ctx.caller_uid)
     size = export_disk(ops_jail.jail_config(ctx), req.vm, _vm_uid(ctx, claim, req.vm),
                        req.fd, single_link=not ctx.trusted,
-                       cap=None if ctx.trusted else ctx.cfg.limits.jail_bytes)
+                       cap=None if ctx.trusted else ctx.cfg.limits.jail_bytes,
+                       ident=jailfiles.claim_ident(ctx, claim, req.vm),
+                       caller=jailfiles.copy_caller(ctx))
     return {"bytes": size}
 
 

@@ -23,12 +23,13 @@ from pydantic import Field
 
 from helper import cgattach, claims, vmuids
 from helper import cgroup as cg
+from helper.base import safepath
 from helper.base.errors import UsageError
 from helper.jail import jailer as jail
 from helper.jail import snapfiles
 from helper.ops import jail as ops_jail
 from helper.ops.base import Ctx, KilnId, Op, Req, passed_fd
-from helper.ops.vm import check_owner
+from helper.ops.vm import CG_LOCK, check_owner
 
 SnapName = Literal["vm.state", "vm.mem"]
 _LIMIT_FILES = {2: "memory.max", 1: "memory.limit_in_bytes"}
@@ -77,8 +78,26 @@ def jail_export(ctx: Ctx, req: JailExport) -> dict[str, Any]:
     cfg = ops_jail.jail_config(ctx)
     vm_uid, _ = _vm_ids(ctx, claim, req.vm)
     size = snapfiles.export_file(cfg, req.vm, req.name, vm_uid, req.fd,
-                                 _cap(ctx, req.vm, req.name))
+                                 _cap(ctx, req.vm, req.name), ident=claim_ident(ctx, claim, req.vm),
+                                 caller=copy_caller(ctx))
     return {"bytes": size}
+
+
+def claim_ident(ctx: Ctx, claim: dict[str, Any], vm: str) -> list[int] | None:
+    """The jail directory's (device, inode) the caller's claim records (checked by
+    ``check_jail_owner``; the file work checks the directory it opens is still it)."""
+    if ctx.trusted:
+        return None
+    ident = next(iter((claim.get("dirs") or {}).values()), None)
+    if not isinstance(ident, list):
+        raise UsageError(f"refusing jail {vm}: its claim names no directory",
+                         "stage it again (jail-stage)")
+    return ident
+
+
+def copy_caller(ctx: Ctx) -> tuple[int, int] | None:
+    """Whose rights the bytes move with: the sudo caller's (root in-process: its own)."""
+    return None if ctx.trusted else (ctx.caller_uid, ctx.caller_gid)
 
 
 def _vm_ids(ctx: Ctx, claim: dict[str, Any], vm: str) -> tuple[int, int]:
@@ -110,7 +129,10 @@ def jail_import(ctx: Ctx, req: JailImport) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         if not ctx.trusted:
             ops_jail.copy_budget(ctx, cfg, stack).spend(size, f"{req.name} of VM {req.vm}")
-        snapfiles.import_file(cfg, req.vm, req.name, gid, req.fd, size)
+        snapfiles.import_file(
+            cfg, req.vm, req.name, gid, req.fd, size, ident=claim_ident(ctx, claim, req.vm),
+            caller=copy_caller(ctx), launch_lock=lambda: safepath.root_lock(ctx.cfg.pool_dir,
+                                                                        CG_LOCK))
     return {"bytes": size}
 
 
