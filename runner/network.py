@@ -9,7 +9,7 @@ it made if a step fails. The ``VmNet`` it returns is everything the VMM side nee
   (``guest_ip``, ``prefix``, ``gateway``, ``mac``, ``dns``): ``guest()`` is eth0 in the
   settings QEMU's guest is sent (docs/run.md, "The control channel");
   ``kernel_args`` the same as ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` words for
-  Firecracker's kernel command line (no channel there yet);
+  Firecracker's kernel command line on a cold run (a warm one sends ``guest()`` over vsock);
 * ``qemu_tap()`` → ``runner.vmm.qemuargv.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
 * ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.host.join_netns`` in
   the child before exec, as root; Firecracker: the jailer's ``--netns``) — the VM's own
@@ -84,7 +84,7 @@ class VmNet:
     @property
     def kernel_args(self) -> tuple[str, ...]:
         """The same as kernel command-line words kiln's init reads (dotted: the kernel
-        ignores them); Firecracker's, until its guests have the control channel."""
+        ignores them); a cold Firecracker run's (a warm one's guest gets ``guest()``)."""
         words = [f"kiln.ip={self.guest_ip}/{self.prefix}", f"kiln.gw={self.gateway}"]
         if self.dns:
             words.append("kiln.dns=" + ",".join(self.dns))

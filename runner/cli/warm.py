@@ -30,15 +30,19 @@ def warm() -> None:
 @machine_options
 @click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default="auto",
               show_default=True, help="the VMM whose warm image to make (as kiln run's)")
+@click.option("--net", type=click.Choice(["none", "user", "tap"]), default="none",
+              show_default=True, help="the --net of the runs it is for (Firecracker keeps one "
+              "image per network mode; QEMU's one image serves every --net)")
 @click.option("--json", "as_json", is_flag=True, help="print the image as JSON")
 @registry_options
 @pass_ctx
 def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, disk_size: str | None,
-                kernel: Path | None, initrd: Path | None, vmm: str, as_json: bool,
+                kernel: Path | None, initrd: Path | None, vmm: str, net: str, as_json: bool,
                 tls_verify: bool, no_tls_verify: bool, authfile: Path | None) -> None:
     """Boot SOURCE to kiln init's ready point and save it as a warm image (QEMU, or
     Firecracker through its snapshot API): the one `kiln run --warm` with the same --vmm,
-    --cpus, --memory, --disk-size, --kernel and --initrd restores.
+    --cpus, --memory, --disk-size, --kernel and --initrd restores (Firecracker: and the
+    same --net; a --net tap image is saved on the kiln network).
 
     The oldest other images are then removed to keep their total under $KILN_WARM_MAX
     (default 4G)."""
@@ -48,7 +52,7 @@ def warm_create(ctx: Ctx, source: str, cpus: int, memory: str, disk_size: str | 
 
     opts = RunOptions(vmm=vmm, cpus=cpus, memory=parse_size(memory, "--memory"),
                       disk_size=parse_size(disk_size, "--disk-size") if disk_size else None,
-                      kernel=kernel, initrd=initrd)
+                      kernel=kernel, initrd=initrd, net=net)
     reg = RegistryOptions(tls_verify=tls_verify and not no_tls_verify,
                           authfile=authfile.absolute() if authfile else None)
     rec, made = warmrun.create(ctx.root, source, opts, reg,

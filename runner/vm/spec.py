@@ -58,7 +58,8 @@ class WarmPlan:
 class WarmFacts:
     """What a warm key takes from the VMM (``Driver.warm_facts``): its name, the binary
     whose version counts, the accelerator, the CPU model, the device set and the kernel
-    command line a warm-capable boot gets."""
+    command line a warm-capable boot gets; and how the saving VM is networked (QEMU's
+    NIC needs no backend to be saved, Firecracker's a tap: ``runner.vmm.fcwarm``)."""
 
     vmm: str
     binary: Path
@@ -66,6 +67,7 @@ class WarmFacts:
     cpu_model: str
     devices: str
     cmdline: str
+    save_net: str = "none"  # the --net of the VM a warm image is saved from
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@
   ``--detach`` the owner's, raised in the parent before the id is printed) is said in one
   line and the run boots cold. Options the key cannot carry are refused: ``--init
   image`` (nothing of kiln's to wake), a dm-thin pool (its snapshots are devices: no clone
-  of the image's disk file yet), and what the driver refuses (Firecracker: a network).
+  of the image's disk file yet), and what the driver refuses (Firecracker: ``--net user``,
+  ``-i``). The VM a warm image is saved from runs with the ``--net`` the driver names
+  (``WarmFacts.save_net``: Firecracker's ``--net tap`` images are saved on the kiln
+  network, so the saved NIC had a tap; never with ``-p``).
 """
 
 from __future__ import annotations
@@ -161,9 +164,11 @@ def _create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         with root.workdir("warm") as work:
             mem = work / warm.MEM if opts.vmm == "firecracker" else None
             plan = WarmPlan("save", work / warm.STATE, work / warm.DISK, mem)
+            # Firecracker's NIC is saved on a tap (the kiln network, no -p); QEMU's on none
             save_opts = RunOptions(
                 vmm=opts.vmm, cpus=opts.cpus, memory=opts.memory, disk_size=opts.disk_size,
-                kernel=opts.kernel, initrd=opts.initrd, rm=True, command=("true",))
+                kernel=opts.kernel, initrd=opts.initrd, rm=True, command=("true",),
+                net=driver.warm_facts(opts).save_net)
             code = lifecycle.run(root, volume.id, save_opts, registry_opts, warm=plan)
             if code != 0:
                 raise KilnError(f"the warm image of {source} could not be made (exit {code})",

@@ -11,13 +11,23 @@ API, and what a restore needs; the driver (``runner.vmm.firecracker``) calls the
   ``save_paused`` is separate so that the mechanics run for real where no guest can boot
   (tests/runner/test_firecracker_warm.py, as root; tests/helper/
   test_firecracker_warm_sudo.py, as a sudo caller): nothing fakes a guest on this path.
-* ``facts``: the key's VMM facts (the driver's ``warm_facts``): Firecracker's version from
-  the binary, the accelerator (always KVM) and the device set — the rootfs, the vsock
-  device (CID, socket name), no NIC.
+* ``devices``: the key's device set (the driver's ``warm_facts``): the rootfs, the vsock
+  device (CID, socket name) and, for ``--net tap``, the NIC eth0. Images are per network
+  mode: Firecracker opens a saved NIC's tap at ``snapshot/load`` (a load without one, or
+  whose tap is gone, is refused — tests/runner/test_firecracker_warm_net.py), so a NIC
+  cannot be restored "without a backend" as QEMU's is, and a ``--net none`` run has no
+  tap to give it. A ``--net tap`` image is saved by a VM on the kiln network
+  (``WarmFacts.save_net``: its own lease and tap, released at its end, like any run's; no
+  ``[net]`` in the helper's config refuses it as a cold ``--net tap`` run is refused); a
+  ``--net none`` image has no NIC and keeps the key it had before NICs were saved.
 * A restore is ``FirecrackerVM.restore(resume=True)`` on a plan with ``restore=(state,
-  mem)`` and the same vsock device, then the run's ``SET1`` over vsock
+  mem)``, the same vsock device and — ``--net tap`` — eth0 on the clone's own tap (made by
+  the ordinary ``--net tap`` path, in the namespace the jailer joins), which the load
+  takes as ``network_overrides``; then the run's ``SET1`` over vsock
   (``runner.guest_init.vsock.VsockSender``) like a cold run: the guest's listener survived
-  the snapshot, the connection the hello went out on did not.
+  the snapshot, the connection the hello went out on did not. ``settings`` carry eth0's
+  MAC, address, gateway and name servers (the clone's lease): the saved NIC still has the
+  save VM's MAC, and kiln's init sets the clone's before it brings eth0 up, as under QEMU.
 
 Failures raise ``WarmFailed`` (``runner.vmm.qemuwarm``'s: the lifecycle falls back to a
 cold boot on it).
@@ -25,17 +35,22 @@ cold boot on it).
 
 from __future__ import annotations
 
+import secrets
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from helper.base.errors import KilnError
-from runner.guest_init import vsock
+from helper.base.errors import KilnError, UsageError
+from runner.guest_init import Workload, channel, vsock
 from runner.vm.spec import WarmPlan
 from runner.vmm import fcapi as fc
 from runner.vmm import fcsnapshot as fcs
 from runner.vmm.qemuwarm import WarmFailed
 
-DEVICES = f"fc:rootfs,vsock:{vsock.GUEST_CID}:{vsock.UDS}"  # a restore's device set
+if TYPE_CHECKING:
+    from runner.network import VmNet
+
+DEVICES = f"fc:rootfs,vsock:{vsock.GUEST_CID}:{vsock.UDS}"  # --net none: no NIC
+DEVICES_NET = f"fc:rootfs,net:eth0,vsock:{vsock.GUEST_CID}:{vsock.UDS}"  # --net tap
 VSOCK = fc.VsockSpec(vsock.GUEST_CID, f"/{vsock.UDS}")
 
 
@@ -84,10 +99,29 @@ def save(vm: fc.FirecrackerVM, plan: WarmPlan, *, timeout: float = 300.0) -> Non
         sender.close()
 
 
-def facts(firecracker: Path) -> tuple[str, str, str, str, str]:
-    """(vmm, version, accel, cpu model, devices) of the warm key (``firecracker
-    --version``'s first line: "Firecracker v1.12.1")."""
-    from builder import proc
+def devices(net: str) -> str:
+    """The device set of a warm image for ``--net`` ``net`` (a key's ``devices``): with the
+    NIC for ``tap``, without for ``none``; anything else is refused (pure)."""
+    if net == "tap":
+        return DEVICES_NET
+    if net == "none":
+        return DEVICES
+    raise UsageError(f"Firecracker warm runs have no --net {net}",
+                     "use --net tap or --net none, or --vmm qemu")
 
-    version = proc.version_of(str(firecracker))
-    return "firecracker", version, "kvm", "host", DEVICES
+
+def settings(warm: WarmPlan | None, work: Workload | None, vn: VmNet | None
+             ) -> channel.Settings | None:
+    """A restore's settings for the guest (sent over vsock): the workload, a fresh machine
+    id and — ``--net tap`` — eth0 from the clone's lease (``VmNet.guest``). None for a
+    cold run (its settings are on its disk) and a save (it sends none)."""
+    if warm is None or warm.mode != "restore" or work is None:
+        return None
+    s = channel.Settings(work, secrets.token_hex(16), vn.guest() if vn else None, None)
+    try:  # refused now, before the restore, rather than when the guest asks
+        channel.encode_settings(s, time_ns=time.time_ns(), seed=bytes(channel.SEED_BYTES))
+    except channel.FrameError as e:
+        raise UsageError(f"the run's settings cannot be sent to the guest: {e}",
+                         "shorten the command and environment: together they must fit "
+                         "in 64 KiB") from None
+    return s

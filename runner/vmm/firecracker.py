@@ -145,19 +145,18 @@ class FirecrackerDriver:
                              "use --vmm qemu for those, or --net tap")
 
     def warm_facts(self, opts: RunOptions) -> WarmFacts:
-        """The warm key's VMM facts; what a Firecracker warm run cannot do yet is refused."""
+        """The warm key's VMM facts; what a Firecracker warm run cannot do yet is refused.
+        ``--net tap`` images have a NIC and are saved on the kiln network (``fcwarm``)."""
         from runner.vmm import fcwarm
 
         self.check(opts)
-        if opts.net != "none":
-            raise UsageError("Firecracker warm runs have no network yet (--net none only)",
-                             "drop --net, or use --vmm qemu")
+        devices = fcwarm.devices(opts.net)
         from runner import guest_init
         from runner.guest_init import vsock
 
         cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg()))
-        return WarmFacts("firecracker", self.cfg.firecracker, "kvm", "host", fcwarm.DEVICES,
-                         cmdline)
+        return WarmFacts("firecracker", self.cfg.firecracker, "kvm", "host", devices,
+                         cmdline, save_net=opts.net)
 
     def reserve(self, host: str, opts: RunOptions, intent: vmres.NetIntent | None
                 ) -> Reservation:
@@ -172,41 +171,45 @@ class FirecrackerDriver:
                 ) -> FcLaunch:
         del reserved  # the launch plan reads the record's document
         vmlinux, initrd = boot_kernel(boot.kernel, boot.initrd, self.root.path / "kernels")
-        vm, rec = self._make(st, rec, boot, vmlinux, initrd)
-        return FcLaunch(boot, vmlinux, initrd, rec, vm, _warm_settings(boot))
+        vm, rec, settings = self._make(st, rec, boot, vmlinux, initrd)
+        return FcLaunch(boot, vmlinux, initrd, rec, vm, settings)
 
     def _make(self, st: State, rec: VMRecord, boot: Boot, vmlinux: Path, initrd: Path
-              ) -> tuple[fc.FirecrackerVM, VMRecord]:
+              ) -> tuple[fc.FirecrackerVM, VMRecord, Any]:
         """The VM for the record's uid: on the kiln network first with ``--net tap`` (which
         may record another uid: ``vmres.retry_uid``), then its launch plan. Returns the
-        record it was made for."""
+        record it was made for and a warm restore's settings (eth0 from this lease)."""
+        from runner.vmm import fcwarm
+
         vn = None
         if boot.intent is not None:
             vn, rec = vmres.net_attach(self.root, st, rec, boot.intent, boot.picker)
         warm = _warm_launch(boot.warm)
+        # a warm guest takes eth0 from its settings: the key's command line has no lease
+        net_args = vn.kernel_args if vn is not None and boot.warm is None else ()
         vm = make_vm(self.cfg, ops_for(self.root.path), rec, vmlinux=vmlinux, initrd=initrd,
                      rootfs=boot.disk, cpus=boot.opts.cpus, memory=boot.opts.memory,
                      init=boot.init, nets=(vn.firecracker_nic(),) if vn else (),
                      netns=vn.spawn_netns if vn else None,
-                     kernel_args=(*(vn.kernel_args if vn else ()), *warm["args"]),
+                     kernel_args=(*net_args, *warm["args"]),
                      vsock=warm["vsock"], restore=warm["restore"])
-        return vm, rec
+        return vm, rec, fcwarm.settings(boot.warm, boot.workload, vn)
 
     def own(self, st: State, launch: FcLaunch, *, relay: bool,
             ready: Callable[[], None]) -> Ended:
         """``run_vm``; when ``jail-stage`` refuses the VM uid (another caller's jail holds
         it), ``run_vm`` has torn the VM down: its network goes too (the tap belongs to that
         uid), another uid is recorded, and the VM is made and launched again."""
-        boot, rec, vm = launch.boot, launch.rec, launch.vm
+        boot, rec, vm, settings = launch.boot, launch.rec, launch.vm, launch.settings
         while True:
             try:
                 return run_vm(st, rec.id, boot.files, vm, timeout=boot.opts.timeout,
                               stop_grace=boot.opts.stop_grace, relay=relay, ready=ready,
-                              warm=boot.warm, settings=launch.settings)
+                              warm=boot.warm, settings=settings)
             except UidInUse as e:
                 vmres.release_net(self.root, st, rec.id)
                 rec = boot.picker.another(st, rec, e)
-                vm, rec = self._make(st, rec, boot, launch.vmlinux, launch.initrd)
+                vm, rec, settings = self._make(st, rec, boot, launch.vmlinux, launch.initrd)
 
     def close(self, launch: FcLaunch) -> None:
         del launch  # the jailer is given paths: the parent holds nothing to drop
@@ -241,7 +244,8 @@ class FirecrackerDriver:
 
 def _warm_launch(warm: WarmPlan | None) -> dict[str, Any]:
     """What a warm run adds to the launch: the vsock device and ``kiln.ctl=`` (save and
-    restore have the same device set), the saved files (restore)."""
+    restore have the same device set: the NIC, when there is one, comes from ``--net
+    tap`` either way), the saved files (restore)."""
     if warm is None:
         return {"args": (), "vsock": None, "restore": None}
     from runner.guest_init import vsock
@@ -249,18 +253,6 @@ def _warm_launch(warm: WarmPlan | None) -> dict[str, Any]:
 
     restore = (warm.state, warm.mem) if warm.mode == "restore" and warm.mem else None
     return {"args": (vsock.kernel_arg(),), "vsock": fcwarm.VSOCK, "restore": restore}
-
-
-def _warm_settings(boot: Boot) -> Any:
-    """A warm restore's settings for the guest (sent over vsock); None otherwise (a cold
-    run's are on its disk, a save sends none)."""
-    if boot.warm is None or boot.warm.mode != "restore" or boot.workload is None:
-        return None
-    import secrets
-
-    from runner.guest_init import channel
-
-    return channel.Settings(boot.workload, secrets.token_hex(16), None, None)
 
 
 def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Path,
