@@ -22,7 +22,7 @@ import os
 import resource
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeAlias
 
 from helper.base import toolenv
@@ -125,3 +125,32 @@ def wait(child: Child, timeout: float) -> int | None:
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         return None
+
+
+def fork_as(uid: int, gid: int, work: Callable[[], None], keep: Sequence[int]) -> int:
+    """Run ``work`` in a forked child with only ``uid``/``gid`` (no groups, no
+    capabilities, no fd but ``keep`` and stdio), no exec; its exit code: 0 done, an errno
+    (1-123) when ``work`` raised ``OSError``, 124 another failure. The helper's one fork:
+    bytes it moves for a caller are moved with the caller's rights only."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 125
+        try:
+            prev = 2
+            for fd in sorted(keep):
+                os.closerange(prev + 1, fd)
+                prev = fd
+            os.closerange(prev + 1, 1 << 16)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            work()
+            code = 0
+        except OSError as e:
+            code = e.errno if e.errno and 0 < e.errno < 124 else 124
+        except BaseException:
+            code = 124
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

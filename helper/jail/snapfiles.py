@@ -42,7 +42,7 @@ import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from helper.base import safepath
+from helper.base import run, safepath
 from helper.base.errors import Conflict, NotFound, UsageError
 from helper.jail.jailer import JailConfig, jail_dir, open_dir_nofollow
 
@@ -116,26 +116,7 @@ def as_caller(caller: tuple[int, int] | None, what: str, work: Callable[[], None
     if caller is None:
         work()
         return
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 125
-        try:
-            prev = 2
-            for fd in sorted(keep):
-                os.closerange(prev + 1, fd)
-                prev = fd
-            os.closerange(prev + 1, 1 << 16)
-            os.setgroups([])
-            os.setresgid(caller[1], caller[1], caller[1])
-            os.setresuid(caller[0], caller[0], caller[0])
-            work()
-            code = 0
-        except OSError as e:
-            code = e.errno if e.errno and 0 < e.errno < 125 else 124
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    code = run.fork_as(caller[0], caller[1], work, keep)
     if code:
         why = os.strerror(code) if 0 < code < 124 else f"exit status {code}"
         raise UsageError(f"refusing {what}: the copy as uid {caller[0]} failed: {why}",

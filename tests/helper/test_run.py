@@ -103,3 +103,31 @@ def test_run_sets_env_over_the_allowlist(monkeypatch: pytest.MonkeyPatch) -> Non
     env = run.run("env", [], env={"DM_DISABLE_UDEV": "1"}).text.splitlines()
     assert "DM_DISABLE_UDEV=1" in env
     assert not any(x.startswith("KILN_TEST=") for x in env)
+
+
+@pytest.mark.root
+def test_fork_as_runs_with_the_callers_rights_only(tmp_path: Path) -> None:
+    """The child has the given uid/gid and no groups, keeps only the fds it was given, and
+    reports an OSError as its errno: root's file stays closed to it."""
+    if os.geteuid() != 0:
+        pytest.skip("changing uid needs root")
+    secret = tmp_path / "secret"
+    secret.write_text("root's")
+    secret.chmod(0o600)
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o666)
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        def work() -> None:
+            ids = f"{os.getuid()} {os.getgid()} {os.getgroups()}"
+            os.write(out, ids.encode())
+            with contextlib.suppress(OSError):
+                os.fstat(other)
+                os.write(out, b" other-open")
+            secret.read_text()  # EACCES
+
+        assert run.fork_as(65534, 65534, work, (out,)) == 13  # EACCES
+        assert (tmp_path / "out").read_text() == "65534 65534 []"
+        assert run.fork_as(65534, 65534, lambda: None, ()) == 0
+    finally:
+        os.close(out)
+        os.close(other)
