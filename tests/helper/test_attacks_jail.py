@@ -30,7 +30,7 @@ import pytest
 from helper import cgroup as cg
 from tests.support.firecracker import BIN_DIR
 from tests.support.oci import User
-from tests.support.sudo import BASE, GOOD_CONFIG, HELPER, _write_config, helper_as
+from tests.support.sudo import BASE, GOOD_CONFIG, HELPER, _write_config, cgroup_parent, helper_as
 from tests.support.timing import limit
 
 JAILS = BASE / "jails"
@@ -41,20 +41,8 @@ pytestmark = [pytest.mark.firecracker, pytest.mark.root]
 @pytest.fixture(scope="module")
 def parent(installed: str) -> Iterator[str]:
     """The test config: the fetched jailer and firecracker, a cgroup parent of our own."""
-    top = f"kilnatk{secrets.token_hex(4)}"
-    try:
+    with cgroup_parent("kilnatk") as top:
         yield top
-    finally:
-        _write_config(GOOD_CONFIG)
-        ccfg = cg.CgroupConfig(parent=top)
-        lay = cg.layout(ccfg)
-        for version, mnt in [(2, lay.v2), *((1, m) for m in lay.v1.values())]:
-            if mnt is not None and (mnt / top).is_dir():
-                for d in (mnt / top).iterdir():
-                    if d.is_dir():
-                        cg.cgroup_kill(ccfg, d.name, version)
-                with contextlib.suppress(OSError):
-                    os.rmdir(mnt / top)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ after the configuration round-trip, like tests/runner/test_firecracker_real.py.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import secrets
@@ -20,24 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from helper import cgroup as cg
-from runner.kernel_elf import ensure_vmlinux
-from tests.support.firecracker import BIN_DIR
+from tests.support.firecracker import BIN_DIR, helper_config, helper_kernel
 from tests.support.oci import User, run_as
-from tests.support.sudo import BASE, GOOD_CONFIG, _audit_len, _ops_ran, _write_config
+from tests.support.sudo import BASE, _audit_len, _ops_ran, _write_config, cgroup_parent
 
 pytestmark = [pytest.mark.firecracker, pytest.mark.root]
 
 
 @pytest.fixture
 def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:
-    bz = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
-    if not bz:
-        pytest.skip("no /boot/vmlinuz-*-cloud-amd64")
     src = BASE / "src"
-    src.mkdir(mode=0o755, parents=True, exist_ok=True)
-    vmlinux = ensure_vmlinux(Path(bz[-1]), src)
-    vmlinux.chmod(0o644)
+    vmlinux = helper_kernel(src)
     # A writable disk is only the caller's own snapshot, shaped as the pool makes it:
     # <area>/pool/fs/snapshots/<id>.ext4, the caller's, 0600, in root-owned 0711 directories.
     snaps = BASE / "users" / str(sudo_user.uid) / "pool/fs/snapshots"
@@ -49,27 +41,12 @@ def fc_config(sudo_user: User) -> Iterator[dict[str, str]]:
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "fchelper", str(snap), "32M"], check=True)
     os.chown(snap, sudo_user.uid, sudo_user.gid)
     snap.chmod(0o600)
-    parent = f"kilnhtest{secrets.token_hex(4)}"
-    _write_config(GOOD_CONFIG + f"""sources = ["{src}"]
-cgroup_parent = "{parent}"
-
-[tools]
-firecracker = "{BIN_DIR}/firecracker"
-jailer = "{BIN_DIR}/jailer"
-""")
     try:
-        yield {"kernel": str(vmlinux), "rootfs": str(snap), "parent": parent,
-               "base": str(BASE / "jails")}
+        with cgroup_parent("kilnhtest") as parent:
+            _write_config(helper_config(src, parent))
+            yield {"kernel": str(vmlinux), "rootfs": str(snap), "parent": parent,
+                   "base": str(BASE / "jails")}
     finally:
-        _write_config(GOOD_CONFIG)
-        lay = cg.layout(cg.CgroupConfig(parent=parent))
-        for h in [lay.v2, *lay.v1.values()]:
-            if h is not None and (h / parent).is_dir():
-                for vm in (h / parent).iterdir():
-                    if vm.is_dir():
-                        cg.cgroup_kill(cg.CgroupConfig(parent=parent), vm.name,
-                                       2 if h == lay.v2 else 1)
-                os.rmdir(h / parent)
         snap.unlink(missing_ok=True)
 
 

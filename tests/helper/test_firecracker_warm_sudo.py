@@ -18,7 +18,6 @@ it was staged from.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import secrets
@@ -32,10 +31,16 @@ from typing import IO, Any
 import pytest
 
 from helper import cgroup as cg
-from runner.kernel_elf import ensure_vmlinux
-from tests.support.firecracker import BIN_DIR
+from tests.support.firecracker import helper_config, helper_kernel
 from tests.support.oci import User
-from tests.support.sudo import BASE, GOOD_CONFIG, _audit_len, _ops_ran, _write_config, loop_table
+from tests.support.sudo import (
+    BASE,
+    _audit_len,
+    _ops_ran,
+    _write_config,
+    cgroup_parent,
+    loop_table,
+)
 
 pytestmark = [pytest.mark.root]
 MEM_MIB = 128
@@ -62,40 +67,21 @@ def _snapshot(area: Path, user: User) -> Path:
 def world(sudo_user: User) -> Iterator[dict[str, Any]]:
     """The helper's test config with Firecracker and a kernel source directory; the user's
     kiln root and two snapshots in its area (the save's disk, the restore's clone)."""
-    bz = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
-    if not bz:
-        pytest.skip("no /boot/vmlinuz-*-cloud-amd64")
     src = BASE / "src"
-    src.mkdir(mode=0o755, parents=True, exist_ok=True)
-    vmlinux = ensure_vmlinux(Path(bz[-1]), src)
-    vmlinux.chmod(0o644)
+    vmlinux = helper_kernel(src)
     initrd = src / "initrd.img"  # never read by a guest here: any world-readable file
     initrd.write_bytes(b"\0" * 4096)
     initrd.chmod(0o644)
     area = BASE / "users" / str(sudo_user.uid)
     snaps = (_snapshot(area, sudo_user), _snapshot(area, sudo_user))
-    parent = f"kilnwtest{secrets.token_hex(4)}"
-    _write_config(GOOD_CONFIG + f"""sources = ["{src}"]
-cgroup_parent = "{parent}"
-
-[tools]
-firecracker = "{BIN_DIR}/firecracker"
-jailer = "{BIN_DIR}/jailer"
-""")
     root = sudo_user.scratch / f"fcwarm-{secrets.token_hex(3)}"
     try:
-        yield {"root": str(root), "snaps": [str(s) for s in snaps], "kernel": str(vmlinux),
-               "initrd": str(initrd), "parent": parent, "area": area}
+        with cgroup_parent("kilnwtest") as parent:  # a failed test's cgroups: killed
+            _write_config(helper_config(src, parent))
+            yield {"root": str(root), "snaps": [str(s) for s in snaps],
+                   "kernel": str(vmlinux), "initrd": str(initrd), "parent": parent,
+                   "area": area}
     finally:
-        _write_config(GOOD_CONFIG)
-        lay = cg.layout(cg.CgroupConfig(parent=parent))
-        for h in [lay.v2, *lay.v1.values()]:
-            if h is not None and (h / parent).is_dir():
-                for vm in (h / parent).iterdir():
-                    if vm.is_dir():  # a failed test: kill what it left
-                        cg.cgroup_kill(cg.CgroupConfig(parent=parent), vm.name,
-                                       2 if h == lay.v2 else 1)
-                os.rmdir(h / parent)
         for s in snaps:
             s.unlink(missing_ok=True)
 

@@ -8,7 +8,6 @@ the jailer does). Each refusal is checked by its message and by the host left un
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -23,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from helper import cgroup as cg
 from tests.support.firecracker import BIN_DIR
 from tests.support.oci import User
 from tests.support.sudo import (
@@ -32,6 +30,7 @@ from tests.support.sudo import (
     HELPER,
     _tree,
     _write_config,
+    cgroup_parent,
     helper_as,
     host_state,
 )
@@ -45,20 +44,8 @@ pytestmark = [pytest.mark.root]
 
 @pytest.fixture(scope="module")
 def parent(installed: str) -> Iterator[str]:
-    top = f"kilnjf{secrets.token_hex(4)}"
-    try:
+    with cgroup_parent("kilnjf") as top:
         yield top
-    finally:
-        _write_config(GOOD_CONFIG)
-        ccfg = cg.CgroupConfig(parent=top)
-        lay = cg.layout(ccfg)
-        for version, mnt in [(2, lay.v2), *((1, m) for m in lay.v1.values())]:
-            if mnt is not None and (mnt / top).is_dir():
-                for d in (mnt / top).iterdir():
-                    if d.is_dir():
-                        cg.cgroup_kill(ccfg, d.name, version)
-                with contextlib.suppress(OSError):
-                    os.rmdir(mnt / top)
 
 
 def write_config(parent: str, extra: str = "") -> None:

@@ -167,6 +167,9 @@ def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "",
               .replace("[ -d /etc ]", "true")
               .replace("/sys/class/net/eth0", str(tmp_path / "eth0"))
               .replace("/etc/resolv.conf", str(tmp_path / "resolv.conf")))
+    # this runs as root on the host: nothing of the host's kernel may be written
+    assert "/proc/sys" not in script, "a host path left unmapped"
+    assert "/sys/class" not in script, "a host path left unmapped"
     subprocess.run(["/bin/busybox", "sh", "-c", script], check=True,
                    env={"PATH": "/bin:/usr/bin", "FAIL": fail or "-"})
     return log.read_text().splitlines() if log.exists() else []

@@ -120,3 +120,35 @@ class InProcessOps:
             return jaildisk.export_disk(self.cfg, vm_id, uid, fd, single_link=False, cap=None)
         finally:
             os.close(fd)
+
+
+def helper_kernel(src: Path) -> Path:
+    """The host's cloud kernel as an uncompressed vmlinux in ``src`` (a directory the
+    helper's test config lists in ``sources``), world-readable; skips without one."""
+    import glob
+
+    import pytest
+
+    from runner.kernel_elf import ensure_vmlinux
+
+    bz = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
+    if not bz:
+        pytest.skip("no /boot/vmlinuz-*-cloud-amd64")
+    src.mkdir(mode=0o755, parents=True, exist_ok=True)
+    vmlinux = ensure_vmlinux(Path(bz[-1]), src)
+    vmlinux.chmod(0o644)
+    return vmlinux
+
+
+def helper_config(src: Path, parent: str) -> str:
+    """The helper's test config with the fetched Firecracker and jailer, ``src`` as a kernel
+    source and ``parent`` as the jails' cgroup parent."""
+    from tests.support.sudo import GOOD_CONFIG
+
+    return GOOD_CONFIG + f"""sources = ["{src}"]
+cgroup_parent = "{parent}"
+
+[tools]
+firecracker = "{BIN_DIR}/firecracker"
+jailer = "{BIN_DIR}/jailer"
+"""

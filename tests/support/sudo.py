@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -190,3 +191,26 @@ def kiln_as(user: User, root: Path, *args: str,
     return run_as(user, [sys.executable, "-c", code, "--root", str(root), *args],
                   cwd=Path("/"), check=check, timeout=300)
 
+
+
+@contextlib.contextmanager
+def cgroup_parent(prefix: str) -> Iterator[str]:
+    """A cgroup parent name of the tests' own (``[cgroups] parent`` in their configs);
+    afterwards the good test config is back and every VM cgroup under it is killed and
+    removed, in every hierarchy."""
+    from helper import cgroup as cg
+
+    top = f"{prefix}{secrets.token_hex(4)}"
+    try:
+        yield top
+    finally:
+        _write_config(GOOD_CONFIG)
+        ccfg = cg.CgroupConfig(parent=top)
+        lay = cg.layout(ccfg)
+        for version, mnt in [(2, lay.v2), *((1, m) for m in lay.v1.values())]:
+            if mnt is not None and (mnt / top).is_dir():
+                for d in (mnt / top).iterdir():
+                    if d.is_dir():
+                        cg.cgroup_kill(ccfg, d.name, version)
+                with contextlib.suppress(OSError):
+                    os.rmdir(mnt / top)
