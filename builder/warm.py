@@ -146,6 +146,20 @@ def publish(root: Root, work: Path, image_id: str, volume: str, vmm: str,
     return rec
 
 
+def prefetch(d: Path, names: Iterable[str] = (STATE, DISK, MEM)) -> None:
+    """Start reading an image's files into the page cache (``POSIX_FADV_WILLNEED``: the
+    kernel's readahead, no wait) while the run sets itself up: a restore reads the whole
+    state, and an image made a while ago may have left the cache (here, DAMON pages cold
+    files out: a restore from disk took 0.5-0.9 s instead of 0.43)."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            fd = os.open(d / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+
 def find(root: Root, image_id: str) -> WarmRecord | None:
     """The published image ``image_id`` (None: none, or an unreadable one)."""
     try:

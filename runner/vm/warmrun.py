@@ -190,6 +190,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any, *,
         say(f"kiln: no warm image of {source} for these settings: making one")
         rec, _ = create(root, volume.id, opts, registry_opts, say)
     d = warm.image_dir(root, rec.id)
+    warm.prefetch(d)  # read ahead while the VM is set up (its record, disk, cgroups, VMM)
     mem = d / warm.MEM if opts.vmm == "firecracker" else None
     plan = WarmPlan("restore", d / warm.STATE, d / warm.DISK, mem)
     try:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from builder import warm
 from builder.root import Root
 from helper.base.errors import NotFound, UsageError
+from tests.support.timing import limit
 
 KEY = warm.WarmKey(volume="sha256:" + "a" * 64, kernel_sha256="b" * 64,
                    initrd_sha256="c" * 64, init_sha256="d" * 64, vmm="qemu",
@@ -174,3 +175,33 @@ def test_prune_removes_the_oldest_from_the_store(tmp_path: Path) -> None:
     assert {r.id for r in warm.list_images(root)} == {recs[1].id, recs[2].id}
     rec_file = warm.image_dir(root, new.id) / warm.RECORD
     assert rec_file.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_prefetch_reads_an_evicted_image_back_into_the_cache(tmp_path: Path) -> None:
+    """A restore reads the whole state: ``prefetch`` starts the kernel's readahead of an
+    image's files (here one evicted from the page cache), and ignores the missing ones."""
+    import subprocess
+    import time
+
+    state = tmp_path / warm.STATE
+    state.write_bytes(os.urandom(8 << 20))
+    fd = os.open(state, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+    def resident() -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              str(state)], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[0])
+
+    if resident() > (1 << 20):
+        pytest.skip("this filesystem keeps the file cached (DONTNEED had no effect)")
+    warm.prefetch(tmp_path)  # no disk, no mem file: skipped
+    deadline = time.monotonic() + limit(10)
+    while resident() < (8 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert resident() == 8 << 20
