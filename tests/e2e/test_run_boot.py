@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from builder.localregistry import free_port
 from builder.root import Root
 from builder.source import RegistryOptions
 from runner.vm.state import State, host_name, root_key, vm_of_host
 from tests.support.images import busybox_layout
 from tests.support.oci import make_layout, mkdir, reg
-from tests.support.run import KILN, forwarded_reply, free_port
+from tests.support.run import KILN, forwarded_reply
 from tests.support.timing import limit
 
 VM_ID = re.compile(r"^[a-z2-7]{12}$")

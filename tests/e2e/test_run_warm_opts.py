@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 
 from builder import warm
+from builder.localregistry import free_port
 from builder.root import Root
 from helper.net import core as nc
 from tests.support.cli import KILN, kiln, wait_for
 from tests.support.netrun import GATEWAY, SUBNET, Net, fetch, netns_env, world
-from tests.support.run import forwarded_reply, free_port
+from tests.support.run import forwarded_reply
 from tests.support.timing import limit
 
 pytestmark = [pytest.mark.slow, pytest.mark.root,

@@ -43,13 +43,6 @@ def clock_skew(root: Path, run_args: list[str]) -> float:
     return abs(host - (got["time.tv_sec"] + got["time.tv_usec"] / 1e6))
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for ``-p PORT:…``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def forwarded_reply(port: int, vm: subprocess.Popen[str], want: bytes) -> bytes:
     """What the guest's listener behind ``--net user -p PORT:…`` sends, asked again until
     ``want`` is in it, the VM ended (nothing more will listen) or a busy machine's minute."""
