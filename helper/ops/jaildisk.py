@@ -26,8 +26,7 @@ from typing import Any
 
 from pydantic import Field
 
-from helper import cgattach, claims, vmuids
-from helper.base.errors import UsageError
+from helper import cgattach
 from helper.jail import snapfiles
 from helper.jail.jailer import JailConfig
 from helper.ops import jail as ops_jail
@@ -43,16 +42,6 @@ class JailExportDisk(Req):
 
     vm: KilnId = Field(description="the VM (= jail) id (a jail the caller staged)")
     fd: int = Field(ge=3, le=255, description="the destination file descriptor")
-
-
-def _vm_uid(ctx: Ctx, claim: dict[str, Any], vm: str) -> int:
-    """The jail's VM uid: the caller's jail claim, or (root in-process, no claim) the
-    host-wide ledger jail-stage wrote."""
-    doc = claim if not ctx.trusted else claims.read(ctx.cfg.pool_dir, vmuids.LEDGER, vm) or {}
-    uid = doc.get("uid")
-    if not isinstance(uid, int):
-        raise UsageError(f"jail {vm} has no VM uid on record", "stage it again (jail-stage)")
-    return uid
 
 
 def export_disk(cfg: JailConfig, jail_id: str, vm_uid: int, dst_fd: int, *,
@@ -71,7 +60,7 @@ def jail_export_disk(ctx: Ctx, req: JailExportDisk) -> dict[str, Any]:
     claim = ops_jail.check_jail_owner(ctx, req.vm)
     passed_fd(req.fd, "pass the destination file open")
     snapfiles.check_dest(req.fd, None if ctx.trusted else ctx.caller_uid)
-    size = export_disk(ops_jail.jail_config(ctx), req.vm, _vm_uid(ctx, claim, req.vm),
+    size = export_disk(ops_jail.jail_config(ctx), req.vm, jailfiles.vm_ids(ctx, claim, req.vm)[0],
                        req.fd, single_link=not ctx.trusted,
                        cap=None if ctx.trusted else ctx.cfg.limits.jail_bytes,
                        ident=jailfiles.claim_ident(ctx, claim, req.vm),

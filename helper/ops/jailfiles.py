@@ -76,7 +76,7 @@ def jail_export(ctx: Ctx, req: JailExport) -> dict[str, Any]:
     passed_fd(req.fd, "pass the destination file open")
     snapfiles.check_dest(req.fd, None if ctx.trusted else ctx.caller_uid)
     cfg = ops_jail.jail_config(ctx)
-    vm_uid, _ = _vm_ids(ctx, claim, req.vm)
+    vm_uid, _ = vm_ids(ctx, claim, req.vm)
     size = snapfiles.export_file(cfg, req.vm, req.name, vm_uid, req.fd,
                                  _cap(ctx, req.vm, req.name), ident=claim_ident(ctx, claim, req.vm),
                                  caller=copy_caller(ctx))
@@ -100,7 +100,7 @@ def copy_caller(ctx: Ctx) -> tuple[int, int] | None:
     return None if ctx.trusted else (ctx.caller_uid, ctx.caller_gid)
 
 
-def _vm_ids(ctx: Ctx, claim: dict[str, Any], vm: str) -> tuple[int, int]:
+def vm_ids(ctx: Ctx, claim: dict[str, Any], vm: str) -> tuple[int, int]:
     """The jail's VM uid/gid: the caller's jail claim, or (root in-process, no claim) the
     host-wide VM uid ledger jail-stage wrote (``helper.vmuids``)."""
     doc = claim if not ctx.trusted else claims.read(ctx.cfg.pool_dir, vmuids.LEDGER, vm) or {}
@@ -125,7 +125,7 @@ def jail_import(ctx: Ctx, req: JailImport) -> dict[str, Any]:
     passed_fd(req.fd, "pass the snapshot file open")
     size = snapfiles.check_source(req.fd, _cap(ctx, req.vm, req.name))
     cfg = ops_jail.jail_config(ctx)
-    _, gid = _vm_ids(ctx, claim, req.vm)
+    _, gid = vm_ids(ctx, claim, req.vm)
     with contextlib.ExitStack() as stack:
         if not ctx.trusted:
             ops_jail.copy_budget(ctx, cfg, stack).spend(size, f"{req.name} of VM {req.vm}")
