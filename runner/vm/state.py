@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from helper.base import fileops
 from helper.base.errors import Conflict, NotFound, UsageError
 
 STATES = ("creating", "running", "exited", "failed")
@@ -219,11 +220,7 @@ def mark_jails(root_dir: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(vms, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fileops.fsync_dir(vms)
 
 
 def uses_jails(root_dir: Path, recs: list[VMRecord]) -> bool:
