@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -115,50 +116,47 @@ def kiln_to_exec(root: Path, volume: str) -> float:
     return (vmm_start - kiln_start) / TICK
 
 
-def in_process(root: Path, volume: str) -> float:
-    """Seconds from ``cli.main``'s entry to ``supervise.spawn``, in this process."""
+def _in_process(root: Path, run_args: list[str], module: Any, name: str, *,
+                after: bool) -> float:
+    """Seconds from ``cli.main``'s entry (modules already imported) to a call of
+    ``module.name`` — as it starts, or with ``after`` once it returned — in this process."""
     from runner.cli import cli
-    from runner.vmm import process as supervise
 
     marks: list[float] = []
-    real = supervise.spawn
+    real = getattr(module, name)
 
-    def spawn(*a: object, **kw: object) -> int:
-        marks.append(time.perf_counter())
-        return real(*a, **kw)  # type: ignore[arg-type]
+    def timed(*a: object, **kw: object) -> object:
+        if not after:
+            marks.append(time.perf_counter())
+        result = real(*a, **kw)
+        if after:
+            marks.append(time.perf_counter())
+        return result
 
-    supervise.spawn = spawn
+    setattr(module, name, timed)
     try:
         t0 = time.perf_counter()
         with contextlib.suppress(SystemExit):
-            cli.main(["--root", str(root), "run", "--rm", volume, "--", "true"],
+            cli.main(["--root", str(root), "run", *run_args],
                      prog_name="kiln", standalone_mode=False)
     finally:
-        supervise.spawn = real
+        setattr(module, name, real)
     return marks[0] - t0
+
+
+def in_process(root: Path, volume: str) -> float:
+    """Seconds from ``cli.main``'s entry to ``supervise.spawn``, in this process."""
+    from runner.vmm import process as supervise
+
+    return _in_process(root, ["--rm", volume, "--", "true"], supervise, "spawn", after=False)
 
 
 def in_process_restore(root: Path, volume: str) -> float:
     """Seconds from ``cli.main``'s entry to the restored guest running, in this process."""
-    from runner.cli import cli
     from runner.vmm import qemuwarm
 
-    marks: list[float] = []
-    real = qemuwarm.restore
-
-    def restore(*a: object, **kw: object) -> None:
-        real(*a, **kw)  # type: ignore[arg-type]
-        marks.append(time.perf_counter())
-
-    qemuwarm.restore = restore
-    try:
-        t0 = time.perf_counter()
-        with contextlib.suppress(SystemExit):
-            cli.main(["--root", str(root), "run", "--warm", "--rm", volume, "--", "true"],
-                     prog_name="kiln", standalone_mode=False)
-    finally:
-        qemuwarm.restore = real
-    return marks[0] - t0
+    return _in_process(root, ["--warm", "--rm", volume, "--", "true"], qemuwarm, "restore",
+                       after=True)
 
 
 def warm_create(root: Path, volume: str) -> tuple[float, float]:
