@@ -37,6 +37,7 @@ from tests.support.oci import (
     whiteout,
     write_layout,
 )
+from tests.support.timing import limit
 
 SHA = {d: hashlib.sha256(d).hexdigest() for d in (b"", b"1", b"2", b"22", b"x", b"k")}
 
@@ -331,27 +332,27 @@ def test_odd_names_and_20k_directory_match_umoci(tmp_path: Path) -> None:
     gone = [reg(f"big/.wh.f{i:05d}") for i in range(0, 20_000, 3)]
     stack = [[reg(n, b"x") for n in ODD], big, gone]
     lay = make_layout(tmp_path / "layout", stack)
-    started = time.perf_counter()
+    started = time.monotonic()
     tree = flatten(lay.layers)
-    took = time.perf_counter() - started
+    took = time.monotonic() - started
     assert len([p for p in tree if p.startswith("big/")]) == 20_000 - len(range(0, 20_000, 3))
-    assert took < 5, f"flattening 40k entries took {took:.1f} s"
+    # a hang guard, not a speed check (bench/build.py times the stages): a flatten quadratic
+    # in a directory's entries takes minutes here, a linear one well under a second
+    assert took < limit(5), f"flattening 40k entries took {took:.1f} s"
     rootfs = unpack(lay.path, lay.tag, tmp_path / "bundle", rootless=False)
     assert _same(tree, scan(rootfs, hashes=True, xattrs=True)) == []
 
 
-def test_flatten_speed(tmp_path: Path) -> None:
-    """A layer of 3000 files / 64 MiB (gzip) flattens with hashes at > 100 MiB/s."""
+def test_flatten_of_a_64_mib_layer_hashes_every_file(tmp_path: Path) -> None:
+    """A layer of 3000 files / 64 MiB (gzip): every file and its hash (its speed is
+    bench/build.py's to measure, beside the raw tools)."""
     members = [reg(f"usr/lib/f{i}", os.urandom(1024) * ((i % 40) + 1)) for i in range(3000)]
     tar = layer_tar(members)
     lay = write_layout(tmp_path, [tar])
-    started = time.perf_counter()
     tree = flatten(lay.layers)
-    took = time.perf_counter() - started
     assert len(tree) == 3003
-    rate = len(tar) / took / (1 << 20)
-    print(f"flatten: {rate:.0f} MiB/s of tar ({len(tar) >> 20} MiB, {took:.2f} s)")
-    assert rate > 40, f"{rate:.0f} MiB/s"
+    for ti, data in members[::300]:
+        assert tree[ti.name].sha256 == hashlib.sha256(data).hexdigest()
 
 
 # -- the pure core: clean_path and a reference model -----------------------------------------

@@ -18,7 +18,8 @@ from builder.localregistry import LocalRegistry
 from tests.support.cli import kiln
 from tests.support.images import push_busybox
 
-LOOSE = 30.0  # seconds: half the retry budget, far above one failed handshake
+# half the retry budget, far above one failed handshake (not scaled: the budget is not)
+LOOSE = 30.0
 
 
 def expect_tls_error(res: subprocess.CompletedProcess[str], took: float, address: str) -> None:
