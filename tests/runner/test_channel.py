@@ -207,13 +207,6 @@ def test_agent_refuses_bad_frames(agent: Path, tmp_path: Path, frame: bytes, cod
     assert (res.returncode, res.stderr, res.stdout) == (code, message, b"")
 
 
-def test_agent_stop_mode(agent: Path, tmp_path: Path) -> None:
-    assert _agent(agent, tmp_path, ch.encode_stop(7), "stop").stdout == b"7\n"
-    res = _agent(agent, tmp_path, ch.encode_settings(BASIC, time_ns=T, seed=SEED), "stop")
-    assert (res.returncode, res.stderr) == (
-        2, b"kiln-agent: settings frame after the workload started\n")
-
-
 def test_agent_binary_is_cached_by_source_hash(agent: Path, tmp_path: Path) -> None:
     assert agent.name == agentbin.binary_name(agentbin.SOURCE.read_bytes())
     assert os.access(agent, os.X_OK)
