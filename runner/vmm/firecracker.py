@@ -435,7 +435,7 @@ def _watch(vm: fc.FirecrackerVM, vm_dir: Path, ch: Channels, sigs: supervise.Sto
         if grace is not None:
             _stop(vm, grace, ch, sigs)
             return timed_out, stopped, True
-        time.sleep(0.02)
+        time.sleep(supervise.tick(now - started))
 
 
 def _save_log(vm: fc.FirecrackerVM, dest: Path) -> str:

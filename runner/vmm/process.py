@@ -85,6 +85,16 @@ class Relay:
                     view = view[os.write(self.fd, view):]
 
 
+FAST_TICK, TICK, FAST_FOR = 0.005, 0.02, 3.0  # seconds
+
+
+def tick(running: float) -> float:
+    """How long a supervision loop sleeps, ``running`` s after the VM started: 5 ms at
+    first (a short workload's output, or a restored VM's within ~0.2 s, is relayed without
+    waiting out a 20 ms tick: ~10 ms of a ~0.4 s warm run), then 20 ms."""
+    return FAST_TICK if running < FAST_FOR else TICK
+
+
 class StopSignals:
     """SIGINT/SIGTERM → a flag the supervision loop acts on (graceful, then forced)."""
 

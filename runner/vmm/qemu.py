@@ -112,8 +112,7 @@ class QemuDriver:
         from runner import guest_init
 
         accel = qemuargv.host_accel(self.root)
-        cmdline = qemuargv.boot_args(guest_init.INIT_PATH, accel, qemuargv.host_tsc_khz(),
-                                     warm=True)
+        cmdline = qemuargv.boot_args(guest_init.INIT_PATH, accel, qemuargv.host_tsc_khz())
         return WarmFacts("qemu", Path(proc.which("qemu-system-x86_64")), accel,
                          "host" if accel == "kvm" else "qemu64", qemuargv.WARM_DEVICES,
                          " ".join(cmdline))
@@ -273,7 +272,7 @@ def _supervise(pid: int, files: VMFiles, opts: RunOptions, sigs: supervise.StopS
             pending = None
         if force_at is not None and now >= force_at:
             supervise.kill_vmm(pid, signal.SIGTERM if now - force_at < 2 else signal.SIGKILL)
-        time.sleep(0.02)
+        time.sleep(supervise.tick(now - started))
     for rl in relays:
         rl.pump()
     return code, timed_out, stopped
