@@ -357,6 +357,11 @@ static int lookup(const char *file, const char *key, char out[3][256]) {
     if (!f) return -1;
     while (fgets(line, sizeof line, f)) {
         char *fld[7] = {0}, *p = line;
+        if (!strchr(line, '\n') && !feof(f)) {  /* longer than any real entry: skip it whole */
+            int c;
+            while ((c = getc(f)) != EOF && c != '\n') {}
+            continue;
+        }
         line[strcspn(line, "\n")] = 0;
         for (int i = 0; i < 7 && p; i++) {
             fld[i] = p;
@@ -379,6 +384,9 @@ static int numeric(const char *s) { return *s && strspn(s, "0123456789") == strl
 /* User (NAME|UID[:GROUP|GID]) → uid, gid, home, from the image's own files. */
 static int resolve_user(uid_t *uid, gid_t *gid, char home[256]) {
     char user[256], fields[3][256], *group;
+    if (strlen(st.val[USER]) >= sizeof user)
+        return refuse(126, "kiln: unable to find user %.64s...: the name is too long",
+                      st.val[USER]);
     snprintf(user, sizeof user, "%s", *st.val[USER] ? st.val[USER] : "0");
     group = strchr(user, ':');
     if (group) *group++ = 0;
@@ -410,8 +418,11 @@ static const char *find_prog(const char *cmd, char *buf, size_t size) {
     for (const char *d = st.path; ; ) {
         size_t l = strcspn(d, ":");
         struct stat sb;
-        snprintf(buf, size, "%.*s/%s", (int)l, d, cmd);
-        if (stat(buf, &sb) == 0 && S_ISREG(sb.st_mode) && access(buf, X_OK) == 0) return buf;
+        if (l + 1 + strlen(cmd) < size) {  /* a longer candidate cannot be a path */
+            snprintf(buf, size, "%.*s/%s", (int)l, d, cmd);
+            if (stat(buf, &sb) == 0 && S_ISREG(sb.st_mode) && access(buf, X_OK) == 0)
+                return buf;
+        }
         if (!d[l]) return 0;
         d += l + 1;
     }
@@ -440,6 +451,9 @@ static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
     st.args[st.nargs] = 0;
     if (*st.val[WORKDIR]) {
         char dir[4096];
+        if (strlen(st.val[WORKDIR]) >= sizeof dir)
+            return refuse(126, "kiln: cannot enter working directory %.64s...: too long",
+                          st.val[WORKDIR]);
         snprintf(dir, sizeof dir, "%s", st.val[WORKDIR]);
         for (char *p = dir + 1; *p; p++)  /* mkdir -p, errors left to chdir */
             if (*p == '/') { *p = 0; mkdir(dir, 0755); *p = '/'; }

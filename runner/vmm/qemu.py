@@ -177,18 +177,20 @@ class QemuDriver:
                 _close(nic)  # QEMU holds the tap now
             st.update(launch.vm_id, pid=pid, pid_start=proc_start_time(pid), state="running",
                       started=time.time())
-            if launch.warm is not None:
-                _warm_step(pid, launch)
-                if launch.warm.mode == "save":
-                    ready()
-                    return Ended("exit 0", 0, False, False, "", "")  # saved: QEMU quit
-            ready()
-            relays = ([supervise.Relay(files.stdout, 1), supervise.Relay(files.stderr, 2)]
-                      if relay else [])
             sender = SettingsSender(files.control, launch.settings,
                                     greeted=launch.warm is not None) \
                 if launch.settings is not None else None
             try:
+                if launch.warm is not None:
+                    # a restore's settings go into the FIFO before `cont`: the guest reads
+                    # them as it resumes, not a tick later
+                    _warm_step(pid, launch, sender.pump if sender is not None else None)
+                    if launch.warm.mode == "save":
+                        ready()
+                        return Ended("exit 0", 0, False, False, "", "")  # saved: QEMU quit
+                ready()
+                relays = ([supervise.Relay(files.stdout, 1), supervise.Relay(files.stderr, 2)]
+                          if relay else [])
                 code, timed_out, stopped = _supervise(pid, files, opts, sigs, relays, sender)
             finally:
                 if sender is not None:
@@ -211,9 +213,10 @@ class QemuDriver:
         del rec  # nothing beyond the record's cgroups and network
 
 
-def _warm_step(pid: int, launch: QemuLaunch) -> None:
+def _warm_step(pid: int, launch: QemuLaunch, before_cont: Callable[[], None] | None) -> None:
     """Save (boot to the hello, pause, copy the disk, write the state, quit) or restore
-    (load the state, continue); on failure QEMU is killed and ``WarmFailed`` raised."""
+    (load the state, ``before_cont``, continue); on failure QEMU is killed and
+    ``WarmFailed`` raised."""
     plan, qmp = launch.warm, launch.files.dir / "qmp.sock"
     assert plan is not None
     assert launch.disk is not None
@@ -224,7 +227,7 @@ def _warm_step(pid: int, launch: QemuLaunch) -> None:
             if code != 0:
                 raise qemuwarm.WarmFailed(f"QEMU exited {code} after the save")
         else:
-            qemuwarm.restore(qmp, plan)
+            qemuwarm.restore(qmp, plan, before_cont=before_cont)
     except BaseException:
         with contextlib.suppress(OSError):
             supervise.kill_vmm(pid, signal.SIGKILL)

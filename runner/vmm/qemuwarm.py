@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from builder.warm import clone_file
@@ -97,8 +98,10 @@ def save(pid: int, qmp: Path, control: Path, disk: Path, plan: WarmPlan, *,
         raise WarmFailed(f"saving the VM failed: {e}") from None
 
 
-def restore(qmp: Path, plan: WarmPlan, *, timeout: float = 60.0) -> None:
-    """A QEMU started with ``-incoming defer`` loads ``plan.state`` and runs."""
+def restore(qmp: Path, plan: WarmPlan, *, timeout: float = 60.0,
+            before_cont: Callable[[], None] | None = None) -> None:
+    """A QEMU started with ``-incoming defer`` loads ``plan.state``, then (the guest still
+    paused) ``before_cont`` runs, and the guest runs."""
     try:
         with Qmp(qmp, timeout=timeout) as q:
             q.execute("migrate-set-capabilities",
@@ -117,6 +120,8 @@ def restore(qmp: Path, plan: WarmPlan, *, timeout: float = 60.0) -> None:
                     break
                 if status in ("failed", "cancelled"):
                     raise WarmFailed("QEMU could not load the warm image's state")
+            if before_cont is not None:
+                before_cont()
             q.execute("cont")
     except (QmpError, OSError) as e:
         raise WarmFailed(f"restoring the VM failed: {e}") from None
