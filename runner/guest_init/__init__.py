@@ -6,8 +6,9 @@ writes go through ``debugfs -w`` on the snapshot file) its static files under ``
 
 * ``busybox`` — a copy of the host's busybox-static: the init's only dependency;
 * ``init`` — ``init.sh`` beside this module, booted as PID 1 (``init=/.kiln/init``);
-* ``agent`` — ``agent.c`` beside this module, static (``runner.guest_init.agentbin``): the
-  guest end of the control channel (``runner.guest_init.channel``);
+* ``agent`` — ``agent.c`` and ``agentrun.c`` beside this module, static
+  (``runner.guest_init.agentbin``): the guest end of the control channel
+  (``runner.guest_init.channel``), which also runs the workload;
 * ``config`` — only where the settings cannot come over the control channel (Firecracker,
   for now; ``on_disk``): the workload as shell assignments, every value ``shlex``-quoted.
 

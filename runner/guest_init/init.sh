@@ -70,9 +70,10 @@ done
 # new code path is translated again under emulation (a fork+exec costs tens of ms then).
 $bb ip link set lo up 2>/dev/null
 
-# Ctrl-Alt-Del means "stop the workload" once it is about to start: SIGINT to this shell,
-# counted by the trap (until then it reboots, which ends the VM: nothing needs a graceful
-# stop yet). The workload (or the agent that starts it) is SIGTERMed in the loop below.
+# Ctrl-Alt-Del means "stop the workload" from the moment this shell starts it or the agent
+# that will: SIGINT to this shell, counted by the trap (before, it reboots, which ends the
+# VM); the child is SIGTERMed in the loop below — the agent passes that on to the workload,
+# or ends with 143 when it comes before the settings.
 stop=0 termed=0
 stop_on_ctrl_alt_del() {
   trap 'stop=$((stop + 1))' INT
@@ -243,7 +244,7 @@ while :; do
   if [ "$stop" -gt "$termed" ]; then
     termed=$stop
     say "stop requested (ctrl-alt-del)"
-    $bb kill -TERM "$child" 2>/dev/null
+    kill -TERM "$child" 2>/dev/null  # the builtin: sent by PID 1, which the agent obeys
   fi
   wait "$child"
   rc=$?

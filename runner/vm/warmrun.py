@@ -1,9 +1,9 @@
 """Warm start's commands (docs/warm.md): ``kiln warm create`` and ``kiln run --warm``.
 
 * ``key_for``: the ``builder.warm.WarmKey`` of a run — the volume, the kernel's and
-  initrd's contents, kiln's init (init.sh, agent.c, busybox), memory, cpus, disk size and
-  what the VMM's driver says (``Driver.warm_facts``: its name, its binary's version, the
-  accelerator, CPU model, device set and kernel command line; the VMM is
+  initrd's contents, kiln's init (init.sh, the agent's sources, busybox), memory, cpus,
+  disk size and what the VMM's driver says (``Driver.warm_facts``: its name, its binary's
+  version, the accelerator, CPU model, device set and kernel command line; the VMM is
   ``choice.pick``'s, never decided here); the file hashes and the version cached by path,
   inode, size and mtime (``_Facts``).
 * ``create``: under the key's flock, an existing image is returned as is; else one VM is
@@ -99,7 +99,7 @@ def key_for(root: Root, volume_id: str, opts: RunOptions,
     files = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
     facts = _Facts(root)
     init = hashlib.sha256(guest_init.init_script())  # kiln's init, agent, busybox
-    init.update(agentbin.SOURCE.read_bytes())
+    init.update(agentbin.source_bytes())
     init.update(facts.sha256(guest_init.BUSYBOX).encode())
     key = warm.WarmKey(
         volume=volume_id, kernel_sha256=facts.sha256(files.kernel),

@@ -24,12 +24,12 @@ gives this driver; a QEMU run never imports this module.
   is given up for another;
 * **I/O**: the jail's serial console split into kiln's three files
   (``runner.vmm.fcconsole``);
-* **stop**: ``SendCtrlAltDel`` (kiln's init sets ``kernel.ctrl-alt-del=0`` once the
-  workload runs, so the kernel sends it SIGINT and it SIGTERMs the workload, reports the
-  exit and powers off; before that the kernel reboots, which ends the VM; a systemd image
-  shuts down), wait up to the grace — or until the guest reported its exit and had
-  ``AFTER_MARK`` s to power off — then kill the cgroup. ``kiln
-  stop`` asks the owner through a ``stop`` file in the VM directory; if the owner is gone it
+* **stop**: ``SendCtrlAltDel`` (kiln's init sets ``kernel.ctrl-alt-del=0`` as it starts
+  the workload or the agent that will, so the kernel sends it SIGINT and it SIGTERMs that
+  child, reports the exit and powers off; before that the kernel reboots, which ends the
+  VM; a systemd image shuts down), wait up to the grace — or until the guest reported
+  its exit and had ``AFTER_MARK`` s to power off — then kill the cgroup. ``kiln stop``
+  asks the owner through a ``stop`` file in the VM directory; if the owner is gone it
   tears down itself.
 """
 

@@ -212,9 +212,13 @@ def devices_scenario(checks: Checks, work: Path) -> None:
                 got[what] = "no error"
             except KilnError as e:
                 got[what] = f"{type(e).__name__}: {e.message}"
-            clean[what] = (not (bad_root / "pool").exists() and not claim.exists()
-                           and not any(n.startswith(f"kiln-{core.root_key(str(bad_root))}-")
-                                       for n in dm_names()) and attached())
+            left = {"pool directory": (bad_root / "pool").exists(), "claim": claim.exists(),
+                    "dm devices": [n for n in dm_names()
+                                   if n.startswith(f"kiln-{core.root_key(str(bad_root))}-")],
+                    "loops not as they were": not attached()}
+            clean[what] = not any(left.values())
+            if not clean[what]:  # which part: a failure here must say it
+                got[f"{what}: left"] = json.dumps(left)
         checks.expect("devices_hostile_config", {
             **{what: got[what] == f"UsageError: {msg}" for what, (_, msg) in cases.items()},
             **{f"{what}: nothing half-made": ok for what, ok in clean.items()},

@@ -98,6 +98,29 @@ def test_exit_code_env_workdir_user_and_stderr(world: tuple[Path, str, str]) -> 
 
 
 @pytest.mark.slow
+def test_a_workloads_kill_minus_one_does_not_end_the_run(world: tuple[Path, str, str]) -> None:
+    """``kill -1`` reaches every process but the sender and PID 1: the agent that runs the
+    workload holds it (a TERM or HUP killed the agent, and the run, with 143 or 129)."""
+    root, busybox, _ = world
+    res = kiln(root, "run", "--rm", busybox, "--", "sh", "-c",
+               "sleep 30 & kill -TERM -1; kill -HUP -1; wait; echo survived")
+    assert (res.returncode, res.stdout) == (0, "survived\n"), res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("user", "message"), [
+    ("4294967296", "kiln: invalid uid 4294967296: not a number below 4294967295"),
+    ("1000:4294967296", "kiln: invalid gid 4294967296: not a number below 4294967295"),
+])
+def test_ids_out_of_range_are_refused_not_wrapped_to_root(
+        world: tuple[Path, str, str], user: str, message: str) -> None:
+    root, busybox, _ = world
+    res = kiln(root, "run", "--rm", "--user", user, busybox, "--", "id")
+    assert (res.returncode, res.stdout) == (126, ""), res.stderr
+    assert res.stderr.splitlines()[-1] == message
+
+
+@pytest.mark.slow
 def test_missing_command_exits_127(world: tuple[Path, str, str]) -> None:
     root, busybox, _ = world
     res = kiln(root, "run", "--rm", busybox, "--", "no-such-command")

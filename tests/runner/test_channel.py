@@ -6,6 +6,7 @@ frames from the encoder, its output evaluated by a real busybox shell."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -207,7 +208,18 @@ def test_agent_refuses_bad_frames(agent: Path, tmp_path: Path, frame: bytes, cod
     assert (res.returncode, res.stderr, res.stdout) == (code, message, b"")
 
 
+def test_install_deps_names_the_agent_as_kiln_does() -> None:
+    """scripts/install-deps.sh hashes the same sources in the same order: its prebuilt
+    binary is the one kiln looks for (else every root would build its own)."""
+    repo = agentbin.SOURCES[0].parents[2]
+    script = (repo / "scripts/install-deps.sh").read_text()
+    line = next(x for x in script.splitlines() if x.startswith("agent=") and "sha256sum" in x)
+    names = re.findall(r"\$g/(\S+)", line)
+    assert [f"runner/guest_init/{n}" for n in names] == [
+        str(p.relative_to(repo)) for p in agentbin.SOURCES]
+
+
 def test_agent_binary_is_cached_by_source_hash(agent: Path, tmp_path: Path) -> None:
-    assert agent.name == agentbin.binary_name(agentbin.SOURCE.read_bytes())
+    assert agent.name == agentbin.binary_name(agentbin.source_bytes())
     assert os.access(agent, os.X_OK)
     assert agentbin.ensure_agent(agent.parent).name == agent.name  # found, not rebuilt

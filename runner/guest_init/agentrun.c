@@ -1,0 +1,371 @@
+/* agentrun.c: kiln-agent's `run` mode (agent.c's header says what it does; docs/run.md,
+ * "The control channel"): the settings applied, the workload started and watched. */
+#include "agent.h"
+
+/* A line on the console, as init.sh's say(). */
+static void say(const char *fmt, const char *arg) {
+    char line[512];
+    int n = snprintf(line, sizeof line, "kiln-init: ");
+    n += snprintf(line + n, sizeof line - (size_t)n, fmt, arg);
+    if (n >= (int)sizeof line - 1) n = (int)sizeof line - 2;
+    line[n++] = '\n';
+    int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (write(fd, line, (size_t)n) < 0) { /* nothing else to tell it to */ }
+        close(fd);
+    }
+}
+
+/* The workload's own error (its stderr), as a runtime would say it; returns `code`. */
+static int refuse(int code, const char *fmt, const char *arg) {
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    fflush(stderr);
+    return code;
+}
+
+static int write_file(const char *path, const char *text, int flags) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY | flags, 0644);
+    if (fd < 0) return -1;
+    size_t n = strlen(text);
+    int rc = write(fd, text, n) == (ssize_t)n ? 0 : -1;
+    return close(fd) < 0 ? -1 : rc;
+}
+
+/* /.kiln/busybox ip ARGS... (the network is set up only in runs that have one) */
+static int ip(const char *a, const char *b, const char *c, const char *d, const char *e,
+              const char *f) {
+    pid_t p = fork();
+    if (p == 0) {  /* its complaints are the console's, not the workload's stderr */
+        int con = open("/dev/console", O_WRONLY | O_NOCTTY), nul = open("/dev/null", O_RDONLY);
+        if (con >= 0) { dup2(con, 1); dup2(con, 2); }
+        if (nul >= 0) dup2(nul, 0);
+        execl("/.kiln/busybox", "ip", a, b, c, d, e, f, (char *)0);
+        _exit(127);
+    }
+    int ws;
+    return p < 0 || waitpid(p, &ws, 0) < 0 || !WIFEXITED(ws) || WEXITSTATUS(ws) ? -1 : 0;
+}
+
+/* eth0 from the settings: the MAC, the address, up, the default route, resolv.conf. */
+static void network(void) {
+    const char *addr = st.val[IP], *gw = st.val[GW], *dns = st.val[DNS];
+    struct stat sb;
+    for (int i = 0; i < 200 && stat("/sys/class/net/eth0", &sb) < 0; i++) usleep(10000);
+    if (*st.val[MAC] && ip("link", "set", "eth0", "address", st.val[MAC], 0) < 0)
+        say("cannot set eth0's MAC %s", st.val[MAC]);
+    if (ip("addr", "add", addr, "dev", "eth0", 0) == 0 &&
+        ip("link", "set", "eth0", "up", 0, 0) == 0) {
+        if (*gw && ip("route", "add", "default", "via", gw, 0) < 0)
+            say("cannot add the route via %s", gw);
+        say("eth0 %s", addr);
+    } else {
+        say("cannot configure eth0 with %s", addr);
+    }
+    if (!*dns || (access("/etc/resolv.conf", W_OK) < 0 && errno != ENOENT)) return;
+    char text[1024];
+    size_t n = 0;
+    for (const char *d = dns; *d && n < sizeof text - 32;) {
+        size_t l = strcspn(d, ",");
+        n += (size_t)snprintf(text + n, sizeof text - n, "nameserver %.*s\n", (int)l, d);
+        d += l + (d[l] == ',');
+    }
+    if (write_file("/etc/resolv.conf", text, O_TRUNC) < 0) { /* as init.sh: best effort */ }
+}
+
+/* The first line of FILE (passwd/group format) whose name or id is KEY: its id (field 3),
+ * group id (field 4) and home (field 6) into `out` (copied); 0 found, -1 not. */
+static int lookup(const char *file, const char *key, char out[3][ID_TEXT]) {
+    FILE *f = fopen(file, "re");
+    char *line = 0;
+    size_t cap = 0;
+    if (!f) return -1;
+    while (getline(&line, &cap, f) > 0) {  /* any length: a group may list many members */
+        char *fld[7] = {0}, *p = line;
+        line[strcspn(line, "\n")] = 0;
+        for (int i = 0; i < 7 && p; i++) {
+            fld[i] = p;
+            p = strchr(p, ':');
+            if (p) *p++ = 0;
+        }
+        if (!fld[2] || (strcmp(fld[0], key) && strcmp(fld[2], key))) continue;
+        const char *vals[3] = {fld[2], fld[3] ? fld[3] : "", fld[5] ? fld[5] : ""};
+        int fits = 1;
+        for (int i = 0; i < 3; i++) {
+            fits &= strlen(vals[i]) < ID_TEXT;
+            snprintf(out[i], ID_TEXT, "%s", vals[i]);
+        }
+        free(line);
+        fclose(f);
+        return fits ? 0 : -2;  /* -2: an entry too long to be real */
+    }
+    free(line);
+    fclose(f);
+    return -1;
+}
+
+/* A uid or gid: decimal digits only, below 2^32 - 1 (the kernel's "no id"). */
+static int parse_id(const char *text, unsigned *id) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (!*text || *end || errno || strspn(text, "0123456789") != strlen(text) ||
+        v >= 0xffffffffULL)
+        return -1;
+    *id = (unsigned)v;
+    return 0;
+}
+
+static int numeric(const char *s) { return *s && strspn(s, "0123456789") == strlen(s); }
+
+static int bad_id(const char *what, const char *text) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "kiln: invalid %s %%.64s: not a number below 4294967295", what);
+    return refuse(126, msg, text);
+}
+
+/* User (NAME|UID[:GROUP|GID]) → uid, gid, home, from the image's own files. */
+static int resolve_user(uid_t *uid, gid_t *gid, char home[ID_TEXT]) {
+    char user[256], fields[3][ID_TEXT], *group;
+    unsigned u, g;
+    if (strlen(st.val[USER]) >= sizeof user)
+        return refuse(126, "kiln: unable to find user %.64s...: the name is too long",
+                      st.val[USER]);
+    snprintf(user, sizeof user, "%s", *st.val[USER] ? st.val[USER] : "0");
+    group = strchr(user, ':');
+    if (group) *group++ = 0;
+    if (!*user) snprintf(user, sizeof user, "0");
+    int found = lookup("/etc/passwd", user, fields);
+    if (found == 0) {
+        if (parse_id(fields[0], &u) < 0) return bad_id("uid in /etc/passwd", fields[0]);
+        if (parse_id(fields[1], &g) < 0) return bad_id("gid in /etc/passwd", fields[1]);
+        snprintf(home, ID_TEXT, "%s", fields[2]);
+    } else if (found == -1 && numeric(user)) {
+        if (parse_id(user, &u) < 0) return bad_id("uid", user);
+        g = 0;
+        home[0] = 0;
+    } else {
+        return refuse(126, "kiln: unable to find user %s: no matching entries in passwd file",
+                      user);
+    }
+    if (group && *group) {
+        found = lookup("/etc/group", group, fields);
+        if (found == 0) {
+            if (parse_id(fields[0], &g) < 0) return bad_id("gid in /etc/group", fields[0]);
+        } else if (found == -1 && numeric(group)) {
+            if (parse_id(group, &g) < 0) return bad_id("gid", group);
+        } else {
+            return refuse(126, "kiln: unable to find group %s: no matching entries in group "
+                          "file", group);
+        }
+    }
+    if (!*home) snprintf(home, ID_TEXT, "/");
+    *uid = (uid_t)u;
+    *gid = (gid_t)g;
+    return 0;
+}
+
+/* argv[0] on PATH (a regular executable file), as init.sh searched it; NULL: not found. */
+static const char *find_prog(const char *cmd, char *buf, size_t size) {
+    if (strchr(cmd, '/')) return cmd;
+    for (const char *d = st.path; ; ) {
+        size_t l = strcspn(d, ":");
+        struct stat sb;
+        if (l && l + 1 + strlen(cmd) < size) {  /* no empty entry; none too long */
+            snprintf(buf, size, "%.*s/%s", (int)l, d, cmd);
+            if (stat(buf, &sb) == 0 && S_ISREG(sb.st_mode) && access(buf, X_OK) == 0)
+                return buf;
+        }
+        if (!d[l]) return 0;
+        d += l + 1;
+    }
+}
+
+/* Everything before the workload: the machine, the user, the directory, the program. */
+static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
+    static char home[ID_TEXT], home_env[ID_TEXT + 5], found[4096];
+    if (sethostname(st.val[HOSTNAME], strlen(st.val[HOSTNAME])) < 0)
+        say("cannot set the hostname%s", "");
+    struct stat sb;
+    if (*st.val[MACHINE_ID] && stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        char id[40];
+        snprintf(id, sizeof id, "%s\n", st.val[MACHINE_ID]);
+        if (write_file("/etc/machine-id", id, O_TRUNC) < 0) say("cannot write /etc/machine-id%s", "");
+    }
+    if (*st.val[IP]) network();
+    int rc = resolve_user(uid, gid, home);
+    if (rc) return rc;
+    if (!st.has_home) {  /* HOME first, then the settings' env, as init.sh did */
+        snprintf(home_env, sizeof home_env, "HOME=%s", home);
+        memmove(st.env + 1, st.env, sizeof *st.env * (size_t)st.nenv++);
+        st.env[0] = home_env;
+    }
+    st.env[st.nenv] = 0;
+    st.args[st.nargs] = 0;
+    if (*st.val[WORKDIR]) {
+        char dir[4096];
+        if (strlen(st.val[WORKDIR]) >= sizeof dir)
+            return refuse(126, "kiln: cannot enter working directory %.64s...: too long",
+                          st.val[WORKDIR]);
+        snprintf(dir, sizeof dir, "%s", st.val[WORKDIR]);
+        for (char *p = dir + 1; *p; p++)  /* mkdir -p, errors left to chdir */
+            if (*p == '/') { *p = 0; mkdir(dir, 0755); *p = '/'; }
+        mkdir(dir, 0755);
+        if (chdir(dir) < 0)
+            return refuse(126, "kiln: cannot enter working directory %s", st.val[WORKDIR]);
+    }
+    *prog = find_prog(st.args[0], found, sizeof found);
+    if (!*prog) return refuse(127, "kiln: %s: executable file not found in $PATH", st.args[0]);
+    if (!strcmp(st.val[STDIN], "0")) {  /* a warm run's stdin port is not the workload's */
+        int fd = open("/dev/null", O_RDONLY);
+        if (fd >= 0 && fd != 0) { dup2(fd, 0); close(fd); }
+    }
+    return 0;
+}
+static int status_code(int ws) { return WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws); }
+
+#define GRACE_MAX 86400L /* s: a stop's grace is capped at a day */
+
+/* Frames on the channel after the workload started, read without blocking (a frame that
+ * arrives in pieces never stalls the watch over the workload): `add` what arrived; a
+ * whole STP1 gives its grace, -1 not yet, -2 the channel closed or broke the protocol
+ * (said on the console, and no longer read). */
+struct inbox { unsigned char buf[8 + STOP_MAX]; size_t got; };
+
+static long stop_frame(int chan, struct inbox *in) {
+    for (;;) {
+        size_t want = 8;
+        if (in->got >= 8) {
+            uint32_t len = (uint32_t)in->buf[4] << 24 | (uint32_t)in->buf[5] << 16 |
+                           (uint32_t)in->buf[6] << 8 | in->buf[7];
+            if (memcmp(in->buf, "STP1", 4) != 0) {
+                say("the control channel sent %.4s after the workload started: no graceful "
+                    "stop", (const char *)in->buf);
+                return -2;
+            }
+            if (len == 0 || len > STOP_MAX) {
+                say("the control channel sent a bad stop request: no graceful stop%s", "");
+                return -2;
+            }
+            want = 8 + len;
+        }
+        if (in->got == want) {
+            char text[STOP_MAX + 1];
+            size_t n = want - 8;
+            memcpy(text, in->buf + 8, n);
+            text[n] = 0;
+            in->got = 0;
+            if (strspn(text, "0123456789") != n) {
+                say("the control channel sent a bad stop request: no graceful stop%s", "");
+                return -2;
+            }
+            errno = 0;
+            long grace = strtol(text, 0, 10);
+            return errno || grace > GRACE_MAX ? GRACE_MAX : grace;
+        }
+        ssize_t r = read(chan, in->buf + in->got, want - in->got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == EAGAIN) return -1;
+        if (r <= 0) {
+            say("the control channel closed: no graceful stop%s", "");
+            return -2;
+        }
+        in->got += (size_t)r;
+    }
+}
+
+static int wait_ms(const struct timespec *at) {
+    if (!at->tv_sec) return -1;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long ms = (long long)(at->tv_sec - now.tv_sec) * 1000 + (at->tv_nsec - now.tv_nsec) / 1000000;
+    return ms <= 0 ? 0 : ms > INT32_MAX ? INT32_MAX : (int)ms;
+}
+
+/* Fork and exec the workload, then wait for it: SIGTERM or SIGINT from init (its stop on
+ * Ctrl-Alt-Del) and an STP1 on `chan` are SIGTERM to the workload; an STP1's grace later
+ * every process is SIGKILLed. Every other signal is held: a workload's `kill -1` (which
+ * PID 1, and before this the init's own children, never received) must not end the run.
+ * Returns the workload's status as a shell gives it. */
+static int run_workload(const char *prog, uid_t uid, gid_t gid, int chan) {
+    sigset_t all, watched, old;
+    sigfillset(&all);
+    sigemptyset(&watched);
+    sigaddset(&watched, SIGCHLD);
+    sigaddset(&watched, SIGTERM);
+    sigaddset(&watched, SIGINT);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    int sfd = signalfd(-1, &watched, SFD_CLOEXEC);
+    if (sfd < 0) return refuse(126, "kiln: cannot watch the workload: %s", strerror(errno));
+    if (chan >= 0) fcntl(chan, F_SETFL, fcntl(chan, F_GETFL) | O_NONBLOCK);
+    say("starting %s", prog);
+    pid_t child = fork();
+    if (child < 0) return refuse(126, "kiln: cannot start the workload: %s", strerror(errno));
+    if (child == 0) {  /* a background job of init.sh ignores SIGINT/SIGQUIT: not the workload */
+        for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &old, 0);
+        if ((uid || gid) && (setgroups(0, 0) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
+            _exit(refuse(126, "kiln: cannot switch to the workload's user: %s",
+                         strerror(errno)));
+        execve(prog, st.args, st.env);
+        int err = errno;
+        fprintf(stderr, "kiln: cannot execute %s: %s\n", prog, strerror(err));
+        _exit(err == ENOENT ? 127 : 126);
+    }
+    struct timespec kill_at = {0, 0};
+    struct inbox in = {.got = 0};
+    for (;;) {
+        struct pollfd fds[2] = {{sfd, POLLIN, 0}, {chan, POLLIN, 0}};
+        int n = poll(fds, chan >= 0 ? 2 : 1, wait_ms(&kill_at));
+        if (n < 0 && errno != EINTR) return refuse(126, "kiln: poll: %s", strerror(errno));
+        if (n == 0 && kill_at.tv_sec) {  /* the grace is over */
+            kill(-1, SIGKILL);
+            kill_at.tv_sec = 0;
+        }
+        if (n > 0 && chan >= 0 && fds[1].revents) {
+            long grace = stop_frame(chan, &in);
+            if (grace >= 0) {
+                char text[24];
+                snprintf(text, sizeof text, "%ld", grace);
+                say("stop requested (grace %ss)", text);
+                kill(child, SIGTERM);
+                clock_gettime(CLOCK_MONOTONIC, &kill_at);
+                kill_at.tv_sec += grace + !(kill_at.tv_sec + grace);
+            }
+            if (grace != -1) {  /* one stop, or a channel that failed: no more reads */
+                close(chan);
+                chan = -1;
+            }
+        }
+        struct signalfd_siginfo si;
+        if (n > 0 && fds[0].revents && read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+            if (si.ssi_signo != SIGCHLD && si.ssi_pid == 1) kill(child, SIGTERM);
+            int ws;
+            if (waitpid(child, &ws, WNOHANG) == child) return status_code(ws);
+        }
+    }
+}
+
+/* `run CHANNEL`: greet, take the settings, apply them, run and watch the workload. */
+int run(const char *chan_name) {
+    uint32_t len = 0;
+    int chan = -1;
+    int got = channel_frame(chan_name, 1, &len, strncmp(chan_name, "vsock:", 6) ? &chan : 0);
+    if (got == 1 && len && strspn((char *)payload, "0123456789") == len) {
+        say("stop requested before the workload started%s", "");
+        return 143;
+    }
+    if (got == 1) fail(2, "bad stop request", (char *)payload);
+    int bad = got != 0 || parse_settings(len) || seed_crng(st.seed) || set_clock(st.when);
+    if (st.seed) explicit_bzero((char *)st.seed, strlen(st.seed));  /* no copy outlives use */
+    if (bad) {
+        say("no settings from the host (see the workload's stderr)%s", "");
+        return 125;
+    }
+    uid_t uid;
+    gid_t gid;
+    const char *prog;
+    int rc = prepare(&uid, &gid, &prog);
+    return rc ? rc : run_workload(prog, uid, gid, chan);
+}
+
