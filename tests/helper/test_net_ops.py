@@ -419,6 +419,12 @@ def _counts(ns: str, chain: str) -> dict[str, int]:
     return got
 
 
+def _port_state(ns: str, link: str) -> str:
+    """A bridge port's STP state as ``ip`` names it ("disabled", "forwarding", …)."""
+    (d,) = json.loads(sh("ip", "-n", ns, "-j", "-d", "link", "show", "dev", link))
+    return str(d.get("linkinfo", {}).get("info_slave_data", {}).get("state", ""))
+
+
 def test_a_tap_speaks_only_as_its_vm(ns: str) -> None:
     """Review: with isolation = none a tap fd (tap-open, or a guest its user controls)
     could answer ARP for another VM's address and take its traffic. Each tap now has an
@@ -437,6 +443,13 @@ def test_a_tap_speaks_only_as_its_vm(ns: str) -> None:
     own_ip = bytes(int(x) for x in lease["ip"].split("."))
     fd = nettap.tap_open(c.net, vm, atk)
     try:
+        # Opening the fd brings the tap's carrier up; the bridge takes the port into
+        # forwarding from the link-watch work queue, later on a busy machine: a frame written
+        # before that is dropped before any ebtables rule sees it.
+        deadline = time.monotonic() + limit(5)
+        while _port_state(ns, tap) != "forwarding" and time.monotonic() < deadline:
+            time.sleep(0.02)
+
         def arp(src_mac: bytes, sender_ip: bytes) -> bytes:  # a gratuitous ARP reply
             return (b"\xff" * 6 + src_mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x02"
                     + src_mac + sender_ip + b"\xff" * 6 + sender_ip)
