@@ -4,6 +4,7 @@ initrd; exact errors for what is not a kernel."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,25 @@ def test_elf_version_from_banner(tmp_path: Path) -> None:
         f.write(b"\0Linux version 9.9.9-test (x@y) #1 SMP\0")
     assert kernel.kind_of(kernel.describe(elf)) == "elf"
     assert kernel.kernel_version(elf) == "9.9.9-test"
+
+
+def test_elf_banner_across_a_read_chunk_and_a_changed_file(tmp_path: Path) -> None:
+    """The banner is searched in chunks: one that straddles two is found; a file changed
+    in place (another mtime and size) is read again, not answered from the cache."""
+    import shutil
+
+    elf = tmp_path / "vmlinux"
+    shutil.copyfile("/bin/true", elf)
+    banner = b"Linux version 7.7.7-split (x@y) #1 SMP\0"
+    with open(elf, "r+b") as f:
+        f.seek(kernel._CHUNK - 10)
+        f.write(banner)
+    assert kernel.kernel_version(elf) == "7.7.7-split"
+    with open(elf, "r+b") as f:
+        f.seek(kernel._CHUNK - 10)
+        f.write(b"Linux version 8.8.8-moved (x@y) #1 SMP\0\0")
+    os.utime(elf, ns=(1, 1))
+    assert kernel.kernel_version(elf) == "8.8.8-moved"
 
 
 def test_default_kernel_and_minimal_initrd(tmp_path: Path) -> None:
