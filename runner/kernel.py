@@ -10,16 +10,17 @@ kernel (its modules must be under /lib/modules/VERSION unless ``--initrd`` is gi
 Firecracker needs the ELF (``runner/kernel_elf.py`` extracts it). ``boot_files`` keeps
 libmagic's verdict in ``kernels/describe.json``, keyed by the file's identity (device,
 inode, size, mtime, ctime): loading libmagic and its database costs ~25 ms of every
-`kiln run`, and a kernel file does not change under the same identity.
+`kiln run`, and a kernel file does not change under the same identity. An ELF kernel's
+release, read from its banner, is kept there the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def describe(path: Path) -> str:
 
 def _describe_cached(path: Path, cache_dir: Path) -> str:
     """``describe(path)``, remembered in ``cache_dir/describe.json`` by file identity."""
+    return _cached(path, cache_dir, lambda: describe(path))
+
+
+def _cached(path: Path, cache_dir: Path, compute: Callable[[], str], what: str = "") -> str:
+    """``compute()``, a fact of the file ``path``, remembered in ``cache_dir/describe.json``
+    by the file's identity; ``what`` names a fact other than libmagic's description. A
+    file's new identity drops every fact of its old one."""
     from runner.tempfiles import write_atomic as atomic_write
 
     try:
@@ -57,7 +65,8 @@ def _describe_cached(path: Path, cache_dir: Path) -> str:
     except OSError as e:
         raise NotFound(f"cannot read kernel {path}: {e.strerror}", "give a readable kernel file") \
             from None
-    key = f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    identity = f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    key = f"{identity}#{what}" if what else identity
     cache = cache_dir / "describe.json"
     known: dict[str, str] = {}
     with contextlib.suppress(OSError, ValueError):
@@ -66,12 +75,13 @@ def _describe_cached(path: Path, cache_dir: Path) -> str:
             known = {k: v for k, v in doc.items() if isinstance(v, str)}
     if key in known:
         return known[key]
-    desc = describe(path)
-    known = {k: v for k, v in list(known.items())[-15:] if not k.startswith(f"{path}:")}
+    value = compute()
+    known = {k: v for k, v in list(known.items())[-15:]
+             if not k.startswith(f"{path}:") or k == identity or k.startswith(f"{identity}#")}
     with contextlib.suppress(OSError):  # a cache: failing to write it costs only time
         cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, json.dumps({**known, key: desc}, sort_keys=True).encode())
-    return desc
+        atomic_write(cache, json.dumps({**known, key: value}, sort_keys=True).encode())
+    return value
 
 
 def kind_of(description: str) -> str | None:
@@ -86,13 +96,10 @@ def kind_of(description: str) -> str | None:
 _CHUNK = 4 << 20
 
 
-@functools.lru_cache(maxsize=8)
-def _elf_banner(path: str, ino: int, size: int, mtime_ns: int) -> str | None:
+def _elf_banner(path: Path) -> str | None:
     """The release in an ELF kernel's ``Linux version`` banner, read in 4 MiB chunks up to
     the first match within 64 MiB (Debian's 53 MB vmlinux has it ~19 MB in: reading the
-    whole file took ~40 ms, and a run asks twice). Cached by the file's identity (``ino``,
-    ``size``, ``mtime_ns`` are the key)."""
-    del ino, size, mtime_ns
+    whole file took ~40 ms; ``boot_files`` keeps the answer by the file's identity)."""
     tail = b""
     with open(path, "rb") as f:
         for _ in range((64 << 20) // _CHUNK):
@@ -118,8 +125,7 @@ def kernel_version(path: Path, description: str | None = None) -> str | None:
     if m and "bzImage" in desc:
         return m.group(1)
     if desc.startswith("ELF "):
-        st = path.stat()
-        found = _elf_banner(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        found = _elf_banner(path)
         if found:
             return found
     if path.name.startswith("vmlinuz-"):
@@ -148,7 +154,11 @@ def boot_files(cache_dir: Path, kernel: Path | None = None, initrd: Path | None 
     if kind is None:
         raise UsageError(f"{kernel} is not a Linux kernel ({desc})",
                          "give a bzImage (vmlinuz-*) or an ELF vmlinux")
-    version = kernel_version(kernel, desc)
+    if kind == "elf":  # read from the file: kept beside its description
+        version = _cached(kernel, cache_dir, lambda: kernel_version(kernel, desc) or "",
+                          "version") or None
+    else:
+        version = kernel_version(kernel, desc)
     if initrd is not None:
         initrd = initrd.absolute()
         if not initrd.is_file():

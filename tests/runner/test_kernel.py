@@ -47,22 +47,30 @@ def test_elf_version_from_banner(tmp_path: Path) -> None:
 
 
 def test_elf_banner_across_a_read_chunk_and_a_changed_file(tmp_path: Path) -> None:
-    """The banner is searched in chunks: one that straddles two is found; a file changed
-    in place (another mtime and size) is read again, not answered from the cache."""
-    import shutil
-
-    elf = tmp_path / "vmlinux"
+    """The banner is searched in chunks: one that straddles two is found. ``boot_files``
+    keeps it beside the description by the file's identity; a file changed in place
+    (another mtime and size) is read again, not answered from the cache."""
+    elf, initrd, cache = tmp_path / "vmlinux", tmp_path / "initrd", tmp_path / "cache"
     shutil.copyfile("/bin/true", elf)
+    initrd.write_bytes(b"any")
     banner = b"Linux version 7.7.7-split (x@y) #1 SMP\0"
     with open(elf, "r+b") as f:
         f.seek(kernel._CHUNK - 10)
         f.write(banner)
     assert kernel.kernel_version(elf) == "7.7.7-split"
+    assert kernel.boot_files(cache, elf, initrd).version == "7.7.7-split"
+    doc = json.loads((cache / "describe.json").read_text())
+    (key,) = [k for k in doc if k.endswith("#version")]
+    assert doc[key] == "7.7.7-split"
+    (cache / "describe.json").write_text(json.dumps({**doc, key: "6.6.6-cached"}))
+    assert kernel.boot_files(cache, elf, initrd).version == "6.6.6-cached"
     with open(elf, "r+b") as f:
         f.seek(kernel._CHUNK - 10)
         f.write(b"Linux version 8.8.8-moved (x@y) #1 SMP\0\0")
     os.utime(elf, ns=(1, 1))
     assert kernel.kernel_version(elf) == "8.8.8-moved"
+    assert kernel.boot_files(cache, elf, initrd).version == "8.8.8-moved"
+    assert len(json.loads((cache / "describe.json").read_text())) == 2  # the old ones gone
 
 
 def test_default_kernel_and_minimal_initrd(tmp_path: Path) -> None:
