@@ -57,12 +57,12 @@ static int read_full(int fd, unsigned char *buf, size_t n) {
 }
 
 /* One frame into `payload`: returns its tag's index in `tags` or a negative error. */
-int read_frame(int fd, const char *const *tags, const uint32_t *limits, int ntags,
-               uint32_t *len) {
+static int read_frame(int fd, const char *const *tags, const uint32_t *limits, int ntags,
+                      uint32_t *len) {
     unsigned char h[8];
     char msg[96];
     if (read_full(fd, h, sizeof h) < 0) return -CLOSED;
-    *len = (uint32_t)h[4] << 24 | (uint32_t)h[5] << 16 | (uint32_t)h[6] << 8 | h[7];
+    *len = frame_len(h);
     for (int i = 0; i < ntags; i++) {
         if (memcmp(h, tags[i], 4) != 0) continue;
         if (*len > limits[i]) {
@@ -209,8 +209,6 @@ static int exchange(int fd, int greet, uint32_t *len) {
     return read_frame(fd, tags, limits, 2, len);
 }
 
-/* The channel's one frame: a device or fd is read once; a vsock listener accepts until a
- * connection brings a whole frame (or breaks the protocol). */
 /* The channel's one frame: a device or fd is read once (its fd left in *keep when asked,
  * else closed); a vsock listener accepts until a connection brings a whole frame (or
  * breaks the protocol). */

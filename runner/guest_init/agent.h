@@ -42,9 +42,12 @@ struct settings {
 extern unsigned char payload[SETTINGS_MAX + 1]; /* the last frame's payload, NUL-ended */
 extern struct settings st;                      /* parse_settings' index of a SET1 */
 
+/* A frame header's payload length (bytes 4-7, big-endian). */
+static inline uint32_t frame_len(const unsigned char *h) {
+    return (uint32_t)h[4] << 24 | (uint32_t)h[5] << 16 | (uint32_t)h[6] << 8 | h[7];
+}
+
 int fail(int code, const char *what, const char *detail);
-int read_frame(int fd, const char *const *tags, const uint32_t *limits, int ntags,
-               uint32_t *len);
 int channel_frame(const char *chan, int greet, uint32_t *len, int *keep);
 int parse_settings(uint32_t len);
 int seed_crng(const char *hex);

@@ -104,19 +104,17 @@ static int lookup(const char *file, const char *key, char out[3][ID_TEXT]) {
     return -1;
 }
 
+static int numeric(const char *s) { return *s && strspn(s, "0123456789") == strlen(s); }
+
 /* A uid or gid: decimal digits only, below 2^32 - 1 (the kernel's "no id"). */
 static int parse_id(const char *text, unsigned *id) {
     char *end;
     errno = 0;
     unsigned long long v = strtoull(text, &end, 10);
-    if (!*text || *end || errno || strspn(text, "0123456789") != strlen(text) ||
-        v >= 0xffffffffULL)
-        return -1;
+    if (!numeric(text) || *end || errno || v >= 0xffffffffULL) return -1;
     *id = (unsigned)v;
     return 0;
 }
-
-static int numeric(const char *s) { return *s && strspn(s, "0123456789") == strlen(s); }
 
 static int bad_id(const char *what, const char *text) {
     char msg[160];
@@ -190,7 +188,8 @@ static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
     if (*st.val[MACHINE_ID] && stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode)) {
         char id[40];
         snprintf(id, sizeof id, "%s\n", st.val[MACHINE_ID]);
-        if (write_file("/etc/machine-id", id, O_TRUNC) < 0) say("cannot write /etc/machine-id%s", "");
+        if (write_file("/etc/machine-id", id, O_TRUNC) < 0)
+            say("cannot write /etc/machine-id%s", "");
     }
     if (*st.val[IP]) network();
     int rc = resolve_user(uid, gid, home);
@@ -222,22 +221,22 @@ static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
     }
     return 0;
 }
+
 static int status_code(int ws) { return WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws); }
 
 #define GRACE_MAX 86400L /* s: a stop's grace is capped at a day */
 
 /* Frames on the channel after the workload started, read without blocking (a frame that
- * arrives in pieces never stalls the watch over the workload): `add` what arrived; a
- * whole STP1 gives its grace, -1 not yet, -2 the channel closed or broke the protocol
- * (said on the console, and no longer read). */
+ * arrives in pieces never stalls the watch over the workload): each call reads what
+ * arrived into `in`; a whole STP1 gives its grace, -1 not yet, -2 the channel closed or
+ * broke the protocol (said on the console, and no longer read). */
 struct inbox { unsigned char buf[8 + STOP_MAX]; size_t got; };
 
 static long stop_frame(int chan, struct inbox *in) {
     for (;;) {
         size_t want = 8;
         if (in->got >= 8) {
-            uint32_t len = (uint32_t)in->buf[4] << 24 | (uint32_t)in->buf[5] << 16 |
-                           (uint32_t)in->buf[6] << 8 | in->buf[7];
+            uint32_t len = frame_len(in->buf);
             if (memcmp(in->buf, "STP1", 4) != 0) {
                 say("the control channel sent %.4s after the workload started: no graceful "
                     "stop", (const char *)in->buf);
@@ -274,11 +273,13 @@ static long stop_frame(int chan, struct inbox *in) {
     }
 }
 
+/* poll's timeout until `at` (NULL: none). */
 static int wait_ms(const struct timespec *at) {
-    if (!at->tv_sec) return -1;
+    if (!at) return -1;
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    long long ms = (long long)(at->tv_sec - now.tv_sec) * 1000 + (at->tv_nsec - now.tv_nsec) / 1000000;
+    long long ms = (long long)(at->tv_sec - now.tv_sec) * 1000 +
+                   (at->tv_nsec - now.tv_nsec) / 1000000;
     return ms <= 0 ? 0 : ms > INT32_MAX ? INT32_MAX : (int)ms;
 }
 
@@ -312,15 +313,16 @@ static int run_workload(const char *prog, uid_t uid, gid_t gid, int chan) {
         fprintf(stderr, "kiln: cannot execute %s: %s\n", prog, strerror(err));
         _exit(err == ENOENT ? 127 : 126);
     }
-    struct timespec kill_at = {0, 0};
+    struct timespec kill_at;
+    int armed = 0;  /* kill_at holds the end of a stop's grace */
     struct inbox in = {.got = 0};
     for (;;) {
         struct pollfd fds[2] = {{sfd, POLLIN, 0}, {chan, POLLIN, 0}};
-        int n = poll(fds, chan >= 0 ? 2 : 1, wait_ms(&kill_at));
+        int n = poll(fds, chan >= 0 ? 2 : 1, wait_ms(armed ? &kill_at : 0));
         if (n < 0 && errno != EINTR) return refuse(126, "kiln: poll: %s", strerror(errno));
-        if (n == 0 && kill_at.tv_sec) {  /* the grace is over */
+        if (n == 0 && armed) {  /* the grace is over */
             kill(-1, SIGKILL);
-            kill_at.tv_sec = 0;
+            armed = 0;
         }
         if (n > 0 && chan >= 0 && fds[1].revents) {
             long grace = stop_frame(chan, &in);
@@ -330,7 +332,8 @@ static int run_workload(const char *prog, uid_t uid, gid_t gid, int chan) {
                 say("stop requested (grace %ss)", text);
                 kill(child, SIGTERM);
                 clock_gettime(CLOCK_MONOTONIC, &kill_at);
-                kill_at.tv_sec += grace + !(kill_at.tv_sec + grace);
+                kill_at.tv_sec += grace;
+                armed = 1;
             }
             if (grace != -1) {  /* one stop, or a channel that failed: no more reads */
                 close(chan);

@@ -221,7 +221,7 @@ start_from_config() {
 agent=/.kiln/agent
 child=""
 if [ -e /.kiln/config ]; then
-  start_from_config "$@"
+  start_from_config
 elif [ -n "$ctl" ] && [ -x "$agent" ]; then
   # The agent greets the host, blocks until its settings frame arrives (QEMU holds the
   # port's FIFO open: no EOF; on vsock it listens until the host connects), applies them

@@ -421,7 +421,7 @@ def _counts(ns: str, chain: str) -> dict[str, int]:
 
 def _port_state(ns: str, link: str) -> str:
     """A bridge port's STP state as ``ip`` names it ("disabled", "forwarding", …)."""
-    (d,) = json.loads(sh("ip", "-n", ns, "-j", "-d", "link", "show", "dev", link))
+    d = link_of(ns, link)
     return str(d.get("linkinfo", {}).get("info_slave_data", {}).get("state", ""))
 
 
