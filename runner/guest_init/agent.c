@@ -3,16 +3,17 @@
  * Built static by scripts/install-deps.sh (gcc -static -Os; else by kiln on first use) and
  * written into every VM's snapshot as /.kiln/agent; run by /.kiln/init (init.sh) as root.
  *
- *   agent run CHAN     send HEL1, read one frame. SET1: seed the kernel CRNG (RNDADDENTROPY
- *                      + RNDRESEEDCRNG), set CLOCK_REALTIME, the hostname, /etc/machine-id
- *                      and eth0 (busybox ip), resolve the user in the image's /etc/passwd
- *                      and /etc/group, enter the workdir, find argv[0] on PATH, then fork
- *                      and exec the workload (this process's stdin/stdout/stderr, the
- *                      settings' environment only, every signal at its default) and wait
- *                      for it: SIGTERM/SIGINT from PID 1 (init.sh's stop on Ctrl-Alt-Del)
- *                      and an STP1 on CHAN are SIGTERM to the workload, SIGKILL to every
- *                      process an STP1's grace later; other signals are held (a workload's
- *                      `kill -1` is not for it). Exits with the workload's status (128+N
+ *   agent run CHAN     fork first (before the hello: agentrun.c says why). The child
+ *                      sends HEL1 and reads one frame. SET1: seed the kernel CRNG
+ *                      (RNDADDENTROPY + RNDRESEEDCRNG), set CLOCK_REALTIME, the hostname,
+ *                      /etc/machine-id and eth0 (busybox ip), resolve the user in the
+ *                      image's /etc/passwd and /etc/group, enter the workdir, find argv[0]
+ *                      on PATH, then exec the workload (this process's stdin/stdout/stderr,
+ *                      the settings' environment only, every signal at its default). The
+ *                      parent waits for it: SIGTERM/SIGINT from PID 1 (init.sh's stop on
+ *                      Ctrl-Alt-Del) and an STP1 on CHAN are SIGTERM to the workload,
+ *                      SIGKILL to every process an STP1's grace later; other signals are
+ *                      held (a workload's `kill -1` is not for it). Exits with the workload's status (128+N
  *                      for a signal); its own errors: 125 (no settings), 126 (user, ids,
  *                      workdir, exec, as a container runtime: a script without `#!` is
  *                      an exec format error), 127 (not found), 143 (STP1 first).
@@ -20,7 +21,7 @@
  *                      apply nothing (tests: the framing on a host)
  *   agent print FILE   read one SET1 frame and print it likewise (tests)
  *
- * Everything after the settings is done here, in one process, not by init.sh: after a
+ * Everything after the settings is done here, not by init.sh: after a
  * warm restore every code path runs through the emulator's translator again, and the
  * shell's parsing, its builtins' one-byte reads and a second exec cost ~120 ms there.
  *
@@ -209,10 +210,29 @@ static int exchange(int fd, int greet, uint32_t *len) {
     return read_frame(fd, tags, limits, 2, len);
 }
 
-/* The channel's one frame: a device or fd is read once (its fd left in *keep when asked,
- * else closed); a vsock listener accepts until a connection brings a whole frame (or
- * breaks the protocol). */
-int channel_frame(const char *chan, int greet, uint32_t *len, int *keep) {
+/* The channel's fd: the device opened, or `fd:N` checked; negative: an error (said). */
+int channel_open(const char *chan) {
+    if (!strncmp(chan, "fd:", 3)) {
+        char *end;
+        long n = strtol(chan + 3, &end, 10);
+        if (chan[3] == 0 || *end || n < 0 || n > 1023) return -fail(2, "bad fd", chan);
+        return (int)n;
+    }
+    int fd = open(chan, O_RDWR | O_CLOEXEC | O_NOCTTY);
+    return fd < 0 ? -fail(1, chan, strerror(errno)) : fd;
+}
+
+/* Greet (when asked) on an open channel and read its one frame. */
+int channel_read(int fd, int greet, uint32_t *len) {
+    if (greet && write(fd, "HEL1\0\0\0\0", 8) != 8)
+        return -fail(1, "cannot greet the host", strerror(errno));
+    int got = exchange(fd, 0, len);
+    return got == -CLOSED ? -fail(2, "the control channel closed", 0) : got;
+}
+
+/* The channel's one frame: a device or fd is opened, read once and closed; a vsock
+ * listener accepts until a connection brings a whole frame (or breaks the protocol). */
+int channel_frame(const char *chan, int greet, uint32_t *len) {
     int got;
     if (!strncmp(chan, "vsock:", 6)) {
         int s = vsock_listen(chan + 6);
@@ -230,26 +250,11 @@ int channel_frame(const char *chan, int greet, uint32_t *len, int *keep) {
         close(s);
         return got;
     }
-    int fd;
-    if (!strncmp(chan, "fd:", 3)) {
-        char *end;
-        long n = strtol(chan + 3, &end, 10);
-        if (chan[3] == 0 || *end || n < 0 || n > 1023) return -fail(2, "bad fd", chan);
-        fd = (int)n;
-    } else {
-        fd = open(chan, O_RDWR | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0) return -fail(1, chan, strerror(errno));
-    }
-    if (greet && write(fd, "HEL1\0\0\0\0", 8) != 8)
-        return -fail(1, "cannot greet the host", strerror(errno));
-    got = exchange(fd, 0, len);
-    if (keep && got >= 0) {
-        fcntl(fd, F_SETFD, FD_CLOEXEC);  /* fd:N was inherited without it */
-        *keep = fd;
-    } else {
-        close(fd);
-    }
-    return got == -CLOSED ? -fail(2, "the control channel closed", 0) : got;
+    int fd = channel_open(chan);
+    if (fd < 0) return fd;
+    got = channel_read(fd, greet, len);
+    close(fd);
+    return got;
 }
 
 int main(int argc, char **argv) {
@@ -259,7 +264,7 @@ int main(int argc, char **argv) {
     if (!greet && strcmp(mode, "print"))
         return fail(2, "usage: agent run|greet|print CHANNEL", 0);
     uint32_t len = 0;
-    int got = channel_frame(argv[2], greet, &len, 0);
+    int got = channel_frame(argv[2], greet, &len);
     if (got < 0) return -got;
     if (got == 1) return 3;  /* STP1 instead of the settings */
     return parse_settings(len) ? 2 : print_settings();

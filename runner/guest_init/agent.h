@@ -48,7 +48,9 @@ static inline uint32_t frame_len(const unsigned char *h) {
 }
 
 int fail(int code, const char *what, const char *detail);
-int channel_frame(const char *chan, int greet, uint32_t *len, int *keep);
+int channel_open(const char *chan);
+int channel_read(int fd, int greet, uint32_t *len);
+int channel_frame(const char *chan, int greet, uint32_t *len);
 int parse_settings(uint32_t len);
 int seed_crng(const char *hex);
 int set_clock(const char *text);

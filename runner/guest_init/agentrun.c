@@ -179,16 +179,18 @@ static const char *find_prog(const char *cmd, char *buf, size_t size) {
     }
 }
 
+/* /etc/machine-id, opened (made) before the hello: a restored guest then only writes it. */
+static int machine_id = -1;
+
 /* Everything before the workload: the machine, the user, the directory, the program. */
 static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
     static char home[ID_TEXT], home_env[ID_TEXT + 5], found[4096];
     if (sethostname(st.val[HOSTNAME], strlen(st.val[HOSTNAME])) < 0)
         say("cannot set the hostname%s", "");
-    struct stat sb;
-    if (*st.val[MACHINE_ID] && stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode)) {
+    if (*st.val[MACHINE_ID] && machine_id >= 0) {
         char id[40];
-        snprintf(id, sizeof id, "%s\n", st.val[MACHINE_ID]);
-        if (write_file("/etc/machine-id", id, O_TRUNC) < 0)
+        int n = snprintf(id, sizeof id, "%s\n", st.val[MACHINE_ID]);
+        if (pwrite(machine_id, id, (size_t)n, 0) != n || ftruncate(machine_id, n) < 0)
             say("cannot write /etc/machine-id%s", "");
     }
     if (*st.val[IP]) network();
@@ -283,48 +285,74 @@ static int wait_ms(const struct timespec *at) {
     return ms <= 0 ? 0 : ms > INT32_MAX ? INT32_MAX : (int)ms;
 }
 
-/* Fork and exec the workload, then wait for it: SIGTERM or SIGINT from init (its stop on
- * Ctrl-Alt-Del) and an STP1 on `chan` are SIGTERM to the workload; an STP1's grace later
- * every process is SIGKILLed. Every other signal is held: a workload's `kill -1` (which
- * PID 1, and before this the init's own children, never received) must not end the run.
- * Returns the workload's status as a shell gives it. */
-static int run_workload(const char *prog, uid_t uid, gid_t gid, int chan) {
-    sigset_t all, watched, old;
-    sigfillset(&all);
-    sigemptyset(&watched);
-    sigaddset(&watched, SIGCHLD);
-    sigaddset(&watched, SIGTERM);
-    sigaddset(&watched, SIGINT);
-    sigprocmask(SIG_BLOCK, &all, &old);
-    int sfd = signalfd(-1, &watched, SFD_CLOEXEC);
-    if (sfd < 0) return refuse(126, "kiln: cannot watch the workload: %s", strerror(errno));
-    if (chan >= 0) fcntl(chan, F_SETFL, fcntl(chan, F_GETFL) | O_NONBLOCK);
-    say("starting %s", prog);
-    pid_t child = fork();
-    if (child < 0) return refuse(126, "kiln: cannot start the workload: %s", strerror(errno));
-    if (child == 0) {  /* a background job of init.sh ignores SIGINT/SIGQUIT: not the workload */
-        for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
-        sigprocmask(SIG_SETMASK, &old, 0);
-        if ((uid || gid) && (setgroups(0, 0) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
-            _exit(refuse(126, "kiln: cannot switch to the workload's user: %s",
-                         strerror(errno)));
-        execve(prog, st.args, st.env);
-        int err = errno;
-        fprintf(stderr, "kiln: cannot execute %s: %s\n", prog, strerror(err));
-        _exit(err == ENOENT ? 127 : 126);
+/* The workload's process, forked before the hello: it takes the settings, applies them
+ * and execs the workload (this process's stdin/stdout/stderr, every signal at its
+ * default). Forked before, not after the settings: in a restored guest every kernel path
+ * runs through the emulator's translator again, and a fork there cost ~14 ms. Returns
+ * its exit status when it cannot exec: 125 no settings, 126/127 as prepare(), 143 a stop
+ * request first. `chan`: the channel's fd, -1 for vsock (listened on here). */
+static int workload(const char *chan_name, int chan, const sigset_t *old) {
+    for (int sig = 1; sig < NSIG; sig++)  /* init.sh's background job ignores SIGINT/QUIT */
+        signal(sig, SIG_DFL);
+    sigprocmask(SIG_SETMASK, old, 0);
+    struct stat sb;
+    if (stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode))
+        machine_id = open("/etc/machine-id", O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644);
+    uint32_t len = 0;
+    int got = chan >= 0 ? channel_read(chan, 1, &len) : channel_frame(chan_name, 1, &len);
+    if (got == 1 && len && strspn((char *)payload, "0123456789") == len) {
+        say("stop requested before the workload started%s", "");
+        return 143;
     }
+    if (got == 1) fail(2, "bad stop request", (char *)payload);
+    int bad = got != 0 || parse_settings(len) || seed_crng(st.seed) || set_clock(st.when);
+    if (st.seed) explicit_bzero((char *)st.seed, strlen(st.seed));  /* no copy outlives use */
+    if (bad) {
+        say("no settings from the host (see the workload's stderr)%s", "");
+        return 125;
+    }
+    uid_t uid;
+    gid_t gid;
+    const char *prog;
+    int rc = prepare(&uid, &gid, &prog);
+    if (rc) return rc;
+    say("starting %s", prog);
+    if ((uid || gid) && (setgroups(0, 0) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
+        return refuse(126, "kiln: cannot switch to the workload's user: %s", strerror(errno));
+    execve(prog, st.args, st.env);
+    int err = errno;
+    fprintf(stderr, "kiln: cannot execute %s: %s\n", prog, strerror(err));
+    return err == ENOENT ? 127 : 126;
+}
+
+/* Wait for the workload's process: SIGTERM or SIGINT from init (its stop on Ctrl-Alt-Del)
+ * is SIGTERM to it; once it has exec'd (`gate` reads EOF; a byte: it failed before), an
+ * STP1 on `chan` is SIGTERM to it and, the STP1's grace later, SIGKILL to every process.
+ * Every other signal is held: a workload's `kill -1` (which PID 1, and before this the
+ * init's own children, never received) must not end the run. Returns its status as a
+ * shell gives it. */
+static int watch(pid_t child, int chan, int gate, int sfd) {
     struct timespec kill_at;
     int armed = 0;  /* kill_at holds the end of a stop's grace */
     struct inbox in = {.got = 0};
     for (;;) {
-        struct pollfd fds[2] = {{sfd, POLLIN, 0}, {chan, POLLIN, 0}};
-        int n = poll(fds, chan >= 0 ? 2 : 1, wait_ms(armed ? &kill_at : 0));
+        int other = gate >= 0 ? gate : chan;  /* the gate first, then the channel */
+        struct pollfd fds[2] = {{sfd, POLLIN, 0}, {other, POLLIN, 0}};
+        int n = poll(fds, other >= 0 ? 2 : 1, wait_ms(armed ? &kill_at : 0));
         if (n < 0 && errno != EINTR) return refuse(126, "kiln: poll: %s", strerror(errno));
         if (n == 0 && armed) {  /* the grace is over */
             kill(-1, SIGKILL);
             armed = 0;
         }
-        if (n > 0 && chan >= 0 && fds[1].revents) {
+        if (n > 0 && other >= 0 && fds[1].revents && other == gate) {
+            char b;
+            ssize_t r = read(gate, &b, 1);
+            if (r < 0 && errno == EINTR) continue;
+            close(gate);
+            gate = -1;
+            if (r != 0) chan = -1;  /* it failed before its exec: the channel is not ours */
+            else if (chan >= 0) fcntl(chan, F_SETFL, fcntl(chan, F_GETFL) | O_NONBLOCK);
+        } else if (n > 0 && other >= 0 && fds[1].revents) {
             long grace = stop_frame(chan, &in);
             if (grace >= 0) {
                 char text[24];
@@ -349,26 +377,37 @@ static int run_workload(const char *prog, uid_t uid, gid_t gid, int chan) {
     }
 }
 
-/* `run CHANNEL`: greet, take the settings, apply them, run and watch the workload. */
+/* `run CHANNEL`: the workload's process forked, then watched. Every signal is held here
+ * (watch() takes SIGCHLD, SIGTERM and SIGINT from a signalfd). */
 int run(const char *chan_name) {
-    uint32_t len = 0;
     int chan = -1;
-    int got = channel_frame(chan_name, 1, &len, strncmp(chan_name, "vsock:", 6) ? &chan : 0);
-    if (got == 1 && len && strspn((char *)payload, "0123456789") == len) {
-        say("stop requested before the workload started%s", "");
-        return 143;
+    if (strncmp(chan_name, "vsock:", 6)) {  /* vsock: the child listens, no stop requests */
+        chan = channel_open(chan_name);
+        if (chan < 0) {
+            say("no settings from the host (see the workload's stderr)%s", "");
+            return 125;
+        }
+        fcntl(chan, F_SETFD, FD_CLOEXEC);  /* fd:N was inherited without it */
     }
-    if (got == 1) fail(2, "bad stop request", (char *)payload);
-    int bad = got != 0 || parse_settings(len) || seed_crng(st.seed) || set_clock(st.when);
-    if (st.seed) explicit_bzero((char *)st.seed, strlen(st.seed));  /* no copy outlives use */
-    if (bad) {
-        say("no settings from the host (see the workload's stderr)%s", "");
-        return 125;
+    sigset_t all, watched, old;
+    sigfillset(&all);
+    sigemptyset(&watched);
+    sigaddset(&watched, SIGCHLD);
+    sigaddset(&watched, SIGTERM);
+    sigaddset(&watched, SIGINT);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    int gate[2], sfd = signalfd(-1, &watched, SFD_CLOEXEC);
+    if (sfd < 0 || pipe2(gate, O_CLOEXEC) < 0)
+        return refuse(126, "kiln: cannot watch the workload: %s", strerror(errno));
+    pid_t child = fork();
+    if (child < 0) return refuse(126, "kiln: cannot start the workload: %s", strerror(errno));
+    if (child == 0) {
+        close(sfd);
+        close(gate[0]);
+        int rc = workload(chan_name, chan, &old);
+        if (write(gate[1], "x", 1) < 0) { /* the exit status says it all the same */ }
+        _exit(rc);
     }
-    uid_t uid;
-    gid_t gid;
-    const char *prog;
-    int rc = prepare(&uid, &gid, &prog);
-    return rc ? rc : run_workload(prog, uid, gid, chan);
+    close(gate[1]);
+    return watch(child, chan, gate[0], sfd);
 }
-
