@@ -20,13 +20,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder import proc
 from helper.base import errors
 from helper.base.errors import KilnError, UsageError
 from helper.cgroup import Limits
-from helper.jail.jailer import JailSpec, Staged, StageItem
+
+if TYPE_CHECKING:  # the jailer's module is Firecracker's: a QEMU run does not import it
+    from helper.jail.jailer import JailSpec, Staged, StageItem
 
 HELPER = "/opt/kiln/bin/kiln-helper"
 SUDO = "/usr/bin/sudo"
@@ -217,6 +219,8 @@ class HelperOps:
 
     def jail_stage(self, vm_id: str, uid: int, gid: int, items: Sequence[StageItem],
                    logs: Sequence[str]) -> Staged:
+        from helper.jail.jailer import Staged
+
         res = self._call("jail-stage", {
             "vm": vm_id, "uid": uid, "gid": gid, "logs": list(logs),
             "items": [{"name": i.name, "source": str(i.source), "writable": i.writable}

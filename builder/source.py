@@ -52,10 +52,11 @@ TAG = "image"  # the tag of the per-build layout
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_DOCKER_REF = re.compile(
-    rf"^(?P<repo>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
-_OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
+# Patterns as text: ``re``'s own cache compiles each on first use, not at import (every
+# `kiln run` imports this module for RegistryOptions; most runs name a volume).
+_DOCKER_REF = (rf"^(?P<repo>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+               r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+_OCI_TAG = r"[A-Za-z0-9_][A-Za-z0-9._/-]*"
 
 INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
                          "application/vnd.docker.distribution.manifest.list.v2+json"})
@@ -93,7 +94,7 @@ def _file_part(transport: str, rest: str) -> str:
         raise _bad(f"path {absolute!r} contains ':'", "move the image to a path without ':'")
     if sep and not tail:
         raise _bad(f"empty tag in {transport}:{rest}", f"write {transport}:{path} or add a tag")
-    if sep and transport != "docker-archive" and not _OCI_TAG.fullmatch(tail):
+    if sep and transport != "docker-archive" and not re.fullmatch(_OCI_TAG, tail):
         raise _bad(f"invalid tag {tail!r} in {transport}:{rest}",
                    "tags use letters, digits, '.', '_', '-' and '/'")
     return f"{absolute}:{tail}" if sep else absolute
@@ -118,7 +119,7 @@ def parse_ref(text: str) -> ImageRef:
         if colon and prefix in OTHER_TRANSPORTS:
             raise _bad(f"transport {prefix!r} is not supported")
         transport, name = "docker", text
-    if not _DOCKER_REF.fullmatch(name):
+    if not re.fullmatch(_DOCKER_REF, name):
         raise _bad(f"invalid image reference {name!r}",
                    "expected [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST], e.g. alpine:3.20")
     return ImageRef(transport, name)
@@ -126,7 +127,7 @@ def parse_ref(text: str) -> ImageRef:
 
 def docker_repo(name: str) -> str:
     """``host/repo`` of a docker name, without tag or digest."""
-    m = _DOCKER_REF.fullmatch(name)
+    m = re.fullmatch(_DOCKER_REF, name)
     if not m:
         raise _bad(f"invalid image reference {name!r}")
     return m["repo"]
@@ -292,26 +293,24 @@ def copy_argv(src: str, ref: ImageRef, opts: RegistryOptions, *, platform: str, 
 # A TLS handshake that cannot succeed however often it is retried: an HTTPS client talking
 # to a plain-HTTP registry (skopeo's Go text; OpenSSL's through requests), or a certificate
 # that does not verify.
-_PLAIN_HTTP = re.compile(r"server gave HTTP response to HTTPS client|WRONG_VERSION_NUMBER|"
-                         r"record layer failure", re.I)
-_BAD_CERT = re.compile(r"x509:|CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.I)
+_PLAIN_HTTP = (r"server gave HTTP response to HTTPS client|WRONG_VERSION_NUMBER|"
+               r"record layer failure")
+_BAD_CERT = r"x509:|CERTIFICATE_VERIFY_FAILED|certificate verify failed"
 PLAIN_HTTP_HINT = ("it speaks plain HTTP: pass --tls-verify=false (or --no-tls-verify) to "
                    "use it without TLS")
 
-_KINDS = (
+_KINDS = (  # searched case-insensitively, in this order
     ("plainhttp", _PLAIN_HTTP),
     ("badcert", _BAD_CERT),
-    ("integrity", re.compile(r"digest did not match|digest mismatch|size mismatch|"
-                             r"does not match config's DiffID", re.I)),
-    ("auth", re.compile(r"unauthorized|authentication required|invalid username/password|"
-                        r"\b401\b|denied", re.I)),
-    ("notfound", re.compile(r"manifest unknown|name unknown|not found|\b404\b|no descriptor|"
-                            r"no such file or directory|does not exist", re.I)),
-    ("refused", re.compile(r"connection refused|no route to host|no such host", re.I)),
-    ("timeout", re.compile(r"deadline exceeded|timeout|timed out", re.I)),
-    ("transient", re.compile(r"toomanyrequests|too many requests|\b429\b|\b5\d\d\b|"
-                             r"connection reset|(?-i:EOF)|"
-                             r"broken pipe|server misbehaving|temporar", re.I)),
+    ("integrity", r"digest did not match|digest mismatch|size mismatch|"
+                  r"does not match config's DiffID"),
+    ("auth", r"unauthorized|authentication required|invalid username/password|\b401\b|denied"),
+    ("notfound", r"manifest unknown|name unknown|not found|\b404\b|no descriptor|"
+                 r"no such file or directory|does not exist"),
+    ("refused", r"connection refused|no route to host|no such host"),
+    ("timeout", r"deadline exceeded|timeout|timed out"),
+    ("transient", r"toomanyrequests|too many requests|\b429\b|\b5\d\d\b|"
+                  r"connection reset|(?-i:EOF)|broken pipe|server misbehaving|temporar"),
 )
 
 
@@ -320,7 +319,7 @@ def classify(stderr: str) -> str:
     timeout, transient or other. Only timeout and transient are worth retrying (refused,
     briefly)."""
     for kind, pattern in _KINDS:
-        if pattern.search(stderr):
+        if re.search(pattern, stderr, re.I):
             return kind
     return "other"
 
@@ -336,9 +335,9 @@ REFUSED_ATTEMPTS = 3  # a registry that refuses connections 3 times over 1.5 s i
 def tls_failure(host: str, detail: str) -> RegistryError | None:
     """The error for a TLS failure retrying cannot fix (``detail``: the tool's text), else
     None (pure; the HTTP client of ``builder.publish`` uses it too)."""
-    if _PLAIN_HTTP.search(detail):
+    if re.search(_PLAIN_HTTP, detail, re.I):
         return RegistryError(f"registry {host} answered HTTPS with plain HTTP", PLAIN_HTTP_HINT)
-    if _BAD_CERT.search(detail):
+    if re.search(_BAD_CERT, detail, re.I):
         return RegistryError(f"registry {host} has a TLS certificate that does not verify",
                              "install the CA that signed it, or pass --tls-verify=false to "
                              "skip verification")

@@ -26,7 +26,6 @@ from builder.pool.base import (
 )
 from helper.base.errors import Conflict, KilnError, NotFound, UsageError
 from helper.base.fileops import probe_reflink, write_json
-from helper.storage import privileged
 
 DEFAULT_SIZE = 20 << 30
 BACKENDS = ("auto", "dm-thin", "reflink", "copy")
@@ -180,6 +179,8 @@ def _create(root_dir: Path, config: PoolConfig, devices: dict[str, str] | None) 
 
 def _clear_leftovers(root_dir: Path) -> None:
     """What a pool init killed before writing config.json left: mounts, devices, files."""
+    from helper.storage import privileged  # dm-thin's module too: not on a run's path
+
     d = pool_dir(root_dir)
     area = client.area(root_dir)  # the root itself, or a sudo caller's helper area
     image, fs_dir = area / "pool" / "pool.img", area / "pool" / "fs"

@@ -23,7 +23,6 @@ from builder import helperclient as client
 from builder.pool.base import SNAP_ID_RE, Pool, Snapshot
 from helper.base import fileops
 from helper.base.errors import NotFound
-from helper.storage import privileged
 
 _VOL_FILE_RE = re.compile(r"^([0-9a-f]{64})\.ext4$")
 
@@ -83,6 +82,8 @@ class FilePool(Pool):
             # Through the helper: it copies from our open fd and re-hashes against the id.
             client.volume_import(self.area_dir, volume_id, src, clone=self.clone_ok)
         elif client.privileged():
+            from helper.storage import privileged  # dm-thin's module too: not on a run's path
+
             privileged.volume_import(self.root_dir, src, dst, allow_clone=self.clone_ok)
         else:  # the caller's own directory (host reflink / copy): plain file work
             fileops.materialise(src, dst, allow_clone=self.clone_ok)

@@ -25,7 +25,6 @@ from builder import helperclient as client
 from builder.pool.base import PoolConfig, pool_dir
 from builder.pool.files import FilePool
 from helper.base.errors import NotFound
-from helper.storage import privileged
 
 
 class ReflinkPool(FilePool):
@@ -54,6 +53,8 @@ class ReflinkPool(FilePool):
         """Mount the pool image at fs/ unless it already is (after a reboot it is not)."""
         if not self.loop_backed:
             return
+        from helper.storage import privileged  # dm-thin's module too: only loop-backed pools
+
         if privileged.is_mounted(self.fs_dir):
             return
         client.pool_mount(self.area)
