@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from runner.vm import spec as vmspec
 from runner.vm.spec import Outcome, outcome
 from runner.vmm import process as supervise
 from runner.vmm import qemuargv
+from tests.support.timing import limit
 
 V1 = """cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
@@ -65,6 +67,40 @@ def test_real_cgroup_limits_and_removal() -> None:
     finally:
         vmcgroup.remove_as_root(plan.dirs)
     assert not any(Path(d).exists() for d in plan.dirs)
+
+
+@pytest.mark.root
+def test_spawn_joins_the_cgroups_before_exec_and_threads_follow(tmp_path: Path) -> None:
+    """The VMM's child joins root's cgroups itself before its exec (v1: through ``tasks``,
+    one thread — it is single-threaded then); every thread the VMM starts afterwards is
+    inside, as QEMU's vCPU and I/O threads must be for the limits to hold."""
+    plan = vmcgroup.host_root_plan("spawnjointst", 1, 300 << 20)
+    if plan.version == 0:
+        pytest.skip("no usable cgroup controllers here")
+    code = ("import threading, time\n"
+            "t = threading.Thread(target=time.sleep, args=(30,), daemon=True); t.start()\n"
+            "print(t.native_id, flush=True); time.sleep(30)\n")
+    try:
+        assert vmcgroup.apply_root_plan(plan) == []
+        pid = supervise.spawn([sys.executable, "-c", code], log_path=tmp_path / "log",
+                              cgroup_dirs=plan.dirs)
+        try:
+            deadline = time.monotonic() + limit(30)
+            while not (tmp_path / "log").read_text().strip() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            tid = int((tmp_path / "log").read_text())
+            for d in plan.dirs:  # the process, and its thread started after the exec
+                assert str(pid) in Path(d, "cgroup.procs").read_text().split(), d
+                if plan.version == 1:
+                    assert {str(pid), str(tid)} <= set(Path(d, "tasks").read_text().split())
+            own = Path(f"/proc/{pid}/task/{tid}/cgroup").read_text()
+            assert all(f"/{Path(d).parent.name}/{Path(d).name}\n" in own
+                       for d in plan.dirs), own
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    finally:
+        vmcgroup.remove_as_root(plan.dirs)
 
 
 def test_spawn_reports_exec_failure(tmp_path: Path) -> None:
