@@ -7,9 +7,7 @@ it made if a step fails. The ``VmNet`` it returns is everything the VMM side nee
 
 * the guest's addressing as the helper's ``net-lease`` answers it, field by field
   (``guest_ip``, ``prefix``, ``gateway``, ``mac``, ``dns``): ``guest()`` is eth0 in the
-  settings QEMU's guest is sent (docs/run.md, "The control channel");
-  ``kernel_args`` the same as ``kiln.ip=… kiln.gw=… [kiln.dns=…]`` words for
-  Firecracker's kernel command line on a cold run (a warm one sends ``guest()`` over vsock);
+  settings the guest is given (docs/run.md, "The control channel");
 * ``qemu_tap()`` → ``runner.vmm.qemuargv.TapNic``; ``firecracker_nic()`` → ``NetSpec`` (eth0);
 * ``spawn_netns``: the namespace the VMM must start in (QEMU: ``helper.net.host.join_netns`` in
   the child before exec, as root; Firecracker: the jailer's ``--netns``) — the VM's own
@@ -36,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +46,6 @@ from runner.vmm import qemuargv
 if TYPE_CHECKING:
     from runner.vmm import fcapi as firecracker
 
-_KILN_ARG = re.compile(r"^kiln\.(ip|gw|dns)=[0-9./,]{1,64}$")
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
@@ -80,19 +76,6 @@ class VmNet:
     def guest(self) -> GuestNet:
         """eth0 as the guest configures it."""
         return GuestNet(self.mac, f"{self.guest_ip}/{self.prefix}", self.gateway, self.dns)
-
-    @property
-    def kernel_args(self) -> tuple[str, ...]:
-        """The same as kernel command-line words kiln's init reads (dotted: the kernel
-        ignores them); a cold Firecracker run's (a warm one's guest gets ``guest()``)."""
-        words = [f"kiln.ip={self.guest_ip}/{self.prefix}", f"kiln.gw={self.gateway}"]
-        if self.dns:
-            words.append("kiln.dns=" + ",".join(self.dns))
-        bad = [w for w in words if not _KILN_ARG.fullmatch(w)]
-        if bad:  # a word with a space would add kernel parameters (init=…)
-            raise KilnError(f"invalid guest network argument {bad[0]!r}",
-                            "the helper's lease must hold addresses only: see docs/net.md")
-        return tuple(words)
 
     def qemu_tap(self) -> qemuargv.TapNic:
         return qemuargv.TapNic(self.tap, self.mac)

@@ -9,22 +9,22 @@ writes go through ``debugfs -w`` on the snapshot file) its static files under ``
 * ``agent`` — ``agent.c`` and ``agentrun.c`` beside this module, static
   (``runner.guest_init.agentbin``): the guest end of the control channel
   (``runner.guest_init.channel``), which also runs the workload;
-* ``config`` — only where the settings cannot come over the control channel (Firecracker,
-  for now; ``on_disk``): the workload as shell assignments, every value ``shlex``-quoted.
+* ``settings`` — only where no control channel is up before the guest boots (a cold
+  Firecracker run; ``write_settings``): the run's ``SET1`` frame
+  (``runner.guest_init.channel``) without ``time``, which the agent reads and removes.
 
 ``workload()`` is the pure merge of the image's runtime config (``meta["config"]``, written
 by ``builder.pipeline.merge_config``) with the CLI's overrides, docker's way: ``--entrypoint``
 is not offered, a CLI command replaces ``Cmd``, ``-e`` overrides ``Env`` by key, PATH
-defaults to docker's. ``render_config()`` is its text; ``inject()`` the debugfs run.
-Under QEMU the workload travels in ``runner.vmm.driver.Boot`` to the driver, which sends
-it over the control channel (``runner.guest_init.channel``); the disk gets no config.
+defaults to docker's. ``inject()`` is the debugfs run. The workload travels in
+``runner.vmm.driver.Boot`` to the driver, which sends it over the control channel
+(``runner.guest_init.channel``) or, a cold Firecracker run's, writes it as ``settings``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -116,23 +116,6 @@ def workload(config: Mapping[str, Any], *, command: Sequence[str] = (),
                     hostname=hostname)
 
 
-def render_config(w: Workload) -> str:
-    """``/.kiln/config``: sourced by init.sh (every value shell-quoted)."""
-    q = shlex.quote
-    has_home = any(k == "HOME" for k, _ in w.env)
-    lines = [
-        "# written by kiln: the workload of this VM",
-        f"KILN_HOSTNAME={q(w.hostname)}",
-        f"KILN_WORKDIR={q(w.workdir)}",
-        f"KILN_USER={q(w.user)}",
-        f"KILN_PATH={q(w.path)}",
-        f"KILN_HAS_HOME={1 if has_home else 0}",
-        "set -- " + " ".join([*(q(f"{k}={v}") for k, v in w.env), "--",
-                              *(q(a) for a in w.argv)]),
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def debugfs_script(files: Mapping[str, Path]) -> str:
     """debugfs commands that create ``/.kiln`` and the mount points init.sh needs (an
     existing one makes a harmless "already exists" complaint) and write ``files`` (name
@@ -163,30 +146,22 @@ def debugfs_errors(stderr: str) -> list[str]:
     return out
 
 
-def inject(image: Path, w: Workload | None, *, busybox: Path = BUSYBOX,
-           scratch: Path | None = None, agent: Path | None = None,
-           on_disk: bool = True) -> None:
-    """Write kiln's init, busybox, the agent (when given) and — ``on_disk`` — the workload
-    config into the snapshot ``image`` (one debugfs run). ``w=None`` (``--init image``)
-    writes nothing. Without the config on disk the init takes its settings over the
-    control channel, which needs the agent."""
+def inject(image: Path, w: Workload | None, *, agent: Path, busybox: Path = BUSYBOX,
+           scratch: Path | None = None, settings: bytes | None = None) -> None:
+    """Write kiln's init, busybox, the agent and — ``settings``, a ``SET1`` frame for a
+    guest without a control channel — ``/.kiln/settings`` into the snapshot ``image`` (one
+    debugfs run). ``w=None`` (``--init image``) writes nothing."""
     if w is None:
         return
     if not busybox.is_file():
         raise KilnError(f"{busybox} not found", "apt-get install busybox-static")
-    if not on_disk and agent is None:
-        raise KilnError("the control channel needs kiln's agent", "internal error")
     with tempfile.TemporaryDirectory(prefix="kiln-init-", dir=scratch) as tmp:
         t = Path(tmp)
         (t / "init").write_bytes(init_script())
         os.chmod(t / "init", 0o755)  # noqa: S103 - executable in the guest
-        files = {"busybox": busybox, "init": t / "init"}
-        if agent is not None:
-            files["agent"] = agent
-        if on_disk:
-            (t / "config").write_text(render_config(w))
-            os.chmod(t / "config", 0o644)
-            files["config"] = t / "config"
+        files = {"busybox": busybox, "init": t / "init", "agent": agent}
+        if settings is not None:
+            files["settings"] = _settings_file(t, settings)
         res = proc.run("debugfs", ["-w", "-f", "-", str(image)],
                        stdin=debugfs_script(files).encode(), timeout=120)
     errors = debugfs_errors(res.stderr.decode("utf-8", "replace"))
@@ -194,3 +169,29 @@ def inject(image: Path, w: Workload | None, *, busybox: Path = BUSYBOX,
         raise KilnError(f"cannot write kiln's init into the VM's snapshot: {errors[0]}",
                         "an image with its own /.kiln cannot use kiln's init (boot it with "
                         "--init image); else the snapshot is full: give a larger --disk-size")
+
+
+def _settings_file(tmp: Path, frame: bytes) -> Path:
+    """The frame in a 0600 temp file: debugfs gives the guest's file its mode (the seed
+    in it is root's to read until the agent removes it)."""
+    path = tmp / "settings"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(frame)
+    return path
+
+
+def write_settings(image: Path, frame: bytes, *, scratch: Path | None = None) -> None:
+    """(Re)write ``/.kiln/settings`` — a ``SET1`` frame — in the snapshot ``image``, which
+    ``inject`` has given kiln's init (a cold Firecracker run: the frame holds eth0 from a
+    lease taken after the snapshot was made, and is written again for another lease)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-init-", dir=scratch) as tmp:
+        script = "rm /.kiln/settings\n" + debugfs_script(
+            {"settings": _settings_file(Path(tmp), frame)})
+        res = proc.run("debugfs", ["-w", "-f", "-", str(image)], stdin=script.encode(),
+                       timeout=120)
+    errors = [e for e in debugfs_errors(res.stderr.decode("utf-8", "replace"))
+              if not e.startswith("rm: File not found")]  # the first write: none to remove
+    if errors:
+        raise KilnError(f"cannot write the run's settings into the VM's snapshot: {errors[0]}",
+                        "the snapshot is full: give a larger --disk-size")

@@ -26,8 +26,10 @@
  * shell's parsing, its builtins' one-byte reads and a second exec cost ~120 ms there.
  *
  * CHAN is the virtio-serial port's device (QEMU), `vsock:PORT` (Firecracker: listen on
- * that AF_VSOCK port; the host connects through Firecracker's hybrid vsock) or `fd:N`
- * (an inherited connected socket: tests). On vsock the host may connect more than once:
+ * that AF_VSOCK port; the host connects through Firecracker's hybrid vsock), `file:PATH`
+ * (a SET1 frame kiln wrote on the disk of a cold Firecracker run, where no channel is up
+ * before the guest boots: read without a hello, then removed; a frame without `time`
+ * leaves the clock alone) or `fd:N` (an inherited connected socket: tests). On vsock the host may connect more than once:
  * a connection that closes before a whole frame arrived (the host gave up, or a restored
  * snapshot's transport reset cut the one the hello went out on) is dropped and the next
  * one accepted, which is greeted again. Only a frame that breaks the protocol ends it.
@@ -157,7 +159,7 @@ int parse_settings(uint32_t len) {
             st.env[st.nenv++] = v;
         } else return fail(2, "unknown settings record", r);
     }
-    if (!st.seed || !st.when || !st.val[HOSTNAME] || !st.nargs)
+    if (!st.seed || !st.val[HOSTNAME] || !st.nargs)  /* no time: the clock is left alone */
         return fail(2, "settings incomplete", 0);
     if (!st.path) st.path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     for (size_t k = 0; k < NSCALARS; k++)
@@ -231,7 +233,9 @@ int channel_read(int fd, int greet, uint32_t *len) {
 }
 
 /* The channel's one frame: a device or fd is opened, read once and closed; a vsock
- * listener accepts until a connection brings a whole frame (or breaks the protocol). */
+ * listener accepts until a connection brings a whole frame (or breaks the protocol);
+ * `file:PATH` (a cold Firecracker run's settings, written on its disk) is read without a
+ * greeting and removed: the seed in it is not the workload's to read. */
 int channel_frame(const char *chan, int greet, uint32_t *len) {
     int got;
     if (!strncmp(chan, "vsock:", 6)) {
@@ -248,6 +252,15 @@ int channel_frame(const char *chan, int greet, uint32_t *len) {
             close(c);
         } while (got == -CLOSED);
         close(s);
+        return got;
+    }
+    if (!strncmp(chan, "file:", 5)) {  /* a frame on the disk: read once, then removed */
+        int fd = open(chan + 5, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0) return -fail(1, chan + 5, strerror(errno));
+        got = channel_read(fd, 0, len);
+        close(fd);
+        if (unlink(chan + 5) < 0)
+            return -fail(1, "cannot remove the settings file", strerror(errno));
         return got;
     }
     int fd = channel_open(chan);

@@ -290,7 +290,7 @@ static int wait_ms(const struct timespec *at) {
  * default). Forked before, not after the settings: in a restored guest every kernel path
  * runs through the emulator's translator again, and a fork there cost ~14 ms. Returns
  * its exit status when it cannot exec: 125 no settings, 126/127 as prepare(), 143 a stop
- * request first. `chan`: the channel's fd, -1 for vsock (listened on here). */
+ * request first. `chan`: the channel's fd, -1 for vsock (listened on here) and a file. */
 static int workload(const char *chan_name, int chan, const sigset_t *old) {
     for (int sig = 1; sig < NSIG; sig++)  /* init.sh's background job ignores SIGINT/QUIT */
         signal(sig, SIG_DFL);
@@ -305,7 +305,8 @@ static int workload(const char *chan_name, int chan, const sigset_t *old) {
         return 143;
     }
     if (got == 1) fail(2, "bad stop request", (char *)payload);
-    int bad = got != 0 || parse_settings(len) || seed_crng(st.seed) || set_clock(st.when);
+    int bad = got != 0 || parse_settings(len) || seed_crng(st.seed) ||
+              (st.when && set_clock(st.when));
     if (st.seed) explicit_bzero((char *)st.seed, strlen(st.seed));  /* no copy outlives use */
     if (bad) {
         say("no settings from the host (see the workload's stderr)%s", "");
@@ -380,8 +381,8 @@ static int watch(pid_t child, int chan, int gate, int sfd) {
 /* `run CHANNEL`: the workload's process forked, then watched. Every signal is held here
  * (watch() takes SIGCHLD, SIGTERM and SIGINT from a signalfd). */
 int run(const char *chan_name) {
-    int chan = -1;
-    if (strncmp(chan_name, "vsock:", 6)) {  /* vsock: the child listens, no stop requests */
+    int chan = -1;  /* vsock: the child listens; file: it reads; no stop requests either way */
+    if (strncmp(chan_name, "vsock:", 6) && strncmp(chan_name, "file:", 5)) {
         chan = channel_open(chan_name);
         if (chan < 0) {
             say("no settings from the host (see the workload's stderr)%s", "");

@@ -3,8 +3,9 @@
 kiln's guest init takes a run's settings (argv, env, workdir, user, hostname, machine id,
 the time, seed material, the network) over the ``kiln.control`` port instead of the disk or
 the kernel command line, so a cold boot and (issue #14) a restored VM are given them the
-same way. docs/run.md, "The control channel", is the specification; the guest's reader is
-``agent.c`` beside this module.
+same way. A cold Firecracker run, which has no channel up before its guest boots, gets the
+same frame on its disk (``/.kiln/settings``, without ``time``). docs/run.md, "The control
+channel", is the specification; the guest's reader is ``agent.c`` beside this module.
 
 A frame is a 4-byte ASCII tag (its type and version), a 4-byte big-endian payload length
 and the payload. Each tag has a hard size limit (``LIMITS``), checked by both sides before
@@ -125,15 +126,18 @@ def _checked(s: Settings, seed: bytes) -> None:
             raise FrameError("invalid gateway or name server address")
 
 
-def encode_settings(s: Settings, *, time_ns: int, seed: bytes) -> bytes:
+def encode_settings(s: Settings, *, time_ns: int | None, seed: bytes) -> bytes:
     """The ``SET1`` frame for ``s`` sent at ``time_ns`` (the host's CLOCK_REALTIME) with
-    fresh ``seed`` bytes (pure)."""
+    fresh ``seed`` bytes (pure). ``time_ns`` None: no ``time`` record, and the guest leaves
+    its clock alone — a frame written on a disk before the boot (a cold Firecracker run)
+    would set it back by the boot's length."""
     _checked(s, seed)
-    sec, nsec = divmod(time_ns, 1_000_000_000)
     w = s.work
-    fields = [("hostname", w.hostname), ("machine_id", s.machine_id),
-              ("time", f"{sec}.{nsec:09d}"), ("seed", seed.hex()),
-              ("workdir", w.workdir), ("user", w.user)]
+    fields = [("hostname", w.hostname), ("machine_id", s.machine_id)]
+    if time_ns is not None:
+        sec, nsec = divmod(time_ns, 1_000_000_000)
+        fields.append(("time", f"{sec}.{nsec:09d}"))
+    fields += [("seed", seed.hex()), ("workdir", w.workdir), ("user", w.user)]
     if s.net is not None:
         fields += [("mac", s.net.mac), ("ip", s.net.ip), ("gw", s.net.gateway),
                    ("dns", ",".join(s.net.dns))]

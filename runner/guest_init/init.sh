@@ -6,9 +6,9 @@
 # argv) over the control channel (docs/run.md, "The control channel") — the kiln.control
 # port on QEMU, vsock on Firecracker (kiln.ctl=vsock:PORT on the command line) — applies
 # them and runs the workload as its child, its stdin/stdout/stderr on the virtio-serial
-# ports; a cold Firecracker run takes them from /.kiln/config and the command line, and
-# this shell does the same. Reports "exit N" on the kiln.status port (without one, as under
-# Firecracker: "kiln-init: exit N" on the console); powers off. A stop request is an STP1
+# ports; a cold Firecracker run's are the same frame on its disk (/.kiln/settings).
+# Reports "exit N" on the kiln.status port (without one, as under Firecracker:
+# "kiln-init: exit N" on the console); powers off. A stop request is an STP1
 # frame on the kiln.control port (the agent reads it) or Ctrl-Alt-Del (Firecracker's only
 # one, which the kernel turns into SIGINT for PID 1 once kernel.ctrl-alt-del is 0):
 # either way the workload gets SIGTERM. Everything here runs through kiln's own busybox,
@@ -36,14 +36,15 @@ $bb mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
 
 # The host's channels: virtio-serial ports by name (shell builtins only: every fork
 # costs milliseconds under emulation). Firecracker has no such ports: there kiln puts
-# kiln.ctl=vsock:PORT on the command line (only where the channel is: never a setting).
+# kiln.ctl=vsock:PORT (warm) or kiln.ctl=file:/.kiln/settings (cold) on the command line
+# (only where the channel is: never a setting), and nothing is waited for.
 status="" out="" err="" in="" ctl=""
 read -r cmdline </proc/cmdline
 for a in $cmdline; do
-  case "$a" in kiln.ctl=vsock:*) ctl=${a#kiln.ctl=} ;; esac
+  case "$a" in kiln.ctl=vsock:* | kiln.ctl=file:/.kiln/settings) ctl=${a#kiln.ctl=} ;; esac
 done
 i=0
-case "$ctl" in vsock:*) i=400 ;; esac
+case "$ctl" in vsock:* | file:*) i=400 ;; esac
 while [ "$i" -lt 400 ]; do
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue
@@ -56,8 +57,8 @@ while [ "$i" -lt 400 ]; do
       kiln.control) ctl=/dev/${p##*/} ;;
     esac
   done
-  # the settings come over kiln.control unless they are on the disk (Firecracker)
-  [ -n "$status" ] && { [ -n "$ctl" ] || [ -e /.kiln/config ]; } && break
+  # the settings come over kiln.control unless they are on the disk
+  [ -n "$status" ] && { [ -n "$ctl" ] || [ -e /.kiln/settings ]; } && break
   i=$((i + 1))
   $bb usleep 5000
 done
@@ -80,149 +81,12 @@ stop_on_ctrl_alt_del() {
   echo 0 2>/dev/null >/proc/sys/kernel/ctrl-alt-del
 }
 
-# A cold Firecracker run's settings: /.kiln/config and the kernel command line (the shell
-# does what the agent does for the channel; docs/run.md).
-start_from_config() {
-  KILN_MAC="" KILN_IP="" KILN_GW="" KILN_DNS="" KILN_MACHINE_ID=""
-  . /.kiln/config || { say "cannot read /.kiln/config"; finish 125; }
-  # The network on the kernel command line (Firecracker): kiln.ip=ADDR/PREFIX kiln.gw=GW
-  # [kiln.dns=A,B]. The kernel leaves dotted unknown words alone.
-  for a in $cmdline; do
-    case "$a" in
-      kiln.ip=*) KILN_IP=${a#kiln.ip=} ;;
-      kiln.gw=*) KILN_GW=${a#kiln.gw=} ;;
-      kiln.dns=*) KILN_DNS=${a#kiln.dns=} ;;
-    esac
-  done
-  echo "$KILN_HOSTNAME" >/proc/sys/kernel/hostname || say "cannot set the hostname"
-  if [ -n "$KILN_MACHINE_ID" ] && [ -d /etc ]; then
-    echo "$KILN_MACHINE_ID" >/etc/machine-id 2>/dev/null || say "cannot write /etc/machine-id"
-  fi
-  # eth0: without CONFIG_IP_PNP nobody else configures it. virtio_net is loaded by kiln's
-  # initrd, so eth0 exists by now (or within a moment).
-  if [ -n "$KILN_IP" ]; then
-    i=0
-    while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 200 ]; do
-      i=$((i + 1))
-      $bb usleep 10000
-    done
-    [ -z "$KILN_MAC" ] || $bb ip link set eth0 address "$KILN_MAC" || say "cannot set eth0's MAC $KILN_MAC"
-    if $bb ip addr add "$KILN_IP" dev eth0 && $bb ip link set eth0 up; then
-      [ -z "$KILN_GW" ] || $bb ip route add default via "$KILN_GW" || say "cannot add the route via $KILN_GW"
-      say "eth0 $KILN_IP"
-    else
-      say "cannot configure eth0 with $KILN_IP"
-    fi
-    if [ -n "$KILN_DNS" ] && { [ -w /etc/resolv.conf ] || [ ! -e /etc/resolv.conf ]; }; then
-      : >/etc/resolv.conf 2>/dev/null
-      IFS=,
-      for d in $KILN_DNS; do echo "nameserver $d" >>/etc/resolv.conf 2>/dev/null; done
-      unset IFS
-    fi
-  fi
-
-  # The user: NAME|UID[:GROUP|GID], resolved in the image's own /etc/passwd and /etc/group
-  # (read with builtins: no awk, no fork).
-  lookup() { # FILE KEY -> sets f1 f3 f4 f6 from the first line whose name or id is KEY
-    f1="" f3="" f4="" f6=""
-    [ -r "$1" ] || return 1
-    while IFS=: read -r a _ c d _ e _; do
-      if [ "$a" = "$2" ] || [ "$c" = "$2" ]; then
-        f1=$a f3=$c f4=$d f6=$e
-        return 0
-      fi
-    done <"$1"
-    return 1
-  }
-  isnum() { case "$1" in '' | *[!0-9]*) return 1 ;; *) return 0 ;; esac; }
-  u=${KILN_USER%%:*}
-  g=""
-  case "$KILN_USER" in *:*) g=${KILN_USER#*:} ;; esac
-  [ -n "$u" ] || u=0
-  if lookup /etc/passwd "$u"; then
-    uid=$f3 gid=$f4 home=$f6
-  elif isnum "$u"; then
-    uid=$u gid=0 home=/
-  else
-    echo "kiln: unable to find user $u: no matching entries in passwd file" >"$err"
-    finish 126
-  fi
-  if [ -n "$g" ]; then
-    if lookup /etc/group "$g"; then
-      gid=$f3
-    elif isnum "$g"; then
-      gid=$g
-    else
-      echo "kiln: unable to find group $g: no matching entries in group file" >"$err"
-      finish 126
-    fi
-  fi
-  [ -n "$home" ] || home=/
-
-  # "$@" is: ENV... -- ARGV... (env entries always contain "=", so "--" is unambiguous).
-  [ "$KILN_HAS_HOME" = 1 ] || set -- "HOME=$home" "$@"
-  n=0
-  for a in "$@"; do
-    [ "$a" = "--" ] && break
-    n=$((n + 1))
-  done
-  m=$(($# - n - 2))
-  if [ "$m" -lt 0 ]; then
-    echo "kiln: no command to run" >"$err"
-    finish 126
-  fi
-  # Rotate ENV... to the end, dropping "--" and keeping argv[0] aside: ARGS... ENV...
-  i=0
-  while [ "$i" -lt "$n" ]; do set -- "$@" "$1"; shift; i=$((i + 1)); done
-  shift
-  cmd=$1
-  shift
-
-  if [ -n "$KILN_WORKDIR" ]; then
-    $bb mkdir -p "$KILN_WORKDIR" 2>/dev/null
-    cd "$KILN_WORKDIR" || { echo "kiln: cannot enter working directory $KILN_WORKDIR" >"$err"; finish 126; }
-  fi
-  case "$cmd" in
-    */*) prog=$cmd ;;
-    *)
-      prog=""
-      IFS=:
-      for d in $KILN_PATH; do
-        if [ -f "$d/$cmd" ] && [ -x "$d/$cmd" ]; then
-          prog="$d/$cmd"
-          break
-        fi
-      done
-      unset IFS
-      ;;
-  esac
-  if [ -z "$prog" ]; then
-    echo "kiln: $cmd: executable file not found in \$PATH" >"$err"
-    finish 127
-  fi
-  # ARGS... ENV... [nsenter -S UID -G GID] PROG, then ARGS rotated behind: ENV... PROG ARGS...
-  if [ "$uid" = 0 ] && [ "$gid" = 0 ]; then
-    set -- "$@" "$prog"
-  else
-    set -- "$@" "$bb" nsenter -S "$uid" -G "$gid" "$prog"
-  fi
-  i=0
-  while [ "$i" -lt "$m" ]; do set -- "$@" "$1"; shift; i=$((i + 1)); done
-  stop_on_ctrl_alt_del
-  say "starting $prog"
-  if [ "$err" = "$out" ]; then
-    $bb env -i "$@" <"$in" >"$out" 2>&1 &
-  else
-    $bb env -i "$@" <"$in" >"$out" 2>"$err" &
-  fi
-  child=$!
-}
-
 agent=/.kiln/agent
 child=""
-if [ -e /.kiln/config ]; then
-  start_from_config
-elif [ -n "$ctl" ] && [ -x "$agent" ]; then
+# Settings on the disk (a cold Firecracker run's: no channel is up before its guest boots;
+# the same frame) come first: the agent reads the file and removes it.
+[ -e /.kiln/settings ] && ctl=file:/.kiln/settings
+if [ -n "$ctl" ] && [ -x "$agent" ]; then
   # The agent greets the host, blocks until its settings frame arrives (QEMU holds the
   # port's FIFO open: no EOF; on vsock it listens until the host connects), applies them
   # (seed, clock, hostname, machine id, eth0, user, workdir) and runs the workload as its
@@ -237,7 +101,7 @@ elif [ -n "$ctl" ] && [ -x "$agent" ]; then
   fi
   child=$!
 else
-  say "no settings: neither /.kiln/config nor the kiln.control port and /.kiln/agent"
+  say "no settings: neither /.kiln/settings nor the kiln.control port and /.kiln/agent"
   finish 125
 fi
 while :; do

@@ -119,8 +119,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any,
                     net=vmres.net_record(vm_id, intent) if intent is not None else None)
     st.update(vm_id, reason=vmm_reason)  # what `kiln ps` says until the VM ends
     try:
-        disk = _make_disk(root, pool, volume, files, rec.snapshot, opts, work,
-                          channel=vmm == "qemu" or warm is not None, warm=warm)
+        disk = _make_disk(root, pool, volume, files, rec.snapshot, opts, work, warm=warm)
         boot = Boot(host, files, boot_files.kernel, boot_files.initrd, disk,
                     guest_init.INIT_PATH if work else "/sbin/init", opts, forwards, intent,
                     vmres.UidPicker(reserved.uid_range), work, warm)
@@ -167,13 +166,13 @@ def _workload(config: dict[str, Any], opts: RunOptions, vm_id: str) -> Workload 
 
 
 def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: str,
-               opts: RunOptions, work: Workload | None, *, channel: bool,
+               opts: RunOptions, work: Workload | None, *,
                warm: WarmPlan | None = None) -> Path:
-    """The VM directory and its files, then the snapshot with kiln's init injected. The
-    workload goes to the driver (``channel``: QEMU sends it over the control channel,
-    ``runner.guest_init.channel``; a warm Firecracker run over vsock) or — a cold
-    Firecracker run — onto the snapshot. A warm restore's snapshot is a clone of the warm
-    image's disk (kiln's init is on it already)."""
+    """The VM directory and its files, then the snapshot with kiln's init and agent
+    injected. The workload goes to the driver, which sends it over the control channel
+    (``runner.guest_init.channel``) — or, a cold Firecracker run, writes it onto the
+    snapshot (``guest_init.write_settings``: with eth0 from its lease, taken later). A warm
+    restore's snapshot is a clone of the warm image's disk (kiln's init is on it already)."""
     from builder.warm import clone_file
     from runner import guest_init
     from runner.guest_init import agentbin
@@ -185,15 +184,13 @@ def _make_disk(root: Root, pool: Pool, volume: Volume, files: VMFiles, snap_id: 
         p.touch(mode=0o600)
     if not pool.has_volume(volume.id):
         pool.import_volume(volume.id, volume.path)
-    agent = None
-    if channel and work is not None:
-        agent = agentbin.ensure_agent(root.path / "kernels", scratch=root.tmp)
     snap = pool.create_snapshot(volume.id, snap_id=snap_id, size=opts.disk_size)
     if warm is not None and warm.mode == "restore":
         clone_file(warm.disk, Path(snap.path))
         return Path(snap.path)
-    guest_init.inject(Path(snap.path), work, scratch=root.tmp, agent=agent,
-                      on_disk=not channel)
+    if work is not None:
+        agent = agentbin.ensure_agent(root.path / "kernels", scratch=root.tmp)
+        guest_init.inject(Path(snap.path), work, scratch=root.tmp, agent=agent)
     return Path(snap.path)
 
 

@@ -112,16 +112,25 @@ def devices(net: str) -> str:
 
 def settings(warm: WarmPlan | None, work: Workload | None, vn: VmNet | None
              ) -> channel.Settings | None:
-    """A restore's settings for the guest (sent over vsock): the workload, a fresh machine
-    id and — ``--net tap`` — eth0 from the clone's lease (``VmNet.guest``). None for a
-    cold run (its settings are on its disk) and a save (it sends none)."""
-    if warm is None or warm.mode != "restore" or work is None:
+    """A run's settings for the guest: the workload, a fresh machine id and — ``--net
+    tap`` — eth0 from the VM's lease (``VmNet.guest``). A restore's go over vsock, a cold
+    run's onto its disk (``disk_frame``); None for a save (it sends none) and ``--init
+    image``."""
+    if (warm is not None and warm.mode != "restore") or work is None:
         return None
     s = channel.Settings(work, secrets.token_hex(16), vn.guest() if vn else None, None)
     try:  # refused now, before the restore, rather than when the guest asks
         channel.encode_settings(s, time_ns=time.time_ns(), seed=bytes(channel.SEED_BYTES))
     except channel.FrameError as e:
-        raise UsageError(f"the run's settings cannot be sent to the guest: {e}",
-                         "shorten the command and environment: together they must fit "
-                         "in 64 KiB") from None
+        hint = ("shorten the command and environment: together they must fit in 64 KiB"
+                if "exceeds the limit" in str(e) else
+                "the helper's lease must hold addresses only: see docs/net.md")
+        raise UsageError(f"the run's settings cannot be sent to the guest: {e}", hint
+                         ) from None
     return s
+
+
+def disk_frame(s: channel.Settings) -> bytes:
+    """A cold run's ``SET1`` frame for its disk: a fresh seed, no time (the guest's clock
+    is right on KVM, and a time stamped before the boot would set it back)."""
+    return channel.encode_settings(s, time_ns=None, seed=secrets.token_bytes(channel.SEED_BYTES))

@@ -63,6 +63,7 @@ from runner.vmm.fcconsole import Channels, vmm_exit_code
 
 log = logging.getLogger("kiln.vm")
 
+SETTINGS_ARG = "kiln.ctl=file:/.kiln/settings"  # a cold run's settings: init.sh, the agent
 BOOT_ARGS = ("console=ttyS0 reboot=k panic=1 pci=off quiet random.trust_cpu=on "
              "rootfstype=ext4")  # Firecracker appends root=/dev/vda rw and the mmio devices
 STOP_FILE = "stop"
@@ -185,15 +186,20 @@ class FirecrackerDriver:
         if boot.intent is not None:
             vn, rec = vmres.net_attach(self.root, st, rec, boot.intent, boot.picker)
         warm = _warm_launch(boot.warm)
-        # a warm guest takes eth0 from its settings: the key's command line has no lease
-        net_args = vn.kernel_args if vn is not None and boot.warm is None else ()
+        settings = fcwarm.settings(boot.warm, boot.workload, vn)
+        on_disk = boot.warm is None and settings is not None  # a cold boot has no channel
         vm = make_vm(self.cfg, ops_for(self.root.path), rec, vmlinux=vmlinux, initrd=initrd,
                      rootfs=boot.disk, cpus=boot.opts.cpus, memory=boot.opts.memory,
                      init=boot.init, nets=(vn.firecracker_nic(),) if vn else (),
                      netns=vn.spawn_netns if vn else None,
-                     kernel_args=(*net_args, *warm["args"]),
+                     kernel_args=(*warm["args"], *([SETTINGS_ARG] if on_disk else [])),
                      vsock=warm["vsock"], restore=warm["restore"])
-        return vm, rec, fcwarm.settings(boot.warm, boot.workload, vn)
+        if on_disk and settings is not None:
+            from runner.guest_init import write_settings
+
+            write_settings(boot.disk, fcwarm.disk_frame(settings), scratch=self.root.tmp)
+            settings = None  # on the disk, not over vsock
+        return vm, rec, settings
 
     def own(self, st: State, launch: FcLaunch, *, relay: bool,
             ready: Callable[[], None]) -> Ended:

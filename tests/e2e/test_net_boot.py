@@ -6,7 +6,8 @@ its lease through NAT in that namespace), guest B sits on the bridge (isolation 
 are put on the network by ``runner.network.attach`` (what ``kiln run --net tap`` calls) and
 taken off by ``detach``; the argv is ``runner.vmm.qemuargv.argv`` with the ``TapNic`` it gives, and
 QEMU starts in its ``spawn_netns`` (``helper.net.host.join_netns``). Proven from outside: each
-guest's init configured eth0 from the kernel command line with the MAC kiln derived, the
+guest's agent configured eth0 from the settings on its disk (a cold Firecracker run's
+transport) with the MAC kiln derived, the
 guests ping each other, a process in the test namespace fetches a page from each guest's
 busybox httpd directly and through a port forward, and the teardown leaves the namespace as
 it was. Nothing touches the host's own
@@ -32,6 +33,7 @@ from builder.source import RegistryOptions
 from helper.net import core as nc
 from helper.net import host as net
 from runner import guest_init, kernel, network
+from runner.guest_init import agentbin, channel
 from runner.vmm import qemuargv
 from tests.support.images import busybox_layout
 from tests.support.net import ROOT_A, UID, assert_host_clean, call, caller, cfg, ns, snapshot, vm_id
@@ -87,8 +89,13 @@ class Guest:
         d.mkdir()
         disk = d / "disk.ext4"
         shutil.copyfile(volume, disk)
-        guest_init.inject(disk, guest_init.workload({}, command=["sh", "-c", script],
-                                                    hostname=name))
+        # the settings on the disk, eth0 in them (as a cold Firecracker run has them)
+        work = guest_init.workload({}, command=["sh", "-c", script], hostname=name)
+        frame = channel.encode_settings(channel.Settings(work, os.urandom(16).hex(),
+                                                         vmnet.guest()),
+                                        time_ns=None, seed=os.urandom(channel.SEED_BYTES))
+        guest_init.inject(disk, work, agent=agentbin.ensure_agent(d / "cache", scratch=d),
+                          settings=frame, scratch=d)
         for f in ("console.log", "stdout", "stderr", "status"):
             (d / f).touch(mode=0o600)
         for end in ("in", "out"):
@@ -100,9 +107,6 @@ class Guest:
             console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
             status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH, net="tap",
             tap=vmnet.qemu_tap(),
-            # the config is on the disk here (no control channel): the init reads the
-            # network from the kernel command line, as under Firecracker
-            extra_append=vmnet.kernel_args,
             runas=f"{UID}:{UID}", chroot=d / "empty")
         binary = shutil.which("qemu-system-x86_64")
         assert binary is not None
@@ -163,7 +167,7 @@ def test_two_guests_ping_each_other_and_serve_the_namespace(
         time.sleep(0.2)
     boot_s = time.monotonic() - t0
 
-    # Each init configured eth0 from kiln.ip=/kiln.gw= with the MAC kiln derived.
+    # Each agent configured eth0 from the settings on its disk with the MAC kiln derived.
     assert f"ping-ok {vb.ip}\n{nc.mac_for(a)}\n" in ga.stdout()
     assert "inet 172.16.0.2/30" in ga.stdout()  # A's guest address: the same in every VM ns
     assert f"ping-ok {va.ip}\n{nc.mac_for(b)}\n" in gb.stdout()

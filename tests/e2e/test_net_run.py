@@ -32,6 +32,7 @@ from builder.root import Root
 from helper.net import core as nc
 from helper.net import host as net
 from runner import network
+from runner.guest_init import channel
 from runner.vm.state import State, root_key
 from runner.vmm import qemuargv
 from tests.support.cli import kiln, wait_for
@@ -328,7 +329,7 @@ def test_firecracker_joins_the_vm_namespace_and_opens_its_tap(
     """The real 1.12.1 jailer and firecracker (no guest runs here: KVM is emulated): the
     jailer enters kn-ID, Firecracker (as the VM uid that owns the tap) opens it when the
     network interface is configured, GET /vm/config returns eth0 with the tap and kiln's
-    MAC, the guest's address is on the kernel command line; stop leaves nothing."""
+    MAC, the guest's address is in its settings on its disk; stop leaves nothing."""
     from runner.vmm import fcapi as fc
 
     root, vol = world
@@ -361,8 +362,17 @@ def test_firecracker_joins_the_vm_namespace_and_opens_its_tap(
     assert [(n["iface_id"], n["host_dev_name"], n["guest_mac"])
             for n in got["network-interfaces"]] == [("eth0", nc.names(vm).tap,
                                                      nc.mac_for(vm))]
+    # the guest's address is in its settings on its disk, which the command line points to
     assert got["boot-source"]["boot_args"].endswith(
-        " init=/.kiln/init kiln.ip=172.16.0.2/30 kiln.gw=172.16.0.1")
+        " init=/.kiln/init kiln.ctl=file:/.kiln/settings")
+    assert "kiln.ip" not in got["boot-source"]["boot_args"]
+    snap = Path(root) / "pool" / "fs" / "snapshots" / f"{rec.snapshot}.ext4"
+    frame = subprocess.run(["debugfs", "-R", "cat /.kiln/settings", str(snap)],
+                           capture_output=True, check=True).stdout
+    records = channel.decode_frame(frame)[1].split(b"\0")
+    assert b"ip=172.16.0.2/30" in records
+    assert b"gw=172.16.0.1" in records
+    assert f"mac={nc.mac_for(vm)}".encode() in records
     assert kiln(root, "stop", "--timeout", "1", vm).stdout == vm + "\n"
     assert ps(root)[vm]["ip"] is None
     netns_env.drop_bridge(root)

@@ -77,15 +77,19 @@ def test_seed_hostname_machine_id_differ_per_run(world: tuple[Path, str, Path]) 
     assert kiln(root, "rm", "chan-one", "chan-two").returncode == 0
 
 
-def _boot(tmp: Path, volume: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """A VM booted by hand with kiln's init and agent but no settings on the disk."""
+def _boot(tmp: Path, volume: Path, *, settings: bytes | None = None
+          ) -> tuple[subprocess.Popen[bytes], Path]:
+    """A VM booted by hand with kiln's init and agent and — ``settings``, a frame — its
+    settings on the disk, as a cold Firecracker run has them (else none there)."""
     d = tmp / "vm"
     d.mkdir()
     disk = d / "disk.ext4"
     shutil.copyfile(volume, disk)
     agent = agentbin.ensure_agent(tmp / "cache", scratch=tmp)
     guest_init.inject(disk, guest_init.workload({}, command=["true"], hostname="bad"),
-                      agent=agent, on_disk=False, scratch=tmp)
+                      agent=agent, scratch=tmp)
+    if settings is not None:
+        guest_init.write_settings(disk, settings, scratch=tmp)
     for f in ("console.log", "stdout", "stderr", "status", "vmm.log"):
         (d / f).touch(mode=0o600)
     for end in ("in", "out"):
@@ -133,6 +137,33 @@ def test_bad_frame_ends_the_guest_with_125(world: tuple[Path, str, Path], tmp_pa
     assert (d / "status").read_text() == "exit 125\n"
     assert (d / "stderr").read_text() == message + "\n"
     assert "kiln-init: no settings from the host" in (d / "console.log").read_text()
+
+
+def test_settings_on_the_disk_are_read_once_and_removed(world: tuple[Path, str, Path],
+                                                        tmp_path: Path) -> None:
+    """A cold Firecracker run's transport, booted under QEMU: the same SET1 frame on the
+    disk (``/.kiln/settings``, no ``time``) runs the workload as the channel's would, with
+    its hostname, machine id, user and workdir; the file is gone before the workload
+    starts (the seed in it is not the workload's), and the clock is left as it booted."""
+    script = ("echo host=$(hostname) id=$(cat /etc/machine-id) uid=$(id -u) pwd=$(pwd); "
+              "ls /.kiln; date +%s")
+    w = guest_init.workload({}, command=["sh", "-c", script], hostname="from-disk",
+                            user="65534", workdir="/srv/x")
+    s = channel.Settings(w, "0123456789abcdef0123456789abcdef")
+    frame = channel.encode_settings(s, time_ns=None, seed=os.urandom(channel.SEED_BYTES))
+    assert b"time=" not in frame
+    proc, d = _boot(tmp_path, world[2], settings=frame)
+    try:
+        assert proc.wait(timeout=limit(120)) == 0, (d / "console.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (d / "status").read_text() == "exit 0\n", (d / "console.log").read_text()
+    lines = (d / "stdout").read_text().splitlines()
+    assert lines[0] == "host=from-disk id=0123456789abcdef0123456789abcdef uid=65534 pwd=/srv/x"
+    assert lines[1:-1] == ["agent", "busybox", "init"]  # settings: read, then removed
+    assert abs(int(lines[-1]) - time.time()) < limit(120)  # the boot's own clock (its RTC)
 
 
 def test_settings_over_the_limit_are_refused_before_the_boot(

@@ -15,7 +15,7 @@ from builder.root import Root
 from helper.base.errors import KilnError, UsageError
 from helper.jail.jailer import JailConfig
 from runner import network
-from runner.guest_init import Workload
+from runner.guest_init import Workload, channel
 from runner.guest_init.channel import GuestNet
 from runner.vm import warmrun
 from runner.vm.spec import RunOptions, WarmPlan
@@ -71,7 +71,10 @@ def test_a_restore_is_told_its_clones_eth0() -> None:
     none = fcwarm.settings(RESTORE, WORK, None)
     assert none is not None
     assert none.net is None
-    assert fcwarm.settings(None, WORK, VN) is None  # a cold run: its settings are on disk
+    cold = fcwarm.settings(None, WORK, VN)  # a cold run's: written on its disk
+    assert cold is not None
+    assert cold.net == VN.guest()
+    assert fcwarm.settings(None, None, VN) is None  # --init image: no settings at all
     assert fcwarm.settings(WarmPlan("save", Path("/s"), Path("/d")), WORK, VN) is None
     big = Workload(("x" * (70 << 10),), (), "/", "0:0", "vm1")
     with pytest.raises(UsageError) as e:
@@ -81,24 +84,42 @@ def test_a_restore_is_told_its_clones_eth0() -> None:
 
 @pytest.mark.parametrize("warm", [None, WarmPlan("save", Path("/s"), Path("/d"), Path("/m")),
                                   RESTORE])
-def test_make_puts_the_lease_on_eth0_and_only_a_cold_run_on_the_command_line(
+def test_make_gives_eth0_the_lease_in_the_settings_never_on_the_command_line(
         monkeypatch: pytest.MonkeyPatch, warm: WarmPlan | None) -> None:
+    """A cold run's settings (eth0 from the lease) are written onto its disk, and its
+    command line says so (``kiln.ctl=file:``); a restore's go over vsock; a save sends
+    none. No run puts the lease on the kernel command line."""
+    from runner import guest_init
+
     made: dict[str, Any] = {}
+    written: list[tuple[Path, bytes]] = []
     rec = SimpleNamespace(id="a")
     monkeypatch.setattr(fcd.vmres, "net_attach", lambda *a: (VN, rec))
     monkeypatch.setattr(fcd, "ops_for", lambda root: None)
     monkeypatch.setattr(fcd, "make_vm", lambda *a, **kw: made.update(kw) or "vm")
+    monkeypatch.setattr(guest_init, "write_settings",
+                        lambda image, frame, scratch=None: written.append((image, frame)))
     boot = SimpleNamespace(intent=object(), picker=None, warm=warm, disk=Path("/snap"),
                            opts=RunOptions(net="tap"), init="/.kiln/init", workload=WORK)
     vm, got_rec, settings = _driver()._make(None, rec, boot, Path("/k"), Path("/i"))  # type: ignore[arg-type]
     assert (vm, got_rec) == ("vm", rec)
     assert made["nets"] == (VN.firecracker_nic(),)
     assert made["netns"] == "kns"
-    lease = ("kiln.ip=10.0.0.2/24", "kiln.gw=10.0.0.1", "kiln.dns=192.0.2.53")
+    assert not any(a.startswith(("kiln.ip=", "kiln.gw=")) for a in made["kernel_args"])
     if warm is None:
-        assert made["kernel_args"] == lease
-        assert settings is None
+        assert made["kernel_args"] == ("kiln.ctl=file:/.kiln/settings",)
+        assert settings is None  # nothing over vsock
+        [(image, frame)] = written
+        assert image == Path("/snap")
+        tag, payload, rest = channel.decode_frame(frame)
+        records = payload.split(b"\0")
+        assert (tag, rest) == (channel.SETTINGS, b"")
+        assert b"ip=10.0.0.2/24" in records
+        assert b"gw=10.0.0.1" in records
+        assert b"mac=02:00:00:00:00:01" in records
+        assert not any(r.startswith(b"time=") for r in records)  # the guest keeps its clock
     else:
+        assert written == []
         assert made["kernel_args"] == ("kiln.ctl=vsock:5252",)
         assert made["vsock"] == fcwarm.VSOCK
         assert (settings is not None) == (warm.mode == "restore")

@@ -1,5 +1,5 @@
-"""Guest init: the config merge (docker's rules), the config text read back by a real
-shell, the debugfs injection checked with debugfs, init.sh's syntax."""
+"""Guest init: the config merge (docker's rules), the debugfs injection and the settings
+on the disk checked with debugfs, the agent's file reader, init.sh's syntax."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from helper.base.errors import KilnError, UsageError
 from runner import guest_init
-from runner.guest_init import DEFAULT_PATH, Workload, workload
+from runner.guest_init import DEFAULT_PATH, Workload, channel, workload
 
 IMAGE = {"Env": ["PATH=/usr/bin:/bin", "A=1"], "Entrypoint": ["/app"], "Cmd": ["--serve"],
          "WorkingDir": "/srv", "User": "app"}
@@ -56,18 +56,6 @@ def test_merge_errors(kw: dict[str, object], message: str) -> None:
     assert e.value.message == message
 
 
-def test_config_reads_back_in_a_real_shell(tmp_path: Path) -> None:
-    tricky = ["it's", 'a "b"', "$(rm -rf /)", "back\\slash", "new\nline", "", "--"]
-    w = workload({"Cmd": ["x"]}, command=tricky, env=["Q=$HOME 'x'"], hostname="h")
-    cfg = tmp_path / "config"
-    cfg.write_text(guest_init.render_config(w))
-    out = subprocess.run(["/bin/busybox", "sh", "-c",
-                          '. "$1"; printf "%s\\0" "$KILN_PATH" "$@"', "sh", str(cfg)],
-                         capture_output=True, check=True).stdout.decode()
-    assert out.split("\0")[:-1] == [DEFAULT_PATH, "Q=$HOME 'x'", f"PATH={DEFAULT_PATH}",
-                                    "HOSTNAME=h", "--", *tricky]
-
-
 def test_init_script_parses() -> None:
     subprocess.run(["/bin/busybox", "sh", "-n", str(Path(guest_init.__file__).parent /
                                                      "init.sh")], check=True)
@@ -76,6 +64,14 @@ def test_init_script_parses() -> None:
 def _debugfs(image: Path, request: str) -> str:
     return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
                           text=True, check=True).stdout
+
+
+def _dump(image: Path, path: str, tmp_path: Path) -> bytes:
+    out = tmp_path / "dumped"
+    out.unlink(missing_ok=True)
+    subprocess.run(["debugfs", "-R", f"dump {path} {out}", str(image)], capture_output=True,
+                   check=True)
+    return out.read_bytes()
 
 
 def _ext4(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -89,43 +85,81 @@ def _ext4(tmp_path: Path, files: dict[str, str]) -> Path:
     return img
 
 
-def test_inject_writes_root_owned_files(tmp_path: Path) -> None:
-    img = _ext4(tmp_path, {"proc/.keep": ""})
-    w = workload({"Cmd": ["sh"]}, hostname="h")
-    guest_init.inject(img, w, scratch=tmp_path)
-    listing = _debugfs(img, "ls -p /.kiln")
-    rows = {r.split("/")[5]: r.split("/") for r in listing.splitlines() if r.count("/") >= 6}
-    assert rows["busybox"][2:5] == ["100755", "0", "0"]
-    assert rows["init"][2:5] == ["100755", "0", "0"]
-    assert rows["config"][2:5] == ["100644", "0", "0"]
-    assert _debugfs(img, "cat /.kiln/config") == guest_init.render_config(w)
-    assert _debugfs(img, "cat /.kiln/init").encode() == guest_init.init_script()
-    root = _debugfs(img, "ls -p /")
-    assert {"/proc/", "/sys/", "/dev/"} <= {"/" + r.split("/")[5] + "/"
-                                            for r in root.splitlines() if r.count("/") >= 6}
-
-
-def test_inject_for_the_control_channel_writes_no_config(tmp_path: Path) -> None:
-    """QEMU: the static files only (busybox, init, agent); the workload goes to the driver
-    (``Boot.workload``), never onto the disk."""
-    img = _ext4(tmp_path, {"proc/.keep": ""})
+def _fake_agent(tmp_path: Path) -> Path:
     agent = tmp_path / "agent-bin"
     agent.write_bytes(b"\x7fELF fake")
     agent.chmod(0o755)
+    return agent
+
+
+def _rows(img: Path, d: str) -> dict[str, list[str]]:
+    listing = _debugfs(img, f"ls -p {d}")
+    return {r.split("/")[5]: r.split("/") for r in listing.splitlines() if r.count("/") >= 6}
+
+
+def test_inject_writes_root_owned_files_and_no_workload(tmp_path: Path) -> None:
+    """The static files only (busybox, init, agent): the workload goes to the driver
+    (``Boot.workload``), which sends it over the control channel."""
+    img = _ext4(tmp_path, {"proc/.keep": ""})
     w = workload({"Cmd": ["sh"]}, env=["A=1"], hostname="h")
-    guest_init.inject(img, w, scratch=tmp_path, agent=agent, on_disk=False)
-    listing = _debugfs(img, "ls -p /.kiln")
-    rows = {r.split("/")[5]: r.split("/") for r in listing.splitlines() if r.count("/") >= 6}
+    guest_init.inject(img, w, scratch=tmp_path, agent=_fake_agent(tmp_path))
+    rows = _rows(img, "/.kiln")
     assert set(rows) - {".", ".."} == {"busybox", "init", "agent"}
-    assert rows["agent"][2:5] == ["100755", "0", "0"]
-    with pytest.raises(KilnError, match="the control channel needs kiln's agent"):
-        guest_init.inject(img, w, on_disk=False)
+    for name in ("busybox", "init", "agent"):
+        assert rows[name][2:5] == ["100755", "0", "0"], name
+    assert _debugfs(img, "cat /.kiln/init").encode() == guest_init.init_script()
+    root = _rows(img, "/")
+    assert {"proc", "sys", "dev"} <= set(root)
+
+
+def test_settings_on_the_disk_are_roots_alone_and_rewritten(tmp_path: Path) -> None:
+    """A cold Firecracker run's settings: the frame as ``/.kiln/settings``, 0600 root (the
+    seed in it), written again whole for another lease (``write_settings``)."""
+    img = _ext4(tmp_path, {"proc/.keep": ""})
+    w = workload({"Cmd": ["sh"]}, hostname="h")
+    first = channel.encode_settings(channel.Settings(w, "a" * 32), time_ns=None,
+                                    seed=bytes(range(32)))
+    guest_init.inject(img, w, scratch=tmp_path, agent=_fake_agent(tmp_path), settings=first)
+    assert _rows(img, "/.kiln")["settings"][2:5] == ["100600", "0", "0"]
+    assert _dump(img, "/.kiln/settings", tmp_path) == first
+    net = channel.GuestNet("02:00:00:00:00:01", "10.0.0.2/24", "10.0.0.1", ("192.0.2.53",))
+    second = channel.encode_settings(channel.Settings(w, "b" * 32, net), time_ns=None,
+                                     seed=bytes(32))
+    guest_init.write_settings(img, second, scratch=tmp_path)
+    assert _rows(img, "/.kiln")["settings"][2:5] == ["100600", "0", "0"]
+    assert _dump(img, "/.kiln/settings", tmp_path) == second
+    subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, check=True)
+
+
+def test_the_agent_reads_settings_from_a_file_once(tmp_path: Path) -> None:
+    """``file:PATH``, the agent's reader for settings on the disk (its ``greet`` mode, which
+    applies nothing): no hello written into the file, the frame read, the file removed."""
+    from runner.guest_init import agentbin
+
+    agent = agentbin.ensure_agent(tmp_path / "cache", scratch=tmp_path)
+    w = workload({}, command=["echo", "it's"], hostname="h")
+    frame = channel.encode_settings(channel.Settings(w, "c" * 32), time_ns=None,
+                                    seed=bytes(32))
+    path = tmp_path / "settings"
+    path.write_bytes(frame)
+    res = subprocess.run([str(agent), "greet", f"file:{path}"], capture_output=True,
+                         text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "KILN_HOSTNAME='h'" in res.stdout
+    assert "KILN_MACHINE_ID='cccccccccccccccccccccccccccccccc'" in res.stdout
+    assert res.stdout.rstrip().endswith("-- 'echo' 'it'\\''s'")
+    assert not path.exists()
+    missing = subprocess.run([str(agent), "greet", f"file:{path}"], capture_output=True,
+                             text=True, check=False)
+    assert missing.returncode == 1
+    assert missing.stderr == f"kiln-agent: {path}: No such file or directory\n"
 
 
 def test_inject_refuses_an_image_with_its_own_kiln_files(tmp_path: Path) -> None:
     img = _ext4(tmp_path, {".kiln/init": "#!/bin/sh\n"})
     with pytest.raises(KilnError) as e:
-        guest_init.inject(img, workload({"Cmd": ["sh"]}, hostname="h"), scratch=tmp_path)
+        guest_init.inject(img, workload({"Cmd": ["sh"]}, hostname="h"), scratch=tmp_path,
+                          agent=_fake_agent(tmp_path))
     assert e.value.message == ("cannot write kiln's init into the VM's snapshot: "
                                "write: Ext2 file already exists")
 
@@ -133,62 +167,5 @@ def test_inject_refuses_an_image_with_its_own_kiln_files(tmp_path: Path) -> None
 def test_inject_nothing_for_the_images_own_init(tmp_path: Path) -> None:
     img = _ext4(tmp_path, {"etc/hostname": "x\n"})
     before = img.read_bytes()
-    guest_init.inject(img, None)
+    guest_init.inject(img, None, agent=_fake_agent(tmp_path))
     assert img.read_bytes() == before
-
-
-def _run_net_block(tmp_path: Path, cmdline: str, *, fail: str = "") -> list[str]:
-    """init.sh's settings and network steps for a cold Firecracker run (``/.kiln/config``
-    and the kernel command line), run by busybox sh with ``$bb`` a recorder: the commands
-    it would run for ``cmdline``, paths moved under ``tmp_path``. (With the control channel
-    the agent does them: the e2e runs check its results in real guests.)"""
-    text = (Path(guest_init.__file__).parent / "init.sh").read_text()
-    block = text[text.index("start_from_config() {"):text.index("  # The user:")] + "}\n"
-    (tmp_path / "config").write_text("KILN_HOSTNAME=h\n")
-    (tmp_path / "cmdline").write_text(cmdline + "\n")
-    (tmp_path / "eth0").mkdir()
-    log = tmp_path / "log"
-    bb = tmp_path / "bb"
-    # The recorder fails the command named by $FAIL (e.g. "ip addr add"), like a real error.
-    bb.write_text(f'#!/bin/sh\necho "$*" >>{log}\ncase "$*" in "$FAIL"*) exit 1 ;; esac\n')
-    bb.chmod(0o755)
-    script = (f"bb={bb}\nerr=/dev/null\n"
-              f"say() {{ echo \"say: $*\" >>{log}; }}\nfinish() {{ echo finish $1 >>{log}; }}\n"
-              # the command line as the channel search above the function reads it
-              + ("read -r cmdline </proc/cmdline\n" + block + "start_from_config\n")
-              .replace("/proc/cmdline", str(tmp_path / "cmdline"))
-              .replace("/.kiln/config", str(tmp_path / "config"))
-              .replace("/etc/machine-id", str(tmp_path / "machine-id"))
-              .replace("/proc/sys/kernel/hostname", str(tmp_path / "hostname"))
-              .replace("[ -d /etc ]", "true")
-              .replace("/sys/class/net/eth0", str(tmp_path / "eth0"))
-              .replace("/etc/resolv.conf", str(tmp_path / "resolv.conf")))
-    # this runs as root on the host: nothing of the host's kernel may be written
-    assert "/proc/sys" not in script, "a host path left unmapped"
-    assert "/sys/class" not in script, "a host path left unmapped"
-    subprocess.run(["/bin/busybox", "sh", "-c", script], check=True,
-                   env={"PATH": "/bin:/usr/bin", "FAIL": fail or "-"})
-    return log.read_text().splitlines() if log.exists() else []
-
-
-def test_init_configures_eth0_from_the_kernel_command_line(tmp_path: Path) -> None:
-    got = _run_net_block(tmp_path, "console=ttyS0 quiet kiln.ip=10.213.0.7/24 "
-                         "kiln.gw=10.213.0.1 kiln.dns=192.0.2.53,192.0.2.54 init=/.kiln/init")
-    assert got == ["ip addr add 10.213.0.7/24 dev eth0", "ip link set eth0 up",
-                   "ip route add default via 10.213.0.1", "say: eth0 10.213.0.7/24"]
-    assert (tmp_path / "hostname").read_text() == "h\n"
-    assert (tmp_path / "resolv.conf").read_text() == ("nameserver 192.0.2.53\n"
-                                                       "nameserver 192.0.2.54\n")
-
-
-def test_init_leaves_the_network_alone_without_kiln_ip(tmp_path: Path) -> None:
-    assert _run_net_block(tmp_path, "console=ttyS0 ip=10.0.0.2::10.0.0.1 kiln.gw=10.0.0.1"
-                          ) == []
-    assert not (tmp_path / "resolv.conf").exists()
-
-
-def test_init_reports_an_eth0_it_cannot_configure(tmp_path: Path) -> None:
-    got = _run_net_block(tmp_path, "kiln.ip=10.213.0.7/24 kiln.gw=10.213.0.1",
-                         fail="ip addr add")
-    assert got == ["ip addr add 10.213.0.7/24 dev eth0",
-                   "say: cannot configure eth0 with 10.213.0.7/24"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helper.base.errors import Conflict, KilnError
+from helper.base.errors import Conflict, UsageError
 from helper.net import core as nc
 from helper.net import host as net
 from runner import network
@@ -32,22 +32,32 @@ pytestmark = pytest.mark.root
 __all__ = ["ns"]  # the fixture, shared with test_net_ops
 
 
-@pytest.mark.parametrize(("field", "value", "bad"), [
-    ("guest_ip", "10.0.0.2 init=/bin/sh", "kiln.ip=10.0.0.2 init=/bin/sh/24"),
-    ("gateway", "10.0.0.1\ninit=/bin/sh", "kiln.gw=10.0.0.1\ninit=/bin/sh"),
-    ("dns", ("192.0.2.53", "x y"), "kiln.dns=192.0.2.53,x y"),
+@pytest.mark.parametrize(("field", "value"), [
+    ("guest_ip", "10.0.0.2 init=/bin/sh"),
+    ("gateway", "10.0.0.1\ninit=/bin/sh"),
+    ("dns", ("192.0.2.53", "x y")),
+    ("mac", "02:00:00:00:00:01 x"),
 ])
-def test_kernel_words_hold_addresses_only(field: str, value: object, bad: str) -> None:
-    """Firecracker's command line gets the lease as words: one that is not an address
-    would add a kernel parameter (init=...), so it is refused, naming the word."""
+def test_a_lease_that_is_not_addresses_never_reaches_the_guest(field: str, value: object
+                                                               ) -> None:
+    """The helper's lease becomes eth0 in the guest's settings (a cold Firecracker run's
+    are written on its disk): a field that is not an address is refused before anything
+    is written, naming it, with the lease as the thing to check."""
+    from runner.guest_init import Workload
+    from runner.vmm import fcwarm
+
     good = network.VmNet(vm_id="a", ip="10.0.0.2", guest_ip="10.0.0.2", prefix=24,
                          gateway="10.0.0.1", mac="02:00:00:00:00:01", tap="kt-a", netns=None,
                          namespace="", dns=("192.0.2.53",))
-    assert good.kernel_args == ("kiln.ip=10.0.0.2/24", "kiln.gw=10.0.0.1",
-                                "kiln.dns=192.0.2.53")
-    with pytest.raises(KilnError) as e:
-        _ = network.VmNet(**{**good.__dict__, field: value}).kernel_args
-    assert e.value.message == f"invalid guest network argument {bad!r}"
+    work = Workload(("true",), (), "", "", "vm1")
+    s = fcwarm.settings(None, work, good)
+    assert s is not None
+    assert s.net == GuestNet("02:00:00:00:00:01", "10.0.0.2/24", "10.0.0.1", ("192.0.2.53",))
+    with pytest.raises(UsageError) as e:
+        fcwarm.settings(None, work, network.VmNet(**{**good.__dict__, field: value}))
+    assert e.value.message.startswith("the run's settings cannot be sent to the guest: "
+                                      "invalid ")
+    assert e.value.hint == "the helper's lease must hold addresses only: see docs/net.md"
 
 
 @pytest.mark.slow
@@ -62,11 +72,9 @@ def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
         mac=nc.mac_for(a), tap=nc.names(a).tap, netns=None, namespace=ns,
         dns=("192.0.2.53", "192.0.2.54"), forwards=(qemuargv.Forward(8080, 80),))
     assert va.spawn_netns == ns
-    # the guest's settings (QEMU) and kernel words (Firecracker), from the lease's fields
+    # the guest's settings, from the lease's fields
     assert va.guest() == GuestNet(nc.mac_for(a), "10.231.7.2/24", "10.231.7.1",
                                   ("192.0.2.53", "192.0.2.54"))
-    assert va.kernel_args == ("kiln.ip=10.231.7.2/24", "kiln.gw=10.231.7.1",
-                              "kiln.dns=192.0.2.53,192.0.2.54")
     assert va.qemu_tap() == qemuargv.TapNic(nc.names(a).tap, nc.mac_for(a))
     assert va.firecracker_nic().guest_mac == nc.mac_for(a)
     assert va.doc()["forwards"] == ["8080:80"]
@@ -74,7 +82,6 @@ def test_attach_detach_both_isolations_with_nat_and_forwards(ns: str) -> None:
     assert (vb.ip, vb.guest_ip, vb.prefix, vb.gateway, vb.netns, vb.spawn_netns) == (
         "10.231.7.3", "172.16.0.2", 30, "172.16.0.1", nc.names(b).netns, nc.names(b).netns)
     assert vb.guest() == GuestNet(nc.mac_for(b), "172.16.0.2/30", "172.16.0.1")
-    assert vb.kernel_args == ("kiln.ip=172.16.0.2/30", "kiln.gw=172.16.0.1")
     rules = json.dumps(snapshot(ns)["rules"])
     assert "KILN-POSTROUTING" in rules
     assert "KILN-DNAT" in rules

@@ -176,11 +176,12 @@ def test_console_init_failures_and_partial_lines() -> None:
 
 def test_console_exit_reports_of_kiln_init() -> None:
     """Without a status port kiln-init's finish says "kiln-init: exit N" on the console:
-    after the workload (agreeing with its marker), after its own failures (125 for a
-    config it cannot read, which no failure message gives), and after a stop request."""
+    after the workload (agreeing with its marker), after its own failures (125 for
+    settings it cannot read, which no failure message gives), and after a stop request."""
     sp = fcconsole.ConsoleSplit()
-    assert sp.feed(b"kiln-init: cannot read /.kiln/config\r\nkiln-init: exit 125\r\n") == \
-        (b"kiln-init: cannot read /.kiln/config\nkiln-init: exit 125\n", b"", b"")
+    line = b"kiln-init: no settings from the host (see the workload's stderr)"
+    assert sp.feed(line + b"\r\nkiln-init: exit 125\r\n") == \
+        (line + b"\nkiln-init: exit 125\n", b"", b"")
     assert sp.exit_code == 125
     sp = fcconsole.ConsoleSplit()
     sp.feed(b"kiln: nope: executable file not found in $PATH\r\nkiln-init: exit 127\r\n")
@@ -428,7 +429,8 @@ def test_detach_config_roundtrip_stop_rm(world: dict[str, Any]) -> None:
     client = fc.ApiClient(Path(doc["api_sock"]))
     assert client.get("/")["state"] == "Running"
     got = client.get("/vm/config")
-    sent = fc.VmConfig(boot_args=f"{fcdriver.BOOT_ARGS} init=/.kiln/init", vcpus=2,
+    sent = fc.VmConfig(boot_args=f"{fcdriver.BOOT_ARGS} init=/.kiln/init "
+                       f"{fcdriver.SETTINGS_ARG}", vcpus=2,
                        mem_mib=256, drives=(fc.DriveSpec("rootfs", "/rootfs.ext4",
                                                          root=True),))
     assert fc.config_mismatches(fc.expected_vm_config(sent), got) == []
