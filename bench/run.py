@@ -242,14 +242,14 @@ def main() -> None:
                 "-chardev", f"file,id=st,path={work / 'status'}",
                 "-device", "virtserialport,chardev=st,name=kiln.status",
                 "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet "
-                f"init=/.kiln/init tsc_early_khz={tsc}"]
+                f"init=/.kiln/init tsc_early_khz={tsc} {guest_init.SETTINGS_ARG}"]
         # kiln's command line for this guest (TCG, the same init), on the bare command
         tuned = [*bare]
         tuned[tuned.index("-append") + 1] = qemuargv.kernel_cmdline(qemuargv.QemuSpec(
             name="bare", kernel=boot.kernel, initrd=boot.initrd, disk=disk, cpus=1,
             memory_mib=512, accel="tcg", tsc_khz=tsc, console_log=work / "console.log",
             stdout=work / "stdout", stderr=work / "stderr", status=work / "status",
-            control=work / "ctl", init="/.kiln/init"))
+            control=work / "ctl", init="/.kiln/init", extra_append=(guest_init.SETTINGS_ARG,)))
         kiln = [*KILN, "--root", str(root), "run", "--rm", volume, "--", "echo", MARKER]
         warm = [*KILN, "--root", str(root), "run", "--warm", "--rm", volume, "--", "echo",
                 MARKER]

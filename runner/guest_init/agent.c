@@ -138,8 +138,13 @@ _Static_assert(sizeof SCALARS / sizeof *SCALARS == NSCALARS, "SCALARS and agent.
 
 struct settings st;
 
-/* Check every record of the SET1 payload and index it in `st` (the payload is kept). */
-int parse_settings(uint32_t len) {
+static int hex32(const char *s) {
+    return strlen(s) == 32 && strspn(s, "0123456789abcdef") == 32;
+}
+
+/* Check every record of the SET1 payload and index it in `st` (the payload is kept).
+ * `timed`: a `time` record is required (not in a frame on the disk: docs/run.md). */
+int parse_settings(uint32_t len, int timed) {
     if (len == 0 || payload[len - 1] != 0) return fail(2, "settings not NUL-terminated", 0);
     for (char *r = (char *)payload, *next; r < (char *)payload + len; r = next) {
         next = r + strlen(r) + 1;  /* before the '=' below becomes the key's end */
@@ -159,8 +164,10 @@ int parse_settings(uint32_t len) {
             st.env[st.nenv++] = v;
         } else return fail(2, "unknown settings record", r);
     }
-    if (!st.seed || !st.val[HOSTNAME] || !st.nargs)  /* no time: the clock is left alone */
+    if (!st.seed || (timed && !st.when) || !st.val[HOSTNAME] || !st.nargs)
         return fail(2, "settings incomplete", 0);
+    if (st.val[MACHINE_ID] && *st.val[MACHINE_ID] && !hex32(st.val[MACHINE_ID]))
+        return fail(2, "machine id is not 32 hex digits", 0);
     if (!st.path) st.path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     for (size_t k = 0; k < NSCALARS; k++)
         if (!st.val[k]) st.val[k] = "";
@@ -204,11 +211,19 @@ static int vsock_listen(const char *port_text) {
     return s;
 }
 
+/* The hello: on a socket without SIGPIPE (a peer that gave up must not kill the process:
+ * on vsock the next connection is accepted), elsewhere (the QEMU port) a plain write. */
+static int hello(int fd) {
+    ssize_t n = send(fd, "HEL1\0\0\0\0", 8, MSG_NOSIGNAL);
+    if (n < 0 && errno == ENOTSOCK) n = write(fd, "HEL1\0\0\0\0", 8);
+    return n == 8 ? 0 : -1;
+}
+
 /* One exchange on `fd`: greet (when asked) and read one frame. */
 static int exchange(int fd, int greet, uint32_t *len) {
     static const char *const tags[] = {"SET1", "STP1"};
     static const uint32_t limits[] = {SETTINGS_MAX, STOP_MAX};
-    if (greet && write(fd, "HEL1\0\0\0\0", 8) != 8) return -CLOSED;
+    if (greet && hello(fd) < 0) return -CLOSED;
     return read_frame(fd, tags, limits, 2, len);
 }
 
@@ -226,8 +241,7 @@ int channel_open(const char *chan) {
 
 /* Greet (when asked) on an open channel and read its one frame. */
 int channel_read(int fd, int greet, uint32_t *len) {
-    if (greet && write(fd, "HEL1\0\0\0\0", 8) != 8)
-        return -fail(1, "cannot greet the host", strerror(errno));
+    if (greet && hello(fd) < 0) return -fail(1, "cannot greet the host", strerror(errno));
     int got = exchange(fd, 0, len);
     return got == -CLOSED ? -fail(2, "the control channel closed", 0) : got;
 }
@@ -255,9 +269,14 @@ int channel_frame(const char *chan, int greet, uint32_t *len) {
         return got;
     }
     if (!strncmp(chan, "file:", 5)) {  /* a frame on the disk: read once, then removed */
-        int fd = open(chan + 5, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        int fd = open(chan + 5, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
         if (fd < 0) return -fail(1, chan + 5, strerror(errno));
         got = channel_read(fd, 0, len);
+        static const char zeros[512];  /* the seed's blocks zeroed, not only unlinked */
+        struct stat sb;
+        for (off_t at = 0; fstat(fd, &sb) == 0 && at < sb.st_size; at += (off_t)sizeof zeros)
+            if (pwrite(fd, zeros, sizeof zeros, at) < 0) break;
+        fdatasync(fd);
         close(fd);
         if (unlink(chan + 5) < 0)
             return -fail(1, "cannot remove the settings file", strerror(errno));
@@ -280,5 +299,5 @@ int main(int argc, char **argv) {
     int got = channel_frame(argv[2], greet, &len);
     if (got < 0) return -got;
     if (got == 1) return 3;  /* STP1 instead of the settings */
-    return parse_settings(len) ? 2 : print_settings();
+    return parse_settings(len, strncmp(argv[2], "file:", 5) != 0) ? 2 : print_settings();
 }

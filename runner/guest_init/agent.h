@@ -51,7 +51,7 @@ int fail(int code, const char *what, const char *detail);
 int channel_open(const char *chan);
 int channel_read(int fd, int greet, uint32_t *len);
 int channel_frame(const char *chan, int greet, uint32_t *len);
-int parse_settings(uint32_t len);
+int parse_settings(uint32_t len, int timed);
 int seed_crng(const char *hex);
 int set_clock(const char *text);
 int run(const char *chan_name); /* agentrun.c */

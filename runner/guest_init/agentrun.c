@@ -179,7 +179,8 @@ static const char *find_prog(const char *cmd, char *buf, size_t size) {
     }
 }
 
-/* /etc/machine-id, opened (made) before the hello: a restored guest then only writes it. */
+/* /etc/machine-id, opened (made) before the hello: a restored guest then only writes it.
+ * -1: the image has no /etc; -2: the open failed. */
 static int machine_id = -1;
 
 /* Everything before the workload: the machine, the user, the directory, the program. */
@@ -187,10 +188,11 @@ static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
     static char home[ID_TEXT], home_env[ID_TEXT + 5], found[4096];
     if (sethostname(st.val[HOSTNAME], strlen(st.val[HOSTNAME])) < 0)
         say("cannot set the hostname%s", "");
-    if (*st.val[MACHINE_ID] && machine_id >= 0) {
-        char id[40];
+    if (*st.val[MACHINE_ID] && machine_id != -1) {  /* -1: the image has no /etc */
+        char id[34];  /* 32 hex digits (parse_settings) and a newline */
         int n = snprintf(id, sizeof id, "%s\n", st.val[MACHINE_ID]);
-        if (pwrite(machine_id, id, (size_t)n, 0) != n || ftruncate(machine_id, n) < 0)
+        if (machine_id < 0 || n != 33 || pwrite(machine_id, id, 33, 0) != 33 ||
+            ftruncate(machine_id, 33) < 0)
             say("cannot write /etc/machine-id%s", "");
     }
     if (*st.val[IP]) network();
@@ -296,8 +298,10 @@ static int workload(const char *chan_name, int chan, const sigset_t *old) {
         signal(sig, SIG_DFL);
     sigprocmask(SIG_SETMASK, old, 0);
     struct stat sb;
-    if (stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode))
+    if (stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode)) {
         machine_id = open("/etc/machine-id", O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644);
+        if (machine_id < 0) machine_id = -2;
+    }
     uint32_t len = 0;
     int got = chan >= 0 ? channel_read(chan, 1, &len) : channel_frame(chan_name, 1, &len);
     if (got == 1 && len && strspn((char *)payload, "0123456789") == len) {
@@ -305,7 +309,8 @@ static int workload(const char *chan_name, int chan, const sigset_t *old) {
         return 143;
     }
     if (got == 1) fail(2, "bad stop request", (char *)payload);
-    int bad = got != 0 || parse_settings(len) || seed_crng(st.seed) ||
+    int bad = got != 0 || parse_settings(len, strncmp(chan_name, "file:", 5) != 0) ||
+              seed_crng(st.seed) ||
               (st.when && set_clock(st.when));
     if (st.seed) explicit_bzero((char *)st.seed, strlen(st.seed));  /* no copy outlives use */
     if (bad) {

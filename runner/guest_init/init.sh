@@ -36,15 +36,18 @@ $bb mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
 
 # The host's channels: virtio-serial ports by name (shell builtins only: every fork
 # costs milliseconds under emulation). Firecracker has no such ports: there kiln puts
-# kiln.ctl=vsock:PORT (warm) or kiln.ctl=file:/.kiln/settings (cold) on the command line
-# (only where the channel is: never a setting), and nothing is waited for.
+# kiln.ctl=vsock:PORT (warm) or kiln.ctl=file:/.kiln/settings (cold: the frame on the
+# disk, which only that word makes the init read) on the command line — never a setting.
 status="" out="" err="" in="" ctl=""
 read -r cmdline </proc/cmdline
 for a in $cmdline; do
   case "$a" in kiln.ctl=vsock:* | kiln.ctl=file:/.kiln/settings) ctl=${a#kiln.ctl=} ;; esac
 done
 i=0
-case "$ctl" in vsock:* | file:*) i=400 ;; esac
+case "$ctl" in vsock:*) i=400 ;; esac
+serial=""  # no virtio-serial device (Firecracker): no ports to wait for
+for d in /sys/bus/virtio/drivers/virtio_console/virtio*; do [ -e "$d" ] && serial=1; done
+[ -n "$serial" ] || i=400
 while [ "$i" -lt 400 ]; do
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue
@@ -54,11 +57,10 @@ while [ "$i" -lt 400 ]; do
       kiln.stdout) out=/dev/${p##*/} ;;
       kiln.stderr) err=/dev/${p##*/} ;;
       kiln.stdin) in=/dev/${p##*/} ;;
-      kiln.control) ctl=/dev/${p##*/} ;;
+      kiln.control) case "$ctl" in file:*) ;; *) ctl=/dev/${p##*/} ;; esac ;;
     esac
   done
-  # the settings come over kiln.control unless they are on the disk
-  [ -n "$status" ] && { [ -n "$ctl" ] || [ -e /.kiln/settings ]; } && break
+  [ -n "$status" ] && [ -n "$ctl" ] && break
   i=$((i + 1))
   $bb usleep 5000
 done
@@ -83,9 +85,6 @@ stop_on_ctrl_alt_del() {
 
 agent=/.kiln/agent
 child=""
-# Settings on the disk (a cold Firecracker run's: no channel is up before its guest boots;
-# the same frame) come first: the agent reads the file and removes it.
-[ -e /.kiln/settings ] && ctl=file:/.kiln/settings
 if [ -n "$ctl" ] && [ -x "$agent" ]; then
   # The agent greets the host, blocks until its settings frame arrives (QEMU holds the
   # port's FIFO open: no EOF; on vsock it listens until the host connects), applies them

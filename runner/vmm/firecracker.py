@@ -51,6 +51,7 @@ from builder.store import hash_file
 from helper import cgroup as cg
 from helper.base.errors import KilnError, NotFound, UidInUse, UsageError
 from helper.jail import jailer as jail
+from runner import guest_init
 from runner.tempfiles import locked_temp, write_atomic
 from runner.vm import cgroup as vmcgroup
 from runner.vm import resources as vmres
@@ -63,7 +64,6 @@ from runner.vmm.fcconsole import Channels, vmm_exit_code
 
 log = logging.getLogger("kiln.vm")
 
-SETTINGS_ARG = "kiln.ctl=file:/.kiln/settings"  # a cold run's settings: init.sh, the agent
 BOOT_ARGS = ("console=ttyS0 reboot=k panic=1 pci=off quiet random.trust_cpu=on "
              "rootfstype=ext4")  # Firecracker appends root=/dev/vda rw and the mmio devices
 STOP_FILE = "stop"
@@ -152,7 +152,6 @@ class FirecrackerDriver:
 
         self.check(opts)
         devices = fcwarm.devices(opts.net)
-        from runner import guest_init
         from runner.guest_init import vsock
 
         cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg()))
@@ -192,12 +191,12 @@ class FirecrackerDriver:
                      rootfs=boot.disk, cpus=boot.opts.cpus, memory=boot.opts.memory,
                      init=boot.init, nets=(vn.firecracker_nic(),) if vn else (),
                      netns=vn.spawn_netns if vn else None,
-                     kernel_args=(*warm["args"], *([SETTINGS_ARG] if on_disk else [])),
+                     kernel_args=(*warm["args"], *([guest_init.SETTINGS_ARG] if on_disk else [])),
                      vsock=warm["vsock"], restore=warm["restore"])
         if on_disk and settings is not None:
-            from runner.guest_init import write_settings
 
-            write_settings(boot.disk, fcwarm.disk_frame(settings), scratch=self.root.tmp)
+            guest_init.write_settings(boot.disk, fcwarm.disk_frame(settings),
+                                      scratch=self.root.tmp)
             settings = None  # on the disk, not over vsock
         return vm, rec, settings
 

@@ -106,7 +106,7 @@ class Guest:
             memory_mib=256, accel="tcg", tsc_khz=qemuargv.host_tsc_khz(),
             console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
             status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH, net="tap",
-            tap=vmnet.qemu_tap(),
+            tap=vmnet.qemu_tap(), extra_append=(guest_init.SETTINGS_ARG,),
             runas=f"{UID}:{UID}", chroot=d / "empty")
         binary = shutil.which("qemu-system-x86_64")
         assert binary is not None

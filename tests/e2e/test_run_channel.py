@@ -77,10 +77,11 @@ def test_seed_hostname_machine_id_differ_per_run(world: tuple[Path, str, Path]) 
     assert kiln(root, "rm", "chan-one", "chan-two").returncode == 0
 
 
-def _boot(tmp: Path, volume: Path, *, settings: bytes | None = None
+def _boot(tmp: Path, volume: Path, *, settings: bytes | None = None, on_cmdline: bool = True
           ) -> tuple[subprocess.Popen[bytes], Path]:
     """A VM booted by hand with kiln's init and agent and — ``settings``, a frame — its
-    settings on the disk, as a cold Firecracker run has them (else none there)."""
+    settings on the disk, as a cold Firecracker run has them (else none there), named on
+    the kernel command line (``on_cmdline``) as kiln names them."""
     d = tmp / "vm"
     d.mkdir()
     disk = d / "disk.ext4"
@@ -99,7 +100,8 @@ def _boot(tmp: Path, volume: Path, *, settings: bytes | None = None
         name="kiln-chantest", kernel=boot.kernel, initrd=boot.initrd, disk=disk, cpus=1,
         memory_mib=256, accel="tcg", tsc_khz=qemuargv.host_tsc_khz(),
         console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
-        status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH)
+        status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH,
+        extra_append=(guest_init.SETTINGS_ARG,) if settings is not None and on_cmdline else ())
     binary = shutil.which("qemu-system-x86_64")
     assert binary is not None
     with open(d / "vmm.log", "wb") as log:
@@ -164,6 +166,40 @@ def test_settings_on_the_disk_are_read_once_and_removed(world: tuple[Path, str, 
     assert lines[0] == "host=from-disk id=0123456789abcdef0123456789abcdef uid=65534 pwd=/srv/x"
     assert lines[1:-1] == ["agent", "busybox", "init"]  # settings: read, then removed
     assert abs(int(lines[-1]) - time.time()) < limit(120)  # the boot's own clock (its RTC)
+
+
+def test_an_images_own_settings_file_is_not_taken_over_the_channel(
+        world: tuple[Path, str, Path], tmp_path: Path) -> None:
+    """An image that ships /.kiln/settings (a frame running its own command as root) does
+    not replace the caller's run: without ``kiln.ctl=file:`` on the kernel command line
+    (only a cold Firecracker run has it, and there kiln writes the file over the image's)
+    the init takes the control channel, greets the host and leaves the file alone."""
+    evil = guest_init.workload({}, command=["sh", "-c", "echo hijacked"], hostname="evil")
+    frame = channel.encode_settings(channel.Settings(evil, "e" * 32), time_ns=None,
+                                    seed=bytes(channel.SEED_BYTES))
+    proc, d = _boot(tmp_path, world[2], settings=frame, on_cmdline=False)
+    try:
+        out = os.open(d / "ctl.out", os.O_RDONLY | os.O_NONBLOCK)
+        heard, deadline = b"", time.monotonic() + limit(90)
+        while len(heard) < 8 and time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(BlockingIOError):
+                heard += os.read(out, 8)
+            time.sleep(0.02)
+        os.close(out)
+        assert heard == channel.encode_frame(channel.HELLO, b""), \
+            (d / "console.log").read_text() + (d / "stdout").read_text()
+        fd = os.open(d / "ctl.in", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, channel.encode_settings(channel.Settings(guest_init.workload(
+            {}, command=["sh", "-c", "echo mine; ls /.kiln"], hostname="mine"), "f" * 32),
+            time_ns=time.time_ns(), seed=os.urandom(channel.SEED_BYTES)))
+        os.close(fd)
+        assert proc.wait(timeout=limit(60)) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (d / "stdout").read_text().splitlines() == ["mine", "agent", "busybox", "init",
+                                                       "settings"]
 
 
 def test_settings_over_the_limit_are_refused_before_the_boot(

@@ -169,3 +169,42 @@ def test_inject_nothing_for_the_images_own_init(tmp_path: Path) -> None:
     before = img.read_bytes()
     guest_init.inject(img, None, agent=_fake_agent(tmp_path))
     assert img.read_bytes() == before
+
+
+def test_the_agent_refuses_a_machine_id_that_is_not_32_hex_digits(tmp_path: Path) -> None:
+    """Only 32 lowercase hex digits go into /etc/machine-id: a longer one was written
+    with the agent's stack after it (the length snprintf wanted, not what fit)."""
+    from runner.guest_init import agentbin
+
+    agent = agentbin.ensure_agent(tmp_path / "cache", scratch=tmp_path)
+    w = workload({}, command=["true"], hostname="h")
+    good = channel.encode_settings(channel.Settings(w, "d" * 32), time_ns=None,
+                                   seed=bytes(32))
+    for mid, code in ((b"d" * 32, 0), (b"d" * 300, 2), (b"D" * 32, 2), (b"", 0)):
+        frame = good.replace(b"machine_id=" + b"d" * 32, b"machine_id=" + mid)
+        frame = frame[:4] + (len(frame) - 8).to_bytes(4, "big") + frame[8:]
+        path = tmp_path / "settings"
+        path.write_bytes(frame)
+        res = subprocess.run([str(agent), "greet", f"file:{path}"], capture_output=True,
+                             text=True, check=False)
+        assert res.returncode == code, (mid, res.stderr)
+        if code:
+            assert res.stderr == "kiln-agent: machine id is not 32 hex digits\n"
+
+
+def test_a_host_that_hung_up_does_not_kill_the_agent_with_sigpipe(tmp_path: Path) -> None:
+    """The hello on a socket whose peer is gone is an error (the vsock listener then
+    accepts the next connection), not SIGPIPE: the workload's process died of it (141)."""
+    import socket
+
+    from runner.guest_init import agentbin
+
+    agent = agentbin.ensure_agent(tmp_path / "cache", scratch=tmp_path)
+    host, guest = socket.socketpair()
+    host.close()
+    with guest:
+        res = subprocess.run([str(agent), "greet", f"fd:{guest.fileno()}"],
+                             pass_fds=(guest.fileno(),), capture_output=True, text=True,
+                             check=False)
+    assert res.returncode == 1, res
+    assert res.stderr == "kiln-agent: cannot greet the host: Broken pipe\n"

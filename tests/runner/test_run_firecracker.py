@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from builder.root import Root
 from helper import cgroup as cg
 from helper.base.errors import KilnError, NotFound
+from runner import guest_init
 from runner.vm import cgroup as vmcgroup
 from runner.vm import reaper, state
 from runner.vmm import choice as vmmchoice
@@ -430,7 +431,7 @@ def test_detach_config_roundtrip_stop_rm(world: dict[str, Any]) -> None:
     assert client.get("/")["state"] == "Running"
     got = client.get("/vm/config")
     sent = fc.VmConfig(boot_args=f"{fcdriver.BOOT_ARGS} init=/.kiln/init "
-                       f"{fcdriver.SETTINGS_ARG}", vcpus=2,
+                       f"{guest_init.SETTINGS_ARG}", vcpus=2,
                        mem_mib=256, drives=(fc.DriveSpec("rootfs", "/rootfs.ext4",
                                                          root=True),))
     assert fc.config_mismatches(fc.expected_vm_config(sent), got) == []
