@@ -86,6 +86,42 @@ def test_an_ordinary_user_runs_tap_vms_through_the_helper(
     assert vmms(root) == {}
 
 
+def test_an_ordinary_users_warm_runs_on_the_kiln_network(
+        user_world: tuple[User, Path, str], netns_env: Net) -> None:  # noqa: F811
+    """`kiln run --warm --net tap` as the sudo caller (issue #14): the warm image made on
+    first use, then a restore; each clone's eth0 from its own lease in its settings, the
+    tap an fd from the helper; output and exit code as a cold run's; nothing left."""
+    user, root, vol = user_world
+    netns_env.roots.append(root)
+
+    def leftovers() -> None:
+        for r in json.loads(kiln_as(user, root, "ps", "--all", "--json").stdout):
+            kiln_as(user, root, "rm", "--force", r["id"], check=False)
+        for i in json.loads(kiln_as(user, root, "warm", "ls", "--json").stdout):
+            kiln_as(user, root, "warm", "rm", i["id"], check=False)
+
+    netns_env.cleanups.append(leftovers)
+    netns_env.configure(extra=f'[pool]\ndirectory = "{BASE}"\n\n', isolation="netns")
+    before = netns_env.snapshot()
+    cmd = ("sh", "-c", "ping -c 1 -W 5 172.16.0.1 >/dev/null && echo ping-ok; "
+           "set -- $(ip -4 -o addr show dev eth0); echo \"eth0 $4\"; exit 3")
+    start = _audit_len()
+    for first in (True, False):
+        res = kiln_as(user, root, "run", "--warm", "--rm", "--net", "tap", vol, "--", *cmd,
+                      check=False)
+        assert (res.returncode, res.stdout) == (3, "ping-ok\neth0 172.16.0.2/30\n"), \
+            res.stderr
+        assert ("making one" in res.stderr) == first, res.stderr
+        assert "booting cold" not in res.stderr  # restored, not the fallback
+    ran = [op for op, outcome in _ops_ran(user.uid, start) if outcome == "ok"]
+    assert ran.count("tap-open") == 2, ran  # each clone's tap, as an fd
+    assert json.loads(kiln_as(user, root, "ps", "--all", "--json").stdout) == []  # --rm
+    leftovers()
+    netns_env.drop_bridge(root)
+    assert netns_env.snapshot() == before
+    assert vmms(root) == {}
+
+
 # -- tap-open: only the caller's own VM's tap, only over a Unix socket ----------------------
 
 

@@ -4,7 +4,7 @@ logs`/`stop`, and a failed restore that falls back to a cold boot), `-p` on `--n
 `--kernel`/`--initrd`/`--disk-size` selecting their own warm image (the same value the same
 image), and `--net tap`: two clones at once, each with its own MAC, address, hostname,
 machine id and forward, the configured name servers in resolv.conf — as a cold VM on the
-same network. (The rest — output, `-i`, `--net user`, `--rm`, clones' disks and random
+same network — and `-i` with it, output and exit code as cold. (The rest — output, `-i`, `--net user`, `--rm`, clones' disks and random
 state, a failed foreground restore — is tests/e2e/test_run_warm.py.)
 """
 
@@ -249,15 +249,18 @@ def test_net_tap_clones_at_once_each_their_own(warmed: tuple[Path, str],
     assert netns_env.snapshot() == before
 
 
-def test_net_tap_exit_code_and_output_as_cold(warmed: tuple[Path, str],
-                                              netns_env: Net) -> None:
+def test_net_tap_with_stdin_exit_code_and_output_as_cold(warmed: tuple[Path, str],
+                                                         netns_env: Net) -> None:
+    """``-i`` with ``--net tap``, cold and warm: the stdin port beside the NIC (a warm
+    image's device set has both), the workload's output and exit code alike."""
     root, vol = warmed
     netns_env.configure()
     before = netns_env.snapshot()
-    cold, hot = (run(root, *mode, "--rm", "--net", "tap", vol, "--", "sh", "-c",
-                     "ip -4 -o addr show dev eth0 | grep -c inet; exit 3")
+    cold, hot = (kiln(root, "run", *mode, "-i", "--rm", "--net", "tap", vol, "--", "sh", "-c",
+                      "cat; ip -4 -o addr show dev eth0 | grep -c inet; exit 3",
+                      check=False, input="piped in\n")
                  for mode in (COLD, WARM))
-    assert (cold.returncode, cold.stdout) == (3, "1\n"), cold.stderr
-    assert (hot.returncode, hot.stdout, hot.stderr) == (3, "1\n", cold.stderr)
+    assert (cold.returncode, cold.stdout) == (3, "piped in\n1\n"), cold.stderr
+    assert (hot.returncode, hot.stdout, hot.stderr) == (3, "piped in\n1\n", cold.stderr)
     netns_env.drop_bridge(root)
     assert netns_env.snapshot() == before

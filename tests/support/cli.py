@@ -16,10 +16,12 @@ KILN = [sys.executable, "-m", "runner"]
 
 
 def kiln(root: Path, *args: str, env: dict[str, str] | None = None,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``kiln --root ROOT ARGS…``; with ``check``, a non-zero exit fails the test with stderr."""
+         check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``kiln --root ROOT ARGS…`` (``input``: its stdin); with ``check``, a non-zero exit
+    fails the test with stderr."""
     res = subprocess.run([*KILN, "--root", str(root), *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=limit(300), check=False)
+                         env={**os.environ, **(env or {})}, timeout=limit(300), check=False,
+                         input=input)
     if check and res.returncode != 0:
         raise AssertionError(f"kiln {' '.join(args)} exited {res.returncode}: {res.stderr}")
     return res
