@@ -110,6 +110,23 @@ def _boot(tmp: Path, volume: Path, *, settings: bytes | None = None, on_cmdline:
     return proc, d
 
 
+def _answer_hello(proc: subprocess.Popen[bytes], d: Path, frame: bytes) -> None:
+    """Wait for the guest's HEL1 on the control port (the test fails without it), then
+    write ``frame`` as the host's answer."""
+    out = os.open(d / "ctl.out", os.O_RDONLY | os.O_NONBLOCK)
+    heard, deadline = b"", time.monotonic() + limit(90)
+    while len(heard) < 8 and time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(BlockingIOError):
+            heard += os.read(out, 8)
+        time.sleep(0.02)
+    os.close(out)
+    assert heard == channel.encode_frame(channel.HELLO, b""), \
+        (d / "console.log").read_text() + (d / "stdout").read_text()
+    fd = os.open(d / "ctl.in", os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, frame)
+    os.close(fd)
+
+
 @pytest.mark.parametrize(("frame", "message"), [
     (b"SET1" + (70000).to_bytes(4, "big") + b"x" * 4096,
      "kiln-agent: refused: SET1 frame of 70000 bytes exceeds the limit of 65536 bytes"),
@@ -119,18 +136,7 @@ def test_bad_frame_ends_the_guest_with_125(world: tuple[Path, str, Path], tmp_pa
                                            frame: bytes, message: str) -> None:
     proc, d = _boot(tmp_path, world[2])
     try:
-        out = os.open(d / "ctl.out", os.O_RDONLY | os.O_NONBLOCK)
-        heard, deadline = b"", time.monotonic() + limit(90)
-        while len(heard) < 8 and time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(BlockingIOError):
-                heard += os.read(out, 8)
-            time.sleep(0.02)
-        os.close(out)
-        assert heard == channel.encode_frame(channel.HELLO, b""), \
-            (d / "console.log").read_text()
-        fd = os.open(d / "ctl.in", os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, frame)
-        os.close(fd)
+        _answer_hello(proc, d, frame)
         assert proc.wait(timeout=limit(60)) == 0  # the guest powered off: no hang
     finally:
         if proc.poll() is None:
@@ -179,20 +185,9 @@ def test_an_images_own_settings_file_is_not_taken_over_the_channel(
                                     seed=bytes(channel.SEED_BYTES))
     proc, d = _boot(tmp_path, world[2], settings=frame, on_cmdline=False)
     try:
-        out = os.open(d / "ctl.out", os.O_RDONLY | os.O_NONBLOCK)
-        heard, deadline = b"", time.monotonic() + limit(90)
-        while len(heard) < 8 and time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(BlockingIOError):
-                heard += os.read(out, 8)
-            time.sleep(0.02)
-        os.close(out)
-        assert heard == channel.encode_frame(channel.HELLO, b""), \
-            (d / "console.log").read_text() + (d / "stdout").read_text()
-        fd = os.open(d / "ctl.in", os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, channel.encode_settings(channel.Settings(guest_init.workload(
+        _answer_hello(proc, d, channel.encode_settings(channel.Settings(guest_init.workload(
             {}, command=["sh", "-c", "echo mine; ls /.kiln"], hostname="mine"), "f" * 32),
             time_ns=time.time_ns(), seed=os.urandom(channel.SEED_BYTES)))
-        os.close(fd)
         assert proc.wait(timeout=limit(60)) == 0
     finally:
         if proc.poll() is None:
