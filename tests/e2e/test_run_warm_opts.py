@@ -4,8 +4,9 @@ logs`/`stop`, and a failed restore that falls back to a cold boot), `-p` on `--n
 `--kernel`/`--initrd`/`--disk-size` selecting their own warm image (the same value the same
 image), and `--net tap`: two clones at once, each with its own MAC, address, hostname,
 machine id and forward, the configured name servers in resolv.conf — as a cold VM on the
-same network — and `-i` with it, output and exit code as cold. (The rest — output, `-i`, `--net user`, `--rm`, clones' disks and random
-state, a failed foreground restore — is tests/e2e/test_run_warm.py.)
+same network — and `-i` with it, output and exit code as cold. (The rest — output, `-i`,
+`--net user`, `--rm`, clones' disks and random state, a failed foreground restore — is
+tests/e2e/test_run_warm.py.)
 """
 
 from __future__ import annotations
