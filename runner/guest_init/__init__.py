@@ -138,15 +138,24 @@ def debugfs_errors(stderr: str) -> list[str]:
     """The complaints in debugfs's stderr that mean the injection failed (pure).
 
     debugfs exits 0 whatever its commands did, so its stderr is the result. Expected:
-    its banner, and "already exists" from the ``mkdir`` of a mount point the image has.
+    its banner, "already exists" from the ``mkdir`` of a mount point the image has, and
+    "File not found" from the ``rm`` of a settings file not written yet.
     """
     out: list[str] = []
     for raw in stderr.splitlines():
         line = raw.strip()
-        if not line or line.startswith("debugfs ") or "directory already exists" in line:
+        if (not line or line.startswith(("debugfs ", "rm: File not found"))
+                or "directory already exists" in line):
             continue
         out.append(line)
     return out
+
+
+def _debugfs_write(image: Path, script: str) -> list[str]:
+    """Run ``script`` in ``debugfs -w`` on ``image``; its complaints (``debugfs_errors``)."""
+    res = proc.run("debugfs", ["-w", "-f", "-", str(image)], stdin=script.encode(),
+                   timeout=120)
+    return debugfs_errors(res.stderr.decode("utf-8", "replace"))
 
 
 def inject(image: Path, w: Workload | None, *, agent: Path, busybox: Path = BUSYBOX,
@@ -165,9 +174,7 @@ def inject(image: Path, w: Workload | None, *, agent: Path, busybox: Path = BUSY
         files = {"busybox": busybox, "init": t / "init", "agent": agent}
         if settings is not None:
             files["settings"] = _settings_file(t, settings)
-        res = proc.run("debugfs", ["-w", "-f", "-", str(image)],
-                       stdin=debugfs_script(files).encode(), timeout=120)
-    errors = debugfs_errors(res.stderr.decode("utf-8", "replace"))
+        errors = _debugfs_write(image, debugfs_script(files))
     if errors:
         raise KilnError(f"cannot write kiln's init into the VM's snapshot: {errors[0]}",
                         "an image with its own /.kiln cannot use kiln's init (boot it with "
@@ -189,12 +196,8 @@ def write_settings(image: Path, frame: bytes, *, scratch: Path | None = None) ->
     ``inject`` has given kiln's init (a cold Firecracker run: the frame holds eth0 from a
     lease taken after the snapshot was made, and is written again for another lease)."""
     with tempfile.TemporaryDirectory(prefix="kiln-init-", dir=scratch) as tmp:
-        script = "rm /.kiln/settings\n" + debugfs_script(
-            {"settings": _settings_file(Path(tmp), frame)})
-        res = proc.run("debugfs", ["-w", "-f", "-", str(image)], stdin=script.encode(),
-                       timeout=120)
-    errors = [e for e in debugfs_errors(res.stderr.decode("utf-8", "replace"))
-              if not e.startswith("rm: File not found")]  # the first write: none to remove
+        errors = _debugfs_write(image, "rm /.kiln/settings\n" + debugfs_script(
+            {"settings": _settings_file(Path(tmp), frame)}))
     if errors:
         raise KilnError(f"cannot write the run's settings into the VM's snapshot: {errors[0]}",
                         "the snapshot is full: give a larger --disk-size")

@@ -186,18 +186,17 @@ class FirecrackerDriver:
             vn, rec = vmres.net_attach(self.root, st, rec, boot.intent, boot.picker)
         warm = _warm_launch(boot.warm)
         settings = fcwarm.settings(boot.warm, boot.workload, vn)
-        on_disk = boot.warm is None and settings is not None  # a cold boot has no channel
+        on_disk = settings if boot.warm is None else None  # a cold boot has no channel
         vm = make_vm(self.cfg, ops_for(self.root.path), rec, vmlinux=vmlinux, initrd=initrd,
                      rootfs=boot.disk, cpus=boot.opts.cpus, memory=boot.opts.memory,
                      init=boot.init, nets=(vn.firecracker_nic(),) if vn else (),
                      netns=vn.spawn_netns if vn else None,
                      kernel_args=(*warm["args"], *([guest_init.SETTINGS_ARG] if on_disk else [])),
                      vsock=warm["vsock"], restore=warm["restore"])
-        if on_disk and settings is not None:
-
-            guest_init.write_settings(boot.disk, fcwarm.disk_frame(settings),
+        if on_disk is not None:
+            guest_init.write_settings(boot.disk, fcwarm.disk_frame(on_disk),
                                       scratch=self.root.tmp)
-            settings = None  # on the disk, not over vsock
+            return vm, rec, None  # on the disk, not over vsock
         return vm, rec, settings
 
     def own(self, st: State, launch: FcLaunch, *, relay: bool,
