@@ -13,10 +13,11 @@
  *                      parent waits for it: SIGTERM/SIGINT from PID 1 (init.sh's stop on
  *                      Ctrl-Alt-Del) and an STP1 on CHAN are SIGTERM to the workload,
  *                      SIGKILL to every process an STP1's grace later; other signals are
- *                      held (a workload's `kill -1` is not for it). Exits with the workload's status (128+N
- *                      for a signal); its own errors: 125 (no settings), 126 (user, ids,
- *                      workdir, exec, as a container runtime: a script without `#!` is
- *                      an exec format error), 127 (not found), 143 (STP1 first).
+ *                      held (a workload's `kill -1` is not for it). Exits with the
+ *                      workload's status (128+N for a signal); its own errors: 125 (no
+ *                      settings), 126 (user, ids, workdir, exec, as a container runtime: a
+ *                      script without `#!` is an exec format error), 127 (not found), 143
+ *                      (STP1 first).
  *   agent greet CHAN   as run up to the frame, then print it as shell assignments and
  *                      apply nothing (tests: the framing on a host)
  *   agent print FILE   read one SET1 frame and print it likewise (tests)
@@ -29,10 +30,11 @@
  * that AF_VSOCK port; the host connects through Firecracker's hybrid vsock), `file:PATH`
  * (a SET1 frame kiln wrote on the disk of a cold Firecracker run, where no channel is up
  * before the guest boots: read without a hello, then removed; a frame without `time`
- * leaves the clock alone) or `fd:N` (an inherited connected socket: tests). On vsock the host may connect more than once:
- * a connection that closes before a whole frame arrived (the host gave up, or a restored
- * snapshot's transport reset cut the one the hello went out on) is dropped and the next
- * one accepted, which is greeted again. Only a frame that breaks the protocol ends it.
+ * leaves the clock alone) or `fd:N` (an inherited connected socket: tests). On vsock the
+ * host may connect more than once: a connection that closes before a whole frame arrived
+ * (the host gave up, or a restored snapshot's transport reset cut the one the hello went
+ * out on) is dropped and the next one accepted, which is greeted again. Only a frame that
+ * breaks the protocol ends it.
  *
  * A frame is a 4-byte tag, a 4-byte big-endian length and the payload; each tag has a
  * hard limit checked before its payload is read, so the guest never reads unbounded data.
@@ -274,7 +276,8 @@ int channel_frame(const char *chan, int greet, uint32_t *len) {
         got = channel_read(fd, 0, len);
         static const char zeros[512];  /* the seed's blocks zeroed, not only unlinked */
         struct stat sb;
-        for (off_t at = 0; fstat(fd, &sb) == 0 && at < sb.st_size; at += (off_t)sizeof zeros)
+        off_t size = fstat(fd, &sb) == 0 ? sb.st_size : 0;
+        for (off_t at = 0; at < size; at += (off_t)sizeof zeros)
             if (pwrite(fd, zeros, sizeof zeros, at) < 0) break;
         fdatasync(fd);
         close(fd);

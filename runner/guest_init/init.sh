@@ -44,8 +44,7 @@ for a in $cmdline; do
   case "$a" in kiln.ctl=vsock:* | kiln.ctl=file:/.kiln/settings) ctl=${a#kiln.ctl=} ;; esac
 done
 i=0
-case "$ctl" in vsock:*) i=400 ;; esac
-serial=""  # no virtio-serial device (Firecracker): no ports to wait for
+serial=""  # no virtio-serial device (Firecracker, vsock or file): no ports to wait for
 for d in /sys/bus/virtio/drivers/virtio_console/virtio*; do [ -e "$d" ] && serial=1; done
 [ -n "$serial" ] || i=400
 while [ "$i" -lt 400 ]; do
