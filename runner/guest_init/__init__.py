@@ -38,6 +38,9 @@ INIT_PATH = "/.kiln/init"
 # The kernel command line's word for settings on the disk (``write_settings``): init.sh
 # reads /.kiln/settings only when it is there (an image's own file is never taken).
 SETTINGS_ARG = "kiln.ctl=file:/.kiln/settings"
+# The kernel command line's word of a warm image's boot: the agent reads, before its
+# hello, the files every run's settings are applied with (agentrun.c, warm_reads).
+WARM_ARG = "kiln.warm"
 BUSYBOX = Path("/bin/busybox")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

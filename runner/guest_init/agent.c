@@ -4,7 +4,9 @@
  * written into every VM's snapshot as /.kiln/agent; run by /.kiln/init (init.sh) as root.
  *
  *   agent run CHAN     fork first (before the hello: agentrun.c says why). The child
- *                      sends HEL1 and reads one frame. SET1: seed the kernel CRNG
+ *                      (a warm image's boot, `kiln.warm` on the kernel command line:
+ *                      after reading what runs need into the page cache) sends HEL1
+ *                      and reads one frame. SET1: seed the kernel CRNG
  *                      (RNDADDENTROPY + RNDRESEEDCRNG), set CLOCK_REALTIME, the hostname,
  *                      /etc/machine-id and eth0 (busybox ip), resolve the user in the
  *                      image's /etc/passwd and /etc/group, enter the workdir, find argv[0]

@@ -4,6 +4,7 @@
 #ifndef KILN_AGENT_H
 #define KILN_AGENT_H
 #define _GNU_SOURCE /* accept4 */
+#include <dirent.h>
 #include <errno.h>
 #include <grp.h>
 #include <poll.h>

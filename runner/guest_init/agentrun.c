@@ -180,8 +180,52 @@ static const char *find_prog(const char *cmd, char *buf, size_t size) {
 }
 
 /* /etc/machine-id, opened (made) before the hello: a restored guest then only writes it.
- * -1: the image has no /etc; -2: the open failed. */
+ * -1: the image has no /etc; -2: the open failed. Its size then: truncated only if longer
+ * than an id (an ftruncate is one more ext4 path to translate in a restored guest). */
 static int machine_id = -1;
+static off_t machine_id_size;
+
+/* A warm image's boot only (`kiln.warm` on the kernel command line): what every run's
+ * settings are applied with is read before the hello, so a restored guest finds it in its
+ * page cache instead of reading the disk through kernel paths the emulator translates
+ * again — the user's files, the default PATH's directories (the program's lookup), the
+ * image's shell. Measured on the demo image: ~20 ms less from the settings to the
+ * workload's start (docs/warm.md). Files: regular ones only, at most 64 MiB each. */
+static int warm_boot(void) {
+    char line[4096];
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, line, sizeof line - 1);
+    if (fd >= 0) close(fd);
+    if (n <= 0) return 0;
+    line[n] = 0;
+    for (char *w = strtok(line, " \n"); w; w = strtok(0, " \n"))
+        if (!strcmp(w, "kiln.warm")) return 1;
+    return 0;
+}
+
+static void warm_reads(void) {
+    static const char *const files[] = {"/etc/passwd", "/etc/group", "/bin/sh"};
+    static char buf[65536];
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        int fd = open(files[i], O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        struct stat sb;
+        if (fd < 0) continue;
+        if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode))
+            for (off_t got = 0; got < (64 << 20);) {
+                ssize_t r = read(fd, buf, sizeof buf);
+                if (r <= 0) break;
+                got += r;
+            }
+        close(fd);
+    }
+    char path[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (char *d = strtok(path, ":"); d; d = strtok(0, ":")) {
+        DIR *dir = opendir(d);
+        if (!dir) continue;
+        while (readdir(dir)) { /* every entry block read once */ }
+        closedir(dir);
+    }
+}
 
 /* Everything before the workload: the machine, the user, the directory, the program. */
 static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
@@ -192,7 +236,7 @@ static int prepare(uid_t *uid, gid_t *gid, const char **prog) {
         char id[34];  /* 32 hex digits (parse_settings) and a newline */
         int n = snprintf(id, sizeof id, "%s\n", st.val[MACHINE_ID]);
         if (machine_id < 0 || n != 33 || pwrite(machine_id, id, 33, 0) != 33 ||
-            ftruncate(machine_id, 33) < 0)
+            (machine_id_size > 33 && ftruncate(machine_id, 33) < 0))
             say("cannot write /etc/machine-id%s", "");
     }
     if (*st.val[IP]) network();
@@ -301,7 +345,9 @@ static int workload(const char *chan_name, int chan, const sigset_t *old) {
     if (stat("/etc", &sb) == 0 && S_ISDIR(sb.st_mode)) {
         machine_id = open("/etc/machine-id", O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644);
         if (machine_id < 0) machine_id = -2;
+        else machine_id_size = fstat(machine_id, &sb) == 0 ? sb.st_size : 34;
     }
+    if (warm_boot()) warm_reads();
     uint32_t len = 0;
     int got = chan >= 0 ? channel_read(chan, 1, &len) : channel_frame(chan_name, 1, &len);
     if (got == 1 && len && strspn((char *)payload, "0123456789") == len) {

@@ -154,7 +154,8 @@ class FirecrackerDriver:
         devices = fcwarm.devices(opts.net)
         from runner.guest_init import vsock
 
-        cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg()))
+        cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg(),
+                            guest_init.WARM_ARG))
         return WarmFacts("firecracker", self.cfg.firecracker, "kvm", "host", devices,
                          cmdline, save_net=opts.net)
 
@@ -256,7 +257,8 @@ def _warm_launch(warm: WarmPlan | None) -> dict[str, Any]:
     from runner.vmm import fcwarm
 
     restore = (warm.state, warm.mem) if warm.mode == "restore" and warm.mem else None
-    return {"args": (vsock.kernel_arg(),), "vsock": fcwarm.VSOCK, "restore": restore}
+    return {"args": (vsock.kernel_arg(), guest_init.WARM_ARG), "vsock": fcwarm.VSOCK,
+            "restore": restore}
 
 
 def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Path,

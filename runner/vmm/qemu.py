@@ -112,7 +112,8 @@ class QemuDriver:
         from runner import guest_init
 
         accel = qemuargv.host_accel(self.root)
-        cmdline = qemuargv.boot_args(guest_init.INIT_PATH, accel, qemuargv.host_tsc_khz())
+        cmdline = qemuargv.boot_args(guest_init.INIT_PATH, accel, qemuargv.host_tsc_khz(),
+                                     warm=True)
         return WarmFacts("qemu", Path(proc.which("qemu-system-x86_64")), accel,
                          "host" if accel == "kvm" else "qemu64", qemuargv.WARM_DEVICES,
                          " ".join(cmdline))

@@ -47,6 +47,7 @@ from pathlib import Path
 from builder.root import Root
 from helper.base.errors import UsageError
 from helper.net.tap import NAME_PATTERN as TAP_PATTERN
+from runner.guest_init import WARM_ARG
 from runner.tempfiles import write_atomic
 
 SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
@@ -179,15 +180,18 @@ def host_accel(root: Root) -> str:
 
 
 def kernel_cmdline(spec: QemuSpec) -> str:
-    return " ".join([*boot_args(spec.init, spec.accel, spec.tsc_khz), *spec.extra_append])
+    return " ".join([*boot_args(spec.init, spec.accel, spec.tsc_khz, warm=bool(spec.warm)),
+                     *spec.extra_append])
 
 
-def boot_args(init: str, accel: str, tsc_khz: int | None) -> list[str]:
+def boot_args(init: str, accel: str, tsc_khz: int | None, *, warm: bool = False
+              ) -> list[str]:
     """The kernel command line's words (pure; a warm image's key holds them). A warm
-    image's boot has the same: ``init_on_free=1`` (freed pages zeroed, so the saved state
-    skips them) made the state 62 MB instead of 87 but cost ``kiln warm create`` ~1.3 s
-    of boot under TCG — the kernel zeroes all the memory it frees at boot — and no
-    measurable time of a restore (docs/warm.md)."""
+    image's boot has the same and ``kiln.warm`` (its agent reads what runs need before
+    its hello: ``guest_init.WARM_ARG``). ``init_on_free=1`` (freed pages zeroed, so the
+    saved state skips them) made the state 62 MB instead of 87 but cost ``kiln warm
+    create`` ~1.3 s of boot under TCG — the kernel zeroes all the memory it frees at boot
+    — and no measurable time of a restore (docs/warm.md)."""
     parts = [
         "console=ttyS0",
         "root=/dev/vda",
@@ -210,6 +214,8 @@ def boot_args(init: str, accel: str, tsc_khz: int | None) -> list[str]:
         parts.append("cryptomgr.notests")
         if tsc_khz:
             parts.append(f"tsc_early_khz={tsc_khz}")
+    if warm:
+        parts.append(WARM_ARG)
     return parts
 
 

@@ -120,7 +120,7 @@ def test_make_gives_eth0_the_lease_in_the_settings_never_on_the_command_line(
         assert not any(r.startswith(b"time=") for r in records)  # the guest keeps its clock
     else:
         assert written == []
-        assert made["kernel_args"] == ("kiln.ctl=vsock:5252",)
+        assert made["kernel_args"] == ("kiln.ctl=vsock:5252", "kiln.warm")
         assert made["vsock"] == fcwarm.VSOCK
         assert (settings is not None) == (warm.mode == "restore")
         if settings is not None:

@@ -208,3 +208,44 @@ def test_a_host_that_hung_up_does_not_kill_the_agent_with_sigpipe(tmp_path: Path
                              check=False)
     assert res.returncode == 1, res
     assert res.stderr == "kiln-agent: cannot greet the host: Broken pipe\n"
+
+
+def _reads_before_hello(agent: Path, tmp: Path, cmdline: str) -> list[str]:
+    """The paths ``agent run`` opens before its hello, booted with ``cmdline`` (a file
+    bound over /proc/cmdline in a mount namespace of its own; strace names the opens)."""
+    import socket
+
+    (tmp / "cmdline").write_text(cmdline + "\n")
+    log = tmp / "trace"
+    host, guest = socket.socketpair()
+    with host, guest:
+        script = ('mount --bind "$1" /proc/cmdline && exec strace -f -qq -o "$2" '
+                  '-e trace=openat,sendto "$3" run "fd:$4"')
+        p = subprocess.Popen(["unshare", "-m", "sh", "-c", script, "sh", str(tmp / "cmdline"),
+                              str(log), str(agent), str(guest.fileno())],
+                             pass_fds=(guest.fileno(),), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        guest.close()
+        host.settimeout(60)
+        assert host.recv(8) == b"HEL1\0\0\0\0"
+        host.close()  # no settings: the agent ends (125)
+        assert p.wait(timeout=60) == 125
+    lines = log.read_text().splitlines()
+    hello = next(i for i, line in enumerate(lines) if '"HEL1' in line)
+    return [line.split('"')[1] for line in lines[:hello]
+            if "openat(" in line and "= -1" not in line]
+
+
+@pytest.mark.root
+def test_a_warm_boots_agent_reads_what_runs_need_before_its_hello(tmp_path: Path) -> None:
+    """Booted for a warm image (``kiln.warm`` on the command line), the agent reads the
+    user files, the default PATH's directories and the shell before it greets the host:
+    what a restored guest needs next is then in its page cache. Other boots read none."""
+    from runner.guest_init import agentbin
+
+    agent = agentbin.ensure_agent(tmp_path / "cache", scratch=tmp_path)
+    warm = _reads_before_hello(agent, tmp_path, f"console=ttyS0 {guest_init.WARM_ARG}")
+    dirs = [d for d in DEFAULT_PATH.split(":") if Path(d).is_dir()]
+    assert {"/etc/passwd", "/etc/group", "/bin/sh", *dirs} <= set(warm), warm
+    cold = _reads_before_hello(agent, tmp_path, "console=ttyS0 kiln.warmer")
+    assert not {"/etc/passwd", "/etc/group", "/bin/sh", *dirs} & set(cold), cold

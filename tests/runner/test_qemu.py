@@ -223,10 +223,11 @@ def test_argv_warm_device_set() -> None:
     assert "stdio,id=stdin,signal=off" in restore
     assert restore.count("virtio-net-device,netdev=net0") == 1
     assert "virtio-net-device" not in restore  # the user network's NIC is the one
-    # a warm image's boot is a cold boot's (init_on_free=1 cost its boot ~1.3 s here)
+    # a warm image's boot is a cold boot's (init_on_free=1 cost its boot ~1.3 s here),
+    # and kiln.warm: its agent reads what runs need before its hello
     words = save[save.index("-append") + 1].split()
-    assert words == qemuargv.boot_args("/.kiln/init", "tcg", 2600000)
+    assert words == qemuargv.boot_args("/.kiln/init", "tcg", 2600000, warm=True)
     cold = qemuargv.argv(spec())
-    assert cold[cold.index("-append") + 1].split() == words
+    assert [*cold[cold.index("-append") + 1].split(), "kiln.warm"] == words
     with pytest.raises(UsageError, match="warm mode"):
         qemuargv.argv(spec(warm="boot", qmp=Path("/q")))
