@@ -5,7 +5,7 @@
   disk size and what the VMM's driver says (``Driver.warm_facts``: its name, its binary's
   version, the accelerator, CPU model, device set and kernel command line; the VMM is
   ``choice.pick``'s, never decided here); the file hashes and the version cached by path,
-  inode, size and mtime (``_Facts``).
+  inode, size and mtime (``runner.facts``).
 * ``create``: under the key's flock, an existing image is returned as is; else one VM is
   run through the lifecycle with ``WarmPlan("save")`` into a ``Root.workdir`` (removed by
   recovery if kiln dies), which ``builder.warm.publish`` renames into ``ROOT/warm/<id>``.
@@ -25,13 +25,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from builder import warm
@@ -47,65 +44,27 @@ from runner.vmm.qemuwarm import WarmFailed
 log = logging.getLogger("kiln.vm")
 
 
-def _fingerprint(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-class _Facts:
-    """Content hashes and QEMU's version, cached in ``ROOT/kernels/warm-facts.json`` by each
-    file's path, inode, size and mtime (hashing the kernel, initrd and busybox and asking
-    QEMU its version would cost ~0.1 s of every warm run)."""
-
-    def __init__(self, root: Root) -> None:
-        self.path = root.path / "kernels" / "warm-facts.json"
-        try:
-            doc = json.loads(self.path.read_text())
-            self.known: dict[str, str] = doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
-            self.known = {}
-        self.dirty = False
-
-    def get(self, path: Path, compute: Callable[[], str]) -> str:
-        key = _fingerprint(path)
-        if key not in self.known:
-            self.known[key] = compute()
-            self.dirty = True
-        return self.known[key]
-
-    def sha256(self, path: Path) -> str:
-        return self.get(path, lambda: warm.file_sha256(path))
-
-    def save(self) -> None:
-        if self.dirty:
-            from runner.tempfiles import write_atomic
-
-            with contextlib.suppress(OSError):
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(self.path, json.dumps(self.known).encode())
-
-
 def key_for(root: Root, volume_id: str, opts: RunOptions,
             driver: Driver[Any] | None = None) -> warm.WarmKey:
     """The warm key of ``opts`` on ``driver``'s VMM (its ``warm_facts``: the VMM's name,
     binary, accelerator, CPU model and device set; ``choice.driver_for`` decides which)."""
-    from builder import proc
     from runner import guest_init, kernel
+    from runner.facts import FileFacts
     from runner.guest_init import agentbin
 
     if driver is None:
         driver = _driver(root, opts)[1]
     vmm = driver.warm_facts(opts)
     files = kernel.boot_files(root.path / "kernels", opts.kernel, opts.initrd)
-    facts = _Facts(root)
+    facts = FileFacts(root)
     init = hashlib.sha256(guest_init.init_script())  # kiln's init, agent, busybox
     init.update(agentbin.source_bytes())
     init.update(facts.sha256(guest_init.BUSYBOX).encode())
     key = warm.WarmKey(
         volume=volume_id, kernel_sha256=facts.sha256(files.kernel),
         initrd_sha256=facts.sha256(files.initrd), init_sha256=init.hexdigest(),
-        vmm=vmm.vmm, vmm_version=facts.get(vmm.binary, lambda: proc.version_of(
-            str(vmm.binary))), accel=vmm.accel, cpu_model=vmm.cpu_model,
+        vmm=vmm.vmm, vmm_version=facts.version(vmm.binary), accel=vmm.accel,
+        cpu_model=vmm.cpu_model,
         memory_mib=opts.memory >> 20, cpus=opts.cpus, disk_size=opts.disk_size,
         devices=vmm.devices, cmdline=vmm.cmdline)
     facts.save()

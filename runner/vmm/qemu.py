@@ -150,7 +150,8 @@ class QemuDriver:
                 runas=f"{rec.uid}:{rec.uid}" if as_root and rec.uid is not None else None,
                 chroot=files.chroot if as_root else None,
                 warm=boot.warm.mode if boot.warm else None,
-                qmp=files.dir / "qmp.sock" if boot.warm else None)
+                qmp=files.dir / "qmp.sock" if boot.warm else None,
+                version=qemuargv.qemu_version(self.root))
             work = boot.workload
             settings = guest_settings(work, rec.id, opts.net, nic.guest if nic else None,
                                       opts.interactive if boot.warm else None) if work else None

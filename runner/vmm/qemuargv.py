@@ -23,8 +23,10 @@ the same verdict for ``--vmm auto``); otherwise TCG, and then
 ``tsc_early_khz=`` with the host's TSC frequency, or microvm boots hang calibrating the TSC
 without a PIT/HPET (../shared/qemu.md), and ``cryptomgr.notests`` (the boot-time crypto
 self-tests are a sixth of an emulated boot). As root QEMU drops to a per-VM uid (``-runas``),
-chroots into an empty directory, and runs under seccomp (``-sandbox on``; privilege
-elevation must stay allowed because QEMU 7.2 installs the filter before ``-runas`` acts).
+chroots into an empty directory (``-chroot``; from QEMU 9.1 both are ``-run-with
+user=,chroot=``: ``QemuSpec.version``, ``qemu_version``), and runs under seccomp
+(``-sandbox on``; privilege elevation must stay allowed because QEMU installs the filter
+before it drops root).
 
 Network: ``--net user`` is QEMU's slirp (``-p`` forwards bound to 127.0.0.1); ``--net tap``
 opens a kiln tap by name (``ifname=``, made and bridged by the helper; QEMU must start in
@@ -50,6 +52,9 @@ from helper.net.tap import NAME_PATTERN as TAP_PATTERN
 from runner.guest_init import WARM_ARG
 from runner.tempfiles import write_atomic
 
+BINARY = "qemu-system-x86_64"
+# QEMU 9.1 took -runas and -chroot into -run-with user=,chroot= (10.0 removed them)
+RUN_WITH = (9, 1)
 SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # --net user: slirp's fixed addresses (address/prefix, gateway, name servers), sent to
@@ -105,6 +110,7 @@ class QemuSpec:
     extra_append: tuple[str, ...] = field(default_factory=tuple)
     warm: str | None = None  # save | restore: the warm device set (WARM_DEVICES), -qmp
     qmp: Path | None = None  # with warm: QEMU's monitor socket
+    version: tuple[int, int] = (7, 2)  # QEMU's (major, minor): qemu_version()
 
 
 def parse_forward(text: str) -> Forward:
@@ -174,6 +180,24 @@ def kvm_verdict(root: Root) -> tuple[bool, str]:
     return verdict
 
 
+def parse_version(text: str) -> tuple[int, int]:
+    """(major, minor) of ``qemu-system-x86_64 --version``'s first line; (0, 0) when it
+    names none (the oldest command line then)."""
+    m = re.search(r"version (\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def qemu_version(root: Root) -> tuple[int, int]:
+    """The installed QEMU's (major, minor), asked once per binary (``runner.facts``)."""
+    from builder import proc
+    from runner.facts import FileFacts
+
+    facts = FileFacts(root)
+    text = facts.version(Path(proc.which(BINARY)))
+    facts.save()
+    return parse_version(text)
+
+
 def host_accel(root: Root) -> str:
     """kvm when the KVM probe runs a guest (cached per boot), else tcg."""
     return "kvm" if kvm_verdict(root)[0] else "tcg"
@@ -228,7 +252,7 @@ def _opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+def argv(spec: QemuSpec, binary: str = BINARY) -> list[str]:
     """The QEMU command line for ``spec`` (pure)."""
     if spec.accel not in ("kvm", "tcg"):
         raise UsageError(f"unknown accelerator {spec.accel!r}", "use kvm or tcg")
@@ -275,7 +299,11 @@ def argv(spec: QemuSpec, binary: str = "qemu-system-x86_64") -> list[str]:
         "-device", "virtserialport,chardev=control,name=kiln.control",
     ]
     args += _optional_devices(spec)
-    if spec.runas is not None:
+    if spec.runas is not None and spec.version >= RUN_WITH:
+        chroot = [f"chroot={_opt(spec.chroot)}"] if spec.chroot is not None else []
+        args += ["-run-with", ",".join([*chroot, f"user={spec.runas}"]),
+                 "-sandbox", SANDBOX_ROOT]
+    elif spec.runas is not None:
         args += ["-runas", spec.runas]
         if spec.chroot is not None:
             args += ["-chroot", str(spec.chroot)]

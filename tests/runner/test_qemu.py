@@ -81,6 +81,49 @@ def test_argv_root_kvm_net_user_interactive() -> None:
     ]
 
 
+@pytest.mark.parametrize("version", [(9, 1), (10, 0)])
+def test_argv_root_from_qemu_9_1_drops_root_with_run_with(version: tuple[int, int]) -> None:
+    """QEMU 9.1 took -runas and -chroot into -run-with (10.0 removed them); older QEMUs
+    keep theirs (above)."""
+    a = qemuargv.argv(spec(runas="820000:820000", chroot=Path("/r/vms/a,b/empty"),
+                           version=version))
+    assert a[a.index("virtserialport,chardev=control,name=kiln.control") + 1:] == [
+        "-run-with", "chroot=/r/vms/a,,b/empty,user=820000:820000",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+    ]
+    assert "-runas" not in a
+    assert "-chroot" not in a
+    old = qemuargv.argv(spec(runas="820000:820000", chroot=Path("/e"), version=(9, 0)))
+    assert old[-6:-2] == ["-runas", "820000:820000", "-chroot", "/e"]
+    user = qemuargv.argv(spec(version=version))  # an ordinary user's QEMU drops nothing
+    assert "-run-with" not in user
+    assert user[-2] == "-sandbox"
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2)),
+    ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0)),
+    ("missing", (0, 0)),
+])
+def test_parse_version(text: str, version: tuple[int, int]) -> None:
+    assert qemuargv.parse_version(text) == version
+
+
+def test_qemu_version_is_the_installed_one_asked_once(tmp_path: Path) -> None:
+    import subprocess
+
+    from builder.root import Root
+
+    root = Root(tmp_path)
+    first = subprocess.run([qemuargv.BINARY, "--version"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()[0]
+    assert qemuargv.qemu_version(root) == qemuargv.parse_version(first) != (0, 0)
+    facts = (tmp_path / "kernels" / "warm-facts.json").read_text()
+    assert first in facts
+    (tmp_path / "kernels" / "warm-facts.json").write_text(facts.replace(first, "version 9.9"))
+    assert qemuargv.qemu_version(root) == (9, 9)  # the cached answer, not QEMU asked again
+
+
 def test_commas_in_paths_are_escaped() -> None:
     a = qemuargv.argv(spec(disk=Path("/p/a,b.ext4")))
     assert a[a.index("-drive") + 1] == "id=root,file=/p/a,,b.ext4,format=raw,if=none,discard=unmap"
