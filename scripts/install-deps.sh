@@ -2,7 +2,9 @@
 # Install everything kiln and its test suite need on a Debian 12 machine, as root.
 # Idempotent: a second run changes nothing and is fast.
 #   - Debian packages (e2fsprogs >= 1.47.1 from bookworm-backports: its `mke2fs -d`
-#     walks directories in sorted order, which reproducible images depend on)
+#     walks directories in sorted order, which reproducible images depend on; QEMU >= 8.2
+#     from bookworm-backports: a warm image's memory is a file its clones map copy-on-write
+#     read-only, `memory-backend-file,readonly=on,rom=off`, which 7.2 cannot: docs/warm.md)
 #   - kiln and its Python dependencies in .venv/ at the checkout root
 #   - kiln's guest agent (runner/guest_init/agent{.h,.c,run.c}), built static with Debian's gcc into
 #     /usr/local/lib/kiln/kiln-agent-<first 16 hex of its sha256> (runner.guest_init.agentbin)
@@ -40,17 +42,20 @@ have_all() {
   local status
   status=$(dpkg-query -W -f='${Status}\n' "${PKGS[@]}" 2>/dev/null) || return 1
   [ "$(grep -c 'install ok installed' <<<"$status")" = "${#PKGS[@]}" ] || return 1
-  # e2fsprogs must be >= 1.47.1
-  dpkg --compare-versions "$(dpkg-query -W -f='${Version}' e2fsprogs)" ge 1.47.1
+  # e2fsprogs must be >= 1.47.1, QEMU >= 8.2
+  dpkg --compare-versions "$(dpkg-query -W -f='${Version}' e2fsprogs)" ge 1.47.1 &&
+    dpkg --compare-versions "$(dpkg-query -W -f='${Version}' qemu-system-x86)" ge 1:8.2
 }
 
 if ! have_all; then
   log "installing Debian packages with apt-get (a minute or two; quiet until it is done):"
   log "  QEMU, a cloud kernel, skopeo, umoci, a registry, filesystem and device-mapper tools,"
-  log "  busybox-static, python3, gcc (the guest agent), e2fsprogs from bookworm-backports: ${PKGS[*]}"
+  log "  busybox-static, python3, gcc (the guest agent), e2fsprogs and QEMU from"
+  log "  bookworm-backports: ${PKGS[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
-  apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs \
+    qemu-system-x86 qemu-utils >/dev/null
 fi
 have_all || { echo "install-deps: Debian packages still missing after apt-get" >&2; exit 1; }
 
