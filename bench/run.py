@@ -249,7 +249,8 @@ def main() -> None:
             name="bare", kernel=boot.kernel, initrd=boot.initrd, disk=disk, cpus=1,
             memory_mib=512, accel="tcg", tsc_khz=tsc, console_log=work / "console.log",
             stdout=work / "stdout", stderr=work / "stderr", status=work / "status",
-            control=work / "ctl", init="/.kiln/init", extra_append=(guest_init.SETTINGS_ARG,)))
+            control=work / "ctl", init="/.kiln/init", extra_append=(guest_init.SETTINGS_ARG,),
+            version=(0, 0)))  # only its kernel command line is used
         kiln = [*KILN, "--root", str(root), "run", "--rm", volume, "--", "echo", MARKER]
         warm = [*KILN, "--root", str(root), "run", "--warm", "--rm", volume, "--", "echo",
                 MARKER]

@@ -155,9 +155,24 @@ def prefetch(d: Path, names: Iterable[str] = (STATE, DISK, MEM)) -> None:
         with contextlib.suppress(OSError):
             fd = os.open(d / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                for start, end in _data_extents(fd):
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
+
+
+def _data_extents(fd: int) -> Iterator[tuple[int, int]]:
+    """The file's data ranges (SEEK_DATA/SEEK_HOLE): reading ahead a sparse memory file's
+    holes would fill the page cache with zeros (512 MiB for a 512M guest)."""
+    at = 0
+    while True:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after ``at``
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        at = end
 
 
 def find(root: Root, image_id: str) -> WarmRecord | None:

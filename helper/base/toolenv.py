@@ -72,6 +72,7 @@ PACKAGES = {
     "debootstrap": "debootstrap",
     "ip": "iproute2",
     "setpriv": "util-linux",
+    "fallocate": "util-linux",
     "sudo": "sudo",
 }
 

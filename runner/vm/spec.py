@@ -51,7 +51,7 @@ class WarmPlan:
     mode: str  # save | restore
     state: Path
     disk: Path
-    mem: Path | None = None  # the guest's memory apart from its state (Firecracker)
+    mem: Path | None = None  # the guest's memory apart from its state (WarmFacts.mem_file)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class WarmFacts:
     devices: str
     cmdline: str
     save_net: str = "none"  # the --net of the VM a warm image is saved from
+    mem_file: bool = False  # the guest's memory saved as a file beside the state (MEM)
 
 
 @dataclass(frozen=True)

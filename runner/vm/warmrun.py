@@ -121,7 +121,7 @@ def _create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         if found is not None:
             return found, False
         with root.workdir("warm") as work:
-            mem = work / warm.MEM if opts.vmm == "firecracker" else None
+            mem = work / warm.MEM if driver.warm_facts(opts).mem_file else None
             plan = WarmPlan("save", work / warm.STATE, work / warm.DISK, mem)
             # Firecracker's NIC is saved on a tap (the kiln network, no -p); QEMU's on none
             save_opts = RunOptions(
@@ -150,7 +150,7 @@ def run(root: Root, source: str, opts: RunOptions, registry_opts: Any, *,
         rec, _ = create(root, volume.id, opts, registry_opts, say)
     d = warm.image_dir(root, rec.id)
     warm.prefetch(d)  # read ahead while the VM is set up (its record, disk, cgroups, VMM)
-    mem = d / warm.MEM if opts.vmm == "firecracker" else None
+    mem = d / warm.MEM if (d / warm.MEM).exists() else None  # the key says which
     plan = WarmPlan("restore", d / warm.STATE, d / warm.DISK, mem)
     try:
         return lifecycle.run(root, volume.id, opts, registry_opts, on_ready=on_ready,

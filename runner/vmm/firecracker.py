@@ -157,7 +157,7 @@ class FirecrackerDriver:
         cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg(),
                             guest_init.WARM_ARG))
         return WarmFacts("firecracker", self.cfg.firecracker, "kvm", "host", devices,
-                         cmdline, save_net=opts.net)
+                         cmdline, save_net=opts.net, mem_file=True)
 
     def reserve(self, host: str, opts: RunOptions, intent: vmres.NetIntent | None
                 ) -> Reservation:

@@ -114,9 +114,11 @@ class QemuDriver:
         accel = qemuargv.host_accel(self.root)
         cmdline = qemuargv.boot_args(guest_init.INIT_PATH, accel, qemuargv.host_tsc_khz(),
                                      warm=True)
-        return WarmFacts("qemu", Path(proc.which("qemu-system-x86_64")), accel,
-                         "host" if accel == "kvm" else "qemu64", qemuargv.WARM_DEVICES,
-                         " ".join(cmdline))
+        ram_file = qemuargv.qemu_version(self.root) >= qemuargv.RAM_FILE
+        return WarmFacts("qemu", Path(proc.which(qemuargv.BINARY)), accel,
+                         "host" if accel == "kvm" else "qemu64",
+                         qemuargv.WARM_DEVICES + (";ram-file" if ram_file else ""),
+                         " ".join(cmdline), mem_file=ram_file)
 
     def reserve(self, host: str, opts: RunOptions, intent: vmres.NetIntent | None
                 ) -> Reservation:
@@ -151,7 +153,10 @@ class QemuDriver:
                 chroot=files.chroot if as_root else None,
                 warm=boot.warm.mode if boot.warm else None,
                 qmp=files.dir / "qmp.sock" if boot.warm else None,
-                version=qemuargv.qemu_version(self.root))
+                version=qemuargv.qemu_version(self.root),
+                ram=boot.warm.mem if boot.warm else None)
+            if boot.warm and boot.warm.mode == "save" and boot.warm.mem is not None:
+                qemuwarm.make_ram_file(boot.warm.mem, opts.memory)
             work = boot.workload
             settings = guest_settings(work, rec.id, opts.net, nic.guest if nic else None,
                                       opts.interactive if boot.warm else None) if work else None
@@ -228,6 +233,8 @@ def _warm_step(pid: int, launch: QemuLaunch, before_cont: Callable[[], None] | N
             code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             if code != 0:
                 raise qemuwarm.WarmFailed(f"QEMU exited {code} after the save")
+            if plan.mem is not None:
+                qemuwarm.dig_holes(plan.mem)
         else:
             qemuwarm.restore(qmp, plan, before_cont=before_cont)
     except BaseException:

@@ -15,7 +15,9 @@ kiln's stdout carries only the workload's output:
 
 Warm start (docs/warm.md): ``QemuSpec.warm`` = save | restore gives the fixed device set
 ``WARM_DEVICES`` (NIC and stdin port always), a QMP socket, ``file.auto-read-only=off``
-on the disk and, to restore, ``-incoming defer``.
+on the disk and, to restore, ``-incoming defer``; from QEMU 8.2 (``RAM_FILE``) the guest's
+memory is a file (``QemuSpec.ram``): shared while the image is saved, read-only and
+private in each clone.
 
 Accelerator: KVM only when ``builder.probes.kvm()`` ran a guest (``kvm_verdict``, cached
 per boot under ``ROOT/kernels``: ~0.7 s when KVM is emulated; ``runner.vmm.choice`` asks
@@ -55,6 +57,9 @@ from runner.tempfiles import write_atomic
 BINARY = "qemu-system-x86_64"
 # QEMU 9.1 took -runas and -chroot into -run-with user=,chroot= (10.0 removed them)
 RUN_WITH = (9, 1)
+# QEMU 8.2's memory-backend-file rom=off: a file opened read-only mapped writable
+# copy-on-write — a warm image's memory, shared by its clones (docs/warm.md)
+RAM_FILE = (8, 2)
 SANDBOX_ROOT = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 SANDBOX_USER = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # --net user: slirp's fixed addresses (address/prefix, gateway, name servers), sent to
@@ -64,7 +69,7 @@ USER_NET = ("10.0.2.15/24", "10.0.2.2", ("10.0.2.3",))
 # devices): the disk, the serial ports (stdout, stderr, status, control, stdin) and a NIC —
 # without a network a NIC with no backend (the guest's eth0 stays down), without -i a
 # stdin port on QEMU's null chardev (the init then uses /dev/null: the settings' stdin=0).
-WARM_DEVICES = "qemu-microvm:blk,vport(stdout,stderr,status,control,stdin),net;v1"
+WARM_DEVICES = "qemu-microvm:qboot,blk,vport(stdout,stderr,status,control,stdin),net;v2"
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -110,7 +115,8 @@ class QemuSpec:
     extra_append: tuple[str, ...] = field(default_factory=tuple)
     warm: str | None = None  # save | restore: the warm device set (WARM_DEVICES), -qmp
     qmp: Path | None = None  # with warm: QEMU's monitor socket
-    version: tuple[int, int] = (7, 2)  # QEMU's (major, minor): qemu_version()
+    version: tuple[int, int] = field(kw_only=True)  # QEMU's (major, minor): qemu_version()
+    ram: Path | None = None  # with warm, QEMU >= RAM_FILE: the guest memory's file
 
 
 def parse_forward(text: str) -> Forward:
@@ -267,7 +273,10 @@ def argv(spec: QemuSpec, binary: str = BINARY) -> list[str]:
     args = [
         binary,
         "-name", f"{spec.name},process={spec.name}",  # the reaper finds VMMs by this
-        "-machine", "microvm",
+        "-machine", "microvm,memory-backend=ram" if spec.ram else "microvm",
+        # qboot: the minimal firmware that jumps to the kernel (QEMU 10's default for
+        # microvm is SeaBIOS, whose banner and screen resets open every console log)
+        "-bios", "qboot.rom",
         "-accel", accel,
         *(["-cpu", "host"] if spec.accel == "kvm" else []),
         "-smp", str(spec.cpus),
@@ -343,7 +352,17 @@ def _warm_args(spec: QemuSpec) -> list[str]:
     its state (``-incoming defer``: the state comes as an fd, ``migrate-incoming``)."""
     if spec.warm not in ("save", "restore") or spec.qmp is None:
         raise UsageError(f"invalid warm mode {spec.warm!r}", "internal error")
+    if spec.ram is not None and spec.version < RAM_FILE:
+        raise UsageError(f"QEMU {spec.version[0]}.{spec.version[1]} cannot map a warm "
+                         "image's memory file", "internal error")
     args = ["-qmp", f"unix:{_opt(spec.qmp)},server=on,wait=off"]
+    if spec.ram is not None:
+        # save: the guest's memory is the file (MAP_SHARED: what it holds when QEMU stops
+        # is the image's); restore: the file opened read-only, mapped private — each
+        # clone's writes are its own copies, its reads the one page cache's
+        share = "on" if spec.warm == "save" else "off,readonly=on,rom=off"
+        args += ["-object", f"memory-backend-file,id=ram,size={spec.memory_mib}M,"
+                 f"mem-path={_opt(spec.ram)},share={share}"]
     return args + (["-incoming", "defer"] if spec.warm == "restore" else [])
 
 

@@ -1,7 +1,7 @@
 """QEMU's half of warm start (docs/warm.md): save a booted guest, restore one, over QMP.
 
-QEMU 7.2 has no ``file:`` migration transport and kiln's ``-sandbox spawn=deny`` kills
-``exec:``, so both directions pass an fd (``getfd`` over QMP, SCM_RIGHTS) and migrate
+Kiln's ``-sandbox spawn=deny`` kills ``exec:`` and QEMU 7.2 has no ``file:`` migration
+transport, so both directions pass an fd (``getfd`` over QMP, SCM_RIGHTS) and migrate
 over ``fd:warm``:
 
 * ``save``: wait for the guest's ``HEL1`` (kiln's init is ready and waits for its
@@ -13,6 +13,13 @@ over ``fd:warm``:
   events``, ``getfd``, ``migrate-incoming fd:warm``, wait for the MIGRATION event
   ``completed``, ``cont`` (the state was saved paused). The driver then sends ``SET1`` at
   once: the guest said ``HEL1`` before the save.
+
+From QEMU 8.2 the guest's memory is a file (``plan.mem``, ``qemuargv.RAM_FILE``): kiln
+makes it (``make_ram_file``: the caller's, 0600, sparse), the saving QEMU maps it shared,
+and the migration skips it (``x-ignore-shared``, on both ends: the stream is then ~0.1 MB
+of device state); ``dig_holes`` then frees its all-zero blocks (the image's size). A
+restoring QEMU maps it read-only and private: nothing is copied, each clone's page faults
+map the one page cache and its writes are its own copies.
 
 Either raises ``WarmFailed`` (a ``KilnError``) with QEMU's reason; the driver kills QEMU.
 """
@@ -61,6 +68,32 @@ def wait_hello(pid: int, control: Path, timeout: float) -> None:
         hello.close()
 
 
+def make_ram_file(path: Path, size: int) -> None:
+    """The guest memory's file for a save: new, 0600, ``size`` bytes of holes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def dig_holes(path: Path) -> None:
+    """Deallocate the saved memory file's all-zero blocks (``fallocate --dig-holes``: the
+    guest zeroed pages it never used again; they cost the image nothing then)."""
+    from builder import proc
+
+    try:
+        proc.run("fallocate", ["--dig-holes", str(path)], timeout=120)
+    except KilnError as e:
+        raise WarmFailed(f"cannot shrink the saved memory: {e.message}") from None
+
+
+def _ignore_shared(q: Qmp) -> None:
+    q.execute("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
+
 def _migration_done(q: Qmp, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -84,6 +117,8 @@ def save(pid: int, qmp: Path, control: Path, disk: Path, plan: WarmPlan, *,
         with Qmp(qmp) as q:
             q.execute("stop")
             clone_file(disk, plan.disk)
+            if plan.mem is not None:
+                _ignore_shared(q)
             q.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
             fd = os.open(plan.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                          0o600)
@@ -104,6 +139,8 @@ def restore(qmp: Path, plan: WarmPlan, *, timeout: float = 60.0,
     paused) ``before_cont`` runs, and the guest runs."""
     try:
         with Qmp(qmp, timeout=timeout) as q:
+            if plan.mem is not None:
+                _ignore_shared(q)
             q.execute("migrate-set-capabilities",
                       {"capabilities": [{"capability": "events", "state": True}]})
             fd = os.open(plan.state, os.O_RDONLY | os.O_CLOEXEC)

@@ -130,5 +130,5 @@ def test_install_deps_says_what_the_long_apt_step_does() -> None:
         "done):\n"
         "==>   QEMU, a cloud kernel, skopeo, umoci, a registry, filesystem and device-mapper "
         "tools,\n"
-        "==>   busybox-static, python3, gcc (the guest agent), e2fsprogs from "
-        f"bookworm-backports: {' '.join(pkgs)}\n")
+        "==>   busybox-static, python3, gcc (the guest agent), e2fsprogs and QEMU from\n"
+        f"==>   bookworm-backports: {' '.join(pkgs)}\n")

@@ -107,7 +107,8 @@ class Guest:
             console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
             status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH, net="tap",
             tap=vmnet.qemu_tap(), extra_append=(guest_init.SETTINGS_ARG,),
-            runas=f"{UID}:{UID}", chroot=d / "empty")
+            runas=f"{UID}:{UID}", chroot=d / "empty",
+            version=qemuargv.qemu_version(Root(tmp / "facts")))
         binary = shutil.which("qemu-system-x86_64")
         assert binary is not None
         with open(d / "vmm.log", "wb") as log:

@@ -101,7 +101,8 @@ def _boot(tmp: Path, volume: Path, *, settings: bytes | None = None, on_cmdline:
         memory_mib=256, accel="tcg", tsc_khz=qemuargv.host_tsc_khz(),
         console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
         status=d / "status", control=d / "ctl", init=guest_init.INIT_PATH,
-        extra_append=(guest_init.SETTINGS_ARG,) if settings is not None and on_cmdline else ())
+        extra_append=(guest_init.SETTINGS_ARG,) if settings is not None and on_cmdline else (),
+        version=qemuargv.qemu_version(Root(tmp / "facts")))
     binary = shutil.which("qemu-system-x86_64")
     assert binary is not None
     with open(d / "vmm.log", "wb") as log:

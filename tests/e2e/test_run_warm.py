@@ -90,6 +90,41 @@ def test_clones_differ_and_keep_their_writes(world: tuple[Path, str]) -> None:
     assert "File not found" in found.stderr
 
 
+def test_clones_map_the_images_memory_read_only(world: tuple[Path, str]) -> None:
+    """A clone's QEMU holds the image's memory file read-only and maps it private: what
+    the guest writes (here 16 MiB into its tmpfs) is the clone's own copy, and the file
+    — every later clone's memory — stays as it was saved."""
+    import hashlib
+
+    root, vol = world
+    image = next(i for i in warm.list_images(Root(root)) if i.memory_mib == 512)
+    mem = warm.image_dir(Root(root), image.id) / warm.MEM
+    before = hashlib.sha256(mem.read_bytes()).hexdigest()
+    res = kiln(root, "run", "--warm", "--detach", "--name", "w-mem", vol, "--", "sh", "-c",
+               "head -c 16777216 /dev/urandom >/dev/shm/fill && echo filled && sleep 600")
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + limit(60)
+        while "filled" not in kiln(root, "logs", "w-mem").stdout:
+            assert time.monotonic() < deadline, kiln(root, "logs", "w-mem").stdout
+            time.sleep(0.2)
+        [pid] = vmms(root).values()
+        maps = [line.split()[1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if line.endswith(str(mem))]
+        assert maps == ["rw-p"], maps  # private: the guest's writes never reach the file
+        modes = [int(Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split("flags:")[1]
+                     .split()[0], 8) & os.O_ACCMODE
+                 for fd in Path(f"/proc/{pid}/fd").iterdir()
+                 if os.readlink(fd) == str(mem)]
+        assert modes == [os.O_RDONLY], modes
+    finally:
+        kiln(root, "stop", "w-mem")
+        kiln(root, "rm", "w-mem")
+    assert hashlib.sha256(mem.read_bytes()).hexdigest() == before
+    res = kiln(root, "run", "--warm", "--rm", vol, "--", "sh", "-c", "ls /dev/shm; echo ok")
+    assert (res.returncode, res.stdout) == (0, "ok\n"), res.stderr
+
+
 def test_other_memory_makes_its_own_image(world: tuple[Path, str]) -> None:
     root, vol = world
     res = kiln(root, "run", "--warm", "--rm", "--memory", "256M", vol, "--", "echo", "hi")

@@ -17,7 +17,7 @@ def spec(**kw: object) -> qemuargv.QemuSpec:
         name="kiln-abcdefghijkl", kernel=Path("/boot/vmlinuz"), initrd=Path("/k/initrd.cpio"),
         disk=Path("/p/snap.ext4"), cpus=2, memory_mib=512, accel="tcg", tsc_khz=2600000,
         console_log=d / "console.log", stdout=d / "stdout", stderr=d / "stderr",
-        status=d / "status", control=d / "ctl", init="/.kiln/init")
+        status=d / "status", control=d / "ctl", init="/.kiln/init", version=(7, 2))
     base.update(kw)
     return qemuargv.QemuSpec(**base)  # type: ignore[arg-type]
 
@@ -32,6 +32,7 @@ def test_argv_exact_unprivileged_tcg() -> None:
         "qemu-system-x86_64",
         "-name", "kiln-abcdefghijkl,process=kiln-abcdefghijkl",
         "-machine", "microvm",
+        "-bios", "qboot.rom",
         "-accel", "tcg,tb-size=128",
         "-smp", "2",
         "-m", "512M",
@@ -98,6 +99,24 @@ def test_argv_root_from_qemu_9_1_drops_root_with_run_with(version: tuple[int, in
     user = qemuargv.argv(spec(version=version))  # an ordinary user's QEMU drops nothing
     assert "-run-with" not in user
     assert user[-2] == "-sandbox"
+
+
+def test_argv_warm_memory_file() -> None:
+    """From QEMU 8.2 a warm image's memory is a file: shared while it is saved, opened
+    read-only and mapped private (copy-on-write) by each clone."""
+    save = qemuargv.argv(spec(warm="save", qmp=Path("/q"), ram=Path("/w/a,b/mem"),
+                              version=(10, 0)))
+    assert save[save.index("-machine") + 1] == "microvm,memory-backend=ram"
+    assert save[save.index("-object") + 1] == (
+        "memory-backend-file,id=ram,size=512M,mem-path=/w/a,,b/mem,share=on")
+    assert save[save.index("-m") + 1] == "512M"
+    restore = qemuargv.argv(spec(warm="restore", qmp=Path("/q"), ram=Path("/w/mem"),
+                                 version=(8, 2)))
+    assert restore[restore.index("-object") + 1] == (
+        "memory-backend-file,id=ram,size=512M,mem-path=/w/mem,share=off,readonly=on,rom=off")
+    assert "-object" not in qemuargv.argv(spec(warm="restore", qmp=Path("/q"), version=(10, 0)))
+    with pytest.raises(UsageError, match=r"^QEMU 8\.1 cannot map a warm image's memory file$"):
+        qemuargv.argv(spec(warm="save", qmp=Path("/q"), ram=Path("/w/mem"), version=(8, 1)))
 
 
 @pytest.mark.parametrize(("text", "version"), [

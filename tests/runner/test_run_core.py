@@ -158,7 +158,7 @@ def test_qemu_takes_a_user_tap_by_fd_and_forwards_once_per_port() -> None:
     base = dict(name="kiln-x", kernel=Path("/k"), initrd=Path("/i"), disk=Path("/d"),
                 cpus=1, memory_mib=256, accel="tcg", tsc_khz=None, console_log=Path("/c"),
                 stdout=Path("/o"), stderr=Path("/e"), status=Path("/s"), control=Path("/ctl"),
-                init="/.kiln/init", net="tap")
+                init="/.kiln/init", net="tap", version=(10, 0))
     a = qemuargv.argv(qemuargv.QemuSpec(**base, tap=tap))  # type: ignore[arg-type]
     assert a[a.index("-netdev") + 1:a.index("-netdev") + 4] == [
         "tap,id=net0,fd=7", "-device", "virtio-net-device,netdev=net0,mac=02:1f:2e:3d:4c:5b"]
