@@ -155,13 +155,41 @@ def prefetch(d: Path, names: Iterable[str] = (STATE, DISK, MEM)) -> None:
         with contextlib.suppress(OSError):
             fd = os.open(d / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                for start, end in _data_extents(fd):
+                for start, end in data_extents(fd):
                     os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
 
 
-def _data_extents(fd: int) -> Iterator[tuple[int, int]]:
+def write_sparse(src_fd: int, dst: Path, block: int = 4096) -> None:
+    """A new file ``dst`` (0600) of ``src_fd``'s size holding its non-zero ``block``-sized
+    blocks only: the rest are holes (a saved guest's memory, whose zeroed pages then cost
+    the image nothing)."""
+    size = os.fstat(src_fd).st_size
+    zero = bytes(block)
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                  0o600)
+    try:
+        os.ftruncate(out, size)
+        for start, end in data_extents(src_fd):
+            at = start
+            while at < end:
+                chunk = memoryview(os.pread(src_fd, min(1 << 20, end - at), at))
+                if not chunk:
+                    break
+                run = -1  # the start of a run of non-zero blocks in ``chunk``
+                for i in range(0, len(chunk) + block, block):
+                    if i < len(chunk) and chunk[i:i + block] != zero[:len(chunk[i:i + block])]:
+                        run = i if run < 0 else run
+                    elif run >= 0:
+                        os.pwrite(out, chunk[run:i], at + run)
+                        run = -1
+                at += len(chunk)
+    finally:
+        os.close(out)
+
+
+def data_extents(fd: int) -> Iterator[tuple[int, int]]:
     """The file's data ranges (SEEK_DATA/SEEK_HOLE): reading ahead a sparse memory file's
     holes would fill the page cache with zeros (512 MiB for a 512M guest)."""
     at = 0

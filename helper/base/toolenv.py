@@ -72,7 +72,6 @@ PACKAGES = {
     "debootstrap": "debootstrap",
     "ip": "iproute2",
     "setpriv": "util-linux",
-    "fallocate": "util-linux",
     "sudo": "sudo",
 }
 

@@ -63,6 +63,7 @@ class QemuLaunch:
     settings: channel.Settings | None = None  # None: the image's own init (--init image)
     warm: WarmPlan | None = None  # save to it, or restore from it (docs/warm.md)
     disk: Path | None = None  # the VM's snapshot (a save copies it)
+    ram_fd: int | None = None  # a save's guest memory: a memfd kiln holds (qemuwarm)
 
 
 def request_stop(control: Path, grace: float) -> bool:
@@ -91,8 +92,8 @@ def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
     return s
 
 
-def _close(nic: vmres.QemuNic | None) -> None:
-    for fd in nic.keep_fds if nic else ():
+def _close(nic: vmres.QemuNic | None, ram_fd: int | None = None) -> None:
+    for fd in (*(nic.keep_fds if nic else ()), *(() if ram_fd is None else (ram_fd,))):
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -133,7 +134,12 @@ class QemuDriver:
         os.mkfifo(f"{files.control}.in", 0o600)
         os.mkfifo(f"{files.control}.out", 0o600)
         nic: vmres.QemuNic | None = None
+        ram_fd: int | None = None
         try:
+            if boot.warm is not None and boot.warm.mem is not None:
+                # a restore maps the image's file; a save's memory is a memfd, copied
+                # into the image after (qemuwarm.memory_fd says why)
+                ram_fd = qemuwarm.memory_fd(opts.memory) if boot.warm.mode == "save" else None
             for w in vmcgroup.create(reserved.cgroups):
                 log.warning("%s (limits not applied)", w)
             if boot.intent is not None:
@@ -154,20 +160,19 @@ class QemuDriver:
                 warm=boot.warm.mode if boot.warm else None,
                 qmp=files.dir / "qmp.sock" if boot.warm else None,
                 version=qemuargv.qemu_version(self.root),
-                ram=boot.warm.mem if boot.warm else None)
-            if boot.warm and boot.warm.mode == "save" and boot.warm.mem is not None:
-                qemuwarm.make_ram_file(boot.warm.mem, opts.memory)
+                ram=_ram_path(boot.warm, ram_fd))
             work = boot.workload
             settings = guest_settings(work, rec.id, opts.net, nic.guest if nic else None,
                                       opts.interactive if boot.warm else None) if work else None
             return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
-                              tuple(rec.cgroup_dirs), nic, settings, boot.warm, boot.disk)
+                              tuple(rec.cgroup_dirs), nic, settings, boot.warm, boot.disk,
+                              ram_fd)
         except BaseException:
-            _close(nic)
+            _close(nic, ram_fd)
             raise
 
     def close(self, launch: QemuLaunch) -> None:
-        _close(launch.nic)
+        _close(launch.nic, launch.ram_fd)
 
     def own(self, st: State, launch: QemuLaunch, *, relay: bool,
             ready: Callable[[], None]) -> Ended:
@@ -179,9 +184,10 @@ class QemuDriver:
                                       stdin=0 if opts.interactive else None,
                                       attach=vmcgroup.attacher(launch.cgroup_dirs),
                                       netns=nic.netns if nic else None,
-                                      keep_fds=nic.keep_fds if nic else ())
+                                      keep_fds=(*(nic.keep_fds if nic else ()),
+                                                *_ram_fds(launch)))
             finally:
-                _close(nic)  # QEMU holds the tap now
+                _close(nic)  # QEMU holds the tap now (the memfd: the save copies it)
             st.update(launch.vm_id, pid=pid, pid_start=proc_start_time(pid), state="running",
                       started=time.time())
             sender = SettingsSender(files.control, launch.settings,
@@ -220,6 +226,18 @@ class QemuDriver:
         del rec  # nothing beyond the record's cgroups and network
 
 
+def _ram_path(warm: WarmPlan | None, ram_fd: int | None) -> Path | None:
+    """The guest memory's file: a save's memfd (inherited at its number), a restore's
+    image file; None without one (a cold run, a full-stream image)."""
+    if ram_fd is not None:
+        return Path(f"/proc/self/fd/{ram_fd}")
+    return warm.mem if warm is not None and warm.mode == "restore" else None
+
+
+def _ram_fds(launch: QemuLaunch) -> tuple[int, ...]:
+    return () if launch.ram_fd is None else (launch.ram_fd,)
+
+
 def _warm_step(pid: int, launch: QemuLaunch, before_cont: Callable[[], None] | None) -> None:
     """Save (boot to the hello, pause, copy the disk, write the state, quit) or restore
     (load the state, ``before_cont``, continue); on failure QEMU is killed and
@@ -233,8 +251,8 @@ def _warm_step(pid: int, launch: QemuLaunch, before_cont: Callable[[], None] | N
             code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             if code != 0:
                 raise qemuwarm.WarmFailed(f"QEMU exited {code} after the save")
-            if plan.mem is not None:
-                qemuwarm.dig_holes(plan.mem)
+            if launch.ram_fd is not None and plan.mem is not None:
+                qemuwarm.write_memory(launch.ram_fd, plan.mem)
         else:
             qemuwarm.restore(qmp, plan, before_cont=before_cont)
     except BaseException:

@@ -14,12 +14,12 @@ over ``fd:warm``:
   ``completed``, ``cont`` (the state was saved paused). The driver then sends ``SET1`` at
   once: the guest said ``HEL1`` before the save.
 
-From QEMU 8.2 the guest's memory is a file (``plan.mem``, ``qemuargv.RAM_FILE``): kiln
-makes it (``make_ram_file``: the caller's, 0600, sparse), the saving QEMU maps it shared,
-and the migration skips it (``x-ignore-shared``, on both ends: the stream is then ~0.1 MB
-of device state); ``dig_holes`` then frees its all-zero blocks (the image's size). A
-restoring QEMU maps it read-only and private: nothing is copied, each clone's page faults
-map the one page cache and its writes are its own copies.
+From QEMU 8.2 the guest's memory is a file (``plan.mem``, ``qemuargv.RAM_FILE``). The
+saving QEMU maps a memfd kiln made (``memory_fd``) shared and the migration skips it
+(``x-ignore-shared``, on both ends: the stream is then ~0.1 MB of device state); kiln
+then writes its non-zero blocks into the image's ``mem`` (``write_memory``: the caller's,
+0600, sparse). A restoring QEMU maps ``mem`` read-only and private: nothing is copied,
+each clone's page faults map the one page cache and its writes are its own copies.
 
 Either raises ``WarmFailed`` (a ``KilnError``) with QEMU's reason; the driver kills QEMU.
 """
@@ -68,25 +68,30 @@ def wait_hello(pid: int, control: Path, timeout: float) -> None:
         hello.close()
 
 
-def make_ram_file(path: Path, size: int) -> None:
-    """The guest memory's file for a save: new, 0600, ``size`` bytes of holes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+def memory_fd(size: int) -> int:
+    """A save's guest memory: a memfd of ``size`` bytes that QEMU maps shared (as
+    ``/proc/self/fd/N``) — the guest boots ~0.1-0.2 s faster on it than on a file of the
+    image's filesystem (every first write there is a page_mkwrite and a delayed block
+    allocation), its pages are charged to the VM's memory cgroup (QEMU touches them), and
+    it has no name anyone could replace."""
+    fd = os.memfd_create("kiln-warm-memory", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-    finally:
+    except OSError:
         os.close(fd)
+        raise
+    return fd
 
 
-def dig_holes(path: Path) -> None:
-    """Deallocate the saved memory file's all-zero blocks (``fallocate --dig-holes``: the
-    guest zeroed pages it never used again; they cost the image nothing then)."""
-    from builder import proc
+def write_memory(fd: int, dst: Path) -> None:
+    """The saved memory into the image's file: sparse, only its non-zero blocks
+    (``builder.warm.write_sparse``); the memfd is closed by the driver."""
+    from builder.warm import write_sparse
 
     try:
-        proc.run("fallocate", ["--dig-holes", str(path)], timeout=120)
-    except KilnError as e:
-        raise WarmFailed(f"cannot shrink the saved memory: {e.message}") from None
+        write_sparse(fd, dst)
+    except OSError as e:
+        raise WarmFailed(f"cannot write the saved memory: {e}") from None
 
 
 def _ignore_shared(q: Qmp) -> None:

@@ -106,6 +106,35 @@ def test_clone_file_is_a_sparse_copy(tmp_path: Path) -> None:
     assert new.stat().st_mode & 0o777 == 0o600
 
 
+@given(st.lists(st.tuples(st.integers(0, 63), st.binary(min_size=1, max_size=9000)),
+                max_size=8), st.integers(0, 4095))
+def test_write_sparse_keeps_the_bytes_and_only_non_zero_blocks(
+        writes: list[tuple[int, bytes]], tail: int) -> None:
+    """A saved memory (a memfd) into a file: the same bytes, holes where a 4 KiB block is
+    all zero (what the guest zeroed costs the image nothing)."""
+    import tempfile
+
+    size = 64 * 4096 + tail
+    src = os.memfd_create("t")
+    try:
+        os.ftruncate(src, size)
+        for block, data in writes:
+            os.pwrite(src, data[:size - block * 4096], block * 4096)
+        os.pwrite(src, bytes(4096), 5 * 4096)  # an allocated block of zeros: a hole
+        want = os.pread(src, size, 0)
+        with tempfile.TemporaryDirectory() as d:
+            dst = Path(d) / "mem"
+            warm.write_sparse(src, dst)
+            assert dst.read_bytes() == want
+            assert dst.stat().st_mode & 0o777 == 0o600
+            nonzero = sum(1 for i in range(0, size, 4096) if any(want[i:i + 4096]))
+            assert dst.stat().st_blocks * 512 <= nonzero * 4096 + 4096  # fs rounding
+            with pytest.raises(FileExistsError):
+                warm.write_sparse(src, dst)  # never over an existing file
+    finally:
+        os.close(src)
+
+
 def test_gc_removes_the_images_of_volumes_that_are_gone(tmp_path: Path) -> None:
     from builder.gc import run_gc
 

@@ -99,6 +99,8 @@ def test_clones_map_the_images_memory_read_only(world: tuple[Path, str]) -> None
     root, vol = world
     image = next(i for i in warm.list_images(Root(root)) if i.memory_mib == 512)
     mem = warm.image_dir(Root(root), image.id) / warm.MEM
+    assert mem.stat().st_size == 512 << 20
+    assert mem.stat().st_blocks * 512 < 160 << 20  # sparse: the zero blocks are holes
     before = hashlib.sha256(mem.read_bytes()).hexdigest()
     res = kiln(root, "run", "--warm", "--detach", "--name", "w-mem", vol, "--", "sh", "-c",
                "head -c 16777216 /dev/urandom >/dev/shm/fill && echo filled && sleep 600")
