@@ -5,7 +5,8 @@ temporary root:
 
 * ``kiln``: the whole ``kiln run --rm VOLUME -- echo KILN-MARKER`` process, from its start
   to the marker on its stdout;
-* ``bare``: ``qemu-system-x86_64 -M microvm`` by hand (../shared/qemu.md's command line)
+* ``bare``: ``qemu-system-x86_64 -M microvm`` by hand (../shared/qemu.md's command line,
+  with qboot as the firmware, as QEMU 7.2 had it and kiln gives it)
   with the same kernel, the same (minimal) initrd and a copy of a kiln snapshot (kiln's
   init and agent in it, the workload's settings on it as a cold Firecracker run has them,
   so the same workload prints the same marker on its stdout port);
@@ -229,7 +230,9 @@ def main() -> None:
         tsc = qemuargv.host_tsc_khz()
         # The same guest channels as kiln's: the workload's stdout on a virtio-serial
         # port (here: QEMU's stdout), its status on another; the console to a file.
-        bare = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "512",
+        # qboot: microvm's firmware up to QEMU 7.2 and kiln's (10.0 defaults to SeaBIOS)
+        bare = ["qemu-system-x86_64", "-M", "microvm", "-bios", "qboot.rom", "-accel", "tcg",
+                "-m", "512",
                 "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
                 "-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
                 "-chardev", f"file,id=con,path={work / 'console.log'}",
