@@ -141,9 +141,25 @@ def publish(root: Root, work: Path, image_id: str, volume: str, vmm: str,
     rec = WarmRecord(**{**rec.as_json(), "bytes": allocated(work)})
     fileops.write_json(work / RECORD, rec.as_json(), 0o600)
     os.chmod(work, 0o700)
+    for name in (STATE, DISK, MEM):  # on the disk before the rename makes it an image: a
+        _fsync_file(work / name)  # torn memory file would not fail a restore, only the guest
+    fileops.fsync_dir(work)
     warm_dir(root).mkdir(mode=0o700, exist_ok=True)
     os.rename(work, image_dir(root, image_id))
+    fileops.fsync_dir(warm_dir(root))
     return rec
+
+
+def _fsync_file(path: Path) -> None:
+    """fsync ``path`` if it exists (``mem`` is there for some VMMs only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prefetch(d: Path, names: Iterable[str] = (STATE, DISK, MEM)) -> None:
@@ -182,11 +198,19 @@ def write_sparse(src_fd: int, dst: Path, block: int = 4096) -> None:
                     if i < len(chunk) and chunk[i:i + block] != zero[:len(chunk[i:i + block])]:
                         run = i if run < 0 else run
                     elif run >= 0:
-                        os.pwrite(out, chunk[run:i], at + run)
+                        _pwrite_all(out, chunk[run:i], at + run)
                         run = -1
                 at += len(chunk)
+        os.fsync(out)  # published by a rename: whole on the disk first
     finally:
         os.close(out)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite until all of ``data`` is written (a short write is not an error to pwrite)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def data_extents(fd: int) -> Iterator[tuple[int, int]]:

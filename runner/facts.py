@@ -48,10 +48,14 @@ class FileFacts:
         return self.get(path, lambda: warm.file_sha256(path))
 
     def version(self, binary: Path) -> str:
-        """The first line of ``binary --version``."""
+        """The first line of ``binary --version`` (kept only when it said something: a
+        binary that could not answer is asked again next time)."""
         from builder import proc
 
-        return self.get(binary, lambda: proc.version_of(str(binary)))
+        text = self.get(binary, lambda: proc.version_of(str(binary)), fact="version")
+        if text in ("missing", "unknown"):
+            self.known.pop(f"{_fingerprint(binary)}:version", None)
+        return text
 
     def save(self) -> None:
         if self.dirty:

@@ -63,7 +63,7 @@ class QemuLaunch:
     settings: channel.Settings | None = None  # None: the image's own init (--init image)
     warm: WarmPlan | None = None  # save to it, or restore from it (docs/warm.md)
     disk: Path | None = None  # the VM's snapshot (a save copies it)
-    ram_fd: int | None = None  # a save's guest memory: a memfd kiln holds (qemuwarm)
+    ram: qemuwarm.MemoryFd | None = None  # a save's guest memory: kiln's memfd
 
 
 def request_stop(control: Path, grace: float) -> bool:
@@ -92,10 +92,12 @@ def guest_settings(w: guest_init.Workload, vm_id: str, net: str,
     return s
 
 
-def _close(nic: vmres.QemuNic | None, ram_fd: int | None = None) -> None:
-    for fd in (*(nic.keep_fds if nic else ()), *(() if ram_fd is None else (ram_fd,))):
+def _close(nic: vmres.QemuNic | None, ram: qemuwarm.MemoryFd | None = None) -> None:
+    for fd in nic.keep_fds if nic else ():
         with contextlib.suppress(OSError):
             os.close(fd)
+    if ram is not None:
+        ram.close()
 
 
 class QemuDriver:
@@ -134,12 +136,13 @@ class QemuDriver:
         os.mkfifo(f"{files.control}.in", 0o600)
         os.mkfifo(f"{files.control}.out", 0o600)
         nic: vmres.QemuNic | None = None
-        ram_fd: int | None = None
+        ram: qemuwarm.MemoryFd | None = None
         try:
-            if boot.warm is not None and boot.warm.mem is not None:
-                # a restore maps the image's file; a save's memory is a memfd, copied
-                # into the image after (qemuwarm.memory_fd says why)
-                ram_fd = qemuwarm.memory_fd(opts.memory) if boot.warm.mode == "save" else None
+            if boot.warm is not None and boot.warm.mem is not None and \
+                    boot.warm.mode == "save":
+                # a restore maps the image's file; a save's memory is a memfd, written
+                # into the image after (qemuwarm.MemoryFd says why)
+                ram = qemuwarm.MemoryFd(opts.memory)
             for w in vmcgroup.create(reserved.cgroups):
                 log.warning("%s (limits not applied)", w)
             if boot.intent is not None:
@@ -160,19 +163,19 @@ class QemuDriver:
                 warm=boot.warm.mode if boot.warm else None,
                 qmp=files.dir / "qmp.sock" if boot.warm else None,
                 version=qemuargv.qemu_version(self.root),
-                ram=_ram_path(boot.warm, ram_fd))
+                ram=_ram_path(boot.warm, ram))
             work = boot.workload
             settings = guest_settings(work, rec.id, opts.net, nic.guest if nic else None,
                                       opts.interactive if boot.warm else None) if work else None
             return QemuLaunch(rec.id, qemuargv.argv(spec), files, opts,
                               tuple(rec.cgroup_dirs), nic, settings, boot.warm, boot.disk,
-                              ram_fd)
+                              ram)
         except BaseException:
-            _close(nic, ram_fd)
+            _close(nic, ram)
             raise
 
     def close(self, launch: QemuLaunch) -> None:
-        _close(launch.nic, launch.ram_fd)
+        _close(launch.nic, launch.ram)
 
     def own(self, st: State, launch: QemuLaunch, *, relay: bool,
             ready: Callable[[], None]) -> Ended:
@@ -186,8 +189,11 @@ class QemuDriver:
                                       netns=nic.netns if nic else None,
                                       keep_fds=(*(nic.keep_fds if nic else ()),
                                                 *_ram_fds(launch)))
+            except BaseException:
+                _close(None, launch.ram)
+                raise
             finally:
-                _close(nic)  # QEMU holds the tap now (the memfd: the save copies it)
+                _close(nic)  # QEMU holds the tap now (the memfd: the save writes it out)
             st.update(launch.vm_id, pid=pid, pid_start=proc_start_time(pid), state="running",
                       started=time.time())
             sender = SettingsSender(files.control, launch.settings,
@@ -226,16 +232,16 @@ class QemuDriver:
         del rec  # nothing beyond the record's cgroups and network
 
 
-def _ram_path(warm: WarmPlan | None, ram_fd: int | None) -> Path | None:
+def _ram_path(warm: WarmPlan | None, ram: qemuwarm.MemoryFd | None) -> Path | None:
     """The guest memory's file: a save's memfd (inherited at its number), a restore's
     image file; None without one (a cold run, a full-stream image)."""
-    if ram_fd is not None:
-        return Path(f"/proc/self/fd/{ram_fd}")
+    if ram is not None and ram.fd is not None:
+        return Path(f"/proc/self/fd/{ram.fd}")
     return warm.mem if warm is not None and warm.mode == "restore" else None
 
 
 def _ram_fds(launch: QemuLaunch) -> tuple[int, ...]:
-    return () if launch.ram_fd is None else (launch.ram_fd,)
+    return () if launch.ram is None or launch.ram.fd is None else (launch.ram.fd,)
 
 
 def _warm_step(pid: int, launch: QemuLaunch, before_cont: Callable[[], None] | None) -> None:
@@ -248,19 +254,24 @@ def _warm_step(pid: int, launch: QemuLaunch, before_cont: Callable[[], None] | N
     try:
         if plan.mode == "save":
             qemuwarm.save(pid, qmp, launch.files.control, launch.disk, plan)
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            if code != 0:
-                raise qemuwarm.WarmFailed(f"QEMU exited {code} after the save")
-            if launch.ram_fd is not None and plan.mem is not None:
-                qemuwarm.write_memory(launch.ram_fd, plan.mem)
         else:
-            qemuwarm.restore(qmp, plan, before_cont=before_cont)
+            qemuwarm.restore(pid, qmp, plan, before_cont=before_cont)
     except BaseException:
+        _close(None, launch.ram)
         with contextlib.suppress(OSError):
             supervise.kill_vmm(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise
+    if plan.mode == "save":  # QEMU quit: reaped here, never killed after this
+        try:
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            if code != 0:
+                raise qemuwarm.WarmFailed(f"QEMU exited {code} after the save")
+            if launch.ram is not None and launch.ram.fd is not None and plan.mem is not None:
+                qemuwarm.write_memory(launch.ram.fd, plan.mem)
+        finally:
+            _close(None, launch.ram)
 
 
 def _supervise(pid: int, files: VMFiles, opts: RunOptions, sigs: supervise.StopSignals,

@@ -25,8 +25,8 @@ the same verdict for ``--vmm auto``); otherwise TCG, and then
 ``tsc_early_khz=`` with the host's TSC frequency, or microvm boots hang calibrating the TSC
 without a PIT/HPET (../shared/qemu.md), and ``cryptomgr.notests`` (the boot-time crypto
 self-tests are a sixth of an emulated boot). As root QEMU drops to a per-VM uid (``-runas``),
-chroots into an empty directory (``-chroot``; from QEMU 9.1 both are ``-run-with
-user=,chroot=``: ``QemuSpec.version``, ``qemu_version``), and runs under seccomp
+chroots into an empty directory (``-chroot``; from QEMU 8.1 ``-run-with chroot=``, from
+9.1 ``-run-with user=`` too: ``QemuSpec.version``, ``qemu_version``), and runs under seccomp
 (``-sandbox on``; privilege elevation must stay allowed because QEMU installs the filter
 before it drops root).
 
@@ -55,8 +55,10 @@ from runner.guest_init import WARM_ARG
 from runner.tempfiles import write_atomic
 
 BINARY = "qemu-system-x86_64"
-# QEMU 9.1 took -runas and -chroot into -run-with user=,chroot= (10.0 removed them)
-RUN_WITH = (9, 1)
+# QEMU 8.1 took -chroot into -run-with chroot= (9.0 removed -chroot), 9.1 -runas into
+# -run-with user= (10.0 removed -runas)
+RUN_WITH_CHROOT = (8, 1)
+RUN_WITH_USER = (9, 1)
 # QEMU 8.2's memory-backend-file rom=off: a file opened read-only mapped writable
 # copy-on-write — a warm image's memory, shared by its clones (docs/warm.md)
 RAM_FILE = (8, 2)
@@ -308,18 +310,26 @@ def argv(spec: QemuSpec, binary: str = BINARY) -> list[str]:
         "-device", "virtserialport,chardev=control,name=kiln.control",
     ]
     args += _optional_devices(spec)
-    if spec.runas is not None and spec.version >= RUN_WITH:
-        chroot = [f"chroot={_opt(spec.chroot)}"] if spec.chroot is not None else []
-        args += ["-run-with", ",".join([*chroot, f"user={spec.runas}"]),
-                 "-sandbox", SANDBOX_ROOT]
-    elif spec.runas is not None:
-        args += ["-runas", spec.runas]
-        if spec.chroot is not None:
-            args += ["-chroot", str(spec.chroot)]
-        args += ["-sandbox", SANDBOX_ROOT]
+    if spec.runas is not None:
+        args += [*_drop_root(spec), "-sandbox", SANDBOX_ROOT]
     else:
         args += ["-sandbox", SANDBOX_USER]
     return args
+
+
+def _drop_root(spec: QemuSpec) -> list[str]:
+    """Root's QEMU: the per-VM uid and the empty chroot, as this QEMU version spells them."""
+    assert spec.runas is not None
+    args, run_with = [], []
+    if spec.version >= RUN_WITH_USER:
+        run_with.append(f"user={spec.runas}")
+    else:
+        args += ["-runas", spec.runas]
+    if spec.chroot is not None and spec.version >= RUN_WITH_CHROOT:
+        run_with.insert(0, f"chroot={_opt(spec.chroot)}")
+    elif spec.chroot is not None:
+        args += ["-chroot", str(spec.chroot)]
+    return args + (["-run-with", ",".join(run_with)] if run_with else [])
 
 
 def _optional_devices(spec: QemuSpec) -> list[str]:

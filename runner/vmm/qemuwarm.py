@@ -26,6 +26,7 @@ Either raises ``WarmFailed`` (a ``KilnError``) with QEMU's reason; the driver ki
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -47,8 +48,12 @@ class WarmFailed(KilnError):
 
 
 def _exited(pid: int) -> bool:
-    got, _ = os.waitpid(pid, os.WNOHANG)
-    return got != 0
+    """Whether QEMU ``pid`` has exited, without reaping it (WNOWAIT): the caller kills
+    and waits for it on failure, and a reaped pid may be another process's already."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def wait_hello(pid: int, control: Path, timeout: float) -> None:
@@ -68,19 +73,28 @@ def wait_hello(pid: int, control: Path, timeout: float) -> None:
         hello.close()
 
 
-def memory_fd(size: int) -> int:
+class MemoryFd:
     """A save's guest memory: a memfd of ``size`` bytes that QEMU maps shared (as
     ``/proc/self/fd/N``) — the guest boots ~0.1-0.2 s faster on it than on a file of the
     image's filesystem (every first write there is a page_mkwrite and a delayed block
     allocation), its pages are charged to the VM's memory cgroup (QEMU touches them), and
-    it has no name anyone could replace."""
-    fd = os.memfd_create("kiln-warm-memory", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    it has no name anyone could replace. ``close`` may be called more than once: the save
+    closes it as soon as the memory is written (a detached owner forked later must not
+    hold it), the driver on every other path."""
+
+    def __init__(self, size: int) -> None:
+        self.fd: int | None = os.memfd_create("kiln-warm-memory", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
 
 
 def write_memory(fd: int, dst: Path) -> None:
@@ -138,12 +152,13 @@ def save(pid: int, qmp: Path, control: Path, disk: Path, plan: WarmPlan, *,
         raise WarmFailed(f"saving the VM failed: {e}") from None
 
 
-def restore(qmp: Path, plan: WarmPlan, *, timeout: float = 60.0,
+def restore(pid: int, qmp: Path, plan: WarmPlan, *, timeout: float = 60.0,
             before_cont: Callable[[], None] | None = None) -> None:
-    """A QEMU started with ``-incoming defer`` loads ``plan.state``, then (the guest still
-    paused) ``before_cont`` runs, and the guest runs."""
+    """QEMU ``pid``, started with ``-incoming defer``, loads ``plan.state``, then (the guest
+    still paused) ``before_cont`` runs, and the guest runs. A QEMU that exits before its
+    monitor answers (a memory file it could not open) fails at once, not at ``timeout``."""
     try:
-        with Qmp(qmp, timeout=timeout) as q:
+        with Qmp(qmp, timeout=timeout, alive=lambda: not _exited(pid)) as q:
             if plan.mem is not None:
                 _ignore_shared(q)
             q.execute("migrate-set-capabilities",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ class QmpError(KilnError):
 
 
 class Qmp:
-    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, *, timeout: float = 30.0,
+                 alive: Callable[[], bool] | None = None) -> None:
+        """Connect (QEMU makes the socket as it starts); ``alive``: False once QEMU has
+        exited, which ends the wait at once."""
         deadline = time.monotonic() + timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
@@ -33,9 +37,11 @@ class Qmp:
                 self.sock.connect(str(path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
+                gone = alive is not None and not alive()
+                if gone or time.monotonic() > deadline:
                     self.sock.close()
-                    raise QmpError(f"QEMU's monitor {path} did not answer") from None
+                    raise QmpError(f"QEMU exited before its monitor {path} answered" if gone
+                                   else f"QEMU's monitor {path} did not answer") from None
                 time.sleep(0.005)
         self.timeout = timeout
         self._buf = b""

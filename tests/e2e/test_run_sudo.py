@@ -170,6 +170,10 @@ def test_sigkill_of_kiln_run_is_failed_and_cleaned_up_by_the_next_command(
         vm_id, pid = wait_for("the QEMU process", lambda: next(iter(vmms(root).items()), None))
         dirs = cgroups_of(root)[vm_id]
         wait_for("QEMU in its cgroup", lambda: all(pid in cg._pids(Path(d)) for d in dirs))
+        # and recorded as running: a SIGKILL between QEMU's exec and that update is one
+        # "while creating the VM" (another test's case), not this one
+        wait_for("the VM recorded running", lambda: [r["state"] for r in json.loads(
+            kiln_as(user, root, "ps", "--json").stdout)] == ["running"])
         run.send_signal(signal.SIGKILL)
         run.wait(10)
     finally:

@@ -210,16 +210,19 @@ def test_a_host_that_hung_up_does_not_kill_the_agent_with_sigpipe(tmp_path: Path
     assert res.stderr == "kiln-agent: cannot greet the host: Broken pipe\n"
 
 
-def _reads_before_hello(agent: Path, tmp: Path, cmdline: str) -> list[str]:
+def _reads_before_hello(agent: Path, tmp: Path, cmdline: str, sh_device: bool = False
+                        ) -> list[str]:
     """The paths ``agent run`` opens before its hello, booted with ``cmdline`` (a file
-    bound over /proc/cmdline in a mount namespace of its own; strace names the opens)."""
+    bound over /proc/cmdline in a mount namespace of its own; strace names the opens);
+    ``sh_device``: /bin/sh is a device there (/dev/null bound over it)."""
     import socket
 
     (tmp / "cmdline").write_text(cmdline + "\n")
     log = tmp / "trace"
     host, guest = socket.socketpair()
     with host, guest:
-        script = ('mount --bind "$1" /proc/cmdline && exec strace -f -qq -o "$2" '
+        script = (('mount --bind /dev/null /bin/sh && ' if sh_device else '') +
+                  'mount --bind "$1" /proc/cmdline && exec strace -f -qq -o "$2" '
                   '-e trace=openat,sendto "$3" run "fd:$4"')
         p = subprocess.Popen(["unshare", "-m", "sh", "-c", script, "sh", str(tmp / "cmdline"),
                               str(log), str(agent), str(guest.fileno())],
@@ -249,3 +252,7 @@ def test_a_warm_boots_agent_reads_what_runs_need_before_its_hello(tmp_path: Path
     assert {"/etc/passwd", "/etc/group", "/bin/sh", *dirs} <= set(warm), warm
     cold = _reads_before_hello(agent, tmp_path, "console=ttyS0 kiln.warmer")
     assert not {"/etc/passwd", "/etc/group", "/bin/sh", *dirs} & set(cold), cold
+    # an image's /bin/sh that is a device (or a FIFO) is not opened at all
+    device = _reads_before_hello(agent, tmp_path, guest_init.WARM_ARG, sh_device=True)
+    assert "/etc/passwd" in device
+    assert "/bin/sh" not in device

@@ -84,8 +84,8 @@ def test_argv_root_kvm_net_user_interactive() -> None:
 
 @pytest.mark.parametrize("version", [(9, 1), (10, 0)])
 def test_argv_root_from_qemu_9_1_drops_root_with_run_with(version: tuple[int, int]) -> None:
-    """QEMU 9.1 took -runas and -chroot into -run-with (10.0 removed them); older QEMUs
-    keep theirs (above)."""
+    """QEMU 8.1 took -chroot into -run-with, 9.1 -runas (9.0 and 10.0 removed them);
+    older QEMUs keep theirs (above)."""
     a = qemuargv.argv(spec(runas="820000:820000", chroot=Path("/r/vms/a,b/empty"),
                            version=version))
     assert a[a.index("virtserialport,chardev=control,name=kiln.control") + 1:] == [
@@ -94,8 +94,11 @@ def test_argv_root_from_qemu_9_1_drops_root_with_run_with(version: tuple[int, in
     ]
     assert "-runas" not in a
     assert "-chroot" not in a
-    old = qemuargv.argv(spec(runas="820000:820000", chroot=Path("/e"), version=(9, 0)))
-    assert old[-6:-2] == ["-runas", "820000:820000", "-chroot", "/e"]
+    for older, drop in (((9, 0), ["-runas", "820000:820000", "-run-with", "chroot=/e"]),
+                        ((8, 1), ["-runas", "820000:820000", "-run-with", "chroot=/e"]),
+                        ((8, 0), ["-runas", "820000:820000", "-chroot", "/e"])):
+        old = qemuargv.argv(spec(runas="820000:820000", chroot=Path("/e"), version=older))
+        assert old[-6:-2] == drop, older  # 9.0 removed -chroot, 10.0 -runas
     user = qemuargv.argv(spec(version=version))  # an ordinary user's QEMU drops nothing
     assert "-run-with" not in user
     assert user[-2] == "-sandbox"
@@ -141,6 +144,15 @@ def test_qemu_version_is_the_installed_one_asked_once(tmp_path: Path) -> None:
     assert first in facts
     (tmp_path / "kernels" / "warm-facts.json").write_text(facts.replace(first, "version 9.9"))
     assert qemuargv.qemu_version(root) == (9, 9)  # the cached answer, not QEMU asked again
+    from runner.facts import FileFacts
+
+    mute = tmp_path / "mute"
+    mute.write_text("#!/bin/sh\nexit 0\n")
+    mute.chmod(0o755)
+    ff = FileFacts(root)
+    assert ff.version(mute) == "unknown"  # no output: not kept
+    ff.save()
+    assert "unknown" not in (tmp_path / "kernels" / "warm-facts.json").read_text()
 
 
 def test_commas_in_paths_are_escaped() -> None:
@@ -293,3 +305,18 @@ def test_argv_warm_device_set() -> None:
     assert [*cold[cold.index("-append") + 1].split(), "kiln.warm"] == words
     with pytest.raises(UsageError, match="warm mode"):
         qemuargv.argv(spec(warm="boot", qmp=Path("/q")))
+
+
+def test_a_monitor_wait_ends_when_qemu_is_gone(tmp_path: Path) -> None:
+    """A restore whose QEMU exited before its monitor answered (a memory file it could
+    not open) fails at once instead of waiting the whole restore timeout."""
+    import time
+
+    from runner.vmm.qmp import Qmp, QmpError
+
+    t0 = time.monotonic()
+    with pytest.raises(QmpError, match=r"^QEMU exited before its monitor .* answered$"):
+        Qmp(tmp_path / "qmp.sock", timeout=60, alive=lambda: False)
+    assert time.monotonic() - t0 < 30  # not the timeout (a limit no busy machine reaches)
+    with pytest.raises(QmpError, match=r"did not answer$"):
+        Qmp(tmp_path / "qmp.sock", timeout=0.05, alive=lambda: True)
