@@ -171,7 +171,9 @@ def prefetch(d: Path, names: Iterable[str] = (STATE, DISK, MEM)) -> None:
         with contextlib.suppress(OSError):
             fd = os.open(d / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                for start, end in data_extents(fd):
+                # its data only: readahead over a sparse memory file's holes would fill
+                # the page cache with zeros (512 MiB for a 512M guest)
+                for start, end in fileops.extents(fd, os.fstat(fd).st_size):
                     os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
@@ -187,7 +189,7 @@ def write_sparse(src_fd: int, dst: Path, block: int = 4096) -> None:
                   0o600)
     try:
         os.ftruncate(out, size)
-        for start, end in data_extents(src_fd):
+        for start, end in fileops.extents(src_fd, size):
             at = start
             while at < end:
                 chunk = memoryview(os.pread(src_fd, min(1 << 20, end - at), at))
@@ -195,7 +197,8 @@ def write_sparse(src_fd: int, dst: Path, block: int = 4096) -> None:
                     break
                 run = -1  # the start of a run of non-zero blocks in ``chunk``
                 for i in range(0, len(chunk) + block, block):
-                    if i < len(chunk) and chunk[i:i + block] != zero[:len(chunk[i:i + block])]:
+                    blk = chunk[i:i + block]
+                    if blk and blk != zero[:len(blk)]:
                         run = i if run < 0 else run
                     elif run >= 0:
                         _pwrite_all(out, chunk[run:i], at + run)
@@ -211,20 +214,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
-
-
-def data_extents(fd: int) -> Iterator[tuple[int, int]]:
-    """The file's data ranges (SEEK_DATA/SEEK_HOLE): reading ahead a sparse memory file's
-    holes would fill the page cache with zeros (512 MiB for a 512M guest)."""
-    at = 0
-    while True:
-        try:
-            start = os.lseek(fd, at, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after ``at``
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end
-        at = end
 
 
 def find(root: Root, image_id: str) -> WarmRecord | None:

@@ -219,6 +219,7 @@ static void warm_reads(void) {
             }
         close(fd);
     }
+    /* guest_init.DEFAULT_PATH: the PATH of an image that sets none */
     char path[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     for (char *d = strtok(path, ":"); d; d = strtok(0, ":")) {
         DIR *dir = opendir(d);

@@ -120,14 +120,15 @@ def _create(root: Root, source: str, opts: RunOptions, registry_opts: Any,
         found = warm.find(root, image_id)
         if found is not None:
             return found, False
+        vmm = driver.warm_facts(opts)
         with root.workdir("warm") as work:
-            mem = work / warm.MEM if driver.warm_facts(opts).mem_file else None
+            mem = work / warm.MEM if vmm.mem_file else None
             plan = WarmPlan("save", work / warm.STATE, work / warm.DISK, mem)
             # Firecracker's NIC is saved on a tap (the kiln network, no -p); QEMU's on none
             save_opts = RunOptions(
                 vmm=opts.vmm, cpus=opts.cpus, memory=opts.memory, disk_size=opts.disk_size,
                 kernel=opts.kernel, initrd=opts.initrd, rm=True, command=("true",),
-                net=driver.warm_facts(opts).save_net)
+                net=vmm.save_net)
             code = lifecycle.run(root, volume.id, save_opts, registry_opts, warm=plan)
             if code != 0:
                 raise KilnError(f"the warm image of {source} could not be made (exit {code})",

@@ -152,10 +152,7 @@ class FirecrackerDriver:
 
         self.check(opts)
         devices = fcwarm.devices(opts.net)
-        from runner.guest_init import vsock
-
-        cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", vsock.kernel_arg(),
-                            guest_init.WARM_ARG))
+        cmdline = " ".join((BOOT_ARGS, f"init={guest_init.INIT_PATH}", *_warm_args()))
         return WarmFacts("firecracker", self.cfg.firecracker, "kvm", "host", devices,
                          cmdline, save_net=opts.net, mem_file=True)
 
@@ -253,12 +250,18 @@ def _warm_launch(warm: WarmPlan | None) -> dict[str, Any]:
     tap`` either way), the saved files (restore)."""
     if warm is None:
         return {"args": (), "vsock": None, "restore": None}
-    from runner.guest_init import vsock
     from runner.vmm import fcwarm
 
     restore = (warm.state, warm.mem) if warm.mode == "restore" and warm.mem else None
-    return {"args": (vsock.kernel_arg(), guest_init.WARM_ARG), "vsock": fcwarm.VSOCK,
-            "restore": restore}
+    return {"args": _warm_args(), "vsock": fcwarm.VSOCK, "restore": restore}
+
+
+def _warm_args() -> tuple[str, ...]:
+    """A warm boot's command line words beyond a cold one's: the vsock channel and the
+    warm boot's word (the key's command line and the launch's, one list)."""
+    from runner.guest_init import vsock
+
+    return vsock.kernel_arg(), guest_init.WARM_ARG
 
 
 def make_vm(cfg: jail.JailConfig, ops: fc.PrivOps, rec: VMRecord, *, vmlinux: Path,

@@ -15,7 +15,7 @@ over ``fd:warm``:
   once: the guest said ``HEL1`` before the save.
 
 From QEMU 8.2 the guest's memory is a file (``plan.mem``, ``qemuargv.RAM_FILE``). The
-saving QEMU maps a memfd kiln made (``memory_fd``) shared and the migration skips it
+saving QEMU maps a memfd kiln made (``MemoryFd``) shared and the migration skips it
 (``x-ignore-shared``, on both ends: the stream is then ~0.1 MB of device state); kiln
 then writes its non-zero blocks into the image's ``mem`` (``write_memory``: the caller's,
 0600, sparse). A restoring QEMU maps ``mem`` read-only and private: nothing is copied,
